@@ -1,0 +1,38 @@
+"""durable: durable execution for Python asyncio that lives entirely in Postgres."""
+
+from durable.client import Client, Handle, connect
+from durable.context import Context
+from durable.errors import (
+    ConfigurationError,
+    DurableError,
+    EventTimeout,
+    NonDeterminismError,
+    NonRetryable,
+    PayloadError,
+    Retry,
+    TaskCancelled,
+    TaskFailed,
+)
+from durable.registry import Definition, task, workflow
+from durable.retry import RetryPolicy
+
+__all__ = [
+    "Client",
+    "ConfigurationError",
+    "Context",
+    "Definition",
+    "DurableError",
+    "EventTimeout",
+    "Handle",
+    "NonDeterminismError",
+    "NonRetryable",
+    "PayloadError",
+    "Retry",
+    "RetryPolicy",
+    "TaskCancelled",
+    "TaskFailed",
+    "connect",
+    "task",
+    "workflow",
+]
+__version__ = "0.1.0"

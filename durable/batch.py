@@ -1,0 +1,78 @@
+"""Group commit: many callers' writes share one statement and one commit.
+
+While one flush is in flight the next callers queue up; when it returns they all go in
+the next one. No timer: under load batches grow by themselves, and a lone write is
+flushed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+import anyio
+from anyio.abc import TaskStatus
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Batcher(Generic[T, R]):
+    def __init__(
+        self, flush: Callable[[Sequence[T]], Awaitable[Sequence[R]]], max_batch: int = 500
+    ) -> None:
+        self._flush = flush
+        self._max = max_batch
+        self._items: list[tuple[T, asyncio.Future[R]]] = []
+        self._pending = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+
+    def submit(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item``; the future resolves once its batch has committed (or failed)."""
+        if self._closed:
+            raise RuntimeError("batcher is closed")
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._items.append((item, fut))
+        self._idle.clear()
+        self._pending.set()
+        return fut
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far has been flushed."""
+        await self._idle.wait()
+
+    def close(self) -> None:
+        self._closed = True
+        self._pending.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._pending.wait()
+            if not self._items:
+                self._pending.clear()
+                self._idle.set()
+                if self._closed:
+                    return
+                continue
+            batch, self._items = self._items[: self._max], self._items[self._max :]
+            try:
+                results = await self._flush([item for item, _ in batch])
+            except Exception as exc:
+                # The batch did not commit: every write in it fails, none is reported durable.
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            except BaseException as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(asyncio.CancelledError())
+                _ = exc
+                raise
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)

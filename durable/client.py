@@ -1,0 +1,314 @@
+"""durable.Client: start work, wait for results, send events, cancel, retry, replay, fork."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+
+from durable.codec import dumps
+from durable.errors import DurableError, TaskCancelled, TaskFailed
+from durable.models import TERMINAL, HistoryEntry, NewTask, TaskInfo
+from durable.registry import Definition, registry
+from durable.store import Connection, Store, Subscription
+
+
+class Handle:
+    """A started task: its ``id``, and ``await handle.result()``."""
+
+    def __init__(self, client: Client, task_id: int, created: bool = True) -> None:
+        self.client = client
+        self.id = task_id
+        self.created = created
+        """False when an idempotency key returned an existing task."""
+
+    def __repr__(self) -> str:
+        return f"Handle(id={self.id})"
+
+    async def result(self, timeout: float | None = None) -> Any:
+        """Wait for the task to finish and return its result.
+
+        Raises ``TaskFailed`` (with the remote error type, message and traceback),
+        ``TaskCancelled``, or ``TimeoutError`` after ``timeout`` seconds. Woken by a
+        notification when the task finishes; it re-checks now and then in case one is lost.
+        """
+        return await self.client.result(self.id, timeout=timeout)
+
+    async def get(self) -> TaskInfo:
+        return await self.client.get(self.id)
+
+
+class Client:
+    """Talks to durable's tables; get one with ``async with durable.connect() as client``."""
+
+    def __init__(self, store: Store, dsn: str | None) -> None:
+        self.store = store
+        self.dsn = dsn
+        self._waiters: dict[int, list[asyncio.Event]] = {}
+        self._sub: Subscription | None = None
+        self._sub_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            await self._sub.close()
+            self._sub = None
+        await self.store.close()
+
+    # -- starting work ---------------------------------------------------------------
+
+    def _new_task(
+        self,
+        fn: Definition[Any, Any] | str,
+        args: Sequence[Any],
+        kwargs: dict[str, Any],
+        *,
+        queue: str | None,
+        priority: int | None,
+        delay: float | None,
+        run_at: datetime | None,
+        max_attempts: int | None,
+        timeout: float | None,
+    ) -> NewTask:
+        d = fn if isinstance(fn, Definition) else registry.get(fn)
+        name = d.name if d is not None else str(fn)
+        if not isinstance(name, str) or not 1 <= len(name) <= 200:
+            raise DurableError("a task name must be a string of 1 to 200 characters")
+        q = queue if queue is not None else (d.queue if d is not None else "default")
+        if not isinstance(q, str) or not 1 <= len(q) <= 200:
+            raise DurableError("a queue name must be a string of 1 to 200 characters")
+        if delay is not None and run_at is not None:
+            raise DurableError("give delay or run_at, not both")
+        if delay is not None:
+            if not isinstance(delay, int | float) or not 0 <= delay < 10 * 365 * 86400:
+                raise DurableError(f"delay must be a number of seconds from 0 to 10 years, got {delay!r}")
+            run_at = datetime.now(UTC) + timedelta(seconds=delay)
+        if run_at is not None and run_at.tzinfo is None:
+            raise DurableError("run_at must be an aware datetime (with tzinfo)")
+        prio = priority if priority is not None else (d.priority if d is not None else 0)
+        if not isinstance(prio, int) or not -(2**31) <= prio < 2**31:
+            raise DurableError(f"priority must be a 32-bit whole number, got {prio!r}")
+        attempts = max_attempts if max_attempts is not None else (d.max_attempts if d else 3)
+        if not isinstance(attempts, int) or attempts < 1:
+            raise DurableError(f"max_attempts must be a whole number >= 1, got {attempts!r}")
+        limit = timeout if timeout is not None else (d.timeout if d else None)
+        if limit is not None and not (isinstance(limit, int | float) and limit > 0):
+            raise DurableError(f"timeout must be a positive number of seconds, got {limit!r}")
+        what = f"the arguments of {name!r}"
+        return NewTask(
+            name=name,
+            args=dumps(list(args), what=what),
+            kwargs=dumps(kwargs, what=what),
+            queue=q,
+            kind=d.kind if d is not None else "task",
+            priority=prio,
+            run_at=run_at,
+            max_attempts=attempts,
+            timeout=float(limit) if limit is not None else None,
+        )
+
+    async def start(
+        self,
+        fn: Definition[Any, Any] | str,
+        /,
+        *args: Any,
+        queue: str | None = None,
+        idempotency_key: str | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        conn: Connection | None = None,
+        **kwargs: Any,
+    ) -> Handle:
+        """Enqueue ``fn(*args, **kwargs)``; returns a Handle at once.
+
+        ``fn`` is a registered definition or a name (a task that another service's daemon
+        runs). ``delay`` (seconds) or ``run_at`` schedule it; ``idempotency_key`` returns
+        the task already started with that key; ``conn`` enqueues inside the caller's
+        asyncpg transaction, so the task exists only if that transaction commits.
+        """
+        t = self._new_task(
+            fn, args, kwargs, queue=queue, priority=priority, delay=delay, run_at=run_at,
+            max_attempts=max_attempts, timeout=timeout,
+        )
+        if idempotency_key is not None and not isinstance(idempotency_key, str):
+            raise DurableError("idempotency_key must be a string")
+        task_id, inserted = await self.store.insert_task(
+            t, idempotency_key=idempotency_key, conn=conn
+        )
+        return Handle(self, task_id, inserted)
+
+    async def start_many(
+        self,
+        fn: Definition[Any, Any] | str,
+        calls: Sequence[Sequence[Any] | tuple[Sequence[Any], dict[str, Any]]],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: float | None = None,
+        conn: Connection | None = None,
+    ) -> list[Handle]:
+        """Enqueue many calls of ``fn`` in one statement.
+
+        ``calls`` holds one argument list per task, or ``(args, kwargs)`` pairs.
+        """
+        tasks = []
+        for call in calls:
+            if isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], dict):
+                args, kw = call[0], call[1]
+            else:
+                args, kw = call, {}
+            tasks.append(
+                self._new_task(
+                    fn, list(args), kw, queue=queue, priority=priority, delay=delay,
+                    run_at=None, max_attempts=None, timeout=None,
+                )
+            )
+        ids = await self.store.insert_many(tasks, conn=conn) if tasks else []
+        return [Handle(self, i) for i in ids]
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def get(self, task_id: int) -> TaskInfo:
+        """The task's current state; raises DurableError if there is no such task."""
+        info = await self.store.get_task(task_id)
+        if info is None:
+            raise DurableError(f"no task {task_id}")
+        return info
+
+    async def history(self, task_id: int, branch: int | None = None) -> list[HistoryEntry]:
+        """The workflow's event log on ``branch`` (default: its current branch)."""
+        if branch is None:
+            branch = (await self.get(task_id)).branch
+        return await self.store.history(task_id, branch)
+
+    async def branches(self, task_id: int) -> list[int]:
+        return await self.store.branches(task_id)
+
+    async def result(self, task_id: int, timeout: float | None = None) -> Any:
+        await self._subscribe()
+        event = asyncio.Event()
+        self._waiters.setdefault(task_id, []).append(event)
+        try:
+            with anyio.fail_after(timeout) if timeout is not None else _forever():
+                while True:
+                    # LISTEN is live before the flag is set, so no finish can slip past.
+                    state = await self.store.watch_finish(task_id)
+                    if state is None:
+                        raise DurableError(f"no task {task_id}")
+                    status, result, error = state
+                    if status in TERMINAL:
+                        return _outcome(task_id, status, result, error)
+                    with anyio.move_on_after(5.0):  # a fallback in case a notification is lost
+                        await event.wait()
+                    event.clear()
+        finally:
+            waiters = self._waiters.get(task_id, [])
+            if event in waiters:
+                waiters.remove(event)
+            if not waiters:
+                self._waiters.pop(task_id, None)
+
+    async def _subscribe(self) -> None:
+        async with self._sub_lock:
+            if self._sub is not None and not self._sub.is_closed():
+                return
+            self._sub = await Subscription.open(
+                self.dsn, {"durable_done": self._on_done}, on_lost=self._wake_all
+            )
+
+    def _on_done(self, payload: str) -> None:
+        if payload.isdigit():
+            for e in self._waiters.get(int(payload), []):
+                e.set()
+
+    def _wake_all(self) -> None:
+        for events in self._waiters.values():
+            for e in events:
+                e.set()
+
+    # -- acting on tasks ------------------------------------------------------------------
+
+    async def cancel(self, task_id: int) -> list[int]:
+        """Cancel the task and its unfinished children; returns the ids affected.
+
+        Queued and waiting tasks end at once; a running one is interrupted by its daemon.
+        """
+        return [i for i, _ in await self.store.cancel(task_id)]
+
+    async def send_event(self, task_id: int, name: str, payload: Any = None) -> bool:
+        """Deliver event ``name`` to the workflow; kept until it waits for it.
+
+        Returns False when the task has finished or does not exist.
+        """
+        if not isinstance(name, str) or not name:
+            raise DurableError("an event name must be a non-empty string")
+        return await self.store.send_event(task_id, name, dumps(payload, what="the event payload"))
+
+    async def retry(self, task_id: int) -> int:
+        """Run a finished task again keeping its history: finished steps are not re-run."""
+        return await self.store.restart(task_id, "retry")
+
+    async def replay(self, task_id: int) -> int:
+        """Run a finished workflow again from nothing on a new branch; returns the branch."""
+        return await self.store.restart(task_id, "replay")
+
+    async def fork(self, task_id: int, at: int) -> int:
+        """A new branch keeping events 0..at-1; the workflow re-runs from position ``at``."""
+        return await self.store.restart(task_id, "fork", at)
+
+
+def _outcome(task_id: int, status: str, result: Any, error: Any) -> Any:
+    if status == "completed":
+        return result
+    if status == "cancelled":
+        raise TaskCancelled(task_id)
+    err = error or {}
+    raise TaskFailed(task_id, str(err.get("type")), str(err.get("message")), err.get("traceback"))
+
+
+class _forever:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+async def resolve_dsn(dsn: str | None = None) -> str | None:
+    """The database to use: ``dsn``, the environment, else the embedded server."""
+    if dsn is not None:
+        return dsn
+    from durable.settings import Settings
+
+    s = Settings.from_env()
+    if s.database_url is not None or s.use_libpq_env:
+        return s.database_url
+    from durable.embedded import EmbeddedServer
+    from durable.store import migrate
+
+    url = await anyio.to_thread.run_sync(EmbeddedServer(s.home).ensure_started)
+    await migrate(url)  # the embedded server is ours: keep its schema current
+    return url
+
+
+@asynccontextmanager
+async def connect(dsn: str | None = None, *, max_size: int = 5) -> AsyncIterator[Client]:
+    """``async with durable.connect() as client:`` — a Client on a small pool.
+
+    ``dsn`` defaults to DURABLE_DATABASE_URL / DATABASE_URL / PG* variables, else the
+    embedded server (started if needed).
+    """
+    url = await resolve_dsn(dsn)
+    store = await Store.open(url, min_size=1, max_size=max_size, name="durable-client")
+    client = Client(store, url)
+    try:
+        yield client
+    finally:
+        with anyio.CancelScope(shield=True):
+            await client.close()

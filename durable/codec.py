@@ -1,0 +1,74 @@
+"""JSON in and out of the database: arguments, results, errors (never pickle)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import traceback as _traceback
+from typing import Any
+
+from durable.errors import PayloadError
+
+MAX_PAYLOAD = 16 * 1024 * 1024
+"""Largest encoded arguments or result accepted, in bytes (Postgres allows 255 MB)."""
+
+
+def _reject_constant(value: str) -> Any:
+    raise PayloadError(f"{value} is not valid JSON")
+
+
+def dumps(value: Any, *, what: str = "value") -> str:
+    """Encode ``value`` as strict JSON, or raise PayloadError naming ``what``."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except ValueError as exc:
+        raise PayloadError(f"{what} must be JSON: {exc} (NaN and Infinity are not JSON)") from None
+    except TypeError as exc:
+        raise PayloadError(f"{what} must be JSON: {exc}") from None
+    if "\x00" in text:
+        raise PayloadError(f"{what} must not contain NUL characters (Postgres jsonb rejects them)")
+    if len(text) > MAX_PAYLOAD:
+        raise PayloadError(
+            f"{what} is {len(text)} bytes encoded; the limit is {MAX_PAYLOAD} bytes"
+        )
+    return text
+
+
+def loads(text: str | None) -> Any:
+    if text is None:
+        return None
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def canonical(value: Any) -> str:
+    """A stable encoding for digests: sorted keys; values that are not JSON by type name."""
+    return json.dumps(
+        value,
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+        default=lambda v: f"<{type(v).__module__}.{type(v).__qualname__}>",
+    )
+
+
+def digest(kind: str, name: str, payload: Any) -> str:
+    """The identity of a durable call: kind, name and arguments."""
+    h = hashlib.sha256()
+    h.update(canonical([kind, name, payload]).encode())
+    return h.hexdigest()[:32]
+
+
+def error_payload(exc: BaseException) -> dict[str, Any]:
+    """An exception as the JSON stored on a task or event."""
+    cls = type(exc)
+    args: list[Any] | None
+    try:
+        args = json.loads(json.dumps(list(exc.args), allow_nan=False))
+    except (TypeError, ValueError):
+        args = None
+    return {
+        "type": f"{cls.__module__}.{cls.__qualname__}",
+        "message": str(exc),
+        "traceback": "".join(_traceback.format_exception(exc)),
+        "args": args,
+    }

@@ -1,0 +1,300 @@
+"""The composition root: pool, listener, queue loops, heartbeats, timers, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from durable.batch import Batcher
+from durable.listener import Listener
+from durable.logs import get_logger, redact
+from durable.models import Checkpoint, Claimed
+from durable.registry import Registry
+from durable.runner import Attempt, Runner
+from durable.settings import Settings
+from durable.store import Store, is_transient
+from durable.worker import QueueWorker
+
+log = get_logger("durable.daemon")
+
+
+class Daemon:
+    """``durable run``: serves the configured queues until stopped.
+
+    ``burst=True`` returns once no work is ready and nothing is running (for tests and
+    one-shot jobs). ``stop()`` begins a graceful shutdown: claiming stops, running tasks
+    get ``shutdown_grace`` seconds, then they are cancelled and handed back at once.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        dsn: str | None,
+        *,
+        listen_dsn: str | None = None,
+        burst: bool = False,
+        pool_size: int = 10,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.dsn = dsn
+        self.listen_dsn = listen_dsn or dsn
+        self.burst = burst
+        self.pool_size = pool_size
+        self.id = uuid.uuid4()
+        self.attempts: dict[int, Attempt] = {}
+        self.workers: dict[str, QueueWorker] = {}
+        self.listener: Listener | None = None
+        self.store: Store | None = None
+        self.started = anyio.Event()
+        self._stop = anyio.Event()
+        self._force = anyio.Event()
+        self._timer_wakeup = asyncio.Event()
+        self._last_heartbeat = time.monotonic()
+
+    # -- control ---------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown; a second call skips the grace period."""
+        if self._stop.is_set():
+            self._force.set()
+        self._stop.set()
+        for w in self.workers.values():
+            w.stop()
+
+    def _on_ready(self, queue: str) -> None:
+        w = self.workers.get(queue)
+        if w is not None:
+            w.notify()
+
+    def _on_control(self, payload: str) -> None:
+        command, _, arg = payload.partition(":")
+        if command == "cancel" and arg.isdigit():
+            attempt = self.attempts.get(int(arg))
+            if attempt is not None:
+                log.info("task_cancel_requested", task_id=attempt.task.id)
+                attempt.stop("cancelled")
+
+    def _catch_up(self) -> None:
+        for w in self.workers.values():
+            w.notify()
+        self._timer_wakeup.set()
+
+    def _on_timer(self, when: datetime) -> None:
+        self._timer_wakeup.set()
+
+    # -- running -----------------------------------------------------------------------
+
+    async def run(
+        self,
+        *,
+        handle_signals: bool = False,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        names = self.registry.names()
+        queues = self.settings.queue_limits
+        self.store = store = await Store.open(self.dsn, max_size=self.pool_size)
+        try:
+            await store.register_worker(self.id, queues, names)
+            completions: Batcher[tuple[int, int, str], bool] = Batcher(self._complete)
+            checkpoints: Batcher[Checkpoint, bool] = Batcher(self._checkpoint)
+            runner = Runner(store, self.registry, completions, checkpoints, self._on_timer)
+            self.listener = Listener(
+                self.listen_dsn,
+                on_ready=self._on_ready,
+                on_control=self._on_control,
+                on_reconnect=self._catch_up,
+            )
+            async with anyio.create_task_group() as root:
+                if handle_signals:
+                    root.start_soon(self._signals)
+                await root.start(self.listener.run)
+                await root.start(completions.run)
+                await root.start(checkpoints.run)
+                root.start_soon(self._heartbeats)
+                root.start_soon(self._timers)
+                async with anyio.create_task_group() as attempts_tg:
+                    for queue, limit in queues.items():
+                        self.workers[queue] = QueueWorker(
+                            queue=queue,
+                            limit=limit,
+                            names=[d.name for d in self.registry.definitions()],
+                            store=store,
+                            worker_id=self.id,
+                            lease=self.settings.lease,
+                            poll_interval=self.settings.poll_interval,
+                            start=self._starter(attempts_tg, runner),
+                            burst=self.burst,
+                        )
+                    log.info(
+                        "daemon_started",
+                        worker_id=str(self.id),
+                        queues=queues,
+                        names=names,
+                        pid=os.getpid(),
+                    )
+                    self.started.set()
+                    task_status.started()
+                    async with anyio.create_task_group() as loops:
+                        for w in self.workers.values():
+                            loops.start_soon(w.run)
+                    # Every queue loop has returned: stopping, or a burst ran dry.
+                    await self._drain(attempts_tg)
+                await completions.drain()
+                await checkpoints.drain()
+                completions.close()
+                checkpoints.close()
+                root.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await store.worker_stopped(self.id)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                await store.close()
+            log.info("daemon_stopped", worker_id=str(self.id))
+
+    def _starter(
+        self, tg: TaskGroup, runner: Runner
+    ) -> Callable[[Claimed, Callable[[], None]], None]:
+        def start(task: Claimed, released: Callable[[], None]) -> None:
+            attempt = Attempt(task)
+            self.attempts[task.id] = attempt
+
+            async def go() -> None:
+                try:
+                    await runner.run(attempt)
+                except Exception:
+                    # A fault in durable itself must not take the daemon down with it; the
+                    # task's lease expires and another attempt runs it.
+                    log.exception("runner_error", task_id=task.id, name=task.name)
+                finally:
+                    if self.attempts.get(task.id) is attempt:
+                        del self.attempts[task.id]
+                    released()
+
+            tg.start_soon(go)
+
+        return start
+
+    async def _drain(self, attempts_tg: TaskGroup) -> None:
+        """Let running attempts finish within the grace period, then hand them back."""
+        if self.attempts and not self._force.is_set():
+            log.info("daemon_draining", running=len(self.attempts), grace=self.settings.shutdown_grace)
+            with anyio.move_on_after(self.settings.shutdown_grace):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._wait_attempts, tg)
+                    tg.start_soon(self._wait_force, tg)
+        left = list(self.attempts.values())
+        if not left:
+            return
+        for a in left:
+            a.stop("shutdown")
+        # Shielded: the leases must be released even though we are shutting down, so that
+        # another daemon takes these tasks now rather than when the leases expire.
+        with anyio.CancelScope(shield=True):
+            assert self.store is not None
+            try:
+                released = await self.store.release([(a.task.id, a.task.token) for a in left])
+                log.info("tasks_released", count=len(released), ids=sorted(released))
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("tasks_not_released", count=len(left), error=str(exc))
+
+    async def _wait_attempts(self, tg: TaskGroup) -> None:
+        while self.attempts:
+            await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+
+    async def _wait_force(self, tg: TaskGroup) -> None:
+        await self._force.wait()
+        tg.cancel_scope.cancel()
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal_received", signal=signal.Signals(signum).name)
+                if self._stop.is_set():
+                    self._force.set()
+                self.stop()
+
+    async def _heartbeats(self) -> None:
+        """Extend every lease this daemon holds in one statement, every lease/3 seconds."""
+        assert self.store is not None
+        interval = self.settings.lease / 3
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await self._beat()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                silence = time.monotonic() - self._last_heartbeat
+                log.warning(
+                    "heartbeat_failed", error=redact(f"{type(exc).__name__}: {exc}"),
+                    silence=round(silence, 1),
+                )
+                if silence > self.settings.lease:
+                    # Our leases have expired by now and others may be running these tasks:
+                    # stop doing their work twice.
+                    for a in list(self.attempts.values()):
+                        a.stop("lease_lost")
+
+    async def _beat(self) -> None:
+        assert self.store is not None
+        held = list(self.attempts.values())
+        if held:
+            kept = await self.store.extend_leases(
+                [a.task.id for a in held], [a.task.token for a in held], self.settings.lease
+            )
+            for a in held:
+                if a.task.id not in kept and self.attempts.get(a.task.id) is a:
+                    log.warning("lease_lost", task_id=a.task.id, name=a.task.name)
+                    a.stop("lease_lost")
+        await self.store.worker_heartbeat(self.id)
+        self._last_heartbeat = time.monotonic()
+        reaped = await self.store.reap_expired()
+        if reaped:
+            log.warning("leases_reclaimed", count=len(reaped), ids=[i for i, _ in reaped])
+
+    async def _timers(self) -> None:
+        """Wake suspended workflows when their timers are due, without busy polling."""
+        assert self.store is not None
+        while True:
+            self._timer_wakeup.clear()
+            timeout = self.settings.poll_interval
+            try:
+                await self.store.wake_timers()
+                nxt = await self.store.next_timer()
+                if nxt is not None:
+                    until = (nxt - datetime.now(UTC)).total_seconds()
+                    timeout = max(0.005, min(timeout, until))
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+            with anyio.move_on_after(timeout):
+                await self._timer_wakeup.wait()
+
+    # -- group commit ------------------------------------------------------------------
+
+    async def _complete(self, items: Any) -> list[bool]:
+        assert self.store is not None
+        accepted = await self.store.complete_many(items)
+        return [i[0] in accepted for i in items]
+
+    async def _checkpoint(self, items: Any) -> list[bool]:
+        assert self.store is not None
+        accepted = await self.store.checkpoint_many(items)
+        return [(c.task_id, c.seq) in accepted for c in items]

@@ -1,0 +1,106 @@
+"""The dedicated LISTEN connection: keepalives, reconnect with backoff, catch-up."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import anyio
+from anyio.abc import TaskStatus
+
+from durable.logs import get_logger, redact
+from durable.store import Subscription, is_transient
+
+log = get_logger("durable.listener")
+
+READY_CHANNEL = "durable_ready"
+CONTROL_CHANNEL = "durable_control"
+
+
+class Listener:
+    """Delivers `durable_ready` (payload: queue) and `durable_control` notifications.
+
+    A notification is only a hint to look again; after every reconnect ``on_reconnect``
+    runs so the daemon polls once for what it may have missed while disconnected.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None,
+        *,
+        on_ready: Callable[[str], None],
+        on_control: Callable[[str], None],
+        on_reconnect: Callable[[], None],
+        keepalive: float = 10.0,
+        ping_timeout: float = 5.0,
+    ) -> None:
+        self.dsn = dsn
+        self.on_ready = on_ready
+        self.on_control = on_control
+        self.on_reconnect = on_reconnect
+        self.keepalive = keepalive
+        self.ping_timeout = ping_timeout
+        self.connected = False
+        self.reconnects = 0
+        self.backend_pid: int | None = None
+        self._lost = anyio.Event()
+
+    def _on_lost(self) -> None:
+        self._lost.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        first = True
+        delay = 0.1
+        while True:
+            self._lost = anyio.Event()
+            try:
+                sub = await Subscription.open(
+                    self.dsn,
+                    {READY_CHANNEL: self.on_ready, CONTROL_CHANNEL: self.on_control},
+                    self._on_lost,
+                )
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning(
+                    "listener_connect_failed",
+                    error=redact(f"{type(exc).__name__}: {exc}"),
+                    retry_in=round(delay, 2),
+                )
+                await anyio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, 10.0)
+                continue
+            delay = 0.1
+            self.connected = True
+            self.backend_pid = sub.backend_pid
+            if first:
+                first = False
+                log.info("listener_started", backend_pid=sub.backend_pid)
+                task_status.started()
+            else:
+                self.reconnects += 1
+                log.info("listener_reconnected", backend_pid=sub.backend_pid)
+                self.on_reconnect()
+            try:
+                await self._watch(sub)
+            finally:
+                self.connected = False
+                with anyio.CancelScope(shield=True):
+                    await sub.close()
+            log.warning("listener_lost")
+
+    async def _watch(self, sub: Subscription) -> None:
+        """Return when the connection is gone or stops answering (a half-open socket)."""
+        while True:
+            with anyio.move_on_after(self.keepalive):
+                await self._lost.wait()
+            if self._lost.is_set() or sub.is_closed():
+                return
+            try:
+                await sub.ping(self.ping_timeout)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("listener_ping_failed", error=f"{type(exc).__name__}: {exc}")
+                sub.terminate()
+                return

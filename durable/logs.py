@@ -1,0 +1,130 @@
+"""Structured logging: structlog configured once, JSON lines off a TTY, secrets masked."""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import re
+import sys
+import uuid
+from typing import Any, TextIO, cast
+
+import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
+
+__all__ = ["LEVELS", "configure", "get_logger", "redact", "redact_secrets"]
+
+LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("auto", "json", "console")
+MASK = "***"
+
+# scheme://user:password@host. The password runs greedily to the last "@" of the
+# whitespace/quote-delimited token: an unencoded "@" inside a password is common,
+# and masking too much is better than leaking the tail of a password.
+_URL_PASSWORD = re.compile(
+    r"(?i)\b([a-z][a-z0-9+.-]*://[^:/?#@\s'\"]*:)([^\s'\"]*)(@)",
+)
+# password=xxx in key/value DSNs and query strings; also 'password': 'xxx' in reprs.
+_KEY_PASSWORD = re.compile(
+    r"(?i)\b(\w*(?:password|passwd)['\"]?\s*[=:]\s*)"
+    r"('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s&;,'\"]+)",
+)
+_SECRET_KEY = re.compile(r"(?i)password|passwd|secret")
+# Values that cannot carry a secret; skip the repr() check for them.
+_PLAIN = (int, float, bool, type(None), uuid.UUID, datetime.datetime, datetime.date, enum.Enum)
+_MAX_DEPTH = 4
+
+
+def redact(text: str) -> str:
+    """`text` with URL passwords and password=... values replaced by ***."""
+    if "@" in text:
+        text = _URL_PASSWORD.sub(rf"\g<1>{MASK}\g<3>", text)
+    if "ass" in text.lower():  # cheap pre-check before the second regex
+        text = _KEY_PASSWORD.sub(rf"\g<1>{MASK}", text)
+    return text
+
+
+def _redact_value(value: object, depth: int = 0) -> object:
+    """`value` with secrets masked; returned unchanged (same object) when nothing leaked."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, _PLAIN):
+        return value
+    if depth >= _MAX_DEPTH:
+        return redact(repr(value))
+    if isinstance(value, dict):
+        return {
+            key: MASK
+            if isinstance(key, str) and _SECRET_KEY.search(key)
+            else _redact_value(item, depth + 1)
+            for key, item in value.items()
+        }
+    if type(value) is list:
+        return [_redact_value(item, depth + 1) for item in value]
+    if type(value) is tuple:
+        return tuple(_redact_value(item, depth + 1) for item in value)
+    # Renderers fall back to repr() for other objects (exceptions, records): check
+    # that text, and replace the object only when it would leak a secret.
+    shown = repr(value)
+    masked = redact(shown)
+    return value if masked == shown else masked
+
+
+def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: mask passwords in every value and password-named key."""
+    for key, value in event_dict.items():
+        if _SECRET_KEY.search(key):
+            event_dict[key] = MASK
+        else:
+            event_dict[key] = _redact_value(value)
+    return event_dict
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # ValueError: the stream is closed
+        return False
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Configure structlog for the process; calling it again replaces the configuration."""
+    level = level.lower()
+    fmt = fmt.lower()
+    if level not in LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    out = sys.stderr if stream is None else stream
+    as_json = fmt == "json" or (fmt == "auto" and not _is_tty(out))
+    renderer: Processor = (
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        # Tracebacks become a string before redaction so exception messages that
+        # quote a DSN are masked too (ConsoleRenderer prints a preformatted one as is).
+        structlog.processors.format_exc_info,
+        redact_secrets,
+        renderer,
+    ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        # Not cached, so a later configure() (tests, the CLI after parsing flags)
+        # also reaches loggers created at import time.
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str | None = None) -> FilteringBoundLogger:
+    """A lazy structlog logger; `name` is bound as the `logger_name` key."""
+    # Not "logger": get_logger() takes that keyword for the wrapped logger itself.
+    initial: dict[str, Any] = {} if name is None else {"logger_name": name}
+    return cast(FilteringBoundLogger, structlog.get_logger(**initial))

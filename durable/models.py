@@ -1,0 +1,138 @@
+"""Plain records passed between the store and the rest of durable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+STATUSES = ("queued", "running", "waiting", "completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A task this daemon claimed: what the runner needs to run one attempt."""
+
+    id: int
+    queue: str
+    name: str
+    kind: str
+    args: str
+    kwargs: str
+    attempt: int
+    max_attempts: int
+    timeout: float | None
+    token: int
+    branch: int
+    parent_id: int | None
+    root_id: int | None
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task as ``client.get`` and ``durable show`` see it."""
+
+    id: int
+    queue: str
+    name: str
+    kind: str
+    args: Any
+    kwargs: Any
+    status: str
+    priority: int
+    run_at: datetime
+    attempt: int
+    max_attempts: int
+    timeout: float | None
+    lease_until: datetime | None
+    worker_id: UUID | None
+    result: Any
+    error: dict[str, Any] | None
+    idempotency_key: str | None
+    parent_id: int | None
+    root_id: int | None
+    branch: int
+    wake_at: datetime | None
+    waiting_on: list[int] | None
+    waiting_event: str | None
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True)
+class Event:
+    """One recorded durable call of a workflow, as replay sees it."""
+
+    seq: int
+    kind: str
+    name: str
+    digest: str
+    status: str
+    result: str | None
+    error: str | None
+    child_id: int | None
+    wake_at: datetime | None
+    child_status: str | None = None
+    child_result: str | None = None
+    child_error: str | None = None
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One row of ``client.history``: the event log as people read it."""
+
+    seq: int
+    kind: str
+    name: str
+    status: str
+    result: Any
+    error: dict[str, Any] | None
+    child_id: int | None
+    child_status: str | None
+    wake_at: datetime | None
+    attempt: int
+    started_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A step's outcome, to be group-committed with other workflows' checkpoints."""
+
+    task_id: int
+    token: int
+    branch: int
+    seq: int
+    kind: str
+    name: str
+    digest: str
+    status: str
+    result: str | None
+    error: str | None
+    attempt: int
+    started_at: datetime
+    wake_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """A task to insert (client.start_many, children)."""
+
+    name: str
+    args: str = "[]"
+    kwargs: str = "{}"
+    queue: str = "default"
+    kind: str = "task"
+    priority: int = 0
+    run_at: datetime | None = None
+    max_attempts: int = 3
+    timeout: float | None = None

@@ -1,0 +1,232 @@
+"""Task and workflow definitions: the decorators, and loading them from entry points."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from durable.errors import ConfigurationError
+from durable.retry import DEFAULT_POLICY, RetryPolicy
+
+ENTRY_POINT_GROUP = "durable"
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Definition(Generic[P, R]):
+    """A registered task or workflow. Calling it calls the function directly."""
+
+    name: str
+    fn: Callable[..., Awaitable[R]]
+    kind: str = "task"
+    queue: str = "default"
+    max_attempts: int = 3
+    timeout: float | None = None
+    priority: int = 0
+    retry: RetryPolicy = field(default=DEFAULT_POLICY)
+
+    @property
+    def origin(self) -> str:
+        return f"{self.fn.__module__}:{self.fn.__qualname__}"
+
+    def options(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+    ) -> Definition[P, R]:
+        """A copy with other options, for one call: ``ctx.run(job.options(queue="x"), ...)``."""
+        changes: dict[str, Any] = {}
+        if queue is not None:
+            changes["queue"] = queue
+        if priority is not None:
+            changes["priority"] = priority
+        if max_attempts is not None:
+            changes["max_attempts"] = max_attempts
+        if timeout is not None:
+            changes["timeout"] = timeout
+        return _validated(dataclasses.replace(self, **changes))
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
+        return self.fn(*args, **kwargs)
+
+
+def _validated(d: Definition[Any, Any]) -> Definition[Any, Any]:
+    if not d.name or len(d.name) > 200:
+        raise ConfigurationError(f"{d.origin}: a name must have 1 to 200 characters")
+    if not d.queue or len(d.queue) > 200:
+        raise ConfigurationError(f"{d.origin}: a queue name must have 1 to 200 characters")
+    if d.max_attempts < 1:
+        raise ConfigurationError(f"{d.origin}: max_attempts must be >= 1, got {d.max_attempts}")
+    if d.timeout is not None and not d.timeout > 0:
+        raise ConfigurationError(f"{d.origin}: timeout must be > 0 seconds, got {d.timeout}")
+    return d
+
+
+class Registry:
+    """Definitions by name. Two different functions under one name are an error."""
+
+    def __init__(self) -> None:
+        self._defs: dict[str, Definition[Any, Any]] = {}
+        self._conflicts: dict[str, list[str]] = {}
+
+    def add(self, d: Definition[Any, Any]) -> None:
+        old = self._defs.get(d.name)
+        if old is not None and old.origin != d.origin:
+            self._conflicts.setdefault(d.name, [old.origin]).append(d.origin)
+            return
+        self._defs[d.name] = d
+
+    def get(self, name: str) -> Definition[Any, Any] | None:
+        return self._defs.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._defs)
+
+    def definitions(self) -> list[Definition[Any, Any]]:
+        return [self._defs[n] for n in self.names()]
+
+    def check(self) -> None:
+        """Raise ConfigurationError naming both places when a name is defined twice."""
+        if self._conflicts:
+            name, origins = next(iter(self._conflicts.items()))
+            raise ConfigurationError(
+                f"two definitions named {name!r}: {' and '.join(origins)}; "
+                "give one of them another name=..."
+            )
+
+
+registry = Registry()
+"""The process-wide registry the decorators add to."""
+
+
+def _make(
+    fn: Callable[..., Awaitable[Any]],
+    kind: str,
+    name: str | None,
+    queue: str,
+    max_attempts: int,
+    timeout: float | None,
+    priority: int,
+    retry: RetryPolicy | None,
+) -> Definition[Any, Any]:
+    if not inspect.iscoroutinefunction(fn):
+        raise ConfigurationError(
+            f"{fn.__module__}:{fn.__qualname__}: a durable {kind} must be an async def function"
+        )
+    d = _validated(
+        Definition(
+            name=name or fn.__name__,
+            fn=fn,
+            kind=kind,
+            queue=queue,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            priority=priority,
+            retry=retry or DEFAULT_POLICY,
+        )
+    )
+    registry.add(d)
+    return d
+
+
+@overload
+def task(fn: Callable[P, Awaitable[R]], /) -> Definition[P, R]: ...
+@overload
+def task(
+    *,
+    name: str | None = None,
+    queue: str = "default",
+    max_attempts: int = 3,
+    timeout: float | None = None,
+    priority: int = 0,
+    retry: RetryPolicy | None = None,
+) -> Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]: ...
+def task(
+    fn: Callable[P, Awaitable[R]] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    queue: str = "default",
+    max_attempts: int = 3,
+    timeout: float | None = None,
+    priority: int = 0,
+    retry: RetryPolicy | None = None,
+) -> Definition[P, R] | Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]:
+    """Register an ``async def`` function as a task that daemons run.
+
+    ``@durable.task`` or ``@durable.task(queue="email", max_attempts=5, timeout=30)``.
+    The name defaults to the function's ``__name__``; arguments and the result are JSON.
+    A failed attempt is retried with exponential backoff (``retry=RetryPolicy(...)``) up to
+    ``max_attempts``; raise ``durable.NonRetryable`` to fail at once or
+    ``durable.Retry(delay)`` to choose the delay. ``timeout`` (seconds) bounds one attempt.
+    """
+
+    def wrap(f: Callable[P, Awaitable[R]]) -> Definition[P, R]:
+        return _make(f, "task", name, queue, max_attempts, timeout, priority, retry)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+@overload
+def workflow(fn: Callable[P, Awaitable[R]], /) -> Definition[P, R]: ...
+@overload
+def workflow(
+    *,
+    name: str | None = None,
+    queue: str = "default",
+    max_attempts: int = 3,
+    timeout: float | None = None,
+    priority: int = 0,
+    retry: RetryPolicy | None = None,
+) -> Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]: ...
+def workflow(
+    fn: Callable[P, Awaitable[R]] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    queue: str = "default",
+    max_attempts: int = 3,
+    timeout: float | None = None,
+    priority: int = 0,
+    retry: RetryPolicy | None = None,
+) -> Definition[P, R] | Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]:
+    """Register an ``async def fn(ctx: durable.Context, ...)`` as a durable workflow.
+
+    Every ``ctx.step`` / ``ctx.transaction`` / ``ctx.run`` / ``ctx.sleep`` ... is recorded
+    in the workflow's event log. After a crash, a retry or a wake-up the function runs
+    again from the top and each recorded call returns its recorded result instead of
+    running again. The code between durable calls must be deterministic. Options are
+    those of ``durable.task``; ``timeout`` bounds each run between two suspensions.
+    """
+
+    def wrap(f: Callable[P, Awaitable[R]]) -> Definition[P, R]:
+        return _make(f, "workflow", name, queue, max_attempts, timeout, priority, retry)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+def load(apps: Iterable[str] = (), *, use_entry_points: bool = True) -> Registry:
+    """Import every entry point of group ``durable`` and every module in ``apps``."""
+    modules: list[str] = []
+    if use_entry_points:
+        modules.extend(ep.value.split(":")[0] for ep in entry_points(group=ENTRY_POINT_GROUP))
+    modules.extend(apps)
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"cannot import {module!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+    registry.check()
+    return registry

@@ -1,0 +1,213 @@
+"""Run one claimed attempt of a task or workflow, and record how it ended."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import anyio
+
+from durable.batch import Batcher
+from durable.codec import dumps, error_payload, loads
+from durable.context import Context, Suspend
+from durable.errors import (
+    LeaseLost,
+    NonDeterminismError,
+    NonRetryable,
+    PayloadError,
+    Retry,
+)
+from durable.logs import get_logger
+from durable.models import Checkpoint, Claimed
+from durable.registry import Definition, Registry
+from durable.retry import after_failure
+from durable.store import Store, is_transient
+
+log = get_logger("durable.runner")
+
+
+@dataclass
+class Attempt:
+    """A running attempt, as the daemon tracks it: its claim and how to stop it."""
+
+    task: Claimed
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    reason: str | None = None
+    """Why the daemon cancelled it: 'cancelled' (asked by a user), 'lease_lost', 'shutdown'."""
+
+    def stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.scope.cancel()
+
+
+class Runner:
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        completions: Batcher[tuple[int, int, str], bool],
+        checkpoints: Batcher[Checkpoint, bool],
+        on_timer: Callable[[datetime], None],
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.completions = completions
+        self.checkpoints = checkpoints
+        self.on_timer = on_timer
+
+    async def run(self, attempt: Attempt) -> None:
+        """Run the attempt; every outcome but 'shutdown' is written before returning."""
+        task = attempt.task
+        started = time.monotonic()
+        definition = self.registry.get(task.name)
+        outcome: tuple[str, Any] = ("cancelled", None)
+        with attempt.scope:
+            outcome = await self._execute(task, definition)
+        if attempt.scope.cancelled_caught or attempt.reason is not None:
+            reason = attempt.reason or "cancelled"
+            if reason == "shutdown":
+                return  # the daemon releases every unfinished task in one statement
+            if reason == "lease_lost":
+                log.warning("task_abandoned", task_id=task.id, name=task.name, reason=reason)
+                return
+            outcome = ("cancelled", None)
+        # Shielded: the attempt is over; its outcome must reach the database even if the
+        # daemon is being cancelled now, or the task would wait for its lease to expire.
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._finish(task, definition, outcome, time.monotonic() - started)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning(
+                    "task_outcome_not_written",
+                    task_id=task.id,
+                    error=f"{type(exc).__name__}: {exc}",
+                    note="the lease will expire and the task will run again",
+                )
+
+    async def _execute(
+        self, task: Claimed, definition: Definition[Any, Any] | None
+    ) -> tuple[str, Any]:
+        try:
+            if definition is None:
+                raise NonRetryable(f"no task or workflow named {task.name!r} is registered")
+            args, kwargs = _arguments(task)
+            with anyio.fail_after(task.timeout) if task.timeout else _nothing():
+                if definition.kind == "workflow":
+                    events = await self.store.load_events(task.id, task.branch)
+                    ctx = Context(self.store, task, events, self.checkpoints, self.registry.get)
+                    result = await definition.fn(ctx, *args, **kwargs)
+                    ctx.check_consumed()
+                else:
+                    result = await definition.fn(*args, **kwargs)
+            return ("completed", dumps(result, what=f"the result of {task.name!r}"))
+        except Suspend as s:
+            return ("suspended", s)
+        except TimeoutError as exc:
+            if not str(exc):
+                exc = TimeoutError(f"the attempt took longer than its timeout of {task.timeout}s")
+            return ("failed", (exc, None, True))
+        except LeaseLost as exc:
+            return ("lost", exc)
+        except Retry as exc:
+            return ("failed", (exc, exc.delay, True))
+        except (NonRetryable, NonDeterminismError, PayloadError) as exc:
+            return ("failed", (exc, None, False))
+        except Exception as exc:
+            return ("failed", (exc, None, True))
+
+    async def _finish(
+        self,
+        task: Claimed,
+        definition: Definition[Any, Any] | None,
+        outcome: tuple[str, Any],
+        elapsed: float,
+    ) -> None:
+        kind, value = outcome
+        fields = {"task_id": task.id, "name": task.name, "queue": task.queue}
+        if kind == "completed":
+            if await self.completions.submit((task.id, task.token, value)):
+                log.info("task_completed", **fields, attempt=task.attempt, seconds=round(elapsed, 4))
+            else:
+                log.warning("task_write_rejected", **fields, write="complete")
+        elif kind == "suspended":
+            s: Suspend = value
+            status = await self.store.suspend(
+                task.id, task.token, task.branch, s.waiting_on, s.wake_at, s.event
+            )
+            if status is None:
+                log.warning("task_write_rejected", **fields, write="suspend")
+                return
+            if s.wake_at is not None and status == "waiting":
+                self.on_timer(s.wake_at)
+            log.info(
+                "task_suspended",
+                **fields,
+                status=status,
+                waiting_on=len(s.waiting_on) if s.waiting_on else 0,
+                wake_at=s.wake_at.isoformat() if s.wake_at else None,
+                waiting_event=s.event,
+            )
+        elif kind == "cancelled":
+            if await self.store.mark_cancelled(task.id, task.token):
+                log.info("task_cancelled", **fields)
+            else:
+                log.warning("task_write_rejected", **fields, write="cancel")
+        elif kind == "lost":
+            log.warning("task_abandoned", **fields, reason=str(value))
+        else:
+            exc, delay, retryable = value
+            policy = definition.retry if definition is not None else None
+            decision = after_failure(
+                task.attempt,
+                task.max_attempts,
+                policy or _default_policy(),
+                retryable=retryable,
+                requested_delay=delay,
+            )
+            error = dumps(error_payload(exc))
+            err = f"{type(exc).__name__}: {exc}"
+            if decision.retry:
+                ok = await self.store.retry_later(task.id, task.token, decision.delay, error)
+                if ok:
+                    log.warning(
+                        "task_retrying", **fields, attempt=task.attempt,
+                        delay=round(decision.delay, 3), error=err,
+                    )
+            else:
+                ok = await self.store.fail(task.id, task.token, error)
+                if ok:
+                    log.error("task_failed", **fields, attempt=task.attempt, error=err)
+            if not ok:
+                log.warning("task_write_rejected", **fields, write="fail")
+
+
+def _default_policy() -> Any:
+    from durable.retry import DEFAULT_POLICY
+
+    return DEFAULT_POLICY
+
+
+def _arguments(task: Claimed) -> tuple[list[Any], dict[str, Any]]:
+    try:
+        args, kwargs = loads(task.args), loads(task.kwargs)
+    except ValueError as exc:
+        raise NonRetryable(f"the task's arguments are not valid JSON: {exc}") from None
+    if not isinstance(args, list):
+        raise NonRetryable(f"the task's args must be a JSON array, not {type(args).__name__}")
+    if not isinstance(kwargs, dict):
+        raise NonRetryable(f"the task's kwargs must be a JSON object, not {type(kwargs).__name__}")
+    return args, kwargs
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

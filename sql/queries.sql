@@ -1,0 +1,297 @@
+-- Named queries, loaded once by durable/store.py. Each section starts with `-- name: x`.
+
+-- name: claim
+-- Claim up to $3 ready tasks of queue $1 whose code this daemon has ($2), in priority
+-- then age order, with a fresh claim token each and a lease of $4 seconds.
+with ready as (
+    select id from durable.tasks
+    where queue = $1 and status = 'queued' and run_at <= now() and name = any($2::text[])
+    order by priority desc, id
+    limit $3
+    for update skip locked
+)
+update durable.tasks t
+   set status = 'running',
+       claim_token = nextval('durable.claim_tokens'),
+       lease_until = now() + make_interval(secs => $4),
+       worker_id = $5,
+       started_at = coalesce(t.started_at, now())
+  from ready
+ where t.id = ready.id
+returning t.id, t.queue, t.name, t.kind, t.args::text, t.kwargs::text, t.attempt,
+          t.max_attempts, t.timeout, t.claim_token, t.branch, t.parent_id, t.root_id,
+          t.cancel_requested
+
+-- name: next_due
+-- When the next queued task of queue $1 that this daemon can run becomes due.
+select min(run_at) from durable.tasks
+where queue = $1 and status = 'queued' and name = any($2::text[])
+
+-- name: extend_leases
+update durable.tasks t
+   set lease_until = now() + make_interval(secs => $3)
+  from unnest($1::bigint[], $2::bigint[]) as v(id, token)
+ where t.id = v.id and t.claim_token = v.token and t.status = 'running'
+returning t.id
+
+-- name: reap_expired
+-- Leases that expired (their daemon died or froze): requeue, or fail when the attempts
+-- are spent; a task whose cancellation was requested ends cancelled.
+with expired as (
+    select id from durable.tasks
+    where status = 'running' and lease_until < now()
+    order by lease_until
+    limit 1000
+    for update skip locked
+)
+update durable.tasks t
+   set status = case
+           when t.cancel_requested then 'cancelled'
+           when t.attempt < t.max_attempts then 'queued'
+           else 'failed' end,
+       attempt = case when t.attempt < t.max_attempts and not t.cancel_requested
+                      then t.attempt + 1 else t.attempt end,
+       run_at = now(),
+       claim_token = null, lease_until = null, worker_id = null,
+       error = case
+           when t.cancel_requested then t.error
+           else jsonb_build_object(
+               'type', 'durable.LeaseExpired',
+               'message', 'the lease expired: the daemon running attempt '
+                          || t.attempt || ' stopped or lost its connection',
+               'traceback', null) end,
+       finished_at = case when t.cancel_requested or t.attempt >= t.max_attempts
+                          then now() end
+  from expired
+ where t.id = expired.id
+returning t.id, t.status
+
+-- name: complete
+update durable.tasks t
+   set status = 'completed', result = v.result::jsonb, error = null, finished_at = now(),
+       claim_token = null, lease_until = null
+  from unnest($1::bigint[], $2::bigint[], $3::text[]) as v(id, token, result)
+ where t.id = v.id and t.claim_token = v.token and t.status = 'running'
+returning t.id
+
+-- name: retry_later
+-- A failed attempt with attempts left: back to the queue after a delay.
+update durable.tasks
+   set status = 'queued', attempt = attempt + 1,
+       run_at = now() + make_interval(secs => $3), error = $4::jsonb,
+       claim_token = null, lease_until = null, worker_id = null
+ where id = $1 and claim_token = $2 and status = 'running'
+returning id
+
+-- name: fail
+update durable.tasks
+   set status = 'failed', error = $3::jsonb, finished_at = now(),
+       claim_token = null, lease_until = null
+ where id = $1 and claim_token = $2 and status = 'running'
+returning id
+
+-- name: mark_cancelled
+update durable.tasks
+   set status = 'cancelled', finished_at = now(), claim_token = null, lease_until = null
+ where id = $1 and claim_token = $2 and status = 'running'
+returning id
+
+-- name: release
+-- Shutdown: hand unfinished tasks back at once, without spending an attempt.
+update durable.tasks t
+   set status = 'queued', run_at = now(), claim_token = null, lease_until = null,
+       worker_id = null
+  from unnest($1::bigint[], $2::bigint[]) as v(id, token)
+ where t.id = v.id and t.claim_token = v.token and t.status = 'running'
+returning t.id
+
+-- name: insert_task
+insert into durable.tasks as t
+    (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
+     idempotency_key, parent_id, root_id)
+values ($1, $2, $3, $4::jsonb, $5::jsonb, $6, coalesce($7, now()), $8, $9, $10, $11, $12)
+on conflict (idempotency_key) where idempotency_key is not null
+    do update set idempotency_key = excluded.idempotency_key
+returning t.id, (t.xmax = 0) as inserted
+
+-- name: insert_many
+insert into durable.tasks (queue, name, kind, args, kwargs, priority, run_at, max_attempts,
+                           timeout)
+select v.queue, v.name, v.kind, v.args::jsonb, v.kwargs::jsonb, v.priority,
+       coalesce(v.run_at, now()), v.max_attempts, v.timeout
+  from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+              $7::timestamptz[], $8::int[], $9::float8[])
+       with ordinality as v(queue, name, kind, args, kwargs, priority, run_at, max_attempts,
+                            timeout, ord)
+ order by v.ord
+returning id
+
+-- name: get_task
+select id, queue, name, kind, args::text, kwargs::text, status, priority, run_at, attempt,
+       max_attempts, timeout, lease_until, worker_id, result::text, error::text,
+       idempotency_key, parent_id, root_id, branch, wake_at, waiting_on, waiting_event,
+       cancel_requested, created_at, started_at, finished_at
+from durable.tasks where id = $1
+
+-- name: list_tasks
+select id, queue, name, kind, status, priority, attempt, max_attempts, parent_id,
+       created_at, started_at, finished_at, run_at
+from durable.tasks
+where ($1::text is null or status = $1)
+  and ($2::text is null or queue = $2)
+  and ($3::text is null or name = $3)
+  and ($4::timestamptz is null or created_at >= $4)
+order by id desc
+limit $5
+
+-- name: watch_finish
+-- Ask for a `durable_done` notification when the task finishes; returns its status.
+update durable.tasks set notify_finish = true where id = $1
+returning status, result::text, error::text
+
+-- name: cancel
+-- Cancel a task and every unfinished descendant. Queued and waiting ones end at once; a
+-- running one is asked to stop through the control channel and ends when it does.
+with recursive tree as (
+    select id from durable.tasks where id = $1
+    union all
+    select c.id from durable.tasks c join tree on c.parent_id = tree.id
+), hit as (
+    update durable.tasks t
+       set cancel_requested = true,
+           status = case when t.status = 'running' then 'running' else 'cancelled' end,
+           finished_at = case when t.status = 'running' then null else now() end,
+           wake_at = null, waiting_on = null, waiting_event = null
+      from tree
+     where t.id = tree.id and t.status in ('queued', 'running', 'waiting')
+    returning t.id, t.status
+)
+select id, status, case when status = 'running'
+                        then pg_notify('durable_control', 'cancel:' || id) end is not null
+from hit
+
+-- name: register_worker
+insert into durable.workers (id, host, pid, queues, names) values ($1, $2, $3, $4::jsonb, $5)
+
+-- name: worker_heartbeat
+update durable.workers set heartbeat_at = now() where id = $1
+
+-- name: worker_stopped
+update durable.workers set stopped_at = now(), heartbeat_at = now() where id = $1
+
+-- name: list_workers
+select id, host, pid, queues::text, names, started_at, heartbeat_at, stopped_at,
+       now() - heartbeat_at as silence
+from durable.workers order by started_at desc limit $1
+
+-- name: queue_stats
+select queue, status, count(*)::bigint,
+       min(run_at) filter (where status = 'queued' and run_at <= now()) as oldest_ready
+from durable.tasks group by queue, status order by queue, status
+
+-- name: wake_timers
+-- Wake suspended workflows whose timer (sleep or event timeout) is due.
+update durable.tasks
+   set status = 'queued', run_at = now(), wake_at = null, waiting_on = null,
+       waiting_event = null
+ where id in (select id from durable.tasks
+              where status = 'waiting' and wake_at <= now()
+              order by wake_at limit 1000
+              for update skip locked)
+returning id
+
+-- name: next_timer
+select min(wake_at) from durable.tasks where status = 'waiting'
+
+-- name: load_events
+select e.seq, e.kind, e.name, e.digest, e.status, e.result::text, e.error::text, e.child_id,
+       e.wake_at, c.status as child_status, c.result::text as child_result,
+       c.error::text as child_error
+from durable.events e left join durable.tasks c on c.id = e.child_id
+where e.task_id = $1 and e.branch = $2
+order by e.seq
+
+-- name: checkpoint
+-- Group-committed checkpoints of many workflows; a row whose claim token no longer
+-- matches (a zombie) or whose position is taken is left out of the result.
+with fence as (
+    -- FOR SHARE waits for a concurrent reclaim and then sees its new token.
+    select t.id, t.claim_token from durable.tasks t
+    where t.id = any($1::bigint[]) and t.status = 'running'
+    for share of t
+), v as (
+    select * from unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::text[],
+                         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
+                         $11::timestamptz[], $12::int[], $13::timestamptz[])
+        as v(task_id, token, branch, seq, kind, name, digest, status, result, error,
+             wake_at, attempt, started_at)
+)
+insert into durable.events as e
+    (task_id, branch, seq, kind, name, digest, status, result, error, wake_at, attempt,
+     started_at, finished_at)
+select v.task_id, v.branch, v.seq, v.kind, v.name, v.digest, v.status, v.result::jsonb,
+       v.error::jsonb, v.wake_at, v.attempt, v.started_at,
+       case when v.status = 'pending' then null else now() end
+  from v
+  join fence f on f.id = v.task_id and f.claim_token = v.token
+on conflict (task_id, branch, seq) do nothing
+returning e.task_id, e.seq
+
+-- name: fence_lock
+-- Lock the task row for a write made in the same transaction (transactional steps,
+-- children); no row means the claim was lost.
+select id from durable.tasks
+where id = $1 and claim_token = $2 and status = 'running'
+for update
+
+-- name: insert_event
+insert into durable.events
+    (task_id, branch, seq, kind, name, digest, status, result, error, child_id, signal_id,
+     wake_at, attempt, started_at, finished_at)
+values ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11, $12, $13, $14,
+        case when $7 = 'pending' then null else now() end)
+
+-- name: insert_children
+insert into durable.tasks (queue, name, kind, args, kwargs, priority, max_attempts, timeout,
+                           parent_id, root_id)
+select v.queue, v.name, v.kind, v.args::jsonb, v.kwargs::jsonb, v.priority, v.max_attempts,
+       v.timeout, $10, $11
+  from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+              $7::int[], $8::float8[], $9::int[])
+       as v(queue, name, kind, args, kwargs, priority, max_attempts, timeout, ord)
+ order by v.ord
+returning id
+
+-- name: insert_child_events
+insert into durable.events
+    (task_id, branch, seq, kind, name, digest, status, child_id, attempt)
+select $1, $2, v.seq, 'child', v.name, v.digest, 'pending', v.child_id, $3
+  from unnest($4::int[], $5::text[], $6::text[], $7::bigint[]) as v(seq, name, digest, child_id)
+
+-- name: suspend
+select durable.suspend($1, $2, $3, $4::bigint[], $5, $6)
+
+-- name: take_signal
+-- The oldest event named $3 sent to task $1 that branch $2 has not consumed yet.
+select s.id, s.payload::text from durable.signals s
+where s.task_id = $1 and s.name = $3
+  and not exists (select 1 from durable.events e
+                  where e.task_id = s.task_id and e.branch = $2 and e.signal_id = s.id)
+order by s.id
+limit 1
+
+-- name: send_event
+select durable.send_event($1, $2, $3::jsonb)
+
+-- name: history
+select e.seq, e.kind, e.name, e.status, e.result::text, e.error::text, e.child_id,
+       e.wake_at, e.attempt, e.started_at, e.finished_at, c.status as child_status
+from durable.events e left join durable.tasks c on c.id = e.child_id
+where e.task_id = $1 and e.branch = $2
+order by e.seq
+
+-- name: branches
+select distinct branch from durable.events where task_id = $1 order by branch
+
+-- name: restart
+select durable.restart($1, $2, $3)

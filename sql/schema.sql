@@ -1,0 +1,352 @@
+-- The durable schema, as the migrations in sql/migrations/ build it.
+-- `durable sql` prints this file; `durable migrate` applies the migrations.
+-- tests/integration/test_migrations.py proves both give the same catalog.
+
+create schema if not exists durable;
+
+create table durable.migrations (
+    version     integer primary key,
+    name        text not null,
+    applied_at  timestamptz not null default now()
+);
+
+-- Every claim draws a fresh token from here; writes for a task are fenced on it.
+create sequence durable.claim_tokens as bigint;
+
+create table durable.tasks (
+    id              bigint generated always as identity primary key,
+    queue           text not null,
+    name            text not null,
+    kind            text not null default 'task',
+    args            jsonb not null default '[]',
+    kwargs          jsonb not null default '{}',
+    status          text not null default 'queued',
+    priority        integer not null default 0,
+    run_at          timestamptz not null default now(),
+    attempt         integer not null default 1,
+    max_attempts    integer not null default 3,
+    timeout         double precision,
+    lease_until     timestamptz,
+    claim_token     bigint,
+    worker_id       uuid,
+    result          jsonb,
+    error           jsonb,
+    idempotency_key text,
+    parent_id       bigint references durable.tasks (id) on delete set null,
+    root_id         bigint,
+    branch          integer not null default 0,
+    wake_at         timestamptz,
+    waiting_on      bigint[],
+    waiting_event   text,
+    cancel_requested boolean not null default false,
+    notify_finish   boolean not null default false,
+    created_at      timestamptz not null default now(),
+    started_at      timestamptz,
+    finished_at     timestamptz,
+    constraint tasks_kind_check check (kind in ('task', 'workflow')),
+    constraint tasks_status_check
+        check (status in ('queued', 'running', 'waiting', 'completed', 'failed', 'cancelled')),
+    constraint tasks_queue_check check (length(queue) between 1 and 200),
+    constraint tasks_name_check check (length(name) between 1 and 200),
+    constraint tasks_attempts_check check (max_attempts >= 1 and attempt >= 1),
+    constraint tasks_timeout_check check (timeout is null or timeout > 0),
+    constraint tasks_running_check
+        check (status <> 'running' or (claim_token is not null and lease_until is not null))
+);
+
+-- Ready work, in claim order; finished history does not slow the claim.
+create index tasks_ready_idx on durable.tasks (queue, priority desc, id)
+    where status = 'queued';
+-- Expired leases, found by the reaper.
+create index tasks_lease_idx on durable.tasks (lease_until) where status = 'running';
+-- Suspended workflows with a timer (sleep or event timeout).
+create index tasks_wake_idx on durable.tasks (wake_at) where status = 'waiting';
+create index tasks_parent_idx on durable.tasks (parent_id) where parent_id is not null;
+create unique index tasks_idempotency_idx on durable.tasks (idempotency_key)
+    where idempotency_key is not null;
+
+create table durable.workers (
+    id              uuid primary key,
+    host            text not null,
+    pid             integer not null,
+    queues          jsonb not null,
+    names           text[] not null default '{}',
+    started_at      timestamptz not null default now(),
+    heartbeat_at    timestamptz not null default now(),
+    stopped_at      timestamptz
+);
+
+-- The event log of workflows: one row per durable operation, by (task, branch, seq).
+create table durable.events (
+    task_id     bigint not null references durable.tasks (id) on delete cascade,
+    branch      integer not null,
+    seq         integer not null,
+    kind        text not null,
+    name        text not null,
+    digest      text not null,
+    status      text not null,
+    result      jsonb,
+    error       jsonb,
+    child_id    bigint,
+    signal_id   bigint,
+    wake_at     timestamptz,
+    attempt     integer not null,
+    started_at  timestamptz not null default now(),
+    finished_at timestamptz,
+    primary key (task_id, branch, seq),
+    constraint events_kind_check
+        check (kind in ('step', 'transaction', 'child', 'sleep', 'event', 'memo')),
+    constraint events_status_check check (status in ('pending', 'completed', 'failed'))
+);
+
+create index events_child_idx on durable.events (child_id) where child_id is not null;
+
+-- Events sent to workflows (client.send_event / durable.send_event), kept until consumed.
+create table durable.signals (
+    id          bigint generated always as identity primary key,
+    task_id     bigint not null references durable.tasks (id) on delete cascade,
+    name        text not null,
+    payload     jsonb,
+    created_at  timestamptz not null default now()
+);
+
+create index signals_task_idx on durable.signals (task_id, name, id);
+
+-- NOTIFY `durable_ready` (payload: the queue) once per queue per statement when work
+-- becomes ready; `durable_done` (payload: the id) when a task someone awaits finishes;
+-- and wake the parents of finished children. Never on heartbeats or acknowledgements.
+create function durable.tasks_after_insert() returns trigger
+language plpgsql as $$
+declare
+    q text;
+begin
+    for q in select distinct n.queue from new_rows n where n.status = 'queued' loop
+        perform pg_notify('durable_ready', q);
+    end loop;
+    return null;
+end;
+$$;
+
+create function durable.tasks_after_update() returns trigger
+language plpgsql as $$
+declare
+    q text;
+    t bigint;
+    parents bigint[];
+begin
+    for q in
+        select distinct n.queue from new_rows n join old_rows o on o.id = n.id
+        where n.status = 'queued' and (o.status <> 'queued' or o.run_at <> n.run_at)
+    loop
+        perform pg_notify('durable_ready', q);
+    end loop;
+
+    for t in
+        select n.id from new_rows n join old_rows o on o.id = n.id
+        where n.notify_finish and n.status in ('completed', 'failed', 'cancelled')
+          and o.status not in ('completed', 'failed', 'cancelled')
+    loop
+        perform pg_notify('durable_done', t::text);
+    end loop;
+
+    select array_agg(distinct n.parent_id order by n.parent_id) into parents
+    from new_rows n join old_rows o on o.id = n.id
+    where n.parent_id is not null and n.status in ('completed', 'failed', 'cancelled')
+      and o.status not in ('completed', 'failed', 'cancelled');
+    if parents is not null then
+        perform durable.wake_waiting(parents);
+    end if;
+    return null;
+end;
+$$;
+
+-- Requeue the given waiting workflows whose children are all finished. The row lock is
+-- taken first, in id order, and the check runs in a later statement: under READ COMMITTED
+-- that statement's snapshot sees every sibling that finished before the lock was granted,
+-- so two children finishing at once cannot both miss the wake-up.
+create function durable.wake_waiting(ids bigint[]) returns void
+language plpgsql as $$
+begin
+    perform 1 from durable.tasks where id = any(ids) and status = 'waiting'
+        order by id for update;
+    update durable.tasks p
+       set status = 'queued', run_at = now(), wake_at = null, waiting_on = null,
+           waiting_event = null
+     where p.id = any(ids) and p.status = 'waiting' and p.waiting_on is not null
+       and not exists (
+           select 1 from durable.tasks c
+           where c.id = any(p.waiting_on)
+             and c.status not in ('completed', 'failed', 'cancelled'));
+end;
+$$;
+
+create trigger tasks_notify_insert after insert on durable.tasks
+    referencing new table as new_rows
+    for each statement execute function durable.tasks_after_insert();
+
+create trigger tasks_notify_update after update on durable.tasks
+    referencing old table as old_rows new table as new_rows
+    for each statement execute function durable.tasks_after_update();
+
+-- Enqueue from SQL, inside the caller's transaction (a transactional outbox).
+create function durable.start(
+    name text,
+    args jsonb default '[]',
+    kwargs jsonb default '{}',
+    queue text default 'default',
+    priority integer default 0,
+    run_at timestamptz default null,
+    max_attempts integer default 3,
+    timeout double precision default null,
+    idempotency_key text default null,
+    kind text default 'task'
+) returns bigint
+language plpgsql as $$
+#variable_conflict use_column
+declare
+    new_id bigint;
+begin
+    if jsonb_typeof(args) is distinct from 'array' then
+        raise exception 'durable.start: args must be a JSON array, not %', jsonb_typeof(args)
+            using errcode = '22023';
+    end if;
+    if jsonb_typeof(kwargs) is distinct from 'object' then
+        raise exception 'durable.start: kwargs must be a JSON object, not %', jsonb_typeof(kwargs)
+            using errcode = '22023';
+    end if;
+    insert into durable.tasks as t
+        (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
+         idempotency_key)
+    values
+        (start.queue, start.name, start.kind, start.args, start.kwargs, start.priority,
+         coalesce(start.run_at, now()), start.max_attempts, start.timeout,
+         start.idempotency_key)
+    on conflict (idempotency_key) where idempotency_key is not null
+        do update set idempotency_key = excluded.idempotency_key
+    returning t.id into new_id;
+    return new_id;
+end;
+$$;
+
+-- Deliver an event to a workflow, from any session or trigger. Returns false when the
+-- task does not exist or has finished.
+create function durable.send_event(task_id bigint, name text, payload jsonb default null)
+returns boolean
+language plpgsql as $$
+#variable_conflict use_column
+declare
+    st text;
+begin
+    select t.status into st from durable.tasks t where t.id = send_event.task_id for update;
+    if st is null or st in ('completed', 'failed', 'cancelled') then
+        return false;
+    end if;
+    insert into durable.signals (task_id, name, payload)
+        values (send_event.task_id, send_event.name, send_event.payload);
+    update durable.tasks t
+       set status = 'queued', run_at = now(), wake_at = null, waiting_event = null
+     where t.id = send_event.task_id and t.status = 'waiting'
+       and t.waiting_event = send_event.name;
+    return true;
+end;
+$$;
+
+-- End a workflow's attempt to wait for children, a timer or an event. Returns 'waiting',
+-- or 'queued' when what it waits for has already happened, or null when the claim token
+-- no longer matches. Lock first, check in a later statement (see wake_waiting).
+create function durable.suspend(
+    task bigint, token bigint, br integer, children bigint[], wake timestamptz,
+    event_name text
+) returns text
+language plpgsql as $$
+declare
+    ready boolean := false;
+begin
+    perform 1 from durable.tasks t
+     where t.id = task and t.claim_token = token and t.status = 'running' for update;
+    if not found then
+        return null;
+    end if;
+    if children is not null and not exists (
+        select 1 from durable.tasks c
+        where c.id = any(children) and c.status not in ('completed', 'failed', 'cancelled'))
+    then
+        ready := true;
+    end if;
+    if event_name is not null and exists (
+        select 1 from durable.signals s
+        where s.task_id = task and s.name = event_name
+          and not exists (select 1 from durable.events e
+                          where e.task_id = task and e.branch = br and e.signal_id = s.id))
+    then
+        ready := true;
+    end if;
+    if wake is not null and wake <= now() then
+        ready := true;
+    end if;
+    update durable.tasks t
+       set status = case when ready then 'queued' else 'waiting' end,
+           run_at = now(),
+           wake_at = case when ready then null else wake end,
+           waiting_on = case when ready then null else children end,
+           waiting_event = case when ready then null else event_name end,
+           claim_token = null, lease_until = null, worker_id = null
+     where t.id = task;
+    return case when ready then 'queued' else 'waiting' end;
+end;
+$$;
+
+-- Run a finished task again: 'retry' keeps its history (events that failed, and children
+-- that failed, are dropped so they run again); 'replay' starts a new, empty branch; 'fork'
+-- starts a new branch holding the events before position `at`. Returns the branch.
+create function durable.restart(task bigint, mode text, at integer default null)
+returns integer
+language plpgsql as $$
+declare
+    cur record;
+    new_branch integer;
+begin
+    select t.status, t.branch into cur from durable.tasks t where t.id = task for update;
+    if not found then
+        raise exception 'no task %', task using errcode = 'P0002';
+    end if;
+    if cur.status not in ('completed', 'failed', 'cancelled') then
+        raise exception 'task % is %: only a finished task can be restarted (cancel it first)',
+            task, cur.status using errcode = '55000';
+    end if;
+    if mode = 'retry' then
+        new_branch := cur.branch;
+        delete from durable.events e
+         where e.task_id = task and e.branch = cur.branch
+           and (e.status = 'failed'
+                or exists (select 1 from durable.tasks c
+                           where c.id = e.child_id and c.status in ('failed', 'cancelled')));
+    elsif mode in ('replay', 'fork') then
+        select greatest(coalesce(max(e.branch), 0), cur.branch) + 1 into new_branch
+          from durable.events e where e.task_id = task;
+        if mode = 'fork' then
+            if at is null or at < 0 then
+                raise exception 'fork needs a position >= 0' using errcode = '22023';
+            end if;
+            insert into durable.events
+                (task_id, branch, seq, kind, name, digest, status, result, error, child_id,
+                 signal_id, wake_at, attempt, started_at, finished_at)
+            select e.task_id, new_branch, e.seq, e.kind, e.name, e.digest, e.status,
+                   e.result, e.error, e.child_id, e.signal_id, e.wake_at, e.attempt,
+                   e.started_at, e.finished_at
+              from durable.events e
+             where e.task_id = task and e.branch = cur.branch and e.seq < at;
+        end if;
+    else
+        raise exception 'unknown restart mode %', mode using errcode = '22023';
+    end if;
+    update durable.tasks t
+       set status = 'queued', run_at = now(), attempt = t.attempt + 1,
+           max_attempts = t.attempt + t.max_attempts, result = null, error = null,
+           finished_at = null, branch = new_branch, cancel_requested = false,
+           wake_at = null, waiting_on = null, waiting_event = null, worker_id = null,
+           claim_token = null, lease_until = null
+     where t.id = task;
+    return new_branch;
+end;
+$$;

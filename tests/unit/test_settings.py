@@ -1,0 +1,397 @@
+"""Settings.from_env: defaults, every variable, precedence, and one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from durable.settings import (
+    ENV_VARS,
+    LIBPQ_VARIABLES,
+    Settings,
+    SettingsError,
+    parse_duration,
+    unknown_variables,
+)
+
+SECRET = "s3cret-Pw"
+
+
+def error_for(env: dict[str, str], **overrides: object) -> str:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(env, **overrides)
+    message = str(caught.value)
+    assert "\n" not in message and "\r" not in message
+    return message
+
+
+def test_defaults_from_an_empty_environment() -> None:
+    settings = Settings.from_env({})
+    assert settings == Settings()
+    assert settings.database_url is None
+    assert settings.use_libpq_env is False
+    assert settings.listen_url is None
+    assert settings.queues == ()
+    assert settings.concurrency == 10
+    assert settings.poll_interval == 5.0
+    assert settings.lease == 30.0
+    assert settings.shutdown_grace == 30.0
+    assert settings.log_level == "info"
+    assert settings.log_format == "auto"
+    assert settings.apps == ()
+    assert settings.home is None
+    assert settings.queue_limits == {"default": 10}
+    assert settings.dsn_for_logs is None
+
+
+def test_reads_os_environ_when_no_mapping_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DURABLE_CONCURRENCY", "7")
+    assert Settings.from_env().concurrency == 7
+
+
+def test_every_variable_is_parsed() -> None:
+    env = {
+        "DURABLE_DATABASE_URL": "postgresql://app:pw@db.internal:6432/shop",
+        "DURABLE_LISTEN_URL": "postgres://app:pw@db.internal:5432/shop",
+        "DURABLE_QUEUES": " orders=8 , email=32,reports ",
+        "DURABLE_CONCURRENCY": "4",
+        "DURABLE_POLL_INTERVAL": "500ms",
+        "DURABLE_LEASE": "1m",
+        "DURABLE_SHUTDOWN_GRACE": "0",
+        "DURABLE_LOG_LEVEL": "DEBUG",
+        "DURABLE_LOG_FORMAT": "Json",
+        "DURABLE_APP": "shop.tasks, shop.workflows,shop.tasks",
+        "DURABLE_HOME": "/var/lib/durable",
+    }
+    settings = Settings.from_env(env)
+    assert settings.database_url == "postgresql://app:pw@db.internal:6432/shop"
+    assert settings.use_libpq_env is False
+    assert settings.listen_url == "postgres://app:pw@db.internal:5432/shop"
+    assert settings.queues == (("orders", 8), ("email", 32), ("reports", None))
+    assert settings.concurrency == 4
+    assert settings.poll_interval == 0.5
+    assert settings.lease == 60.0
+    assert settings.shutdown_grace == 0.0
+    assert settings.log_level == "debug"
+    assert settings.log_format == "json"
+    assert settings.apps == ("shop.tasks", "shop.workflows")
+    assert settings.home == Path("/var/lib/durable")
+    assert settings.queue_limits == {"orders": 8, "email": 32, "reports": 4}
+
+
+def test_home_expands_the_user_directory() -> None:
+    home = Settings.from_env({"DURABLE_HOME": "~/durable"}).home
+    assert home == Path("~/durable").expanduser()
+    assert "~" not in str(home)
+
+
+def test_empty_variables_count_as_unset() -> None:
+    env = {"DURABLE_DATABASE_URL": "", "DURABLE_CONCURRENCY": "  ", "DURABLE_QUEUES": ""}
+    assert Settings.from_env(env) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "libpq"),
+    [
+        (
+            {
+                "DURABLE_DATABASE_URL": "postgresql://a@h/durable",
+                "DATABASE_URL": "postgresql://b@h/generic",
+                "PGHOST": "pghost",
+            },
+            "postgresql://a@h/durable",
+            False,
+        ),
+        (
+            {"DATABASE_URL": "postgresql://b@h/generic", "PGHOST": "pghost"},
+            "postgresql://b@h/generic",
+            False,
+        ),
+        *(({name: "x"}, None, True) for name in LIBPQ_VARIABLES),
+        ({"PGSSLMODE_UNRELATED": "x"}, None, False),
+        ({}, None, False),
+    ],
+)
+def test_database_url_precedence(env: dict[str, str], url: str | None, libpq: bool) -> None:
+    settings = Settings.from_env(env)
+    assert settings.database_url == url
+    assert settings.use_libpq_env is libpq
+
+
+def test_a_durable_url_hides_a_foreign_database_url() -> None:
+    # DATABASE_URL often belongs to another tool; it is not validated when unused.
+    env = {"DURABLE_DATABASE_URL": "postgresql://h/db", "DATABASE_URL": "mysql://h/db"}
+    assert Settings.from_env(env).database_url == "postgresql://h/db"
+
+
+def test_overrides_beat_the_environment() -> None:
+    env = {
+        "DURABLE_DATABASE_URL": "postgresql://env/db",
+        "DURABLE_LISTEN_URL": "postgresql://env/listen",
+        "DURABLE_QUEUES": "env=1",
+        "DURABLE_CONCURRENCY": "2",
+        "DURABLE_POLL_INTERVAL": "2",
+        "DURABLE_LEASE": "20",
+        "DURABLE_SHUTDOWN_GRACE": "20",
+        "DURABLE_LOG_LEVEL": "error",
+        "DURABLE_LOG_FORMAT": "console",
+        "DURABLE_APP": "env_app",
+        "DURABLE_HOME": "/env",
+    }
+    settings = Settings.from_env(
+        env,
+        database_url="postgresql://flag/db",
+        listen_url="postgresql://flag/listen",
+        queues="flag=3,bare",
+        concurrency=9,
+        poll_interval="250ms",
+        lease=45,
+        shutdown_grace=1.5,
+        log_level="warning",
+        log_format="json",
+        apps=["flag_app", "other.app"],
+        home=Path("/flag"),
+    )
+    assert settings == Settings(
+        database_url="postgresql://flag/db",
+        listen_url="postgresql://flag/listen",
+        queues=(("flag", 3), ("bare", None)),
+        concurrency=9,
+        poll_interval=0.25,
+        lease=45.0,
+        shutdown_grace=1.5,
+        log_level="warning",
+        log_format="json",
+        apps=("flag_app", "other.app"),
+        home=Path("/flag"),
+    )
+    assert settings.queue_limits == {"flag": 3, "bare": 9}
+
+
+def test_none_overrides_are_ignored() -> None:
+    settings = Settings.from_env({"DURABLE_CONCURRENCY": "3"}, concurrency=None, queues=None)
+    assert settings.concurrency == 3
+
+
+def test_a_database_url_override_beats_libpq_variables() -> None:
+    settings = Settings.from_env({"PGHOST": "h"}, database_url="postgresql://flag/db")
+    assert settings.database_url == "postgresql://flag/db"
+    assert settings.use_libpq_env is False
+
+
+def test_queue_overrides_accept_a_mapping_or_pairs() -> None:
+    assert Settings.from_env({}, queues={"a": 2, "b": None}).queues == (("a", 2), ("b", None))
+    assert Settings.from_env({}, queues=[("a", 2), "b=3,c"]).queues == (
+        ("a", 2),
+        ("b", 3),
+        ("c", None),
+    )
+
+
+def test_unknown_override_is_a_programming_error() -> None:
+    with pytest.raises(TypeError, match="queue"):
+        Settings.from_env({}, queue="orders")
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Settings().concurrency = 3  # type: ignore[misc]  # asserting the runtime guard
+
+
+def test_bare_queue_names_follow_a_later_concurrency_change() -> None:
+    settings = Settings.from_env({"DURABLE_QUEUES": "a,b=2"})
+    assert dataclasses.replace(settings, concurrency=6).queue_limits == {"a": 6, "b": 2}
+
+
+# (variable, bad value, expected fragment of the message)
+BAD_VALUES = [
+    ("DURABLE_QUEUES", "orders=abc", "name=N[,name=N...]"),
+    ("DURABLE_QUEUES", "orders=0", "from 1 to 100000"),
+    ("DURABLE_QUEUES", "orders=100001", "from 1 to 100000"),
+    ("DURABLE_QUEUES", "orders=-1", "from 1 to 100000"),
+    ("DURABLE_QUEUES", "orders=", "name=N"),
+    ("DURABLE_QUEUES", "=5", "without '=' or ','"),
+    ("DURABLE_QUEUES", "a=1,,b=2", "without '=' or ','"),
+    ("DURABLE_QUEUES", "a=1=2", "name=N"),
+    ("DURABLE_QUEUES", "a=1,a=2", "'a' is given twice"),
+    ("DURABLE_QUEUES", "a,a", "'a' is given twice"),
+    ("DURABLE_QUEUES", "q" * 201, "1 to 200 characters"),
+    ("DURABLE_CONCURRENCY", "0", "whole number from 1 to 100000"),
+    ("DURABLE_CONCURRENCY", "100001", "whole number from 1 to 100000"),
+    ("DURABLE_CONCURRENCY", "1.5", "whole number"),
+    ("DURABLE_CONCURRENCY", "+5", "whole number"),
+    ("DURABLE_CONCURRENCY", "ten", "whole number"),
+    ("DURABLE_POLL_INTERVAL", "0", "positive duration"),
+    ("DURABLE_POLL_INTERVAL", "0ms", "positive duration"),
+    ("DURABLE_POLL_INTERVAL", "-1", "positive duration"),
+    ("DURABLE_POLL_INTERVAL", "5 minutes", "500ms"),
+    ("DURABLE_POLL_INTERVAL", "nan", "positive duration"),
+    ("DURABLE_POLL_INTERVAL", "inf", "positive duration"),
+    ("DURABLE_LEASE", "0", "at least 1s"),
+    ("DURABLE_LEASE", "500ms", "at least 1s"),
+    ("DURABLE_LEASE", "-30", "at least 1s"),
+    ("DURABLE_SHUTDOWN_GRACE", "-1", "duration"),
+    ("DURABLE_SHUTDOWN_GRACE", "soon", "duration"),
+    ("DURABLE_LOG_LEVEL", "loud", "debug, info, warning, error"),
+    ("DURABLE_LOG_FORMAT", "xml", "auto, json, console"),
+    ("DURABLE_APP", "shop-tasks", "module names"),
+    ("DURABLE_APP", "shop..tasks", "module names"),
+    ("DURABLE_APP", "shop,class", "module names"),
+    ("DURABLE_APP", ",", "module names"),
+    ("DURABLE_DATABASE_URL", "mysql://u@h/db", "postgresql://"),
+    ("DURABLE_DATABASE_URL", "postgresql+asyncpg://u@h/db", "postgresql://"),
+    ("DURABLE_DATABASE_URL", "host=h dbname=db", "postgresql://"),
+    ("DURABLE_DATABASE_URL", "postgresql://[::1/db", "postgresql://"),
+    ("DATABASE_URL", "sqlite:///tmp/x.db", "postgresql://"),
+    ("DURABLE_LISTEN_URL", "redis://h", "postgresql://"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "fragment"), BAD_VALUES)
+def test_malformed_variable_is_one_line_naming_it(variable: str, value: str, fragment: str) -> None:
+    message = error_for({variable: value})
+    assert message.startswith(f"{variable}: expected ")
+    assert fragment in message
+    assert repr(value) in message
+
+
+def test_queues_message_matches_the_documented_form() -> None:
+    assert error_for({"DURABLE_QUEUES": "orders=abc"}) == (
+        "DURABLE_QUEUES: expected name=N[,name=N...] with N a whole number from 1 to 100000,"
+        " got 'orders=abc'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "flag", "value"),
+    [
+        ("queues", "--queues", "orders=abc"),
+        ("queues", "--queues", ""),
+        ("queues", "--queues", 5),
+        ("concurrency", "--concurrency", 0),
+        ("concurrency", "--concurrency", True),
+        ("concurrency", "--concurrency", "many"),
+        ("poll_interval", "--poll-interval", 0),
+        ("poll_interval", "--poll-interval", float("nan")),
+        ("lease", "--lease", 0.5),
+        ("shutdown_grace", "--shutdown-grace", -1),
+        ("log_level", "--log-level", "loud"),
+        ("log_format", "--log-format", "yaml"),
+        ("apps", "--app", "not a module"),
+        ("apps", "--app", ["ok", 3]),
+        ("database_url", "--database-url", "mysql://h/db"),
+        ("database_url", "--database-url", ""),
+        ("listen_url", "--listen-url", "http://h"),
+        ("home", "--home", ""),
+    ],
+)
+def test_malformed_override_names_the_flag(field: str, flag: str, value: object) -> None:
+    # The environment is valid; the error must come from the flag.
+    message = error_for({"DURABLE_QUEUES": "ok=1"}, **{field: value})
+    assert message.startswith(f"{flag}: expected ")
+
+
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [
+        ("DURABLE_DATABASE_URL", f"mysql://user:{SECRET}@host/db"),
+        ("DURABLE_DATABASE_URL", f"postgresql+asyncpg://user:{SECRET}@host/db"),
+        ("DURABLE_DATABASE_URL", f"postgresql://user:{SECRET}@[::1/db"),
+        ("DURABLE_DATABASE_URL", f"postgresql:/user:{SECRET}@host/db"),
+        ("DURABLE_DATABASE_URL", f"user:{SECRET}@host/db"),
+        ("DURABLE_DATABASE_URL", f"host=h password={SECRET}"),
+        ("DATABASE_URL", f"mysql://user:{SECRET}@host/db"),
+        ("DURABLE_LISTEN_URL", f"mysql://user:{SECRET}@host/db"),
+    ],
+)
+def test_a_malformed_url_never_shows_its_password(variable: str, url: str) -> None:
+    message = error_for({variable: url})
+    assert message.startswith(f"{variable}: ")
+    assert SECRET not in message
+    assert "***" in message
+
+
+def test_a_malformed_url_flag_never_shows_its_password() -> None:
+    message = error_for({}, database_url=f"mysql://user:{SECRET}@host/db")
+    assert message.startswith("--database-url: ")
+    assert SECRET not in message
+
+
+def test_password_never_in_repr_or_dsn_for_logs() -> None:
+    settings = Settings.from_env(
+        {
+            "DURABLE_DATABASE_URL": f"postgresql://user:{SECRET}@host:5432/db",
+            "DURABLE_LISTEN_URL": f"postgresql://user:{SECRET}@direct:5432/db",
+        }
+    )
+    assert settings.database_url == f"postgresql://user:{SECRET}@host:5432/db"
+    assert settings.dsn_for_logs == "postgresql://user:***@host:5432/db"
+    assert SECRET not in repr(settings)
+    assert "direct:5432" in repr(settings)
+
+
+def test_dsn_for_logs_keeps_a_url_without_password() -> None:
+    settings = Settings.from_env({"DURABLE_DATABASE_URL": "postgresql://user@host/db"})
+    assert settings.dsn_for_logs == "postgresql://user@host/db"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("5", 5.0),
+        ("0.5", 0.5),
+        (".25", 0.25),
+        ("2.", 2.0),
+        ("500ms", 0.5),
+        ("2s", 2.0),
+        ("1m", 60.0),
+        ("1.5m", 90.0),
+        ("2h", 7200.0),
+        (" 10 S ", 10.0),
+        ("0", 0.0),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "text", ["", "s", "-1", "1d", "1 2", "1e3", "nan", "inf", "5ms5", "1,5", "9" * 400]
+)
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_env_vars_document_every_variable() -> None:
+    names = [name for name, _default, _text in ENV_VARS]
+    assert len(names) == len(set(names))
+    assert set(names) == {
+        "DURABLE_DATABASE_URL",
+        "DATABASE_URL",
+        "DURABLE_LISTEN_URL",
+        "DURABLE_QUEUES",
+        "DURABLE_CONCURRENCY",
+        "DURABLE_POLL_INTERVAL",
+        "DURABLE_LEASE",
+        "DURABLE_SHUTDOWN_GRACE",
+        "DURABLE_LOG_LEVEL",
+        "DURABLE_LOG_FORMAT",
+        "DURABLE_APP",
+        "DURABLE_HOME",
+    }
+    assert all(default and text for _name, default, text in ENV_VARS)
+
+
+def test_every_documented_variable_is_read() -> None:
+    # Setting a malformed value in each documented variable must be noticed.
+    for name, _default, _text in ENV_VARS:
+        with pytest.raises(SettingsError, match=f"^{name}: "):
+            Settings.from_env({name: "\x00bad=value,,"})
+
+
+def test_unknown_variables_flags_typos() -> None:
+    env = {"DURABLE_CONCURENCY": "8", "DURABLE_LEASE": "30", "PATH": "/bin", "DATABASE_URL": "x"}
+    assert unknown_variables(env) == ("DURABLE_CONCURENCY",)
