@@ -1,0 +1,559 @@
+"""The `durable` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn
+
+import anyio
+
+from durable.errors import ConfigurationError, DurableError
+from durable.settings import ENV_VARS, Settings, SettingsError, parse_duration
+
+
+class CommandError(Exception):
+    """A one-line error for the user; exits with ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _run(fn: Callable[[], Awaitable[Any]]) -> Any:
+    return anyio.run(fn, backend_options={"use_uvloop": True})
+
+
+def _settings(args: argparse.Namespace | None = None, **extra: object) -> Settings:
+    overrides: dict[str, object] = dict(extra)
+    if args is not None:
+        for name in ("database_url",):
+            overrides[name] = getattr(args, name, None)
+    try:
+        return Settings.from_env(**overrides)
+    except SettingsError as exc:
+        raise CommandError(str(exc), 2) from None
+
+
+async def _dsn(settings: Settings) -> str | None:
+    if settings.database_url is not None or settings.use_libpq_env:
+        return settings.database_url
+    from durable.embedded import EmbeddedServer
+    from durable.store import migrate
+
+    url = await anyio.to_thread.run_sync(EmbeddedServer(settings.home).ensure_started)
+    await migrate(url)
+    return url
+
+
+def _emit(args: argparse.Namespace, rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    if getattr(args, "json", False) or not sys.stdout.isatty():
+        for row in rows:
+            print(json.dumps(row, default=str))
+        return
+    print(_table(rows, columns))
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, datetime):
+        return v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(v, timedelta):
+        return f"{v.total_seconds():.1f}s"
+    return str(v)
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(
+        None,
+        database_url=args.database_url,
+        listen_url=args.listen_url,
+        queues=args.queues,
+        concurrency=args.concurrency,
+        poll_interval=args.poll_interval,
+        lease=args.lease,
+        shutdown_grace=args.shutdown_grace,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        apps=args.app or None,
+    )
+    from durable import logs
+    from durable.registry import load
+
+    logs.configure(settings.log_level, settings.log_format)
+    log = logs.get_logger("durable.cli")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `--app mymodule` finds modules where it is run
+    try:
+        registry = load(settings.apps)
+    except ConfigurationError as exc:
+        raise CommandError(str(exc), 2) from None
+    if not registry.names():
+        log.warning(
+            "no_tasks_registered",
+            hint="install a package with a 'durable' entry point or pass --app MODULE",
+        )
+
+    async def main() -> None:
+        from durable.daemon import Daemon
+        from durable.store import connect, latest_version, schema_version
+
+        dsn = await _dsn(settings)
+        conn = await connect(dsn)
+        try:
+            version = await schema_version(conn)
+        finally:
+            await conn.close()
+        if version != latest_version():
+            raise CommandError(
+                f"the database schema is at version {version or 'none'}, this durable needs "
+                f"{latest_version()}: run `durable migrate`"
+            )
+        listen = settings.listen_url or dsn
+        daemon = Daemon(settings, registry, dsn, listen_dsn=listen, burst=args.burst)
+        await daemon.run(handle_signals=True)
+
+    _run(main)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def main() -> list[int]:
+        from durable.store import migrate
+
+        return await migrate(await _dsn(settings))
+
+    applied = _run(main)
+    print(f"applied migrations: {', '.join(map(str, applied))}" if applied else "schema is current")
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from durable.store import schema_sql
+
+    sys.stdout.write(schema_sql())
+    return 0
+
+
+def _with_client(args: argparse.Namespace, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+    settings = _settings(args)
+
+    async def main() -> Any:
+        from durable.client import connect
+
+        async with connect(await _dsn(settings)) as client:
+            return await fn(client)
+
+    return _run(main)
+
+
+def _json_arg(text: str | None, what: str, default: Any) -> Any:
+    if text is None:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CommandError(f"{what} is not JSON: {exc}", 2) from None
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    call_args = _json_arg(args.args, "ARGS", [])
+    if not isinstance(call_args, list):
+        call_args = [call_args]
+    kwargs = _json_arg(args.kwargs, "--kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise CommandError("--kwargs must be a JSON object", 2)
+    delay = parse_duration(args.delay) if args.delay else None
+
+    async def go(client: Any) -> Any:
+        handle = await client.start(
+            args.name, *call_args, queue=args.queue, priority=args.priority, delay=delay,
+            idempotency_key=args.idempotency_key, **kwargs,
+        )
+        print(handle.id, flush=True)
+        if args.wait:
+            timeout = parse_duration(args.timeout) if args.timeout else None
+            result = await handle.result(timeout=timeout)
+            print(json.dumps(result))
+        return handle.id
+
+    _with_client(args, go)
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    since = None
+    if args.since:
+        since = datetime.now(UTC) - timedelta(seconds=parse_duration(args.since))
+
+    async def go(client: Any) -> Any:
+        return await client.store.list_tasks(
+            status=args.status, queue=args.queue, name=args.name, since=since, limit=args.limit
+        )
+
+    rows = [dict(r) for r in _with_client(args, go)]
+    _emit(args, rows, ["id", "queue", "name", "kind", "status", "attempt", "created_at", "finished_at"])
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    async def go(client: Any) -> Any:
+        info = await client.get(args.id)
+        branch = args.branch if args.branch is not None else info.branch
+        return info, await client.history(args.id, branch), await client.branches(args.id), branch
+
+    info, history, branches, branch = _with_client(args, go)
+    if args.json:
+        out = {k: getattr(info, k) for k in info.__dataclass_fields__}
+        out["branch_shown"] = branch
+        out["branches"] = branches
+        out["events"] = [{k: getattr(e, k) for k in e.__dataclass_fields__} for e in history]
+        print(json.dumps(out, default=str, indent=2))
+        return 0
+    print(f"task {info.id}  {info.kind} {info.name!r}  queue {info.queue}")
+    print(f"status     {info.status}" + ("  (cancel requested)" if info.cancel_requested and info.status == "running" else ""))
+    print(f"attempt    {info.attempt} of {info.max_attempts}")
+    print(f"arguments  {json.dumps(info.args)} {json.dumps(info.kwargs) if info.kwargs else ''}".rstrip())
+    print(f"created    {_cell(info.created_at)}   started {_cell(info.started_at)}   finished {_cell(info.finished_at)}")
+    if info.parent_id:
+        print(f"parent     {info.parent_id}")
+    if info.status == "waiting":
+        what = []
+        if info.waiting_on:
+            what.append(f"children {', '.join(map(str, info.waiting_on))}")
+        if info.waiting_event:
+            what.append(f"event {info.waiting_event!r}")
+        if info.wake_at:
+            what.append(f"until {_cell(info.wake_at)}")
+        print(f"waiting    {'; '.join(what)}")
+    if info.status == "completed":
+        print(f"result     {json.dumps(info.result)}")
+    if info.error:
+        print(f"error      {info.error.get('type')}: {info.error.get('message')}")
+        if info.error.get("traceback") and info.status == "failed":
+            print("traceback")
+            for line in str(info.error["traceback"]).rstrip().splitlines():
+                print(f"  {line}")
+    if info.kind == "workflow" or history:
+        others = [b for b in branches if b != branch]
+        extra = f" (other branches: {', '.join(map(str, others))})" if others else ""
+        print(f"\nevent log, branch {branch}{extra}")
+        rows = []
+        for e in history:
+            outcome = e.status
+            if e.kind == "child":
+                outcome = f"child {e.child_id}: {e.child_status}"
+            elif e.status == "failed" and e.error:
+                outcome = f"failed: {e.error.get('type')}: {e.error.get('message')}"
+            elif e.kind == "sleep" and e.wake_at:
+                outcome = f"until {_cell(e.wake_at)}"
+            elif e.status == "completed":
+                outcome = f"-> {json.dumps(e.result)}"[:60]
+            dur = (e.finished_at - e.started_at).total_seconds() * 1000 if e.finished_at else None
+            rows.append(
+                {"seq": e.seq, "kind": e.kind, "name": e.name, "attempt": e.attempt,
+                 "ms": f"{dur:.1f}" if dur is not None else None, "outcome": outcome}
+            )
+        print(_table(rows, ["seq", "kind", "name", "attempt", "ms", "outcome"]))
+    return 0
+
+
+def _act(args: argparse.Namespace, what: str) -> int:
+    async def go(client: Any) -> Any:
+        if what == "retry":
+            return await client.retry(args.id)
+        if what == "replay":
+            return await client.replay(args.id)
+        if what == "fork":
+            return await client.fork(args.id, args.at)
+        return await client.cancel(args.id)
+
+    out = _with_client(args, go)
+    if what == "cancel":
+        if not out:
+            raise CommandError(f"task {args.id} does not exist or has already finished")
+        print(f"cancelled {len(out)} task(s): {', '.join(map(str, out))}")
+    else:
+        print(f"task {args.id} queued again ({what}), branch {out}")
+    return 0
+
+
+def cmd_event(args: argparse.Namespace) -> int:
+    payload = _json_arg(args.payload, "PAYLOAD", None)
+
+    async def go(client: Any) -> Any:
+        return await client.send_event(args.id, args.name, payload)
+
+    if not _with_client(args, go):
+        raise CommandError(f"task {args.id} does not exist or has finished; event not sent")
+    print(f"event {args.name!r} sent to task {args.id}")
+    return 0
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    async def go(client: Any) -> Any:
+        return await client.store.queue_stats(), await client.store.list_workers(1000)
+
+    stats, workers = _with_client(args, go)
+    now = datetime.now(UTC)
+    by_queue: dict[str, dict[str, Any]] = {}
+    for r in stats:
+        q = by_queue.setdefault(r["queue"], {"queue": r["queue"], "oldest_ready_s": None})
+        q[r["status"]] = r["count"]
+        if r["oldest_ready"] is not None:
+            q["oldest_ready_s"] = round((now - r["oldest_ready"]).total_seconds(), 1)
+    for w in workers:
+        if w["stopped_at"] is None and w["silence"].total_seconds() < 120:
+            for q in json.loads(w["queues"]):
+                entry = by_queue.setdefault(q, {"queue": q, "oldest_ready_s": None})
+                entry["daemons"] = entry.get("daemons", 0) + 1
+    rows = sorted(by_queue.values(), key=lambda r: r["queue"])
+    _emit(args, rows, ["queue", "queued", "running", "waiting", "completed", "failed",
+                       "cancelled", "oldest_ready_s", "daemons"])
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    async def go(client: Any) -> Any:
+        return await client.store.list_workers(args.limit)
+
+    rows = []
+    for w in _with_client(args, go):
+        silence = w["silence"].total_seconds()
+        state = "stopped" if w["stopped_at"] else ("live" if silence < 120 else "lost")
+        rows.append(
+            {"id": str(w["id"]), "host": w["host"], "pid": w["pid"], "state": state,
+             "queues": w["queues"], "started_at": w["started_at"], "heartbeat_s": round(silence, 1)}
+        )
+    _emit(args, rows, ["id", "host", "pid", "state", "queues", "started_at", "heartbeat_s"])
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def main() -> str:
+        from durable.store import connect, latest_version, schema_version
+
+        dsn = settings.database_url
+        if dsn is None and not settings.use_libpq_env:
+            from durable.embedded import EmbeddedServer
+
+            dsn = EmbeddedServer(settings.home).url()
+            if dsn is None:
+                raise CommandError("the embedded database is not running")
+        with anyio.fail_after(args.timeout):
+            conn = await connect(dsn, timeout=args.timeout)
+            try:
+                version = await schema_version(conn)
+            finally:
+                await conn.close()
+        if version != latest_version():
+            raise CommandError(f"schema version {version}, expected {latest_version()}")
+        return "ok"
+
+    try:
+        print(_run(main))
+    except CommandError:
+        raise
+    except Exception as exc:
+        from durable.logs import redact
+
+        raise CommandError(f"unhealthy: {redact(f'{type(exc).__name__}: {exc}')}") from None
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from durable.embedded import EmbeddedServer
+
+    settings = _settings(None)
+    server = EmbeddedServer(settings.home)
+    if args.action == "url":
+        url = server.ensure_started()
+        print(url)
+    elif args.action == "start":
+        url = server.ensure_started()
+
+        async def main() -> None:
+            from durable.store import migrate
+
+            await migrate(url)
+
+        _run(main)
+        print(url)
+    elif args.action == "stop":
+        print("stopped" if server.stop() else "not running")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from durable.demo import run_demo
+
+    return run_demo(_settings(None))
+
+
+# -- parser -------------------------------------------------------------------------------
+
+
+def _env_help() -> str:
+    lines = ["environment variables (flags override them):"]
+    for var, default, desc in ENV_VARS:
+        lines.append(f"  {var:<24} {desc} [default: {default}]")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="durable",
+        description="Durable execution for Python asyncio that lives entirely in Postgres.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def db_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--database-url", help="Postgres URL (default: DURABLE_DATABASE_URL, "
+                        "DATABASE_URL, PG* variables, else the embedded server)")
+
+    r = sub.add_parser(
+        "run", help="run the daemon", epilog=_env_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve the configured queues until SIGTERM/SIGINT (a second signal "
+        "exits at once).",
+    )
+    db_opt(r)
+    r.add_argument("--listen-url", help="direct URL for LISTEN (DURABLE_LISTEN_URL)")
+    r.add_argument("--queues", help="queues and concurrency, e.g. orders=8,email=32 (DURABLE_QUEUES)")
+    r.add_argument("--concurrency", help="default concurrency per queue (DURABLE_CONCURRENCY)")
+    r.add_argument("--poll-interval", help="fallback poll interval (DURABLE_POLL_INTERVAL)")
+    r.add_argument("--lease", help="task lease duration (DURABLE_LEASE)")
+    r.add_argument("--shutdown-grace", help="grace period on shutdown (DURABLE_SHUTDOWN_GRACE)")
+    r.add_argument("--log-level", help="debug, info, warning, error (DURABLE_LOG_LEVEL)")
+    r.add_argument("--log-format", help="auto, json, console (DURABLE_LOG_FORMAT)")
+    r.add_argument("--app", action="append", help="module to import for its tasks (DURABLE_APP); repeatable")
+    r.add_argument("--burst", action="store_true", help="exit once no work is ready")
+    r.set_defaults(func=cmd_run)
+
+    m = sub.add_parser("migrate", help="create or upgrade the durable schema")
+    db_opt(m)
+    m.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("sql", help="print the schema SQL (no connection)")
+    s.set_defaults(func=cmd_sql)
+
+    st = sub.add_parser("start", help="start a task or workflow by name")
+    db_opt(st)
+    st.add_argument("name")
+    st.add_argument("args", nargs="?", help="JSON array of arguments (or one JSON value)")
+    st.add_argument("--kwargs", help="JSON object of keyword arguments")
+    st.add_argument("--queue")
+    st.add_argument("--priority", type=int)
+    st.add_argument("--delay", help="start after this long, e.g. 30s")
+    st.add_argument("--idempotency-key")
+    st.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    st.add_argument("--timeout", help="with --wait: give up after this long")
+    st.set_defaults(func=cmd_start)
+
+    ls = sub.add_parser("ls", help="list tasks")
+    db_opt(ls)
+    ls.add_argument("--status", choices=["queued", "running", "waiting", "completed", "failed", "cancelled"])
+    ls.add_argument("--queue")
+    ls.add_argument("--name")
+    ls.add_argument("--since", help="created within this long, e.g. 1h")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+
+    sh = sub.add_parser("show", help="a task's status, error and event log")
+    db_opt(sh)
+    sh.add_argument("id", type=int)
+    sh.add_argument("--branch", type=int, help="show this branch of the event log")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(func=cmd_show)
+
+    for name, helptext in (
+        ("retry", "run a finished task again, keeping its history"),
+        ("replay", "run a finished workflow again from nothing, on a new branch"),
+        ("cancel", "cancel a task and its unfinished children"),
+    ):
+        a = sub.add_parser(name, help=helptext)
+        db_opt(a)
+        a.add_argument("id", type=int)
+        a.set_defaults(func=lambda ns, what=name: _act(ns, what))
+
+    f = sub.add_parser("fork", help="run a finished workflow again from position N on a new branch")
+    db_opt(f)
+    f.add_argument("id", type=int)
+    f.add_argument("--at", type=int, required=True, help="keep events 0..N-1, re-run from N")
+    f.set_defaults(func=lambda ns: _act(ns, "fork"))
+
+    e = sub.add_parser("event", help="send an event to a workflow")
+    db_opt(e)
+    e.add_argument("id", type=int)
+    e.add_argument("name")
+    e.add_argument("payload", nargs="?", help="JSON payload")
+    e.set_defaults(func=cmd_event)
+
+    q = sub.add_parser("queues", help="queue depths and the daemons serving them")
+    db_opt(q)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_queues)
+
+    w = sub.add_parser("workers", help="live, stopped and lost daemons")
+    db_opt(w)
+    w.add_argument("--limit", type=int, default=50)
+    w.add_argument("--json", action="store_true")
+    w.set_defaults(func=cmd_workers)
+
+    c = sub.add_parser("check", help="health probe: exit 0 if the database answers and the schema is current")
+    db_opt(c)
+    c.add_argument("--timeout", type=float, default=5.0)
+    c.set_defaults(func=cmd_check)
+
+    d = sub.add_parser("db", help="the embedded Postgres server")
+    d.add_argument("action", choices=["url", "start", "stop"])
+    d.set_defaults(func=cmd_db)
+
+    dm = sub.add_parser("demo", help="see durable work in a few seconds (embedded server)")
+    dm.set_defaults(func=cmd_demo)
+    return p
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    from durable.logs import redact
+
+    print(f"durable: {redact(message)}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except CommandError as exc:
+        _fail(str(exc), exc.code)
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+    except (DurableError, ValueError) as exc:
+        _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as exc:
+        _fail(f"{type(exc).__name__}: {exc}", 1)
+    raise SystemExit(code)

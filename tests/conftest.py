@@ -1,0 +1,124 @@
+"""Database fixtures: one server per session, a migrated template, a fresh database per test.
+
+The server is `DURABLE_TEST_DSN` when set (a server where we may create databases),
+else an embedded Postgres in a temporary home.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from durable.embedded import EmbeddedServer
+
+
+@dataclass(frozen=True)
+class PgServer:
+    dsn: str  # the maintenance database
+    embedded: EmbeddedServer | None  # None when DURABLE_TEST_DSN points at an external server
+
+
+def database_dsn(server_dsn: str, database: str) -> str:
+    """`server_dsn` with its database replaced by `database`."""
+    parts = urlsplit(server_dsn)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError(f"DURABLE_TEST_DSN must be a postgresql:// URL, not {server_dsn!r}")
+    return urlunsplit(parts._replace(path="/" + quote(database, safe="")))
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def admin(server_dsn: str, *statements: str) -> None:
+    # A fresh connection per call: a fault test may restart the session server.
+    conn = await asyncpg.connect(server_dsn)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def migrate(dsn: str) -> None:
+    import durable.store  # imported late: unit tests must not need the store
+
+    await durable.store.migrate(dsn)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+    external = os.environ.get("DURABLE_TEST_DSN")
+    if external:
+        yield PgServer(external, None)
+        return
+    home = tmp_path_factory.mktemp("durable-home")
+    server = EmbeddedServer(home)
+    try:
+        yield PgServer(server.ensure_started(), server)
+    finally:
+        server.stop("fast")
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server_dsn(pg_server: PgServer) -> str:
+    return pg_server.dsn
+
+
+@pytest.fixture(scope="session")
+async def template_db(server_dsn: str) -> AsyncIterator[str]:
+    """A database with the schema applied, cloned by every test's `dsn`."""
+    name = f"durable_tpl_{secrets.token_hex(4)}"
+    await admin(server_dsn, f"create database {quote_ident(name)}")
+    try:
+        await migrate(database_dsn(server_dsn, name))
+        # No connections allowed: a stray session would make `create ... template` fail.
+        await admin(
+            server_dsn,
+            f"alter database {quote_ident(name)} with is_template true allow_connections false",
+        )
+        yield name
+    finally:
+        await admin(
+            server_dsn,
+            f"alter database {quote_ident(name)} with is_template false",
+            f"drop database if exists {quote_ident(name)} with (force)",
+        )
+
+
+@pytest.fixture
+async def dsn(server_dsn: str, template_db: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test only."""
+    name = f"durable_test_{secrets.token_hex(6)}"
+    await admin(
+        server_dsn, f"create database {quote_ident(name)} template {quote_ident(template_db)}"
+    )
+    try:
+        yield database_dsn(server_dsn, name)
+    finally:
+        await admin(server_dsn, f"drop database if exists {quote_ident(name)} with (force)")
+
+
+@pytest.fixture
+async def restartable_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
+    """An embedded server of this test's own, with `postgres` migrated; free to restart or stop."""
+    home = tmp_path / "durable-home"
+    server = EmbeddedServer(home)
+    try:
+        url = await asyncio.to_thread(server.ensure_started)
+        await migrate(url)
+        yield server
+    finally:
+        # Throwaway data: no shutdown checkpoint needed.
+        await asyncio.to_thread(server.stop, "immediate")
+        shutil.rmtree(home, ignore_errors=True)

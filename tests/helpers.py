@@ -1,0 +1,125 @@
+"""Test support: an in-process daemon, a subprocess daemon, and waiting on conditions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+
+from durable.daemon import Daemon
+from durable.registry import Registry, registry
+from durable.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def settings(**overrides: object) -> Settings:
+    base: dict[str, object] = {"poll_interval": "1", "lease": "5", "shutdown_grace": "5"}
+    base.update(overrides)
+    return Settings.from_env({}, **base)
+
+
+@asynccontextmanager
+async def running_daemon(
+    dsn: str,
+    *,
+    reg: Registry | None = None,
+    **overrides: object,
+) -> AsyncIterator[Daemon]:
+    """A daemon serving in this event loop until the block ends (then stopped gracefully)."""
+    daemon = Daemon(settings(**overrides), reg or registry, dsn)
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.run)
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
+
+
+async def run_burst(dsn: str, *, reg: Registry | None = None, **overrides: object) -> Daemon:
+    """Run a daemon until no work is ready and nothing is running."""
+    daemon = Daemon(settings(**overrides), reg or registry, dsn, burst=True)
+    await daemon.run()
+    return daemon
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[Any]], *, timeout: float = 20.0, interval: float = 0.02
+) -> Any:
+    """Poll ``check`` until it returns something truthy (a database condition, not a sleep
+    standing in for synchronisation); fails the test after ``timeout``."""
+    with anyio.fail_after(timeout):
+        while True:
+            value = await check()
+            if value:
+                return value
+            await anyio.sleep(interval)
+
+
+async def fetchval(dsn: str, query: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+async def execute(dsn: str, query: str, *args: Any) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(query, *args)
+    finally:
+        await conn.close()
+
+
+def daemon_env(dsn: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DURABLE_", "PG"))}
+    env.pop("DATABASE_URL", None)
+    env.update(
+        {
+            "DURABLE_DATABASE_URL": dsn,
+            "DURABLE_LOG_FORMAT": "json",
+            "DURABLE_POLL_INTERVAL": "1",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def spawn_daemon(dsn: str, app: str, *args: str, log: Path | None = None, **env: str) -> subprocess.Popen[bytes]:
+    """``durable run --app APP`` in a subprocess (killed with the test)."""
+    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(
+        [sys.executable, "-m", "durable", "run", "--app", app, *args],
+        cwd=ROOT,
+        env=daemon_env(dsn, **env),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+
+
+def durable_cli(*args: str, dsn: str | None = None, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the `durable` CLI as a user would; returns the completed process."""
+    e = daemon_env(dsn, **env) if dsn is not None else {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "durable", *args],
+        cwd=ROOT,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
