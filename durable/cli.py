@@ -34,7 +34,7 @@ def _settings(args: argparse.Namespace | None = None, **extra: object) -> Settin
         for name in ("database_url",):
             overrides[name] = getattr(args, name, None)
     try:
-        return Settings.from_env(**overrides)
+        return Settings.from_env(None, **overrides)
     except SettingsError as exc:
         raise CommandError(str(exc), 2) from None
 

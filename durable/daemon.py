@@ -61,6 +61,7 @@ class Daemon:
         self._force = anyio.Event()
         self._timer_wakeup = asyncio.Event()
         self._last_heartbeat = time.monotonic()
+        self._attempt_done = anyio.Event()
 
     # -- control ---------------------------------------------------------------------
 
@@ -182,6 +183,7 @@ class Daemon:
                 finally:
                     if self.attempts.get(task.id) is attempt:
                         del self.attempts[task.id]
+                    self._attempt_done.set()
                     released()
 
             tg.start_soon(go)
@@ -215,7 +217,8 @@ class Daemon:
 
     async def _wait_attempts(self, tg: TaskGroup) -> None:
         while self.attempts:
-            await anyio.sleep(0.01)
+            self._attempt_done = anyio.Event()
+            await self._attempt_done.wait()
         tg.cancel_scope.cancel()
 
     async def _wait_force(self, tg: TaskGroup) -> None:

@@ -465,7 +465,7 @@ class Store:
         return {(r["task_id"], r["seq"]) for r in rows}
 
     @asynccontextmanager
-    async def fenced(self, task_id: int, token: int) -> AsyncIterator[asyncpg.Connection]:
+    async def fenced(self, task_id: int, token: int) -> AsyncIterator[Any]:
         """A transaction that commits only while this claim still holds the task.
 
         The fence is checked at the end, just before commit, so a long user transaction
