@@ -1,0 +1,79 @@
+"""Group commit: batches form while a flush is in flight; a failed flush fails its batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+import pytest
+
+from durable.batch import Batcher
+from durable.worker import idle_wait
+
+
+async def test_items_submitted_during_a_flush_share_the_next_one() -> None:
+    batches: list[list[int]] = []
+    gate = anyio.Event()
+
+    async def flush(items: Sequence[int]) -> list[int]:
+        batches.append(list(items))
+        if len(batches) == 1:
+            await gate.wait()
+        return [i * 10 for i in items]
+
+    b: Batcher[int, int] = Batcher(flush)
+    async with anyio.create_task_group() as tg:
+        await tg.start(b.run)
+        first = b.submit(1)
+        await anyio.wait_all_tasks_blocked()
+        later = [b.submit(i) for i in range(2, 7)]
+        gate.set()
+        assert await first == 10
+        assert [await f for f in later] == [20, 30, 40, 50, 60]
+        await b.drain()
+        b.close()
+    assert batches == [[1], [2, 3, 4, 5, 6]]
+
+
+async def test_a_failed_flush_fails_every_item_in_it() -> None:
+    async def flush(items: Sequence[int]) -> list[int]:
+        if 13 in items:
+            raise RuntimeError("commit failed")
+        return list(items)
+
+    b: Batcher[int, int] = Batcher(flush)
+    async with anyio.create_task_group() as tg:
+        await tg.start(b.run)
+        doomed = [b.submit(i) for i in (11, 12, 13)]
+        for f in doomed:
+            with pytest.raises(RuntimeError, match="commit failed"):
+                await f
+        assert await b.submit(14) == 14
+        b.close()
+
+
+async def test_max_batch_splits_large_batches() -> None:
+    sizes: list[int] = []
+
+    async def flush(items: Sequence[int]) -> list[int]:
+        sizes.append(len(items))
+        return list(items)
+
+    b: Batcher[int, int] = Batcher(flush, max_batch=4)
+    async with anyio.create_task_group() as tg:
+        await tg.start(b.run)
+        futs = [b.submit(i) for i in range(10)]
+        assert [await f for f in futs] == list(range(10))
+        b.close()
+    assert sizes == [4, 4, 2]
+
+
+def test_idle_wait_sleeps_until_due_within_the_poll_interval() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    assert idle_wait(5.0, None, now) == 5.0
+    assert idle_wait(5.0, now + timedelta(seconds=2), now) == 2.0
+    assert idle_wait(5.0, now + timedelta(seconds=60), now) == 5.0
+    # Due work this loop could not claim (another daemon's claim in flight): not a busy loop.
+    assert idle_wait(5.0, now - timedelta(seconds=1), now) == 0.02
