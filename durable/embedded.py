@@ -115,7 +115,10 @@ class EmbeddedServer:
     @property
     def pid(self) -> int | None:
         """The postmaster's pid, or None when it is not running."""
-        info = self._pid_file()
+        try:
+            info = self._pid_file()
+        except PermissionError:
+            return None  # the server belongs to another user
         return info.pid if info is not None and _alive(info.pid) else None
 
     # -- control ------------------------------------------------------------------------
@@ -284,9 +287,10 @@ class EmbeddedServer:
         scratch.replace(self._port_file)
 
     def _log_since(self, offset: int) -> str:
+        """The log written since `offset`, at most its last 16 kB."""
         try:
             with self.log_file.open("rb") as f:
-                f.seek(offset)
+                f.seek(max(offset, f.seek(0, os.SEEK_END) - 16384))
                 return f.read().decode(errors="replace")
         except FileNotFoundError:
             return ""

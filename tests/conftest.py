@@ -83,17 +83,10 @@ async def template_db(server_dsn: str) -> AsyncIterator[str]:
     try:
         await migrate(database_dsn(server_dsn, name))
         # No connections allowed: a stray session would make `create ... template` fail.
-        await admin(
-            server_dsn,
-            f"alter database {quote_ident(name)} with is_template true allow_connections false",
-        )
+        await admin(server_dsn, f"alter database {quote_ident(name)} allow_connections false")
         yield name
     finally:
-        await admin(
-            server_dsn,
-            f"alter database {quote_ident(name)} with is_template false",
-            f"drop database if exists {quote_ident(name)} with (force)",
-        )
+        await admin(server_dsn, f"drop database if exists {quote_ident(name)} with (force)")
 
 
 @pytest.fixture

