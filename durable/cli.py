@@ -404,6 +404,26 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    selected = list(args.workloads) or ["throughput", "latency", "workflows"]
+
+    async def main() -> int:
+        from durable import bench, logs
+
+        logs.configure("warning", "console")
+        server = await _dsn(settings)
+        if server is None:
+            raise CommandError("durable bench needs a database URL (it creates scratch databases)")
+        return await bench.run(
+            server, selected, n=args.tasks, concurrency=args.concurrency, as_json=args.json,
+            latency_n=args.latency_tasks, rate=args.rate, workflows_n=args.workflows,
+            steps=args.steps, uneven=args.uneven, history=args.history, queued=args.queued,
+        )
+
+    return int(_run(main))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from durable.demo import run_demo
 
@@ -529,6 +549,27 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("db", help="the embedded Postgres server")
     d.add_argument("action", choices=["url", "start", "stop"])
     d.set_defaults(func=cmd_db)
+
+    b = sub.add_parser(
+        "bench", help="measure throughput, latency, workflows, backlog and scale",
+        description="Runs each workload in a scratch database it creates on the server "
+        "and drops afterwards; every run checks its own count.",
+    )
+    db_opt(b)
+    b.add_argument("workloads", nargs="*", choices=["throughput", "latency", "workflows",
+                                                     "backlog", "scale", []],
+                   help="default: throughput latency workflows")
+    b.add_argument("--tasks", type=int, default=20000, help="tasks for throughput and scale")
+    b.add_argument("--concurrency", type=int, default=32)
+    b.add_argument("--latency-tasks", type=int, default=500)
+    b.add_argument("--rate", type=float, default=100.0, help="latency: enqueues per second")
+    b.add_argument("--workflows", type=int, default=2000)
+    b.add_argument("--steps", type=int, default=3)
+    b.add_argument("--uneven", action="store_true", help="each step sleeps a random 0-2 ms")
+    b.add_argument("--history", type=int, default=1_000_000, help="backlog: finished tasks")
+    b.add_argument("--queued", type=int, default=100_000, help="backlog: queued tasks")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     dm = sub.add_parser("demo", help="see durable work in a few seconds (embedded server)")
     dm.set_defaults(func=cmd_demo)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-
-import anyio
 
 from durable.batch import Batcher
 from durable.codec import dumps, error_payload, loads
@@ -29,19 +27,27 @@ from durable.store import Store, is_transient
 log = get_logger("durable.runner")
 
 
-@dataclass
 class Attempt:
     """A running attempt, as the daemon tracks it: its claim and how to stop it."""
 
-    task: Claimed
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    reason: str | None = None
-    """Why the daemon cancelled it: 'cancelled' (asked by a user), 'lease_lost', 'shutdown'."""
+    __slots__ = ("finishing", "reason", "release_slot", "task", "job")
+
+    def __init__(self, task: Claimed, release_slot: Callable[[], None]) -> None:
+        self.task = task
+        self.release_slot = release_slot
+        """Gives the queue's slot back; called once the task's code has returned."""
+        self.job: asyncio.Task[None] | None = None
+        self.reason: str | None = None
+        """Why the daemon stopped it: 'cancelled' (asked by a user), 'lease_lost', 'shutdown'."""
+        self.finishing = False
 
     def stop(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
-        self.scope.cancel()
+        # Once the code has returned, its outcome is being written: that write is not
+        # interrupted (it would leave the task to wait for its lease to expire).
+        if not self.finishing and self.job is not None:
+            self.job.cancel()
 
 
 class Runner:
@@ -64,31 +70,35 @@ class Runner:
         task = attempt.task
         started = time.monotonic()
         definition = self.registry.get(task.name)
-        outcome: tuple[str, Any] = ("cancelled", None)
-        with attempt.scope:
+        try:
             outcome = await self._execute(task, definition)
-        if attempt.scope.cancelled_caught or attempt.reason is not None:
-            reason = attempt.reason or "cancelled"
-            if reason == "shutdown":
-                return  # the daemon releases every unfinished task in one statement
-            if reason == "lease_lost":
-                log.warning("task_abandoned", task_id=task.id, name=task.name, reason=reason)
-                return
+        except asyncio.CancelledError:
+            if attempt.reason is None:
+                raise
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
             outcome = ("cancelled", None)
-        # Shielded: the attempt is over; its outcome must reach the database even if the
-        # daemon is being cancelled now, or the task would wait for its lease to expire.
-        with anyio.CancelScope(shield=True):
-            try:
-                await self._finish(task, definition, outcome, time.monotonic() - started)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning(
-                    "task_outcome_not_written",
-                    task_id=task.id,
-                    error=f"{type(exc).__name__}: {exc}",
-                    note="the lease will expire and the task will run again",
-                )
+        attempt.finishing = True
+        # The code is done: the slot can take the next task while the outcome is written
+        # (the lease still covers this task until its write commits).
+        attempt.release_slot()
+        if attempt.reason == "shutdown":
+            return  # the daemon releases every unfinished task in one statement
+        if attempt.reason == "lease_lost":
+            log.warning("task_abandoned", task_id=task.id, name=task.name, reason="lease_lost")
+            return
+        try:
+            await self._finish(task, definition, outcome, time.monotonic() - started)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning(
+                "task_outcome_not_written",
+                task_id=task.id,
+                error=f"{type(exc).__name__}: {exc}",
+                note="the lease will expire and the task will run again",
+            )
 
     async def _execute(
         self, task: Claimed, definition: Definition[Any, Any] | None
@@ -97,7 +107,7 @@ class Runner:
             if definition is None:
                 raise NonRetryable(f"no task or workflow named {task.name!r} is registered")
             args, kwargs = _arguments(task)
-            with anyio.fail_after(task.timeout) if task.timeout else _nothing():
+            async with asyncio.timeout(task.timeout):
                 if definition.kind == "workflow":
                     events = await self.store.load_events(task.id, task.branch)
                     ctx = Context(self.store, task, events, self.checkpoints, self.registry.get)
@@ -203,11 +213,3 @@ def _arguments(task: Claimed) -> tuple[list[Any], dict[str, Any]]:
     if not isinstance(kwargs, dict):
         raise NonRetryable(f"the task's kwargs must be a JSON object, not {type(kwargs).__name__}")
     return args, kwargs
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -1,0 +1,406 @@
+"""`durable bench`: throughput, latency, workflows, backlog and scale, measured end to end.
+
+Each workload runs in a database of its own (created and dropped on the target server),
+checks its own count (exactly N distinct tasks ran and the database agrees), and reports
+a table or, with ``--json``, one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import anyio
+
+import durable
+from durable.settings import Settings
+
+QUEUE = "bench"
+
+_ran: set[int] = set()
+_latencies: list[float] = []
+_step_sleep: tuple[float, float] = (0.0, 0.0)
+
+
+@durable.task(name="bench.noop", queue=QUEUE)
+async def noop(i: int) -> None:
+    _ran.add(i)
+
+
+@durable.task(name="bench.probe", queue=QUEUE)
+async def probe(i: int, enqueued: float) -> None:
+    _latencies.append(time.time() - enqueued)
+    _ran.add(i)
+
+
+async def _work(i: int, s: int) -> int:
+    lo, hi = _step_sleep
+    if hi > 0:
+        await anyio.sleep(random.uniform(lo, hi))
+    return i * 100 + s
+
+
+@durable.workflow(name="bench.steps", queue=QUEUE)
+async def steps(ctx: durable.Context, i: int, n: int) -> int:
+    total = 0
+    for s in range(n):
+        total += await ctx.step(f"s{s}", _work, i, s)
+    _ran.add(i)
+    return total
+
+
+@dataclass
+class Result:
+    workload: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    verified: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class Progress:
+    """A one-line progress bar on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, label: str, total: int, enabled: bool) -> None:
+        self.label, self.total, self.enabled = label, total, enabled and sys.stderr.isatty()
+        self.started = time.monotonic()
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        frac = min(1.0, done / self.total) if self.total else 1.0
+        bar = "#" * int(frac * 30)
+        rate = done / max(1e-9, time.monotonic() - self.started)
+        sys.stderr.write(f"\r{self.label:<12} [{bar:<30}] {done}/{self.total} {rate:,.0f}/s ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 79 + "\r")
+            sys.stderr.flush()
+
+
+def _database_url(server: str, name: str) -> str:
+    parts = urlsplit(server)
+    return urlunsplit(parts._replace(path="/" + quote(name, safe="")))
+
+
+@asynccontextmanager
+async def scratch_database(server: str) -> AsyncIterator[str]:
+    """A fresh, migrated database on ``server``, dropped afterwards."""
+    from durable.store import connect, migrate
+
+    name = f"durable_bench_{secrets.token_hex(4)}"
+    conn = await connect(server)
+    try:
+        await conn.execute(f'create database "{name}"')
+    finally:
+        await conn.close()
+    url = _database_url(server, name)
+    try:
+        await migrate(url)
+        yield url
+    finally:
+        conn = await connect(server)
+        try:
+            await conn.execute(f'drop database if exists "{name}" with (force)')
+        finally:
+            await conn.close()
+
+
+def _settings(concurrency: int) -> Settings:
+    return Settings.from_env(
+        {}, queues=f"{QUEUE}={concurrency}", poll_interval="1", lease="30", log_level="warning"
+    )
+
+
+async def _count_finished(dsn: str) -> int:
+    from durable.store import connect
+
+    conn = await connect(dsn)
+    try:
+        return int(
+            await conn.fetchval(
+                "select count(*) from durable.tasks where queue = $1 and status = 'completed'",
+                QUEUE,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def _wait_finished(dsn: str, n: int, progress: Progress, interval: float = 0.05) -> float:
+    """Poll the database until n tasks completed; returns the time it happened."""
+    from durable.store import connect
+
+    conn = await connect(dsn)
+    try:
+        while True:
+            done = int(
+                await conn.fetchval(
+                    "select count(*) from durable.tasks where queue = $1 and status = 'completed'",
+                    QUEUE,
+                )
+            )
+            progress.update(done)
+            if done >= n:
+                return time.monotonic()
+            await anyio.sleep(interval)
+    finally:
+        await conn.close()
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def _bulk_enqueue(client: Any, fn: Any, calls: list[list[Any]]) -> float:
+    t0 = time.monotonic()
+    for i in range(0, len(calls), 5000):
+        await client.start_many(fn, calls[i : i + 5000])
+    return time.monotonic() - t0
+
+
+async def throughput(server: str, n: int, concurrency: int, progress: bool) -> Result:
+    from durable.daemon import Daemon
+    from durable.registry import registry
+
+    _ran.clear()
+    async with scratch_database(server) as dsn:
+        async with durable.connect(dsn) as client:
+            enqueue_s = await _bulk_enqueue(client, noop, [[i] for i in range(n)])
+        bar = Progress("throughput", n, progress)
+        daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=4)
+        async with anyio.create_task_group() as tg:
+            t0 = time.monotonic()
+            await tg.start(daemon.run)
+            t1 = await _wait_finished(dsn, n, bar)
+            daemon.stop()
+        bar.close()
+        db_count = await _count_finished(dsn)
+    drain = n / (t1 - t0)
+    return Result(
+        "throughput",
+        {
+            "tasks": n,
+            "concurrency": concurrency,
+            "enqueue_per_s": round(n / enqueue_s),
+            "drain_per_s": round(drain),
+            "rss_mb": round(_rss_mb(), 1),
+        },
+        verified=len(_ran) == n and db_count == n,
+    )
+
+
+async def latency(server: str, n: int, rate: float, concurrency: int, progress: bool) -> Result:
+    from durable.daemon import Daemon
+    from durable.registry import registry
+
+    _ran.clear()
+    _latencies.clear()
+    async with scratch_database(server) as dsn:
+        bar = Progress("latency", n, progress)
+        daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=4)
+        async with anyio.create_task_group() as tg:
+            await tg.start(daemon.run)
+            async with durable.connect(dsn, max_size=2) as client:
+                start = time.monotonic()
+                for i in range(n):
+                    # A fixed schedule, not back-to-back: each enqueue at start + i / rate.
+                    await anyio.sleep(max(0.0, start + i / rate - time.monotonic()))
+                    await client.start(probe, i, time.time())
+                    bar.update(i + 1)
+            await _wait_finished(dsn, n, Progress("", n, False))
+            daemon.stop()
+        bar.close()
+        db_count = await _count_finished(dsn)
+    ms = sorted(x * 1000 for x in _latencies)
+
+    def pct(p: float) -> float:
+        return round(ms[min(len(ms) - 1, int(p * len(ms)))], 2)
+
+    return Result(
+        "latency",
+        {"tasks": n, "rate_per_s": rate, "p50_ms": pct(0.50), "p95_ms": pct(0.95),
+         "p99_ms": pct(0.99), "max_ms": round(ms[-1], 2), "mean_ms": round(statistics.mean(ms), 2)},
+        verified=len(_ran) == n and db_count == n,
+    )
+
+
+async def workflows(
+    server: str, n: int, step_count: int, concurrency: int, uneven: bool, progress: bool
+) -> Result:
+    from durable.daemon import Daemon
+    from durable.registry import registry
+
+    global _step_sleep
+    _ran.clear()
+    _step_sleep = (0.0, 0.002) if uneven else (0.0, 0.0)
+    async with scratch_database(server) as dsn:
+        async with durable.connect(dsn) as client:
+            await _bulk_enqueue(client, steps, [[i, step_count] for i in range(n)])
+        bar = Progress("workflows", n, progress)
+        daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=6)
+        async with anyio.create_task_group() as tg:
+            t0 = time.monotonic()
+            await tg.start(daemon.run)
+            t1 = await _wait_finished(dsn, n, bar)
+            daemon.stop()
+        bar.close()
+        db_count = await _count_finished(dsn)
+        from durable.store import connect
+
+        conn = await connect(dsn)
+        try:
+            events = int(await conn.fetchval("select count(*) from durable.events"))
+        finally:
+            await conn.close()
+    elapsed = t1 - t0
+    return Result(
+        "workflows" + ("-uneven" if uneven else ""),
+        {"workflows": n, "steps": step_count, "concurrency": concurrency,
+         "workflows_per_s": round(n / elapsed), "steps_per_s": round(n * step_count / elapsed)},
+        verified=len(_ran) == n and db_count == n and events == n * step_count,
+    )
+
+
+async def backlog(
+    server: str, history: int, queued: int, concurrency: int, progress: bool
+) -> Result:
+    from durable.daemon import Daemon
+    from durable.registry import registry
+    from durable.store import connect
+
+    _ran.clear()
+    async with scratch_database(server) as dsn:
+        conn = await connect(dsn)
+        try:
+            await conn.execute(
+                "insert into durable.tasks (queue, name, args, status, finished_at, result)"
+                " select $1, 'bench.noop', jsonb_build_array(-g), 'completed', now(), 'null'"
+                " from generate_series(1, $2) g",
+                QUEUE,
+                history,
+            )
+            await conn.execute("vacuum analyze durable.tasks")
+        finally:
+            await conn.close()
+        async with durable.connect(dsn) as client:
+            await _bulk_enqueue(client, noop, [[i] for i in range(queued)])
+        bar = Progress("backlog", history + queued, progress)
+        daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=4)
+        async with anyio.create_task_group() as tg:
+            t0 = time.monotonic()
+            await tg.start(daemon.run)
+            t1 = await _wait_finished(dsn, history + queued, bar, interval=0.25)
+            daemon.stop()
+        bar.close()
+        db_count = await _count_finished(dsn)
+    return Result(
+        "backlog",
+        {"history": history, "queued": queued, "concurrency": concurrency,
+         "drain_per_s": round(queued / (t1 - t0))},
+        verified=len(_ran) == queued and db_count == history + queued,
+    )
+
+
+async def scale(server: str, n: int, concurrency: int, daemons: list[int], progress: bool) -> Result:
+    figures: dict[str, Any] = {"tasks": n, "concurrency": concurrency}
+    ok = True
+    for k in daemons:
+        async with scratch_database(server) as dsn:
+            async with durable.connect(dsn) as client:
+                await _bulk_enqueue(client, noop, [[i] for i in range(n)])
+            env = {**os.environ, "DURABLE_DATABASE_URL": dsn, "DURABLE_LOG_LEVEL": "warning",
+                   "DURABLE_QUEUES": f"{QUEUE}={concurrency}"}
+            bar = Progress(f"scale x{k}", n, progress)
+            t0 = time.monotonic()
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-m", "durable", "run", "--app", "durable.bench"],
+                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+                for _ in range(k)
+            ]
+            try:
+                t1 = await _wait_finished(dsn, n, bar)
+            finally:
+                for p in procs:
+                    p.terminate()
+                for p in procs:
+                    await anyio.to_thread.run_sync(p.wait)
+            bar.close()
+            ok = ok and await _count_finished(dsn) == n
+            # Daemons start in parallel with the clock: startup is part of the figure.
+            figures[f"daemons_{k}_per_s"] = round(n / (t1 - t0))
+    if "daemons_1_per_s" in figures and "daemons_2_per_s" in figures:
+        figures["ratio_2_to_1"] = round(figures["daemons_2_per_s"] / figures["daemons_1_per_s"], 2)
+    return Result("scale", figures, verified=ok)
+
+
+WORKLOADS = ("throughput", "latency", "workflows", "backlog", "scale")
+
+
+def render(results: list[Result], server_version: str) -> str:
+    lines = [f"durable bench on PostgreSQL {server_version}"]
+    for r in results:
+        figures = "  ".join(f"{k}={v}" for k, v in r.figures.items())
+        lines.append(f"{r.workload:<18} {figures}  verified={'yes' if r.verified else 'NO'}")
+        lines += [f"    {note}" for note in r.notes]
+    return "\n".join(lines)
+
+
+async def run(
+    server: str,
+    selected: list[str],
+    *,
+    n: int,
+    concurrency: int,
+    as_json: bool,
+    emit: Callable[[str], None] = print,
+    **opts: Any,
+) -> int:
+    from durable.store import connect
+
+    conn = await connect(server)
+    try:
+        version = str(await conn.fetchval("show server_version"))
+    finally:
+        await conn.close()
+    progress = not as_json
+    results: list[Result] = []
+    for w in selected:
+        if w == "throughput":
+            results.append(await throughput(server, n, concurrency, progress))
+        elif w == "latency":
+            results.append(
+                await latency(server, opts["latency_n"], opts["rate"], concurrency, progress)
+            )
+        elif w == "workflows":
+            results.append(
+                await workflows(server, opts["workflows_n"], opts["steps"], concurrency,
+                                opts["uneven"], progress)
+            )
+        elif w == "backlog":
+            results.append(
+                await backlog(server, opts["history"], opts["queued"], concurrency, progress)
+            )
+        elif w == "scale":
+            results.append(await scale(server, n, concurrency, [1, 2, 4], progress))
+    if as_json:
+        emit(json.dumps({"server_version": version,
+                         "results": [r.__dict__ for r in results]}, indent=2))
+    else:
+        emit(render(results, version))
+    return 0 if all(r.verified for r in results) else 1
