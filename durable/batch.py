@@ -24,7 +24,7 @@ class Batcher(Generic[T, R]):
     ) -> None:
         self._flush = flush
         self._max = max_batch
-        self._items: list[tuple[T, asyncio.Future[R]]] = []
+        self._items: list[tuple[T, asyncio.Future[R] | None]] = []
         self._pending = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -39,6 +39,14 @@ class Batcher(Generic[T, R]):
         self._idle.clear()
         self._pending.set()
         return fut
+
+    def submit_nowait(self, item: T) -> None:
+        """Queue ``item`` without waiting for it; the flush function reports its outcome."""
+        if self._closed:
+            raise RuntimeError("batcher is closed")
+        self._items.append((item, None))
+        self._idle.clear()
+        self._pending.set()
 
     async def drain(self) -> None:
         """Wait until everything submitted so far has been flushed."""
@@ -64,15 +72,14 @@ class Batcher(Generic[T, R]):
             except Exception as exc:
                 # The batch did not commit: every write in it fails, none is reported durable.
                 for _, fut in batch:
-                    if not fut.done():
+                    if fut is not None and not fut.done():
                         fut.set_exception(exc)
                 continue
-            except BaseException as exc:
+            except BaseException:
                 for _, fut in batch:
-                    if not fut.done():
+                    if fut is not None and not fut.done():
                         fut.set_exception(asyncio.CancelledError())
-                _ = exc
                 raise
             for (_, fut), result in zip(batch, results, strict=True):
-                if not fut.done():
+                if fut is not None and not fut.done():
                     fut.set_result(result)

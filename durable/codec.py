@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import traceback as _traceback
 from typing import Any
 
@@ -11,6 +12,11 @@ from durable.errors import PayloadError
 
 MAX_PAYLOAD = 16 * 1024 * 1024
 """Largest encoded arguments or result accepted, in bytes (Postgres allows 255 MB)."""
+
+
+# json.dumps writes NUL as the escape \u0000 (preceded by an odd number of backslashes;
+# an even number is an escaped backslash followed by the text "u0000").
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def _reject_constant(value: str) -> Any:
@@ -25,7 +31,7 @@ def dumps(value: Any, *, what: str = "value") -> str:
         raise PayloadError(f"{what} must be JSON: {exc} (NaN and Infinity are not JSON)") from None
     except TypeError as exc:
         raise PayloadError(f"{what} must be JSON: {exc}") from None
-    if "\x00" in text:
+    if _NUL_ESCAPE.search(text):
         raise PayloadError(f"{what} must not contain NUL characters (Postgres jsonb rejects them)")
     if len(text) > MAX_PAYLOAD:
         raise PayloadError(

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,7 +19,7 @@ from durable.listener import Listener
 from durable.logs import get_logger, redact
 from durable.models import Checkpoint, Claimed
 from durable.registry import Registry
-from durable.runner import Attempt, Runner
+from durable.runner import Attempt, Completion, Runner
 from durable.settings import Settings
 from durable.store import Store, is_transient
 from durable.worker import QueueWorker
@@ -108,7 +108,7 @@ class Daemon:
         self.store = store = await Store.open(self.dsn, max_size=self.pool_size)
         try:
             await store.register_worker(self.id, queues, names)
-            completions: Batcher[tuple[int, int, str], bool] = Batcher(self._complete)
+            completions: Batcher[Completion, bool] = Batcher(self._complete)
             checkpoints: Batcher[Checkpoint, bool] = Batcher(self._checkpoint)
             runner = Runner(store, self.registry, completions, checkpoints, self._on_timer)
             self.listener = Listener(
@@ -311,10 +311,30 @@ class Daemon:
 
     # -- group commit ------------------------------------------------------------------
 
-    async def _complete(self, items: Any) -> list[bool]:
+    async def _complete(self, items: Sequence[Completion]) -> list[bool]:
         assert self.store is not None
-        accepted = await self.store.complete_many(items)
-        return [i[0] in accepted for i in items]
+        rows = [(c.task.id, c.task.token, c.result) for c in items]
+        for delay in (0.1, 0.5, 2.0, None):
+            try:
+                accepted = await self.store.complete_many(rows)
+                break
+            except Exception as exc:
+                if not is_transient(exc) or delay is None:
+                    log.warning(
+                        "task_outcome_not_written", count=len(rows), error=redact(str(exc)),
+                        note="their leases will expire and they will run again",
+                    )
+                    return [False] * len(rows)
+                await anyio.sleep(delay)
+        for c in items:
+            t = c.task
+            if t.id in accepted:
+                log.info("task_completed", task_id=t.id, name=t.name, queue=t.queue,
+                         attempt=t.attempt, seconds=round(c.elapsed, 4))
+            else:
+                log.warning("task_write_rejected", task_id=t.id, name=t.name, queue=t.queue,
+                            write="complete")
+        return [c.task.id in accepted for c in items]
 
     async def _checkpoint(self, items: Any) -> list[bool]:
         assert self.store is not None

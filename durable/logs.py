@@ -113,6 +113,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         redact_secrets,
         renderer,
     ]
+    global _generation
+    _generation += 1
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -123,8 +125,29 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     )
 
 
+_generation = 0
+
+
+class _Logger:
+    """A logger bound once per configuration: cheap on hot paths, yet a later
+    configure() (tests, the CLI after parsing flags) reaches loggers made at import."""
+
+    __slots__ = ("_bound", "_generation", "_initial")
+
+    def __init__(self, initial: dict[str, Any]) -> None:
+        self._initial = initial
+        self._generation = -1
+        self._bound: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._generation != _generation:
+            self._bound = structlog.get_logger(**self._initial).bind()
+            self._generation = _generation
+        return getattr(self._bound, name)
+
+
 def get_logger(name: str | None = None) -> FilteringBoundLogger:
-    """A lazy structlog logger; `name` is bound as the `logger_name` key."""
+    """A structlog logger; `name` is bound as the `logger_name` key."""
     # Not "logger": get_logger() takes that keyword for the wrapped logger itself.
     initial: dict[str, Any] = {} if name is None else {"logger_name": name}
-    return cast(FilteringBoundLogger, structlog.get_logger(**initial))
+    return cast(FilteringBoundLogger, _Logger(initial))

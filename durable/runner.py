@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +26,12 @@ from durable.retry import after_failure
 from durable.store import Store, is_transient
 
 log = get_logger("durable.runner")
+
+
+class Completion(NamedTuple):
+    task: Claimed
+    result: str
+    elapsed: float
 
 
 class Attempt:
@@ -55,7 +62,7 @@ class Runner:
         self,
         store: Store,
         registry: Registry,
-        completions: Batcher[tuple[int, int, str], bool],
+        completions: Batcher[Completion, bool],
         checkpoints: Batcher[Checkpoint, bool],
         on_timer: Callable[[datetime], None],
     ) -> None:
@@ -107,7 +114,7 @@ class Runner:
             if definition is None:
                 raise NonRetryable(f"no task or workflow named {task.name!r} is registered")
             args, kwargs = _arguments(task)
-            async with asyncio.timeout(task.timeout):
+            async with asyncio.timeout(task.timeout) if task.timeout else _untimed:
                 if definition.kind == "workflow":
                     events = await self.store.load_events(task.id, task.branch)
                     ctx = Context(self.store, task, events, self.checkpoints, self.registry.get)
@@ -141,10 +148,9 @@ class Runner:
         kind, value = outcome
         fields = {"task_id": task.id, "name": task.name, "queue": task.queue}
         if kind == "completed":
-            if await self.completions.submit((task.id, task.token, value)):
-                log.info("task_completed", **fields, attempt=task.attempt, seconds=round(elapsed, 4))
-            else:
-                log.warning("task_write_rejected", **fields, write="complete")
+            # Group-committed; the daemon's flush logs the outcome. Not awaited: the
+            # attempt ends now, and the lease covers the task until the ack commits.
+            self.completions.submit_nowait(Completion(task, value, elapsed))
         elif kind == "suspended":
             s: Suspend = value
             status = await self.store.suspend(
@@ -213,3 +219,14 @@ def _arguments(task: Claimed) -> tuple[list[Any], dict[str, Any]]:
     if not isinstance(kwargs, dict):
         raise NonRetryable(f"the task's kwargs must be a JSON object, not {type(kwargs).__name__}")
     return args, kwargs
+
+
+class _Untimed:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_untimed = _Untimed()

@@ -101,10 +101,11 @@ class QueueWorker:
                 backoff = min(backoff * 2, self.poll_interval)
                 continue
             backoff = 0.1
-            for task in sorted(tasks, key=lambda t: t.id):
+            if tasks:
+                log.debug("tasks_claimed", queue=self.queue, ids=[t.id for t in tasks])
+            for task in tasks:
                 self.in_flight += 1
                 self.claimed += 1
-                log.debug("task_claimed", task_id=task.id, name=task.name, queue=self.queue)
                 self.start(task, self._released)
             if len(tasks) == free:
                 continue  # there may be more ready work: claim again once slots free up
