@@ -309,10 +309,16 @@ def cmd_event(args: argparse.Namespace) -> int:
 
 
 def cmd_queues(args: argparse.Namespace) -> int:
-    async def go(client: Any) -> Any:
-        return await client.store.queue_stats(), await client.store.list_workers(1000)
+    if getattr(args, "action", "list") == "set":
+        from durable.limits import cmd_queues_set
 
-    stats, workers = _with_client(args, go)
+        return cmd_queues_set(args, _with_client)
+
+    async def go(client: Any) -> Any:
+        return (await client.store.queue_stats(), await client.store.list_workers(1000),
+                await client.store.queue_limits())
+
+    stats, workers, limits = _with_client(args, go)
     now = datetime.now(UTC)
     by_queue: dict[str, dict[str, Any]] = {}
     for r in stats:
@@ -325,9 +331,15 @@ def cmd_queues(args: argparse.Namespace) -> int:
             for q in json.loads(w["queues"]):
                 entry = by_queue.setdefault(q, {"queue": q, "oldest_ready_s": None})
                 entry["daemons"] = entry.get("daemons", 0) + 1
+    from durable.limits import describe_rate
+
+    for lim in limits:
+        entry = by_queue.setdefault(lim["name"], {"queue": lim["name"], "oldest_ready_s": None})
+        entry["limit"] = lim["concurrency"]
+        entry["rate"] = describe_rate(lim["rate_limit"], lim["rate_period"])
     rows = sorted(by_queue.values(), key=lambda r: r["queue"])
     _emit(args, rows, ["queue", "queued", "running", "waiting", "completed", "failed",
-                       "cancelled", "oldest_ready_s", "daemons"])
+                       "cancelled", "oldest_ready_s", "daemons", "limit", "rate"])
     return 0
 
 
@@ -530,10 +542,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("payload", nargs="?", help="JSON payload")
     e.set_defaults(func=cmd_event)
 
-    q = sub.add_parser("queues", help="queue depths and the daemons serving them")
+    q = sub.add_parser(
+        "queues", help="queue depths, limits and serving daemons; `queues set` sets limits"
+    )
     db_opt(q)
+    q.add_argument("action", nargs="?", choices=["list", "set"], default="list")
+    q.add_argument("name", nargs="?", help="with set: the queue")
+    q.add_argument("--concurrency", help="with set: most tasks running at once across all "
+                   "daemons, or 'none'")
+    q.add_argument("--rate", help="with set: most starts per period across all daemons, e.g. "
+                   "20/1s, or 'none'")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_queues)
+
+    from durable.limits import add_commands
+
+    add_commands(sub, db_opt)
 
     w = sub.add_parser("workers", help="live, stopped and lost daemons")
     db_opt(w)

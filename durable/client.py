@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 
+from durable import tracing
 from durable.codec import dumps
 from durable.errors import DurableError, TaskCancelled, TaskFailed
 from durable.models import TERMINAL, HistoryEntry, NewTask, TaskInfo
@@ -98,6 +99,7 @@ class Client:
         if limit is not None and not (isinstance(limit, int | float) and limit > 0):
             raise DurableError(f"timeout must be a positive number of seconds, got {limit!r}")
         what = f"the arguments of {name!r}"
+        key = d.key_for(args, kwargs) if d is not None else None
         return NewTask(
             name=name,
             args=dumps(list(args), what=what),
@@ -108,6 +110,11 @@ class Client:
             run_at=run_at,
             max_attempts=attempts,
             timeout=float(limit) if limit is not None else None,
+            concurrency_key=key,
+            key_limit=d.key_limit if d is not None and key is not None else None,
+            key_rate_limit=d.key_rate[0] if d and d.key_rate and key is not None else None,
+            key_rate_period=d.key_rate[1] if d and d.key_rate and key is not None else None,
+            trace_context=tracing.inject(),  # the caller's span becomes the task's parent
         )
 
     async def start(

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Generator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from durable import tracing
 from durable.batch import Batcher
 from durable.codec import digest, dumps, error_payload, loads
 from durable.errors import (
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from durable.store import Store
 
 
-class Suspend(BaseException):  # noqa: N818 - a control-flow signal, not an error
+class Suspend(BaseException):
     """Ends a workflow's run until its children finish, a timer fires or an event arrives.
 
     A BaseException so that a workflow's ``except Exception`` does not swallow it.
@@ -89,7 +90,7 @@ def rebuild_error(task_id: int, error: dict[str, Any] | None) -> Exception:
             cls = getattr(importlib.import_module(module), qualname)
             if isinstance(cls, type) and issubclass(cls, Exception):
                 return cls(*args)
-        except Exception:  # noqa: S110 - fall back to TaskFailed below
+        except Exception:
             pass
     return TaskFailed(task_id, type_name, message, error.get("traceback"))
 
@@ -228,20 +229,21 @@ class Context:
         if event is not None:
             return self._recorded(event)
         started = utcnow()
-        try:
-            result = fn(*args, **kwargs)
-            if inspect.isawaitable(result):
-                result = await result
-        except Exception as exc:
-            await self._commit(
-                self._cp(
-                    seq, "step", name, dig, status="failed",
-                    error=dumps(error_payload(exc)), started_at=started,
+        with tracing.step_span(name, seq, "step"):
+            try:
+                result = fn(*args, **kwargs)
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:
+                await self._commit(
+                    self._cp(
+                        seq, "step", name, dig, status="failed",
+                        error=dumps(error_payload(exc)), started_at=started,
+                    )
                 )
-            )
-            raise
-        text = dumps(result, what=f"the result of step {name!r}")
-        await self._commit(self._cp(seq, "step", name, dig, result=text, started_at=started))
+                raise
+            text = dumps(result, what=f"the result of step {name!r}")
+            await self._commit(self._cp(seq, "step", name, dig, result=text, started_at=started))
         return loads(text)
 
     async def transaction(
@@ -257,18 +259,19 @@ class Context:
         if event is not None:
             return self._recorded(event)
         cp = self._cp(seq, "transaction", name, dig)
-        try:
-            result = await self._store.transaction_step(cp, fn, args, kwargs)
-        except LeaseLost:
-            raise
-        except Exception as exc:
-            await self._commit(
-                self._cp(
-                    seq, "transaction", name, dig, status="failed",
-                    error=dumps(error_payload(exc)), started_at=cp.started_at,
+        with tracing.step_span(name, seq, "transaction"):
+            try:
+                result = await self._store.transaction_step(cp, fn, args, kwargs)
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                await self._commit(
+                    self._cp(
+                        seq, "transaction", name, dig, status="failed",
+                        error=dumps(error_payload(exc)), started_at=cp.started_at,
+                    )
                 )
-            )
-            raise
+                raise
         return loads(dumps(result))
 
     # -- children ---------------------------------------------------------------------
@@ -311,6 +314,12 @@ class Context:
                         priority=d.priority,
                         max_attempts=d.max_attempts,
                         timeout=d.timeout,
+                        concurrency_key=(key := d.key_for(call.args, call.kwargs)),
+                        key_limit=d.key_limit if key is not None else None,
+                        key_rate_limit=d.key_rate[0] if d.key_rate and key else None,
+                        key_rate_period=d.key_rate[1] if d.key_rate and key else None,
+                        # The child's attempts join this workflow's trace.
+                        trace_context=tracing.inject() or self._task.trace_context,
                     ),
                 )
             )

@@ -8,16 +8,18 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from durable import sdnotify
 from durable.batch import Batcher
 from durable.listener import Listener
 from durable.logs import get_logger, redact
-from durable.models import Checkpoint, Claimed
+from durable.errors import DurableError
+from durable.models import Checkpoint, Claimed, NewTask
 from durable.registry import Registry
 from durable.runner import Attempt, Completion, Runner
 from durable.settings import Settings
@@ -44,6 +46,7 @@ class Daemon:
         listen_dsn: str | None = None,
         burst: bool = False,
         pool_size: int = 10,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -51,18 +54,24 @@ class Daemon:
         self.listen_dsn = listen_dsn or dsn
         self.burst = burst
         self.pool_size = pool_size
+        self.clock = clock or (lambda: datetime.now(UTC))
+        """The scheduler's clock (tests drive it); leases and timers use the database's."""
         self.id = uuid.uuid4()
         self.attempts: dict[int, Attempt] = {}
         self.workers: dict[str, QueueWorker] = {}
         self.listener: Listener | None = None
         self.store: Store | None = None
         self.started = anyio.Event()
+        self.ready = anyio.Event()
+        """Set once LISTEN is live and every queue loop has claimed once (systemd READY=1)."""
         self._stop = anyio.Event()
         self._force = anyio.Event()
         self._timer_wakeup = asyncio.Event()
+        self._schedule_wakeup = asyncio.Event()
         self._last_heartbeat = time.monotonic()
         self._attempt_done = anyio.Event()
         self._jobs: set[asyncio.Task[None]] = set()
+        self._root: anyio.CancelScope | None = None
 
     # -- control ---------------------------------------------------------------------
 
@@ -70,9 +79,15 @@ class Daemon:
         """Begin a graceful shutdown; a second call skips the grace period."""
         if self._stop.is_set():
             self._force.set()
+        else:
+            sdnotify.notify("STOPPING=1\nSTATUS=stopping")
         self._stop.set()
         for w in self.workers.values():
             w.stop()
+        if not self.started.is_set() and self._root is not None:
+            # Still starting (say the listener cannot reach its server yet): nothing has
+            # been claimed, so there is nothing to drain; stop waiting and exit.
+            self._root.cancel()
 
     def _on_ready(self, queue: str) -> None:
         w = self.workers.get(queue)
@@ -118,6 +133,7 @@ class Daemon:
                 on_reconnect=self._catch_up,
             )
             async with anyio.create_task_group() as root:
+                self._root = root.cancel_scope
                 if handle_signals:
                     root.start_soon(self._signals)
                 await root.start(self.listener.run)
@@ -125,6 +141,8 @@ class Daemon:
                 await root.start(checkpoints.run)
                 root.start_soon(self._heartbeats)
                 root.start_soon(self._timers)
+                await self.declare_schedules()
+                root.start_soon(self._schedules)
                 for queue, limit in queues.items():
                     self.workers[queue] = QueueWorker(
                         queue=queue,
@@ -137,6 +155,7 @@ class Daemon:
                         start=self._starter(runner),
                         burst=self.burst,
                     )
+                root.start_soon(self._systemd)
                 log.info(
                     "daemon_started",
                     worker_id=str(self.id),
@@ -207,6 +226,7 @@ class Daemon:
         """Let running attempts finish within the grace period, then hand them back."""
         if self.attempts and not self._force.is_set():
             log.info("daemon_draining", running=len(self.attempts), grace=self.settings.shutdown_grace)
+            sdnotify.notify(f"STATUS=draining {len(self.attempts)} running task(s)")
             with anyio.move_on_after(self.settings.shutdown_grace):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._wait_attempts, tg)
@@ -251,6 +271,30 @@ class Daemon:
                 if self._stop.is_set():
                     self._force.set()
                 self.stop()
+
+    @property
+    def healthy(self) -> bool:
+        """The heartbeat (lease extension) has succeeded within the last lease period."""
+        return time.monotonic() - self._last_heartbeat < self.settings.lease
+
+    async def _systemd(self) -> None:
+        """READY=1 once every queue is served, then WATCHDOG=1 while the daemon is healthy."""
+        for w in self.workers.values():
+            await w.claimed_once.wait()
+        # The listener was live before the first claim (root.start), so this is ready.
+        self.ready.set()
+        if not self._stop.is_set():
+            sdnotify.notify(f"READY=1\nSTATUS=serving {', '.join(self.workers)}")
+            log.info("daemon_ready", worker_id=str(self.id))
+        interval = sdnotify.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            # A hung event loop never gets here, and a daemon cut off from Postgres for
+            # longer than a lease stops pinging: systemd restarts either one.
+            if self.healthy:
+                sdnotify.notify("WATCHDOG=1")
+            await anyio.sleep(interval)
 
     async def _heartbeats(self) -> None:
         """Extend every lease this daemon holds in one statement, every lease/3 seconds."""
@@ -308,6 +352,75 @@ class Daemon:
                     raise
             with anyio.move_on_after(timeout):
                 await self._timer_wakeup.wait()
+
+    # -- cron schedules ----------------------------------------------------------------
+
+    async def declare_schedules(self) -> None:
+        """Record the schedules declared in code (``schedule=`` on a definition)."""
+        from durable.cron import parse
+
+        assert self.store is not None
+        for d in self.registry.definitions():
+            if d.schedule is None:
+                continue
+            cron = parse(d.schedule, d.timezone)
+            await self.store.upsert_schedule(
+                d.name, d.name, d.schedule, d.timezone, "[]", "{}", d.queue, "code",
+                cron.next_after(self.clock()),
+            )
+
+    async def run_schedules(self) -> datetime | None:
+        """Start every schedule whose tick has come; returns when the next one is due.
+
+        Ticks missed while no daemon ran are not all replayed: the latest one runs once.
+        Several daemons may run this at once; a compare-and-set on the schedule's next run
+        lets exactly one of them start each tick.
+        """
+        from durable.cron import parse
+
+        assert self.store is not None
+        now = self.clock()
+        for row in await self.store.due_schedules(now):
+            try:
+                cron = parse(row["cron"], row["timezone"])
+            except DurableError as exc:
+                log.error("schedule_invalid", schedule=row["name"], error=str(exc))
+                continue
+            expected = row["next_run_at"]
+            tick = cron.latest_at_or_before(now, expected - timedelta(microseconds=1))
+            tick = tick or expected
+            d = self.registry.get(row["task_name"])
+            task = NewTask(
+                name=row["task_name"],
+                args=row["args"],
+                kwargs=row["kwargs"],
+                queue=row["queue"] or (d.queue if d is not None else "default"),
+                kind=d.kind if d is not None else "task",
+                max_attempts=d.max_attempts if d is not None else 3,
+                timeout=d.timeout if d is not None else None,
+            )
+            task_id = await self.store.fire_schedule(
+                row["name"], expected, cron.next_after(now), tick, task
+            )
+            if task_id is not None:
+                log.info("schedule_fired", schedule=row["name"], tick=tick.isoformat(),
+                         task_id=task_id)
+        return await self.store.next_schedule()
+
+    async def _schedules(self) -> None:
+        while True:
+            self._schedule_wakeup.clear()
+            timeout = self.settings.poll_interval
+            try:
+                nxt = await self.run_schedules()
+                if nxt is not None:
+                    until = (nxt - self.clock()).total_seconds()
+                    timeout = max(0.01, min(timeout, until))
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+            with anyio.move_on_after(timeout):
+                await self._schedule_wakeup.wait()
 
     # -- group commit ------------------------------------------------------------------
 

@@ -29,6 +29,8 @@ class Claimed:
     parent_id: int | None
     root_id: int | None
     cancel_requested: bool
+    trace_context: str | None = None
+    """The starter's trace context (JSON, W3C traceparent) when it was traced."""
 
 
 @dataclass(frozen=True)
@@ -136,3 +138,8 @@ class NewTask:
     run_at: datetime | None = None
     max_attempts: int = 3
     timeout: float | None = None
+    trace_context: str | None = None
+    concurrency_key: str | None = None
+    key_limit: int | None = None
+    key_rate_limit: int | None = None
+    key_rate_period: float | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Generic, ParamSpec, TypeVar, overload
@@ -31,6 +31,29 @@ class Definition(Generic[P, R]):
     timeout: float | None = None
     priority: int = 0
     retry: RetryPolicy = field(default=DEFAULT_POLICY)
+    concurrency_key: Callable[..., Any] | None = None
+    key_limit: int | None = None
+    key_rate: tuple[int, float] | None = None
+    schedule: str | None = None
+    timezone: str = "UTC"
+
+    def key_for(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
+        """The concurrency key of a call, from ``concurrency_key(*args, **kwargs)``."""
+        if self.concurrency_key is None:
+            return None
+        try:
+            key = self.concurrency_key(*args, **kwargs)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"{self.name}: concurrency_key failed for these arguments: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        if key is None:
+            return None
+        text = str(key)
+        if not 1 <= len(text) <= 500:
+            raise ConfigurationError(f"{self.name}: a concurrency key must have 1 to 500 characters")
+        return text
 
     @property
     def origin(self) -> str:
@@ -69,6 +92,22 @@ def _validated(d: Definition[Any, Any]) -> Definition[Any, Any]:
         raise ConfigurationError(f"{d.origin}: max_attempts must be >= 1, got {d.max_attempts}")
     if d.timeout is not None and not d.timeout > 0:
         raise ConfigurationError(f"{d.origin}: timeout must be > 0 seconds, got {d.timeout}")
+    if (d.key_limit is not None or d.key_rate is not None) and d.concurrency_key is None:
+        raise ConfigurationError(f"{d.origin}: key_limit and key_rate need a concurrency_key")
+    if d.key_limit is not None and (not isinstance(d.key_limit, int) or d.key_limit < 1):
+        raise ConfigurationError(f"{d.origin}: key_limit must be a whole number >= 1")
+    if d.key_rate is not None:
+        n, period = d.key_rate
+        if not isinstance(n, int) or n < 1 or not period > 0:
+            raise ConfigurationError(
+                f"{d.origin}: key_rate must be (starts >= 1, period in seconds > 0)"
+            )
+    if d.concurrency_key is not None and not callable(d.concurrency_key):
+        raise ConfigurationError(f"{d.origin}: concurrency_key must be a function of the arguments")
+    if d.schedule is not None:
+        from durable.cron import parse
+
+        parse(d.schedule, d.timezone)
     return d
 
 
@@ -118,6 +157,11 @@ def _make(
     timeout: float | None,
     priority: int,
     retry: RetryPolicy | None,
+    concurrency_key: Callable[..., Any] | None = None,
+    key_limit: int | None = None,
+    key_rate: tuple[int, float] | None = None,
+    schedule: str | None = None,
+    timezone: str = "UTC",
 ) -> Definition[Any, Any]:
     if not inspect.iscoroutinefunction(fn):
         raise ConfigurationError(
@@ -133,6 +177,11 @@ def _make(
             timeout=timeout,
             priority=priority,
             retry=retry or DEFAULT_POLICY,
+            concurrency_key=concurrency_key,
+            key_limit=key_limit,
+            key_rate=(int(key_rate[0]), float(key_rate[1])) if key_rate else None,
+            schedule=schedule,
+            timezone=timezone,
         )
     )
     registry.add(d)
@@ -150,6 +199,11 @@ def task(
     timeout: float | None = None,
     priority: int = 0,
     retry: RetryPolicy | None = None,
+    concurrency_key: Callable[..., Any] | None = None,
+    key_limit: int | None = None,
+    key_rate: tuple[int, float] | None = None,
+    schedule: str | None = None,
+    timezone: str = "UTC",
 ) -> Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]: ...
 def task(
     fn: Callable[P, Awaitable[R]] | None = None,
@@ -161,6 +215,11 @@ def task(
     timeout: float | None = None,
     priority: int = 0,
     retry: RetryPolicy | None = None,
+    concurrency_key: Callable[..., Any] | None = None,
+    key_limit: int | None = None,
+    key_rate: tuple[int, float] | None = None,
+    schedule: str | None = None,
+    timezone: str = "UTC",
 ) -> Definition[P, R] | Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]:
     """Register an ``async def`` function as a task that daemons run.
 
@@ -169,10 +228,17 @@ def task(
     A failed attempt is retried with exponential backoff (``retry=RetryPolicy(...)``) up to
     ``max_attempts``; raise ``durable.NonRetryable`` to fail at once or
     ``durable.Retry(delay)`` to choose the delay. ``timeout`` (seconds) bounds one attempt.
+
+    Fleet-wide flow control: ``concurrency_key=lambda customer, *a, **k: customer`` with
+    ``key_limit=1`` runs at most one task per customer at a time across every daemon, and
+    ``key_rate=(10, 60)`` starts at most 10 per key per minute; a saturated key does not hold
+    back other keys. ``schedule="*/5 * * * *"`` (with ``timezone=``) starts the task on a
+    cron schedule, once per tick however many daemons run.
     """
 
     def wrap(f: Callable[P, Awaitable[R]]) -> Definition[P, R]:
-        return _make(f, "task", name, queue, max_attempts, timeout, priority, retry)
+        return _make(f, "task", name, queue, max_attempts, timeout, priority, retry,
+                     concurrency_key, key_limit, key_rate, schedule, timezone)
 
     return wrap(fn) if fn is not None else wrap
 
@@ -188,6 +254,11 @@ def workflow(
     timeout: float | None = None,
     priority: int = 0,
     retry: RetryPolicy | None = None,
+    concurrency_key: Callable[..., Any] | None = None,
+    key_limit: int | None = None,
+    key_rate: tuple[int, float] | None = None,
+    schedule: str | None = None,
+    timezone: str = "UTC",
 ) -> Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]: ...
 def workflow(
     fn: Callable[P, Awaitable[R]] | None = None,
@@ -199,6 +270,11 @@ def workflow(
     timeout: float | None = None,
     priority: int = 0,
     retry: RetryPolicy | None = None,
+    concurrency_key: Callable[..., Any] | None = None,
+    key_limit: int | None = None,
+    key_rate: tuple[int, float] | None = None,
+    schedule: str | None = None,
+    timezone: str = "UTC",
 ) -> Definition[P, R] | Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]:
     """Register an ``async def fn(ctx: durable.Context, ...)`` as a durable workflow.
 
@@ -210,7 +286,8 @@ def workflow(
     """
 
     def wrap(f: Callable[P, Awaitable[R]]) -> Definition[P, R]:
-        return _make(f, "workflow", name, queue, max_attempts, timeout, priority, retry)
+        return _make(f, "workflow", name, queue, max_attempts, timeout, priority, retry,
+                     concurrency_key, key_limit, key_rate, schedule, timezone)
 
     return wrap(fn) if fn is not None else wrap
 

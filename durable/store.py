@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import socket
 import uuid
@@ -15,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from durable import tracing
 from durable.codec import dumps, loads
 from durable.errors import DurableError, LeaseLost
 from durable.models import Checkpoint, Claimed, Event, HistoryEntry, NewTask, TaskInfo
@@ -269,7 +271,7 @@ class Store:
         t: NewTask,
         *,
         idempotency_key: str | None = None,
-        conn: asyncpg.Connection | None = None,
+        conn: Any = None,
     ) -> tuple[int, bool]:
         """Insert one task; returns (id, inserted). An idempotency key returns the old id."""
         params = (
@@ -285,6 +287,11 @@ class Store:
             idempotency_key,
             None,
             None,
+            t.concurrency_key,
+            t.key_limit,
+            t.key_rate_limit,
+            t.key_rate_period,
+            t.trace_context,
         )
         if conn is not None:
             row = await conn.fetchrow(self.q["insert_task"], *params)
@@ -306,6 +313,11 @@ class Store:
             [t.run_at for t in tasks],
             [t.max_attempts for t in tasks],
             [t.timeout for t in tasks],
+            [t.concurrency_key for t in tasks],
+            [t.key_limit for t in tasks],
+            [t.key_rate_limit for t in tasks],
+            [t.key_rate_period for t in tasks],
+            [t.trace_context for t in tasks],
         )
         if conn is not None:
             rows = await conn.fetch(self.q["insert_many"], *params)
@@ -320,8 +332,25 @@ class Store:
     ) -> list[Claimed]:
         rows = await self.pool.fetch(self.q["claim"], queue, list(names), limit, lease, worker_id)
         claimed = [_claimed(r) for r in rows]
+        if claimed and tracing.tracer() is not None:
+            try:
+                contexts = await self.trace_contexts([c.id for c in claimed])
+            except Exception:
+                # These tasks are claimed now: run them untraced rather than lose them
+                # until their leases expire.
+                contexts = {}
+            claimed = [dataclasses.replace(c, trace_context=contexts.get(c.id)) for c in claimed]
         # Claim order is priority then age; the UPDATE returns rows in no set order.
         return claimed
+
+    async def trace_contexts(self, ids: Sequence[int]) -> dict[int, str]:
+        """Task id -> its stored trace context (JSON), for the tasks that have one."""
+        rows = await self.pool.fetch(self.q["trace_contexts"], list(ids))
+        return {r["id"]: r["trace_context"] for r in rows}
+
+    async def claim_delay(self, queue: str) -> float | None:
+        """Seconds until a rate-limited queue may start another task, if it is at its limit."""
+        return await self.pool.fetchval(self.q["claim_delay"], queue)  # type: ignore[no-any-return]
 
     async def next_due(self, queue: str, names: Sequence[str]) -> datetime | None:
         return await self.pool.fetchval(self.q["next_due"], queue, list(names))  # type: ignore[no-any-return]
@@ -551,6 +580,11 @@ class Store:
                     list(range(len(children))),
                     task_id,
                     root_id,
+                    [c[2].concurrency_key for c in children],
+                    [c[2].key_limit for c in children],
+                    [c[2].key_rate_limit for c in children],
+                    [c[2].key_rate_period for c in children],
+                    [c[2].trace_context for c in children],
                 )
             ]
             await conn.execute(
@@ -646,6 +680,53 @@ class Store:
 
     async def branches(self, task_id: int) -> list[int]:
         return [r["branch"] for r in await self.pool.fetch(self.q["branches"], task_id)]
+
+    # -- flow control and schedules ---------------------------------------------------------
+
+    async def queue_limits(self) -> list[asyncpg.Record]:
+        return await self.pool.fetch(self.q["queue_limits"])
+
+    async def set_queue_limits(
+        self, queue: str, concurrency: int | None, rate_limit: int | None, rate_period: float | None
+    ) -> None:
+        await self.pool.execute(self.q["set_queue_limits"], queue, concurrency, rate_limit, rate_period)
+
+    async def upsert_schedule(
+        self, name: str, task_name: str, cron: str, timezone: str, args: str, kwargs: str,
+        queue: str | None, source: str, next_run_at: datetime,
+    ) -> None:
+        await self.pool.execute(
+            self.q["upsert_schedule"], name, task_name, cron, timezone, args, kwargs, queue,
+            source, next_run_at,
+        )
+
+    async def delete_schedule(self, name: str) -> bool:
+        return await self.pool.fetchval(self.q["delete_schedule"], name) is not None
+
+    async def list_schedules(self) -> list[asyncpg.Record]:
+        return await self.pool.fetch(self.q["list_schedules"])
+
+    async def due_schedules(self, now: datetime) -> list[asyncpg.Record]:
+        return await self.pool.fetch(self.q["due_schedules"], now)
+
+    async def next_schedule(self) -> datetime | None:
+        return await self.pool.fetchval(self.q["next_schedule"])  # type: ignore[no-any-return]
+
+    async def fire_schedule(
+        self, name: str, expected: datetime, next_run_at: datetime, tick: datetime, task: NewTask
+    ) -> int | None:
+        """Move the schedule on and start its task in one transaction; None if another
+        daemon fired this tick first."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if await conn.fetchval(
+                self.q["advance_schedule"], name, expected, next_run_at, tick
+            ) is None:
+                return None
+            task_id, _ = await self.insert_task(
+                task, idempotency_key=f"schedule:{name}:{tick.isoformat()}", conn=conn
+            )
+            await conn.execute(self.q["schedule_task_started"], name, task_id)
+            return task_id
 
     async def restart(self, task_id: int, mode: str, at: int | None = None) -> int:
         try:

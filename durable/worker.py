@@ -60,6 +60,9 @@ class QueueWorker:
         self._wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = False
+        self._held = 0.0
+        self.claimed_once = anyio.Event()
+        """Set once this loop's first claim has returned: the queue is being served."""
 
     def notify(self) -> None:
         """A hint that work may be ready (a notification, a reconnect, a freed slot)."""
@@ -101,7 +104,9 @@ class QueueWorker:
                 backoff = min(backoff * 2, self.poll_interval)
                 continue
             backoff = 0.1
+            self.claimed_once.set()
             if tasks:
+                self._held = 0.0
                 log.debug("tasks_claimed", queue=self.queue, ids=[t.id for t in tasks])
             for task in tasks:
                 self.in_flight += 1
@@ -121,13 +126,24 @@ class QueueWorker:
         await self._wakeup.wait()
 
     async def _idle(self) -> None:
+        delay: float | None = None
         try:
             due = await self.store.next_due(self.queue, self.names)
+            if due is not None and due <= datetime.now(UTC):
+                # Due work we could not claim: a fleet-wide limit may be holding it back.
+                delay = await self.store.claim_delay(self.queue)
         except Exception as exc:
             if not is_transient(exc):
                 raise
             due = None
         timeout = idle_wait(self.poll_interval, due, datetime.now(UTC))
+        if delay is not None:
+            timeout = min(self.poll_interval, max(timeout, delay))
+        elif due is not None and due <= datetime.now(UTC):
+            # Due but not claimable: held by another daemon's claim, or by a fleet-wide limit
+            # (a slot coming free sends a notification). Look again, backing off.
+            self._held = min(self.poll_interval, max(0.02, self._held * 2))
+            timeout = self._held
         notified = False
         with anyio.move_on_after(timeout):
             await self._wakeup.wait()

@@ -2,25 +2,18 @@
 
 -- name: claim
 -- Claim up to $3 ready tasks of queue $1 whose code this daemon has ($2), in priority
--- then age order, with a fresh claim token each and a lease of $4 seconds.
-with ready as (
-    select id from durable.tasks
-    where queue = $1 and status = 'queued' and run_at <= now() and name = any($2::text[])
-    order by priority desc, id
-    limit $3
-    for update skip locked
-)
-update durable.tasks t
-   set status = 'running',
-       claim_token = nextval('durable.claim_tokens'),
-       lease_until = now() + make_interval(secs => $4),
-       worker_id = $5,
-       started_at = coalesce(t.started_at, now())
-  from ready
- where t.id = ready.id
-returning t.id, t.queue, t.name, t.kind, t.args::text, t.kwargs::text, t.attempt,
-          t.max_attempts, t.timeout, t.claim_token, t.branch, t.parent_id, t.root_id,
-          t.cancel_requested
+-- then age order, with a fresh claim token each and a lease of $4 seconds, within the
+-- queue's fleet-wide limits (see durable.claim in schema.sql).
+select * from durable.claim($1, $2::text[], $3, $4, $5)
+
+-- name: trace_contexts
+-- The stored trace contexts of claimed tasks; read only when tracing is on, so the claim
+-- itself stays one statement.
+select id, trace_context::text from durable.tasks
+where id = any($1::bigint[]) and trace_context is not null
+
+-- name: claim_delay
+select durable.claim_delay($1)
 
 -- name: next_due
 -- When the next queued task of queue $1 that this daemon can run becomes due.
@@ -75,10 +68,13 @@ update durable.tasks t
 returning t.id
 
 -- name: retry_later
--- A failed attempt with attempts left: back to the queue after a delay.
+-- A failed attempt with attempts left: back to the queue after a delay; or cancelled when
+-- a cancel was requested while it ran (its notification came too late to stop it).
 update durable.tasks
-   set status = 'queued', attempt = attempt + 1,
+   set status = case when cancel_requested then 'cancelled' else 'queued' end,
+       attempt = case when cancel_requested then attempt else attempt + 1 end,
        run_at = now() + make_interval(secs => $3), error = $4::jsonb,
+       finished_at = case when cancel_requested then now() end,
        claim_token = null, lease_until = null, worker_id = null
  where id = $1 and claim_token = $2 and status = 'running'
 returning id
@@ -97,10 +93,12 @@ update durable.tasks
 returning id
 
 -- name: release
--- Shutdown: hand unfinished tasks back at once, without spending an attempt.
+-- Shutdown: hand unfinished tasks back at once, without spending an attempt (a task whose
+-- cancel was requested ends cancelled).
 update durable.tasks t
-   set status = 'queued', run_at = now(), claim_token = null, lease_until = null,
-       worker_id = null
+   set status = case when t.cancel_requested then 'cancelled' else 'queued' end,
+       finished_at = case when t.cancel_requested then now() end,
+       run_at = now(), claim_token = null, lease_until = null, worker_id = null
   from unnest($1::bigint[], $2::bigint[]) as v(id, token)
  where t.id = v.id and t.claim_token = v.token and t.status = 'running'
 returning t.id
@@ -108,21 +106,26 @@ returning t.id
 -- name: insert_task
 insert into durable.tasks as t
     (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
-     idempotency_key, parent_id, root_id)
-values ($1, $2, $3, $4::jsonb, $5::jsonb, $6, coalesce($7, now()), $8, $9, $10, $11, $12)
+     idempotency_key, parent_id, root_id, concurrency_key, key_limit, key_rate_limit,
+     key_rate_period, trace_context)
+values ($1, $2, $3, $4::jsonb, $5::jsonb, $6, coalesce($7, now()), $8, $9, $10, $11, $12,
+        $13, $14, $15, $16, $17::jsonb)
 on conflict (idempotency_key) where idempotency_key is not null
     do update set idempotency_key = excluded.idempotency_key
 returning t.id, (t.xmax = 0) as inserted
 
 -- name: insert_many
 insert into durable.tasks (queue, name, kind, args, kwargs, priority, run_at, max_attempts,
-                           timeout)
+                           timeout, concurrency_key, key_limit, key_rate_limit,
+                           key_rate_period, trace_context)
 select v.queue, v.name, v.kind, v.args::jsonb, v.kwargs::jsonb, v.priority,
-       coalesce(v.run_at, now()), v.max_attempts, v.timeout
+       coalesce(v.run_at, now()), v.max_attempts, v.timeout, v.ckey, v.klimit, v.krate,
+       v.kperiod, v.trace_context::jsonb
   from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
-              $7::timestamptz[], $8::int[], $9::float8[])
+              $7::timestamptz[], $8::int[], $9::float8[], $10::text[], $11::int[],
+              $12::int[], $13::float8[], $14::text[])
        with ordinality as v(queue, name, kind, args, kwargs, priority, run_at, max_attempts,
-                            timeout, ord)
+                            timeout, ckey, klimit, krate, kperiod, trace_context, ord)
  order by v.ord
 returning id
 
@@ -253,12 +256,15 @@ values ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11, $12, $13, $1
 
 -- name: insert_children
 insert into durable.tasks (queue, name, kind, args, kwargs, priority, max_attempts, timeout,
-                           parent_id, root_id)
+                           parent_id, root_id, concurrency_key, key_limit, key_rate_limit,
+                           key_rate_period, trace_context)
 select v.queue, v.name, v.kind, v.args::jsonb, v.kwargs::jsonb, v.priority, v.max_attempts,
-       v.timeout, $10, $11
+       v.timeout, $10, $11, v.ckey, v.klimit, v.krate, v.kperiod, v.trace_context::jsonb
   from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
-              $7::int[], $8::float8[], $9::int[])
-       as v(queue, name, kind, args, kwargs, priority, max_attempts, timeout, ord)
+              $7::int[], $8::float8[], $9::int[], $12::text[], $13::int[], $14::int[],
+              $15::float8[], $16::text[])
+       as v(queue, name, kind, args, kwargs, priority, max_attempts, timeout, ord, ckey,
+            klimit, krate, kperiod, trace_context)
  order by v.ord
 returning id
 
@@ -295,3 +301,53 @@ select distinct branch from durable.events where task_id = $1 order by branch
 
 -- name: restart
 select durable.restart($1, $2, $3)
+
+-- name: queue_limits
+select name, concurrency, rate_limit, rate_period, updated_at from durable.queues order by name
+
+-- name: set_queue_limits
+insert into durable.queues as c (name, concurrency, rate_limit, rate_period, updated_at)
+values ($1, $2, $3, $4, now())
+on conflict (name) do update
+   set concurrency = excluded.concurrency, rate_limit = excluded.rate_limit,
+       rate_period = excluded.rate_period, updated_at = now()
+returning name
+
+-- name: upsert_schedule
+-- A schedule declared in code: (re)declared by every daemon at startup; its next run is
+-- kept unless the cron expression or time zone changed.
+insert into durable.schedules as s
+    (name, task_name, cron, timezone, args, kwargs, queue, source, next_run_at)
+values ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, $8, $9)
+on conflict (name) do update
+   set task_name = excluded.task_name, args = excluded.args, kwargs = excluded.kwargs,
+       queue = excluded.queue, source = excluded.source,
+       next_run_at = case when (s.cron, s.timezone) is distinct from
+                               (excluded.cron, excluded.timezone)
+                          then excluded.next_run_at else s.next_run_at end,
+       cron = excluded.cron, timezone = excluded.timezone
+returning name
+
+-- name: delete_schedule
+delete from durable.schedules where name = $1 returning name
+
+-- name: list_schedules
+select name, task_name, cron, timezone, args::text, kwargs::text, queue, source,
+       next_run_at, last_run_at, last_task_id
+from durable.schedules order by name
+
+-- name: due_schedules
+select name, task_name, cron, timezone, args::text, kwargs::text, queue, next_run_at
+from durable.schedules where next_run_at <= $1 order by next_run_at
+
+-- name: next_schedule
+select min(next_run_at) from durable.schedules
+
+-- name: advance_schedule
+-- Compare-and-set: only the daemon that still sees the old next run moves it on.
+update durable.schedules set next_run_at = $3, last_run_at = $4
+where name = $1 and next_run_at = $2
+returning name
+
+-- name: schedule_task_started
+update durable.schedules set last_task_id = $2 where name = $1

@@ -31,9 +31,18 @@ create table durable.tasks (
     waiting_event   text,
     cancel_requested boolean not null default false,
     notify_finish   boolean not null default false,
+    concurrency_key text,
+    key_limit       integer,
+    key_rate_limit  integer,
+    key_rate_period double precision,
     created_at      timestamptz not null default now(),
     started_at      timestamptz,
     finished_at     timestamptz,
+    constraint tasks_key_check check (
+        (key_limit is null or key_limit >= 1)
+        and (key_rate_limit is null or key_rate_limit >= 1)
+        and ((key_rate_limit is null) = (key_rate_period is null))
+        and (key_rate_period is null or key_rate_period > 0)),
     constraint tasks_kind_check check (kind in ('task', 'workflow')),
     constraint tasks_status_check
         check (status in ('queued', 'running', 'waiting', 'completed', 'failed', 'cancelled')),
@@ -132,6 +141,17 @@ begin
         perform pg_notify('durable_ready', q);
     end loop;
 
+    -- A slot under a fleet-wide or per-key limit came free: claimers may be waiting for it.
+    for q in
+        select distinct n.queue from new_rows n join old_rows o on o.id = n.id
+        where o.status = 'running' and n.status <> 'running'
+          and (n.concurrency_key is not null
+               or exists (select 1 from durable.queues c
+                          where c.name = n.queue and c.concurrency is not null))
+    loop
+        perform pg_notify('durable_ready', q);
+    end loop;
+
     for t in
         select n.id from new_rows n join old_rows o on o.id = n.id
         where n.notify_finish and n.status in ('completed', 'failed', 'cancelled')
@@ -190,7 +210,9 @@ create function durable.start(
     max_attempts integer default 3,
     timeout double precision default null,
     idempotency_key text default null,
-    kind text default 'task'
+    kind text default 'task',
+    concurrency_key text default null,
+    key_limit integer default null
 ) returns bigint
 language plpgsql as $$
 #variable_conflict use_column
@@ -207,11 +229,11 @@ begin
     end if;
     insert into durable.tasks as t
         (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
-         idempotency_key)
+         idempotency_key, concurrency_key, key_limit)
     values
         (start.queue, start.name, start.kind, start.args, start.kwargs, start.priority,
          coalesce(start.run_at, now()), start.max_attempts, start.timeout,
-         start.idempotency_key)
+         start.idempotency_key, start.concurrency_key, start.key_limit)
     on conflict (idempotency_key) where idempotency_key is not null
         do update set idempotency_key = excluded.idempotency_key
     returning t.id into new_id;
@@ -244,7 +266,9 @@ $$;
 
 -- End a workflow's attempt to wait for children, a timer or an event. Returns 'waiting',
 -- or 'queued' when what it waits for has already happened, or null when the claim token
--- no longer matches. Lock first, check in a later statement (see wake_waiting).
+-- no longer matches, or 'cancelled' when a cancel was requested while the attempt ran
+-- (its notification came too late to stop it). Lock first, check in a later statement
+-- (see wake_waiting).
 create function durable.suspend(
     task bigint, token bigint, br integer, children bigint[], wake timestamptz,
     event_name text
@@ -252,11 +276,37 @@ create function durable.suspend(
 language plpgsql as $$
 declare
     ready boolean := false;
+    cancelling boolean;
+    notified bigint;
 begin
-    perform 1 from durable.tasks t
+    select t.cancel_requested into cancelling from durable.tasks t
      where t.id = task and t.claim_token = token and t.status = 'running' for update;
     if not found then
         return null;
+    end if;
+    if cancelling then
+        update durable.tasks t
+           set status = 'cancelled', finished_at = now(), wake_at = null, waiting_on = null,
+               waiting_event = null, claim_token = null, lease_until = null, worker_id = null
+         where t.id = task;
+        -- Cascade as the cancel did, now reaching the children started after it.
+        with recursive tree as (
+            select c.id from durable.tasks c where c.parent_id = task
+            union all
+            select c.id from durable.tasks c join tree on c.parent_id = tree.id
+        ), hit as (
+            update durable.tasks t
+               set cancel_requested = true,
+                   status = case when t.status = 'running' then 'running' else 'cancelled' end,
+                   finished_at = case when t.status = 'running' then null else now() end,
+                   wake_at = null, waiting_on = null, waiting_event = null
+              from tree
+             where t.id = tree.id and t.status in ('queued', 'running', 'waiting')
+            returning t.id, t.status
+        )
+        select count(pg_notify('durable_control', 'cancel:' || hit.id)) into notified
+          from hit where hit.status = 'running';
+        return 'cancelled';
     end if;
     if children is not null and not exists (
         select 1 from durable.tasks c
@@ -340,4 +390,173 @@ begin
      where t.id = task;
     return new_branch;
 end;
+$$;
+
+-- Fleet-wide flow control and cron schedules.
+
+create index tasks_running_queue_idx on durable.tasks (queue) where status = 'running';
+create index tasks_running_key_idx on durable.tasks (concurrency_key)
+    where status = 'running' and concurrency_key is not null;
+create index tasks_keyed_ready_idx on durable.tasks (queue)
+    where status = 'queued' and concurrency_key is not null;
+
+-- Limits that hold across every daemon; a queue without a row has none.
+create table durable.queues (
+    name          text primary key,
+    concurrency   integer,
+    rate_limit    integer,
+    rate_period   double precision,
+    updated_at    timestamptz not null default now(),
+    constraint queues_concurrency_check check (concurrency is null or concurrency >= 1),
+    constraint queues_rate_check check (
+        (rate_limit is null or rate_limit >= 1)
+        and ((rate_limit is null) = (rate_period is null))
+        and (rate_period is null or rate_period > 0))
+);
+
+-- Recent starts of rate-limited queues ('q:' || queue) and keys ('k:' || key).
+create table durable.rate_log (
+    bucket  text not null,
+    at      timestamptz not null
+);
+create index rate_log_idx on durable.rate_log (bucket, at);
+
+create table durable.schedules (
+    name         text primary key,
+    task_name    text not null,
+    cron         text not null,
+    timezone     text not null default 'UTC',
+    args         jsonb not null default '[]',
+    kwargs       jsonb not null default '{}',
+    queue        text,
+    source       text not null default 'cli',
+    next_run_at  timestamptz not null,
+    last_run_at  timestamptz,
+    last_task_id bigint,
+    created_at   timestamptz not null default now(),
+    constraint schedules_source_check check (source in ('code', 'cli'))
+);
+
+-- Claim up to n ready tasks of queue q that this daemon can run. Queues with a fleet-wide
+-- limit, and queues holding keyed tasks, serialise their claimers on the queue's row: the
+-- counts below are read after the lock is granted (each statement of this function takes
+-- a new snapshot), so concurrent claimers can never overshoot a limit.
+create function durable.claim(q text, names text[], n integer, lease double precision,
+                              worker uuid)
+returns table (id bigint, queue text, name text, kind text, args text, kwargs text,
+               attempt integer, max_attempts integer, timeout double precision,
+               claim_token bigint, branch integer, parent_id bigint, root_id bigint,
+               cancel_requested boolean)
+language plpgsql as $$
+#variable_conflict use_column
+declare
+    cfg record;
+    keyed boolean;
+    busy integer;
+begin
+    select c.concurrency, c.rate_limit, c.rate_period into cfg
+      from durable.queues c where c.name = q;
+    keyed := exists (select 1 from durable.tasks t
+                     where t.queue = q and t.status = 'queued' and t.concurrency_key is not null);
+    if not keyed and (cfg is null or (cfg.concurrency is null and cfg.rate_limit is null)) then
+        return query
+        with ready as (
+            select t.id from durable.tasks t
+            where t.queue = q and t.status = 'queued' and t.run_at <= now()
+              and t.name = any(names)
+            order by t.priority desc, t.id
+            limit n
+            for update skip locked
+        )
+        update durable.tasks t
+           set status = 'running', claim_token = nextval('durable.claim_tokens'),
+               lease_until = now() + make_interval(secs => lease), worker_id = worker,
+               started_at = coalesce(t.started_at, now())
+          from ready
+         where t.id = ready.id
+        returning t.id, t.queue, t.name, t.kind, t.args::text, t.kwargs::text, t.attempt,
+                  t.max_attempts, t.timeout, t.claim_token, t.branch, t.parent_id, t.root_id,
+                  t.cancel_requested;
+        return;
+    end if;
+
+    insert into durable.queues (name) values (q) on conflict do nothing;
+    perform 1 from durable.queues c where c.name = q for update;
+    if cfg is not null and cfg.concurrency is not null then
+        select count(*) into busy from durable.tasks t where t.queue = q and t.status = 'running';
+        n := least(n, cfg.concurrency - busy);
+    end if;
+    if cfg is not null and cfg.rate_limit is not null then
+        delete from durable.rate_log r
+         where r.bucket = 'q:' || q and r.at <= now() - make_interval(secs => cfg.rate_period);
+        select count(*) into busy from durable.rate_log r where r.bucket = 'q:' || q;
+        n := least(n, cfg.rate_limit - busy);
+    end if;
+    if n <= 0 then
+        return;
+    end if;
+
+    return query
+    with keys as (
+        select k.concurrency_key as key,
+               (select count(*) from durable.tasks r
+                 where r.status = 'running' and r.concurrency_key = k.concurrency_key) as running,
+               (select count(*) from durable.rate_log l
+                 where l.bucket = 'k:' || k.concurrency_key
+                   and l.at > now() - make_interval(secs => k.key_rate_period)) as recent,
+               k.key_limit, k.key_rate_limit
+          from (select distinct on (t.concurrency_key) t.concurrency_key, t.key_limit,
+                       t.key_rate_limit, t.key_rate_period
+                  from durable.tasks t
+                 where t.queue = q and t.status = 'queued' and t.concurrency_key is not null
+                 order by t.concurrency_key, t.id desc) k
+    ), ranked as (
+        select t.id, t.priority, t.concurrency_key,
+               row_number() over (partition by t.concurrency_key
+                                  order by t.priority desc, t.id) as rn
+          from durable.tasks t
+         where t.queue = q and t.status = 'queued' and t.run_at <= now()
+           and t.name = any(names)
+    ), chosen as (
+        select r.id from ranked r left join keys k on k.key = r.concurrency_key
+         where r.concurrency_key is null
+            or (r.rn + k.running <= coalesce(k.key_limit, 2147483647)
+                and r.rn + k.recent <= coalesce(k.key_rate_limit, 2147483647))
+         order by r.priority desc, r.id
+         limit n
+    ), ready as (
+        select t.id from durable.tasks t join chosen using (id)
+         for update of t skip locked
+    ), started as (
+        update durable.tasks t
+           set status = 'running', claim_token = nextval('durable.claim_tokens'),
+               lease_until = now() + make_interval(secs => lease), worker_id = worker,
+               started_at = coalesce(t.started_at, now())
+          from ready
+         where t.id = ready.id
+        returning t.*
+    ), logged as (
+        insert into durable.rate_log (bucket, at)
+        select 'q:' || q, now() from started where cfg.rate_limit is not null
+        union all
+        select 'k:' || s.concurrency_key, now() from started s
+         where s.concurrency_key is not null and s.key_rate_limit is not null
+    )
+    select s.id, s.queue, s.name, s.kind, s.args::text, s.kwargs::text, s.attempt,
+           s.max_attempts, s.timeout, s.claim_token, s.branch, s.parent_id, s.root_id,
+           s.cancel_requested
+      from started s;
+end;
+$$;
+
+-- Seconds until a rate-limited queue may start its next task (null: not rate-limited now).
+create function durable.claim_delay(q text) returns double precision
+language sql stable as $$
+    select extract(epoch from (min(l.at) + make_interval(secs => c.rate_period) - now()))
+      from durable.queues c
+      join durable.rate_log l on l.bucket = 'q:' || c.name
+     where c.name = q and c.rate_limit is not null
+       and l.at > now() - make_interval(secs => c.rate_period)
+     group by c.rate_period, c.rate_limit
+    having count(*) >= c.rate_limit
 $$;

@@ -1,0 +1,162 @@
+"""Standard five-field cron expressions, in a time zone (pure functions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from durable.errors import ConfigurationError
+
+_MONTHS = {m: i for i, m in enumerate(
+    ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}
+_DAYS = {d: i for i, d in enumerate(["sun", "mon", "tue", "wed", "thu", "fri", "sat"])}
+_ALIASES = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {}),
+           ("month", 1, 12, _MONTHS), ("day of week", 0, 7, _DAYS))
+
+
+class CronError(ConfigurationError, ValueError):
+    """A cron expression or time zone is malformed."""
+
+
+def _value(text: str, names: dict[str, int], field: str, expr: str) -> int:
+    text = text.lower()
+    if text in names:
+        return names[text]
+    if not text.isdigit():
+        raise CronError(f"cron {expr!r}: {field} {text!r} is not a number")
+    return int(text)
+
+
+def _parse_field(text: str, field: str, lo: int, hi: int, names: dict[str, int],
+                 expr: str) -> frozenset[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        step = 1
+        if "/" in part:
+            part, _, step_text = part.partition("/")
+            if not step_text.isdigit() or int(step_text) < 1:
+                raise CronError(f"cron {expr!r}: {field} step {step_text!r} must be >= 1")
+            step = int(step_text)
+        if part == "*":
+            start, end = lo, hi
+        elif "-" in part:
+            a, _, b = part.partition("-")
+            start, end = _value(a, names, field, expr), _value(b, names, field, expr)
+        else:
+            start = _value(part, names, field, expr)
+            end = hi if step > 1 else start
+        if not (lo <= start <= hi and lo <= end <= hi) or start > end:
+            raise CronError(f"cron {expr!r}: {field} {part!r} is outside {lo}-{hi}")
+        out.update(range(start, end + 1, step))
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class Cron:
+    """A parsed cron expression: ``minute hour day-of-month month day-of-week``."""
+
+    expr: str
+    timezone: str
+    minutes: frozenset[int]
+    hours: frozenset[int]
+    days: frozenset[int]
+    months: frozenset[int]
+    weekdays: frozenset[int]
+    any_day: bool
+    any_weekday: bool
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def _day_matches(self, d: datetime) -> bool:
+        dom = d.day in self.days
+        dow = (d.isoweekday() % 7) in self.weekdays
+        # Vixie cron: when both day fields are restricted, either one matching is enough.
+        if self.any_day:
+            return dow
+        if self.any_weekday:
+            return dom
+        return dom or dow
+
+    def next_after(self, after: datetime) -> datetime:
+        """The first tick strictly after ``after`` (an aware datetime), in UTC."""
+        if after.tzinfo is None:
+            raise ValueError("cron needs an aware datetime")
+        zone = self.zone
+        local = after.astimezone(zone).replace(second=0, microsecond=0) + timedelta(minutes=1)
+        day = local.replace(hour=0, minute=0)
+        for _ in range(366 * 8):  # Feb 29 on a Monday happens within 28 years; 8 covers most
+            if day.month in self.months and self._day_matches(day):
+                for hour in sorted(self.hours):
+                    for minute in sorted(self.minutes):
+                        wall = day.replace(hour=hour, minute=minute, tzinfo=None)
+                        if wall < local.replace(tzinfo=None):
+                            continue
+                        candidate = wall.replace(tzinfo=zone)
+                        # A wall time that does not exist (the DST gap) is skipped.
+                        if candidate.astimezone(UTC).astimezone(zone).replace(
+                                tzinfo=None) != wall:
+                            continue
+                        return candidate.astimezone(UTC)
+            day = (day.replace(tzinfo=None) + timedelta(days=1)).replace(tzinfo=zone)
+        raise CronError(f"cron {self.expr!r} has no tick in the next 8 years")
+
+    def previous_at_or_before(self, when: datetime) -> datetime | None:
+        """The last tick at or before ``when``, in UTC (None if none in 8 years)."""
+        zone = self.zone
+        local = when.astimezone(zone).replace(second=0, microsecond=0)
+        day = local.replace(hour=0, minute=0)
+        for _ in range(366 * 8):
+            if day.month in self.months and self._day_matches(day):
+                for hour in sorted(self.hours, reverse=True):
+                    for minute in sorted(self.minutes, reverse=True):
+                        wall = day.replace(hour=hour, minute=minute, tzinfo=None)
+                        if wall > local.replace(tzinfo=None):
+                            continue
+                        candidate = wall.replace(tzinfo=zone)
+                        if candidate.astimezone(UTC).astimezone(zone).replace(
+                                tzinfo=None) != wall:
+                            continue
+                        return candidate.astimezone(UTC)
+            day = (day.replace(tzinfo=None) - timedelta(days=1)).replace(tzinfo=zone)
+        return None
+
+    def latest_at_or_before(self, when: datetime, since: datetime) -> datetime | None:
+        """The last tick in (since, when], or None: the missed tick to run once."""
+        tick = self.previous_at_or_before(when)
+        return tick if tick is not None and tick > since else None
+
+
+def parse(expr: str, timezone: str = "UTC") -> Cron:
+    """Parse ``expr`` (five fields, or @hourly/@daily/...) in ``timezone``."""
+    if not isinstance(expr, str) or not expr.strip():
+        raise CronError("a cron expression must be a non-empty string")
+    text = _ALIASES.get(expr.strip().lower(), expr.strip())
+    parts = text.split()
+    if len(parts) != 5:
+        raise CronError(
+            f"cron {expr!r}: expected 5 fields (minute hour day-of-month month day-of-week), "
+            f"got {len(parts)}"
+        )
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise CronError(f"unknown time zone {timezone!r}") from None
+    sets = [_parse_field(p, f, lo, hi, names, expr)
+            for p, (f, lo, hi, names) in zip(parts, _FIELDS, strict=True)]
+    weekdays = frozenset(d % 7 for d in sets[4])
+    return Cron(expr=expr, timezone=timezone, minutes=sets[0], hours=sets[1], days=sets[2],
+                months=sets[3], weekdays=weekdays, any_day=parts[2] == "*",
+                any_weekday=parts[4] == "*")
+
+
+def next_run(expr: str, timezone: str, after: datetime) -> datetime:
+    """The first tick of ``expr`` in ``timezone`` after ``after``."""
+    return parse(expr, timezone).next_after(after)
