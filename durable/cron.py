@@ -8,16 +8,29 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from durable.errors import ConfigurationError
 
-_MONTHS = {m: i for i, m in enumerate(
-    ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}
+_MONTHS = {
+    m: i
+    for i, m in enumerate(
+        ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1
+    )
+}
 _DAYS = {d: i for i, d in enumerate(["sun", "mon", "tue", "wed", "thu", "fri", "sat"])}
 _ALIASES = {
-    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
-    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
-_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {}),
-           ("month", 1, 12, _MONTHS), ("day of week", 0, 7, _DAYS))
+_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
+    ("minute", 0, 59, {}),
+    ("hour", 0, 23, {}),
+    ("day of month", 1, 31, {}),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _DAYS),
+)
 
 
 class CronError(ConfigurationError, ValueError):
@@ -33,8 +46,9 @@ def _value(text: str, names: dict[str, int], field: str, expr: str) -> int:
     return int(text)
 
 
-def _parse_field(text: str, field: str, lo: int, hi: int, names: dict[str, int],
-                 expr: str) -> frozenset[int]:
+def _parse_field(
+    text: str, field: str, lo: int, hi: int, names: dict[str, int], expr: str
+) -> frozenset[int]:
     out: set[int] = set()
     for part in text.split(","):
         step = 1
@@ -101,8 +115,7 @@ class Cron:
                             continue
                         candidate = wall.replace(tzinfo=zone)
                         # A wall time that does not exist (the DST gap) is skipped.
-                        if candidate.astimezone(UTC).astimezone(zone).replace(
-                                tzinfo=None) != wall:
+                        if candidate.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != wall:
                             continue
                         return candidate.astimezone(UTC)
             day = (day.replace(tzinfo=None) + timedelta(days=1)).replace(tzinfo=zone)
@@ -121,8 +134,7 @@ class Cron:
                         if wall > local.replace(tzinfo=None):
                             continue
                         candidate = wall.replace(tzinfo=zone)
-                        if candidate.astimezone(UTC).astimezone(zone).replace(
-                                tzinfo=None) != wall:
+                        if candidate.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != wall:
                             continue
                         return candidate.astimezone(UTC)
             day = (day.replace(tzinfo=None) - timedelta(days=1)).replace(tzinfo=zone)
@@ -149,12 +161,22 @@ def parse(expr: str, timezone: str = "UTC") -> Cron:
         ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
         raise CronError(f"unknown time zone {timezone!r}") from None
-    sets = [_parse_field(p, f, lo, hi, names, expr)
-            for p, (f, lo, hi, names) in zip(parts, _FIELDS, strict=True)]
+    sets = [
+        _parse_field(p, f, lo, hi, names, expr)
+        for p, (f, lo, hi, names) in zip(parts, _FIELDS, strict=True)
+    ]
     weekdays = frozenset(d % 7 for d in sets[4])
-    return Cron(expr=expr, timezone=timezone, minutes=sets[0], hours=sets[1], days=sets[2],
-                months=sets[3], weekdays=weekdays, any_day=parts[2] == "*",
-                any_weekday=parts[4] == "*")
+    return Cron(
+        expr=expr,
+        timezone=timezone,
+        minutes=sets[0],
+        hours=sets[1],
+        days=sets[2],
+        months=sets[3],
+        weekdays=weekdays,
+        any_day=parts[2] == "*",
+        any_weekday=parts[4] == "*",
+    )
 
 
 def next_run(expr: str, timezone: str, after: datetime) -> datetime:

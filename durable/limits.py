@@ -108,14 +108,22 @@ def cmd_schedules(args: argparse.Namespace) -> int:
 
         async def add(client: Any) -> None:
             await client.store.upsert_schedule(
-                args.name, args.task or args.name, args.cron, args.timezone,
-                json.dumps(call_args), "{}", args.queue, "cli", first,
+                args.name,
+                args.task or args.name,
+                args.cron,
+                args.timezone,
+                json.dumps(call_args),
+                "{}",
+                args.queue,
+                "cli",
+                first,
             )
 
         _with_client(args, add)
         print(f"schedule {args.name}: next run {first.isoformat()}")
         return 0
     if args.action == "remove":
+
         async def remove(client: Any) -> bool:
             return bool(await client.store.delete_schedule(args.name))
 
@@ -128,11 +136,30 @@ def cmd_schedules(args: argparse.Namespace) -> int:
         return await client.store.list_schedules()
 
     out = [
-        {"name": r["name"], "task": r["task_name"], "cron": r["cron"], "timezone": r["timezone"],
-         "next_run_at": r["next_run_at"], "last_run_at": r["last_run_at"],
-         "last_task_id": r["last_task_id"], "source": r["source"]}
+        {
+            "name": r["name"],
+            "task": r["task_name"],
+            "cron": r["cron"],
+            "timezone": r["timezone"],
+            "next_run_at": r["next_run_at"],
+            "last_run_at": r["last_run_at"],
+            "last_task_id": r["last_task_id"],
+            "source": r["source"],
+        }
         for r in _with_client(args, rows)
     ]
-    _emit(args, out, ["name", "task", "cron", "timezone", "next_run_at", "last_run_at",
-                      "last_task_id", "source"])
+    _emit(
+        args,
+        out,
+        [
+            "name",
+            "task",
+            "cron",
+            "timezone",
+            "next_run_at",
+            "last_run_at",
+            "last_task_id",
+            "source",
+        ],
+    )
     return 0

@@ -351,3 +351,180 @@ returning name
 
 -- name: schedule_task_started
 update durable.schedules set last_task_id = $2 where name = $1
+
+-- name: ping
+select 1
+
+-- name: schema_version
+select max(version) from durable.migrations
+
+-- name: queue_depth
+-- Unfinished tasks per queue, and how long the oldest ready one has waited (seconds).
+-- Reads only the partial indexes on queued, running and waiting tasks, not the history.
+select queue,
+       count(*) filter (where status = 'queued')::bigint as queued,
+       count(*) filter (where status = 'running')::bigint as running,
+       count(*) filter (where status = 'waiting')::bigint as waiting,
+       extract(epoch from now() - min(run_at) filter (where status = 'queued'
+                                                        and run_at <= now()))::float8
+           as oldest_ready
+from durable.tasks
+where status in ('queued', 'running', 'waiting')
+group by queue
+
+-- name: unserved_names
+-- Per queue, the names of queued tasks that no live daemon ($1: heard from within this
+-- many seconds) serves: it must list the queue and have the code for the name.
+with pending as (
+    select queue, name, count(*)::bigint as tasks
+    from durable.tasks where status = 'queued' group by queue, name
+)
+select p.queue, array_agg(p.name order by p.name) as names, sum(p.tasks)::bigint as tasks
+from pending p
+where not exists (
+    select 1 from durable.workers w
+    where w.stopped_at is null and w.heartbeat_at > now() - make_interval(secs => $1)
+      and w.queues ? p.queue and p.name = any(w.names))
+group by p.queue
+order by p.queue
+
+-- name: select_tasks
+-- Ids of the tasks a bulk retry or cancel acts on: status in $1, optional queue $2, name
+-- $3, created since $4; $5 leaves out tasks already asked to cancel.
+select id from durable.tasks
+where status = any($1::text[])
+  and ($2::text is null or queue = $2)
+  and ($3::text is null or name = $3)
+  and ($4::timestamptz is null or created_at >= $4)
+  and not ($5 and cancel_requested)
+order by id
+
+-- name: retry_many
+-- `durable.restart(id, 'retry')` for the tasks of $1 still in a status of $2. Locking first
+-- re-checks each row, so one retried meanwhile by someone else is skipped, not an error.
+with picked as materialized (
+    select id from durable.tasks
+    where id = any($1::bigint[]) and status = any($2::text[])
+    order by id
+    for update skip locked
+)
+select id, durable.restart(id, 'retry') as branch from picked
+
+-- name: cancel_many
+-- `cancel` for many tasks at once: the unfinished ones among $1 and their unfinished
+-- descendants.
+with recursive tree as (
+    select id from durable.tasks
+    where id = any($1::bigint[]) and status in ('queued', 'running', 'waiting')
+    union
+    select c.id from durable.tasks c join tree on c.parent_id = tree.id
+), hit as (
+    update durable.tasks t
+       set cancel_requested = true,
+           status = case when t.status = 'running' then 'running' else 'cancelled' end,
+           finished_at = case when t.status = 'running' then null else now() end,
+           wake_at = null, waiting_on = null, waiting_event = null
+      from tree
+     where t.id = tree.id and t.status in ('queued', 'running', 'waiting')
+    returning t.id, t.status
+)
+select id, status, case when status = 'running'
+                        then pg_notify('durable_control', 'cancel:' || id) end is not null
+from hit
+
+-- name: prune_lock
+-- One pruner at a time across all daemons and CLIs (a session lock; $1 is PRUNE_LOCK).
+select pg_try_advisory_lock($1)
+
+-- name: prune_unlock
+select pg_advisory_unlock($1)
+
+-- name: prune_count
+-- How many tasks `prune_trees` would delete for cutoff $1 (for the confirmation prompt).
+select count(*)::bigint from durable.tasks t
+where t.status in ('completed', 'failed', 'cancelled') and t.finished_at < $1
+  and not exists (
+      select 1 from durable.tasks r where r.id = t.root_id
+         and (r.status in ('completed', 'failed', 'cancelled') and r.finished_at < $1)
+             is not true)
+  and not exists (
+      select 1 from durable.tasks d where d.root_id = coalesce(t.root_id, t.id)
+         and (d.status in ('completed', 'failed', 'cancelled') and d.finished_at < $1)
+             is not true)
+
+-- name: prune_scan
+-- One window of up to $3 tasks after id $1, in id order. A task is pruned with its whole
+-- tree (its root, coalesce(root_id, id), and every task with that root), and only when
+-- every task of the tree finished before $2. Returns the last id looked at, how many rows
+-- the window held, whether any was created before $2 (none: the rest is newer, stop), and
+-- the roots of the trees ready to go.
+with win as (
+    select id, root_id, status, finished_at, created_at from durable.tasks
+    where id > $1 order by id limit $3
+), keys as (
+    select distinct coalesce(w.root_id, w.id) as k from win w
+    where w.status in ('completed', 'failed', 'cancelled') and w.finished_at < $2
+)
+select (select max(id) from win) as last_id,
+       (select count(*) from win)::int as scanned,
+       coalesce((select bool_or(created_at < $2) from win), false) as older,
+       array(
+           select k.k from keys k
+           where not exists (
+                   select 1 from durable.tasks r where r.id = k.k
+                      and (r.status in ('completed', 'failed', 'cancelled')
+                           and r.finished_at < $2) is not true)
+             and not exists (
+                   select 1 from durable.tasks d where d.root_id = k.k
+                      and (d.status in ('completed', 'failed', 'cancelled')
+                           and d.finished_at < $2) is not true)
+           order by k.k) as roots
+
+-- name: prune_trees
+-- Delete up to $3 tasks of the trees rooted at $1 (with their events and signals),
+-- descendants first; a root goes in the statement after its last descendant. Each tree is
+-- checked again under the lock of its root: a tree restarted meanwhile is left alone.
+-- A root already gone (deleted by hand) leaves its descendants to be pruned all the same.
+with keys as (
+    select unnest($1::bigint[]) as k
+), locked as materialized (
+    select r.id from durable.tasks r join keys on r.id = keys.k
+    where r.status in ('completed', 'failed', 'cancelled') and r.finished_at < $2
+    for update of r
+), allowed as (
+    select keys.k from keys
+    where (keys.k in (select id from locked)
+           or not exists (select 1 from durable.tasks r where r.id = keys.k))
+      and not exists (
+          select 1 from durable.tasks d where d.root_id = keys.k
+             and (d.status in ('completed', 'failed', 'cancelled') and d.finished_at < $2)
+                 is not true)
+), victims as (
+    -- Newest first: a task's descendants are newer than it, so none is left behind
+    -- under a deleted parent.
+    (select d.id from durable.tasks d join allowed a on d.root_id = a.k
+      order by d.id desc limit $3)
+    union all
+    (select l.id from locked l join allowed a on a.k = l.id
+      where not exists (select 1 from durable.tasks d where d.root_id = l.id))
+), ev as (
+    delete from durable.events e using victims v where e.task_id = v.id returning 1
+), sg as (
+    delete from durable.signals s using victims v where s.task_id = v.id returning 1
+), gone as (
+    delete from durable.tasks t using victims v where t.id = v.id returning 1
+)
+select (select count(*) from gone)::bigint as tasks,
+       (select count(*) from ev)::bigint as events,
+       (select count(*) from sg)::bigint as signals
+
+-- name: prune_workers
+-- Daemons stopped before $1, or silent since before $1 and for more than a day (lost).
+delete from durable.workers
+where (stopped_at is not null and stopped_at < $1)
+   or (stopped_at is null and heartbeat_at < least($1, now() - interval '1 day'))
+returning id
+
+-- name: prune_cutoff
+-- The database's clock decides what is old, not the caller's.
+select now() - make_interval(secs => $1)

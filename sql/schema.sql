@@ -463,15 +463,18 @@ returns table (id bigint, queue text, name text, kind text, args text, kwargs te
 language plpgsql as $$
 #variable_conflict use_column
 declare
-    cfg record;
+    conc integer;
+    rate integer;
+    period double precision;
     keyed boolean;
     busy integer;
 begin
-    select c.concurrency, c.rate_limit, c.rate_period into cfg
+    -- Scalars, not a record: a record with a null field is neither null nor not null.
+    select c.concurrency, c.rate_limit, c.rate_period into conc, rate, period
       from durable.queues c where c.name = q;
     keyed := exists (select 1 from durable.tasks t
                      where t.queue = q and t.status = 'queued' and t.concurrency_key is not null);
-    if not keyed and (cfg is null or (cfg.concurrency is null and cfg.rate_limit is null)) then
+    if not keyed and conc is null and rate is null then
         return query
         with ready as (
             select t.id from durable.tasks t
@@ -495,15 +498,15 @@ begin
 
     insert into durable.queues (name) values (q) on conflict do nothing;
     perform 1 from durable.queues c where c.name = q for update;
-    if cfg is not null and cfg.concurrency is not null then
+    if conc is not null then
         select count(*) into busy from durable.tasks t where t.queue = q and t.status = 'running';
-        n := least(n, cfg.concurrency - busy);
+        n := least(n, conc - busy);
     end if;
-    if cfg is not null and cfg.rate_limit is not null then
+    if rate is not null then
         delete from durable.rate_log r
-         where r.bucket = 'q:' || q and r.at <= now() - make_interval(secs => cfg.rate_period);
+         where r.bucket = 'q:' || q and r.at <= now() - make_interval(secs => period);
         select count(*) into busy from durable.rate_log r where r.bucket = 'q:' || q;
-        n := least(n, cfg.rate_limit - busy);
+        n := least(n, rate - busy);
     end if;
     if n <= 0 then
         return;
@@ -550,7 +553,7 @@ begin
         returning t.*
     ), logged as (
         insert into durable.rate_log (bucket, at)
-        select 'q:' || q, now() from started where cfg.rate_limit is not null
+        select 'q:' || q, now() from started where rate is not null
         union all
         select 'k:' || s.concurrency_key, now() from started s
          where s.concurrency_key is not null and s.key_rate_limit is not null

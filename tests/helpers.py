@@ -97,14 +97,17 @@ def daemon_env(dsn: str, **extra: str) -> dict[str, str]:
 
 def spawn_daemon(dsn: str, app: str, *args: str, log: Path | None = None, **env: str) -> subprocess.Popen[bytes]:
     """``durable run --app APP`` in a subprocess (killed with the test)."""
-    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(
-        [sys.executable, "-m", "durable", "run", "--app", app, *args],
-        cwd=ROOT,
-        env=daemon_env(dsn, **env),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
+    if log is None:
+        return subprocess.Popen(
+            [sys.executable, "-m", "durable", "run", "--app", app, *args],
+            cwd=ROOT, env=daemon_env(dsn, **env), stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "durable", "run", "--app", app, *args],
+            cwd=ROOT, env=daemon_env(dsn, **env), stdout=out, stderr=subprocess.STDOUT,
+        )
 
 
 def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
@@ -123,3 +126,28 @@ def durable_cli(*args: str, dsn: str | None = None, timeout: float = 60, **env: 
         text=True,
         timeout=timeout,
     )
+
+
+async def wait_status(dsn: str, task_id: int, *statuses: str, timeout: float = 20.0) -> str:
+    """Wait until the task's status is one of ``statuses``; returns it."""
+
+    async def check() -> str | None:
+        status = await fetchval(dsn, "select status from durable.tasks where id = $1", task_id)
+        return status if status in statuses else None
+
+    return str(await wait_for(check, timeout=timeout))
+
+
+def spawn_daemon_logged(
+    dsn: str, app: str, log: Path, *args: str, **env: str
+) -> subprocess.Popen[bytes]:
+    """``spawn_daemon`` writing stdout and stderr to ``log``, without leaking the file
+    object in this process (an unclosed file is a ResourceWarning, an error here)."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "durable", "run", "--app", app, *args],
+            cwd=ROOT,
+            env=daemon_env(dsn, **env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
