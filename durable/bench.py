@@ -172,7 +172,9 @@ async def _bulk_enqueue(client: Any, fn: Any, calls: list[list[Any]]) -> float:
     return time.monotonic() - t0
 
 
-async def throughput(server: str, n: int, concurrency: int, progress: bool) -> Result:
+async def throughput(
+    server: str, n: int, concurrency: int, progress: bool, queue_limit: int | None = None
+) -> Result:
     from durable.daemon import Daemon
     from durable.registry import registry
 
@@ -180,6 +182,8 @@ async def throughput(server: str, n: int, concurrency: int, progress: bool) -> R
     async with scratch_database(server) as dsn:
         async with durable.connect(dsn) as client:
             enqueue_s = await _bulk_enqueue(client, noop, [[i] for i in range(n)])
+            if queue_limit is not None:  # a fleet-wide limit, binding or not
+                await client.store.set_queue_limits(QUEUE, queue_limit, None, None)
         bar = Progress("throughput", n, progress)
         daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=4)
         async with anyio.create_task_group() as tg:
@@ -195,6 +199,7 @@ async def throughput(server: str, n: int, concurrency: int, progress: bool) -> R
         {
             "tasks": n,
             "concurrency": concurrency,
+            "queue_limit": queue_limit,
             "enqueue_per_s": round(n / enqueue_s),
             "drain_per_s": round(drain),
             "rss_mb": round(_rss_mb(), 1),
@@ -382,7 +387,9 @@ async def run(
     results: list[Result] = []
     for w in selected:
         if w == "throughput":
-            results.append(await throughput(server, n, concurrency, progress))
+            results.append(
+                await throughput(server, n, concurrency, progress, opts.get("queue_limit"))
+            )
         elif w == "latency":
             results.append(
                 await latency(server, opts["latency_n"], opts["rate"], concurrency, progress)

@@ -73,6 +73,8 @@ def _cell(v: Any) -> str:
         return v.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(v, timedelta):
         return f"{v.total_seconds():.1f}s"
+    if isinstance(v, list):
+        return ", ".join(map(str, v)) or "-"
     return str(v)
 
 
@@ -92,6 +94,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         log_format=args.log_format,
         apps=args.app or None,
+        http=args.http,
+        retention=args.retention,
     )
     from durable import logs
     from durable.registry import load
@@ -214,68 +218,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    async def go(client: Any) -> Any:
-        info = await client.get(args.id)
-        branch = args.branch if args.branch is not None else info.branch
-        return info, await client.history(args.id, branch), await client.branches(args.id), branch
-
-    info, history, branches, branch = _with_client(args, go)
-    if args.json:
-        out = {k: getattr(info, k) for k in info.__dataclass_fields__}
-        out["branch_shown"] = branch
-        out["branches"] = branches
-        out["events"] = [{k: getattr(e, k) for k in e.__dataclass_fields__} for e in history]
-        print(json.dumps(out, default=str, indent=2))
-        return 0
-    print(f"task {info.id}  {info.kind} {info.name!r}  queue {info.queue}")
-    print(f"status     {info.status}" + ("  (cancel requested)" if info.cancel_requested and info.status == "running" else ""))
-    print(f"attempt    {info.attempt} of {info.max_attempts}")
-    print(f"arguments  {json.dumps(info.args)} {json.dumps(info.kwargs) if info.kwargs else ''}".rstrip())
-    print(f"created    {_cell(info.created_at)}   started {_cell(info.started_at)}   finished {_cell(info.finished_at)}")
-    if info.parent_id:
-        print(f"parent     {info.parent_id}")
-    if info.status == "waiting":
-        what = []
-        if info.waiting_on:
-            what.append(f"children {', '.join(map(str, info.waiting_on))}")
-        if info.waiting_event:
-            what.append(f"event {info.waiting_event!r}")
-        if info.wake_at:
-            what.append(f"until {_cell(info.wake_at)}")
-        print(f"waiting    {'; '.join(what)}")
-    if info.status == "completed":
-        print(f"result     {json.dumps(info.result)}")
-    if info.error:
-        print(f"error      {info.error.get('type')}: {info.error.get('message')}")
-        if info.error.get("traceback") and info.status == "failed":
-            print("traceback")
-            for line in str(info.error["traceback"]).rstrip().splitlines():
-                print(f"  {line}")
-    if info.kind == "workflow" or history:
-        others = [b for b in branches if b != branch]
-        extra = f" (other branches: {', '.join(map(str, others))})" if others else ""
-        print(f"\nevent log, branch {branch}{extra}")
-        rows = []
-        for e in history:
-            outcome = e.status
-            if e.kind == "child":
-                outcome = f"child {e.child_id}: {e.child_status}"
-            elif e.status == "failed" and e.error:
-                outcome = f"failed: {e.error.get('type')}: {e.error.get('message')}"
-            elif e.kind == "sleep" and e.wake_at:
-                outcome = f"until {_cell(e.wake_at)}"
-            elif e.status == "completed":
-                outcome = f"-> {json.dumps(e.result)}"[:60]
-            dur = (e.finished_at - e.started_at).total_seconds() * 1000 if e.finished_at else None
-            rows.append(
-                {"seq": e.seq, "kind": e.kind, "name": e.name, "attempt": e.attempt,
-                 "ms": f"{dur:.1f}" if dur is not None else None, "outcome": outcome}
-            )
-        print(_table(rows, ["seq", "kind", "name", "attempt", "ms", "outcome"]))
-    return 0
-
-
 def _act(args: argparse.Namespace, what: str) -> int:
     async def go(client: Any) -> Any:
         if what == "retry":
@@ -314,11 +256,13 @@ def cmd_queues(args: argparse.Namespace) -> int:
 
         return cmd_queues_set(args, _with_client)
 
+    from durable.operator import LIVE_WITHIN
+
     async def go(client: Any) -> Any:
         return (await client.store.queue_stats(), await client.store.list_workers(1000),
-                await client.store.queue_limits())
+                await client.store.queue_limits(), await client.store.unserved_names(LIVE_WITHIN))
 
-    stats, workers, limits = _with_client(args, go)
+    stats, workers, limits, unserved = _with_client(args, go)
     now = datetime.now(UTC)
     by_queue: dict[str, dict[str, Any]] = {}
     for r in stats:
@@ -337,59 +281,12 @@ def cmd_queues(args: argparse.Namespace) -> int:
         entry = by_queue.setdefault(lim["name"], {"queue": lim["name"], "oldest_ready_s": None})
         entry["limit"] = lim["concurrency"]
         entry["rate"] = describe_rate(lim["rate_limit"], lim["rate_period"])
+    for u in unserved:  # queued names that no live daemon has the code for
+        entry = by_queue.setdefault(u["queue"], {"queue": u["queue"], "oldest_ready_s": None})
+        entry["unserved"] = list(u["names"])
     rows = sorted(by_queue.values(), key=lambda r: r["queue"])
     _emit(args, rows, ["queue", "queued", "running", "waiting", "completed", "failed",
-                       "cancelled", "oldest_ready_s", "daemons", "limit", "rate"])
-    return 0
-
-
-def cmd_workers(args: argparse.Namespace) -> int:
-    async def go(client: Any) -> Any:
-        return await client.store.list_workers(args.limit)
-
-    rows = []
-    for w in _with_client(args, go):
-        silence = w["silence"].total_seconds()
-        state = "stopped" if w["stopped_at"] else ("live" if silence < 120 else "lost")
-        rows.append(
-            {"id": str(w["id"]), "host": w["host"], "pid": w["pid"], "state": state,
-             "queues": w["queues"], "started_at": w["started_at"], "heartbeat_s": round(silence, 1)}
-        )
-    _emit(args, rows, ["id", "host", "pid", "state", "queues", "started_at", "heartbeat_s"])
-    return 0
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-
-    async def main() -> str:
-        from durable.store import connect, latest_version, schema_version
-
-        dsn = settings.database_url
-        if dsn is None and not settings.use_libpq_env:
-            from durable.embedded import EmbeddedServer
-
-            dsn = EmbeddedServer(settings.home).url()
-            if dsn is None:
-                raise CommandError("the embedded database is not running")
-        with anyio.fail_after(args.timeout):
-            conn = await connect(dsn, timeout=args.timeout)
-            try:
-                version = await schema_version(conn)
-            finally:
-                await conn.close()
-        if version != latest_version():
-            raise CommandError(f"schema version {version}, expected {latest_version()}")
-        return "ok"
-
-    try:
-        print(_run(main))
-    except CommandError:
-        raise
-    except Exception as exc:
-        from durable.logs import redact
-
-        raise CommandError(f"unhealthy: {redact(f'{type(exc).__name__}: {exc}')}") from None
+                       "cancelled", "oldest_ready_s", "daemons", "limit", "rate", "unserved"])
     return 0
 
 
@@ -431,6 +328,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             server, selected, n=args.tasks, concurrency=args.concurrency, as_json=args.json,
             latency_n=args.latency_tasks, rate=args.rate, workflows_n=args.workflows,
             steps=args.steps, uneven=args.uneven, history=args.history, queued=args.queued,
+            queue_limit=args.queue_limit,
         )
 
     return int(_run(main))
@@ -479,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-level", help="debug, info, warning, error (DURABLE_LOG_LEVEL)")
     r.add_argument("--log-format", help="auto, json, console (DURABLE_LOG_FORMAT)")
     r.add_argument("--app", action="append", help="module to import for its tasks (DURABLE_APP); repeatable")
+    r.add_argument("--http", help="serve /healthz, /readyz, /metrics on host:port (DURABLE_HTTP)")
+    r.add_argument("--retention", help="prune finished tasks older than this (DURABLE_RETENTION)")
     r.add_argument("--burst", action="store_true", help="exit once no work is ready")
     r.set_defaults(func=cmd_run)
 
@@ -512,22 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_ls)
 
-    sh = sub.add_parser("show", help="a task's status, error and event log")
-    db_opt(sh)
-    sh.add_argument("id", type=int)
-    sh.add_argument("--branch", type=int, help="show this branch of the event log")
-    sh.add_argument("--json", action="store_true")
-    sh.set_defaults(func=cmd_show)
+    from durable import operator  # show, retry, cancel, workers, check, prune
 
-    for name, helptext in (
-        ("retry", "run a finished task again, keeping its history"),
-        ("replay", "run a finished workflow again from nothing, on a new branch"),
-        ("cancel", "cancel a task and its unfinished children"),
-    ):
-        a = sub.add_parser(name, help=helptext)
-        db_opt(a)
-        a.add_argument("id", type=int)
-        a.set_defaults(func=lambda ns, what=name: _act(ns, what))
+    operator.add_commands(sub, db_opt)
+
+    a = sub.add_parser("replay", help="run a finished workflow again from nothing, on a new branch")
+    db_opt(a)
+    a.add_argument("id", type=int)
+    a.set_defaults(func=lambda ns: _act(ns, "replay"))
 
     f = sub.add_parser("fork", help="run a finished workflow again from position N on a new branch")
     db_opt(f)
@@ -559,17 +451,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub, db_opt)
 
-    w = sub.add_parser("workers", help="live, stopped and lost daemons")
-    db_opt(w)
-    w.add_argument("--limit", type=int, default=50)
-    w.add_argument("--json", action="store_true")
-    w.set_defaults(func=cmd_workers)
-
-    c = sub.add_parser("check", help="health probe: exit 0 if the database answers and the schema is current")
-    db_opt(c)
-    c.add_argument("--timeout", type=float, default=5.0)
-    c.set_defaults(func=cmd_check)
-
     d = sub.add_parser("db", help="the embedded Postgres server")
     d.add_argument("action", choices=["url", "start", "stop"])
     d.set_defaults(func=cmd_db)
@@ -592,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--uneven", action="store_true", help="each step sleeps a random 0-2 ms")
     b.add_argument("--history", type=int, default=1_000_000, help="backlog: finished tasks")
     b.add_argument("--queued", type=int, default=100_000, help="backlog: queued tasks")
+    b.add_argument("--queue-limit", type=int, help="throughput: set a fleet-wide concurrency "
+                   "limit on the bench queue (e.g. far above --concurrency: not binding)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 

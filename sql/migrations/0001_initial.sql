@@ -438,7 +438,7 @@ create table durable.schedules (
 );
 
 -- Claim up to n ready tasks of queue q that this daemon can run. Queues with a fleet-wide
--- limit, and queues holding keyed tasks, serialise their claimers on the queue's row: the
+-- limit, and queues holding keyed tasks, serialise their claimers on an advisory lock: the
 -- counts below are read after the lock is granted (each statement of this function takes
 -- a new snapshot), so concurrent claimers can never overshoot a limit.
 create function durable.claim(q text, names text[], n integer, lease double precision,
@@ -483,8 +483,9 @@ begin
         return;
     end if;
 
-    insert into durable.queues (name) values (q) on conflict do nothing;
-    perform 1 from durable.queues c where c.name = q for update;
+    -- A transaction-level advisory lock: it serialises this queue's claimers without
+    -- writing to any row.
+    perform pg_advisory_xact_lock(hashtextextended('durable.queue:' || q, 0));
     if conc is not null then
         select count(*) into busy from durable.tasks t where t.queue = q and t.status = 'running';
         n := least(n, conc - busy);
@@ -496,6 +497,33 @@ begin
         n := least(n, rate - busy);
     end if;
     if n <= 0 then
+        return;
+    end if;
+    if not keyed then
+        -- Serialised but unkeyed: the plain claim, within the count computed above.
+        return query
+        with ready as (
+            select t.id from durable.tasks t
+            where t.queue = q and t.status = 'queued' and t.run_at <= now()
+              and t.name = any(names)
+            order by t.priority desc, t.id
+            limit n
+            for update skip locked
+        )
+        update durable.tasks t
+           set status = 'running', claim_token = nextval('durable.claim_tokens'),
+               lease_until = now() + make_interval(secs => lease), worker_id = worker,
+               started_at = coalesce(t.started_at, now())
+          from ready
+         where t.id = ready.id
+        returning t.id, t.queue, t.name, t.kind, t.args::text, t.kwargs::text, t.attempt,
+                  t.max_attempts, t.timeout, t.claim_token, t.branch, t.parent_id, t.root_id,
+                  t.cancel_requested;
+        get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
+        if rate is not null and busy > 0 then
+            insert into durable.rate_log (bucket, at)
+                select 'q:' || q, now() from generate_series(1, busy);
+        end if;
         return;
     end if;
 
