@@ -16,9 +16,11 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from durable import sdnotify
 from durable.batch import Batcher
+from durable.errors import DurableError
+from durable.http import HttpServer, Probes
 from durable.listener import Listener
 from durable.logs import get_logger, redact
-from durable.errors import DurableError
+from durable.metrics import Metrics
 from durable.models import Checkpoint, Claimed, NewTask
 from durable.registry import Registry
 from durable.runner import Attempt, Completion, Runner
@@ -27,6 +29,9 @@ from durable.store import Store, is_transient
 from durable.worker import QueueWorker
 
 log = get_logger("durable.daemon")
+
+RETENTION_INTERVAL = 300.0
+"""Seconds between prune passes when DURABLE_RETENTION is set."""
 
 
 class Daemon:
@@ -72,6 +77,13 @@ class Daemon:
         self._attempt_done = anyio.Event()
         self._jobs: set[asyncio.Task[None]] = set()
         self._root: anyio.CancelScope | None = None
+        self.metrics = Metrics()
+        self.metrics.watch(self.workers, lambda: self.listener)
+        self.http: HttpServer | None = None
+        """The /healthz, /readyz, /metrics endpoint when DURABLE_HTTP is set (port: .http.port)."""
+        self.retention_interval = RETENTION_INTERVAL
+        self.prune_runs = 0
+        """Prune passes attempted under DURABLE_RETENTION (done, skipped or failed)."""
 
     # -- control ---------------------------------------------------------------------
 
@@ -125,7 +137,10 @@ class Daemon:
             await store.register_worker(self.id, queues, names)
             completions: Batcher[Completion, bool] = Batcher(self._complete)
             checkpoints: Batcher[Checkpoint, bool] = Batcher(self._checkpoint)
-            runner = Runner(store, self.registry, completions, checkpoints, self._on_timer)
+            runner = Runner(
+                store, self.registry, completions, checkpoints, self._on_timer,
+                metrics=self.metrics,
+            )
             self.listener = Listener(
                 self.listen_dsn,
                 on_ready=self._on_ready,
@@ -136,11 +151,19 @@ class Daemon:
                 self._root = root.cancel_scope
                 if handle_signals:
                     root.start_soon(self._signals)
+                if self.settings.http is not None:
+                    # Before the listener: /healthz and /readyz answer while it connects.
+                    host, port = self.settings.http
+                    probes = Probes(store, self.metrics, lambda: self.listener)
+                    self.http = HttpServer(host, port, probes.routes())
+                    await root.start(self.http.run)
                 await root.start(self.listener.run)
                 await root.start(completions.run)
                 await root.start(checkpoints.run)
                 root.start_soon(self._heartbeats)
                 root.start_soon(self._timers)
+                if self.settings.retention is not None:
+                    root.start_soon(self._retention, self.settings.retention)
                 await self.declare_schedules()
                 root.start_soon(self._schedules)
                 for queue, limit in queues.items():
@@ -190,6 +213,8 @@ class Daemon:
     def _starter(self, runner: Runner) -> Callable[[Claimed, Callable[[], None]], None]:
         # Attempts are plain asyncio tasks: an anyio task group and cancel scope per task
         # cost more than running a no-op task does.
+        metrics = self.metrics
+
         def start(task: Claimed, released: Callable[[], None]) -> None:
             done = False
 
@@ -201,6 +226,7 @@ class Daemon:
 
             attempt = Attempt(task, release_once)
             self.attempts[task.id] = attempt
+            metrics.task(task.queue, task.name).claimed += 1
 
             async def go() -> None:
                 try:
@@ -332,8 +358,32 @@ class Daemon:
         await self.store.worker_heartbeat(self.id)
         self._last_heartbeat = time.monotonic()
         reaped = await self.store.reap_expired()
+        self.metrics.leases_reclaimed += len(reaped)
         if reaped:
             log.warning("leases_reclaimed", count=len(reaped), ids=[i for i, _ in reaped])
+
+    async def _retention(self, older_than: float) -> None:
+        """Prune finished task trees older than ``older_than`` now and every few minutes.
+
+        Every daemon tries; an advisory lock lets one of them prune at a time.
+        """
+        assert self.store is not None
+        while True:
+            try:
+                done = await self.store.prune(older_than)
+            except Exception as exc:
+                # Retention is housekeeping: whatever goes wrong, serving tasks goes on.
+                log.warning("prune_failed", error=redact(f"{type(exc).__name__}: {exc}"))
+            else:
+                if done is None:
+                    log.debug("prune_skipped", reason="another process is pruning")
+                else:
+                    self.metrics.tasks_pruned += done.tasks
+                    if done.tasks or done.workers:
+                        log.info("tasks_pruned", tasks=done.tasks, events=done.events,
+                                 signals=done.signals, workers=done.workers)
+            self.prune_runs += 1
+            await anyio.sleep(self.retention_interval)
 
     async def _timers(self) -> None:
         """Wake suspended workflows when their timers are due, without busy polling."""
@@ -442,6 +492,7 @@ class Daemon:
         for c in items:
             t = c.task
             if t.id in accepted:
+                self.metrics.task(t.queue, t.name).completed += 1
                 log.info("task_completed", task_id=t.id, name=t.name, queue=t.queue,
                          attempt=t.attempt, seconds=round(c.elapsed, 4))
             else:
@@ -452,4 +503,5 @@ class Daemon:
     async def _checkpoint(self, items: Any) -> list[bool]:
         assert self.store is not None
         accepted = await self.store.checkpoint_many(items)
+        self.metrics.checkpoints_written += len(accepted)
         return [(c.task_id, c.seq) in accepted for c in items]

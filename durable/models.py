@@ -143,3 +143,13 @@ class NewTask:
     key_limit: int | None = None
     key_rate_limit: int | None = None
     key_rate_period: float | None = None
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What one prune pass deleted (``durable prune``, ``DURABLE_RETENTION``)."""
+
+    tasks: int = 0
+    events: int = 0
+    signals: int = 0
+    workers: int = 0

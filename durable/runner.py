@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
+from durable import tracing
 from durable.batch import Batcher
 from durable.codec import dumps, error_payload, loads
 from durable.context import Context, Suspend
@@ -20,6 +20,7 @@ from durable.errors import (
     Retry,
 )
 from durable.logs import get_logger
+from durable.metrics import Metrics
 from durable.models import Checkpoint, Claimed
 from durable.registry import Definition, Registry
 from durable.retry import after_failure
@@ -37,7 +38,7 @@ class Completion(NamedTuple):
 class Attempt:
     """A running attempt, as the daemon tracks it: its claim and how to stop it."""
 
-    __slots__ = ("finishing", "reason", "release_slot", "task", "job")
+    __slots__ = ("finishing", "job", "reason", "release_slot", "task")
 
     def __init__(self, task: Claimed, release_slot: Callable[[], None]) -> None:
         self.task = task
@@ -65,27 +66,32 @@ class Runner:
         completions: Batcher[Completion, bool],
         checkpoints: Batcher[Checkpoint, bool],
         on_timer: Callable[[datetime], None],
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.completions = completions
         self.checkpoints = checkpoints
         self.on_timer = on_timer
+        self.metrics = metrics or Metrics()
 
     async def run(self, attempt: Attempt) -> None:
         """Run the attempt; every outcome but 'shutdown' is written before returning."""
         task = attempt.task
         started = time.monotonic()
         definition = self.registry.get(task.name)
-        try:
-            outcome = await self._execute(task, definition)
-        except asyncio.CancelledError:
-            if attempt.reason is None:
-                raise
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            outcome = ("cancelled", None)
+        with tracing.attempt_span(task) as span:
+            try:
+                outcome = await self._execute(task, definition)
+            except asyncio.CancelledError:
+                if attempt.reason is None:
+                    raise
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+                outcome = ("cancelled", None)
+            tracing.record_outcome(span, outcome)
         attempt.finishing = True
         # The code is done: the slot can take the next task while the outcome is written
         # (the lease still covers this task until its write commits).
@@ -147,6 +153,8 @@ class Runner:
     ) -> None:
         kind, value = outcome
         fields = {"task_id": task.id, "name": task.name, "queue": task.queue}
+        series = self.metrics.task(task.queue, task.name)
+        series.observe(elapsed)
         if kind == "completed":
             # Group-committed; the daemon's flush logs the outcome. Not awaited: the
             # attempt ends now, and the lease covers the task until the ack commits.
@@ -158,6 +166,10 @@ class Runner:
             )
             if status is None:
                 log.warning("task_write_rejected", **fields, write="suspend")
+                return
+            if status == "cancelled":  # a cancel arrived as the attempt was ending
+                series.cancelled += 1
+                log.info("task_cancelled", **fields)
                 return
             if s.wake_at is not None and status == "waiting":
                 self.on_timer(s.wake_at)
@@ -171,6 +183,7 @@ class Runner:
             )
         elif kind == "cancelled":
             if await self.store.mark_cancelled(task.id, task.token):
+                series.cancelled += 1
                 log.info("task_cancelled", **fields)
             else:
                 log.warning("task_write_rejected", **fields, write="cancel")
@@ -191,6 +204,7 @@ class Runner:
             if decision.retry:
                 ok = await self.store.retry_later(task.id, task.token, decision.delay, error)
                 if ok:
+                    series.retried += 1
                     log.warning(
                         "task_retrying", **fields, attempt=task.attempt,
                         delay=round(decision.delay, 3), error=err,
@@ -198,6 +212,7 @@ class Runner:
             else:
                 ok = await self.store.fail(task.id, task.token, error)
                 if ok:
+                    series.failed += 1
                     log.error("task_failed", **fields, attempt=task.attempt, error=err)
             if not ok:
                 log.warning("task_write_rejected", **fields, write="fail")

@@ -96,6 +96,20 @@ _SPEC: Final[dict[str, tuple[str, str, str, str]]] = {
         "comma-separated modules to import for their tasks and workflows, "
         "in addition to the 'durable' entry points",
     ),
+    "http": (
+        "DURABLE_HTTP",
+        "--http",
+        "(off)",
+        "serve /healthz, /readyz and /metrics (Prometheus) on host:port, e.g. 0.0.0.0:9090 "
+        "(port 0 picks a free port)",
+    ),
+    "retention": (
+        "DURABLE_RETENTION",
+        "--retention",
+        "(keep forever)",
+        "delete finished tasks, with their events, this long after they finished, e.g. 7d "
+        "(one daemon at a time prunes, every few minutes)",
+    ),
     "home": (
         "DURABLE_HOME",
         "--home",
@@ -117,20 +131,20 @@ ENV_VARS: Final[tuple[tuple[str, str, str], ...]] = (
 _URL_FORM = "a URL postgresql://[user[:password]@][host][:port][/dbname] (or postgres://)"
 _QUEUES_FORM = f"name=N[,name=N...] with N a whole number from 1 to {MAX_CONCURRENCY}"
 _WHOLE_FORM = f"a whole number from 1 to {MAX_CONCURRENCY}"
-_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?", re.IGNORECASE)
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?", re.IGNORECASE)
 _WHOLE_RE = re.compile(r"\d+")
 _T = TypeVar("_T")
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in `text`: a number of seconds (5, 0.5) or a number with ms, s, m or h."""
+    """Seconds in `text`: a number of seconds (5, 0.5) or a number with ms, s, m, h or d."""
     match = _DURATION_RE.fullmatch(text.strip())
     if match is None:
         raise ValueError(f"not a duration: {text!r}")
     number, unit = match.groups()
     value = float(number)
     unit = (unit or "s").lower()
-    seconds = value / 1000 if unit == "ms" else value * {"s": 1, "m": 60, "h": 3600}[unit]
+    seconds = value / 1000 if unit == "ms" else value * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
     if not math.isfinite(seconds):
         raise ValueError(f"duration out of range: {text!r}")
     return seconds
@@ -174,6 +188,11 @@ class Settings:
       JSON lines unless stderr is a terminal).
     - `apps` (`DURABLE_APP`): comma-separated modules imported for the tasks and
       workflows they register, besides the `durable` entry points.
+    - `http` (`DURABLE_HTTP`, e.g. `0.0.0.0:9090`): (host, port) of the daemon's
+      `/healthz`, `/readyz` and `/metrics` endpoint; None (the default) serves none.
+      An empty host listens on every interface; port 0 picks a free port.
+    - `retention` (`DURABLE_RETENTION`, e.g. `7d`): seconds after which finished tasks
+      are deleted by the daemon in the background; None (the default) keeps them.
     - `home` (`DURABLE_HOME`): the embedded Postgres directory; None for the default.
 
     A malformed value raises `SettingsError` with one line naming the variable (or
@@ -191,6 +210,8 @@ class Settings:
     log_level: str = "info"
     log_format: str = "auto"
     apps: tuple[str, ...] = ()
+    http: tuple[str, int] | None = None
+    retention: float | None = None
     home: Path | None = None
 
     @classmethod
@@ -227,6 +248,8 @@ class Settings:
             log_level=source.parse("log_level", _log_level, "info"),
             log_format=source.parse("log_format", _log_format, "auto"),
             apps=source.parse("apps", _apps, ()),
+            http=source.parse("http", _http, None),
+            retention=source.parse("retention", _retention, None),
             home=source.parse("home", _home, None),
         )
 
@@ -447,6 +470,28 @@ def _apps(name: str, raw: object) -> tuple[str, ...]:
     if not modules:
         _fail(name, expected, _shown(raw))
     return tuple(modules)
+
+
+_HTTP_FORM = "host:port such as 127.0.0.1:9090, 0.0.0.0:9090, [::1]:9090 or :9090"
+_HOST_RE = re.compile(r"\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*")
+
+
+def _http(name: str, raw: object) -> tuple[str, int]:
+    text = raw.strip() if isinstance(raw, str) else ""
+    host, colon, port = text.rpartition(":")
+    if (
+        not colon
+        or not _HOST_RE.fullmatch(host)
+        or not _WHOLE_RE.fullmatch(port)
+        or len(port) > 5
+        or int(port) > 65535
+    ):
+        _fail(name, _HTTP_FORM, _shown(raw))
+    return host.strip("[]"), int(port)
+
+
+def _retention(name: str, raw: object) -> float:
+    return _duration(name, raw, 0.0, False, "a positive duration such as 7d, 12h or 30m")
 
 
 def _home(name: str, raw: object) -> Path:

@@ -358,7 +358,7 @@ def test_parse_duration(text: str, seconds: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "s", "-1", "1d", "1 2", "1e3", "nan", "inf", "5ms5", "1,5", "9" * 400]
+    "text", ["", "s", "-1", "1w", "1 2", "1e3", "nan", "inf", "5ms5", "1,5", "9" * 400]
 )
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(ValueError):
@@ -380,6 +380,8 @@ def test_env_vars_document_every_variable() -> None:
         "DURABLE_LOG_LEVEL",
         "DURABLE_LOG_FORMAT",
         "DURABLE_APP",
+        "DURABLE_HTTP",
+        "DURABLE_RETENTION",
         "DURABLE_HOME",
     }
     assert all(default and text for _name, default, text in ENV_VARS)

@@ -1,0 +1,1 @@
+"""An example workflow package for durable; its tasks live in durable_example.workflows."""

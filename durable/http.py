@@ -1,0 +1,177 @@
+"""The daemon's HTTP endpoint (``DURABLE_HTTP``): /healthz, /readyz and /metrics.
+
+A deliberately tiny HTTP/1.1 server on ``asyncio.start_server``: GET and HEAD only, one
+request per connection, bounded reads. Enough for Kubernetes probes and Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from durable.logs import get_logger, redact
+from durable.store import latest_version
+
+if TYPE_CHECKING:
+    from durable.listener import Listener
+    from durable.metrics import Metrics
+    from durable.store import Store
+
+log = get_logger("durable.http")
+
+Response = tuple[int, str, bytes]
+"""(status code, content type, body)."""
+
+Route = Callable[[], Awaitable[Response]]
+
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+JSON = "application/json"
+PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+"""What ``generate_latest`` writes: the classic text format every Prometheus reads."""
+PROBE_TIMEOUT = 2.0
+"""Seconds the database gets to answer a probe's query."""
+
+
+class HttpServer:
+    """Serves ``routes`` (path -> handler) on host:port until cancelled."""
+
+    def __init__(
+        self, host: str, port: int, routes: Mapping[str, Route], *, read_timeout: float = 5.0
+    ) -> None:
+        self.host = host
+        self.port = port
+        """The port asked for; once listening, the port bound (port 0 picks one)."""
+        self.routes = routes
+        self.read_timeout = read_timeout
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # An empty host listens on every interface (IPv4 and IPv6).
+        server = await asyncio.start_server(self._handle, self.host or None, self.port)
+        try:
+            self.port = server.sockets[0].getsockname()[1]
+            log.info("http_started", host=self.host or "*", port=self.port,
+                     paths=sorted(self.routes))
+            task_status.started()
+            await server.serve_forever()
+        finally:
+            server.close()
+            for handler in list(self._handlers):
+                handler.cancel()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            try:
+                async with asyncio.timeout(self.read_timeout):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                return  # a client that sent no complete request gets nothing
+            method, path = _request_line(head)
+            status, ctype, body = await self._respond(method, path)
+            extra = "Allow: GET, HEAD\r\n" if status == 405 else ""
+            writer.write(
+                (
+                    f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"
+                    f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                    f"Cache-Control: no-store\r\n{extra}Connection: close\r\n\r\n"
+                ).encode("latin-1")
+                + (b"" if method == "HEAD" else body)
+            )
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            if task is not None:
+                self._handlers.discard(task)
+
+    async def _respond(self, method: str | None, path: str | None) -> Response:
+        if method is None or path is None:
+            return 400, JSON, _json({"error": "malformed request"})
+        route = self.routes.get(path)
+        if route is None:
+            return 404, JSON, _json({"error": f"no such path; try {', '.join(sorted(self.routes))}"})
+        if method not in ("GET", "HEAD"):
+            return 405, JSON, _json({"error": "only GET and HEAD"})
+        try:
+            return await route()
+        except Exception:
+            log.exception("http_handler_error", path=path)
+            return 500, JSON, _json({"error": "internal error"})
+
+
+def _request_line(head: bytes) -> tuple[str | None, str | None]:
+    parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return None, None
+    return parts[0], parts[1].split("?", 1)[0]
+
+
+def _json(data: dict[str, Any]) -> bytes:
+    return json.dumps(data).encode() + b"\n"
+
+
+class Probes:
+    """The handlers: liveness, readiness and metrics of one daemon."""
+
+    def __init__(
+        self, store: Store, metrics: Metrics, listener: Callable[[], Listener | None]
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.listener = listener
+
+    def routes(self) -> dict[str, Route]:
+        return {"/healthz": self.healthz, "/readyz": self.readyz, "/metrics": self.scrape}
+
+    async def healthz(self) -> Response:
+        """200 while the database answers a round trip within PROBE_TIMEOUT, else 503."""
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT * 2):
+                await self.store.ping(PROBE_TIMEOUT)
+        except Exception as exc:
+            error = redact(f"{type(exc).__name__}: {exc}")
+            return 503, JSON, _json({"status": "unhealthy", "database": False, "error": error})
+        return 200, JSON, _json({"status": "ok", "database": True})
+
+    async def readyz(self) -> Response:
+        """200 while the listener is connected and the schema is the one this code needs."""
+        listener = self.listener()
+        connected = listener is not None and listener.connected
+        expected = latest_version()
+        version: int | None = None
+        error = None
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT * 2):
+                version = await self.store.schema_version(PROBE_TIMEOUT)
+        except Exception as exc:
+            error = redact(f"{type(exc).__name__}: {exc}")
+        ready = connected and version == expected
+        body: dict[str, Any] = {
+            "status": "ready" if ready else "unready",
+            "listener": connected,
+            "schema": version,
+            "expected_schema": expected,
+        }
+        if error is not None:
+            body["error"] = error
+        return (200 if ready else 503), JSON, _json(body)
+
+    async def scrape(self) -> Response:
+        await self.metrics.refresh_depth(self.store)
+        return 200, PROMETHEUS, self.metrics.render()

@@ -1,0 +1,234 @@
+"""A daemon's Prometheus metrics: plain counters on the hot path, rendered at scrape time.
+
+Counting a task is a dict lookup and an integer increment (no locks, no label lookups);
+prometheus-client turns the counts into its text format when ``/metrics`` is scraped.
+Each daemon has its own registry, so several daemons in one process do not collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from durable.logs import get_logger, redact
+
+if TYPE_CHECKING:
+    from durable.listener import Listener
+    from durable.store import Store
+    from durable.worker import QueueWorker
+
+log = get_logger("durable.metrics")
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+           math.inf)  # fmt: skip
+"""Upper bounds of the attempt duration histogram, in seconds."""
+
+DEPTH_TTL = 1.0
+"""Seconds a queue depth reading is reused: scrapes in a burst cost one query."""
+
+DEPTH_TIMEOUT = 2.0
+
+
+class TaskSeries:
+    """The counts of one (queue, name)."""
+
+    __slots__ = ("buckets", "cancelled", "claimed", "completed", "failed", "retried", "seconds")
+
+    def __init__(self) -> None:
+        self.claimed = 0
+        self.completed = 0
+        self.failed = 0
+        self.retried = 0
+        self.cancelled = 0
+        self.buckets = [0] * len(BUCKETS)
+        self.seconds = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Record one attempt's duration."""
+        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.seconds += seconds
+
+
+class Metrics:
+    """What one daemon counts; ``render()`` gives the Prometheus text."""
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, str], TaskSeries] = {}
+        self.leases_reclaimed = 0
+        self.checkpoints_written = 0
+        self.tasks_pruned = 0
+        self.workers: Mapping[str, QueueWorker] = {}
+        self.listener: Callable[[], Listener | None] = lambda: None
+        self.depth: list[tuple[str, int, int, int, float | None]] | None = None
+        """(queue, queued, running, waiting, oldest ready age) per queue; None: unknown."""
+        self._depth_at = -math.inf
+        self._depth_lock = asyncio.Lock()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+
+    def task(self, queue: str, name: str) -> TaskSeries:
+        series = self.series.get((queue, name))
+        if series is None:
+            series = self.series[(queue, name)] = TaskSeries()
+        return series
+
+    def watch(
+        self, workers: Mapping[str, QueueWorker], listener: Callable[[], Listener | None]
+    ) -> None:
+        """Read slots, wakeups and the listener's state from these at scrape time."""
+        self.workers = workers
+        self.listener = listener
+
+    async def refresh_depth(self, store: Store) -> None:
+        """Read queue depths (one query), unless the last reading is under a second old."""
+        async with self._depth_lock:
+            if time.monotonic() - self._depth_at < DEPTH_TTL:
+                return
+            try:
+                async with asyncio.timeout(DEPTH_TIMEOUT):
+                    rows = await store.queue_depth()
+            except Exception as exc:
+                # The scrape still answers (with the daemon's own counters): a database
+                # outage shows as missing depth gauges, and on /healthz.
+                log.warning("metrics_depth_failed", error=redact(f"{type(exc).__name__}: {exc}"))
+                self.depth = None
+                return
+            self.depth = [
+                (r["queue"], r["queued"], r["running"], r["waiting"], r["oldest_ready"])
+                for r in rows
+            ]
+            self._depth_at = time.monotonic()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+_TASK_COUNTERS = (
+    ("claimed", "Tasks claimed by this daemon."),
+    ("completed", "Tasks this daemon completed."),
+    ("failed", "Tasks that failed for good on this daemon (no attempts left, or not retryable)."),
+    ("retried", "Failed attempts on this daemon that were queued to run again."),
+    ("cancelled", "Running tasks this daemon stopped because they were cancelled."),
+)
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.m
+        labels = ["queue", "name"]
+        series = sorted(m.series.items())
+        for field, doc in _TASK_COUNTERS:
+            family = CounterMetricFamily(f"durable_tasks_{field}", doc, labels=labels)
+            for key, s in series:
+                family.add_metric(list(key), getattr(s, field))
+            yield family
+        histogram = HistogramMetricFamily(
+            "durable_attempt_duration_seconds",
+            "How long attempts ran on this daemon, until their code returned or raised.",
+            labels=labels,
+        )
+        for key, s in series:
+            cumulative, total = [], 0
+            for bound, count in zip(BUCKETS, s.buckets, strict=True):
+                total += count
+                cumulative.append((_bound(bound), float(total)))
+            histogram.add_metric(list(key), cumulative, s.seconds)
+        yield histogram
+
+        yield from self._daemon()
+        yield from self._depth()
+
+    def _daemon(self) -> Iterator[Metric]:
+        m = self.m
+        in_flight = GaugeMetricFamily(
+            "durable_slots_in_flight", "Tasks this daemon runs now, per queue.", labels=["queue"]
+        )
+        free = GaugeMetricFamily(
+            "durable_slots_free", "Slots this daemon has free, per queue.", labels=["queue"]
+        )
+        wakeups = CounterMetricFamily(
+            "durable_wakeups",
+            "Idle queue loops woken by a notification or by the poll interval.",
+            labels=["queue", "source"],
+        )
+        for queue, w in sorted(m.workers.items()):
+            in_flight.add_metric([queue], w.in_flight)
+            free.add_metric([queue], max(0, w.limit - w.in_flight))
+            for source, count in sorted(w.wakeups.items()):
+                wakeups.add_metric([queue, source], count)
+        yield in_flight
+        yield free
+        yield wakeups
+
+        listener = m.listener()
+        yield GaugeMetricFamily(
+            "durable_listener_connected",
+            "1 while the LISTEN connection is up.",
+            value=1 if listener is not None and listener.connected else 0,
+        )
+        yield CounterMetricFamily(
+            "durable_listener_reconnects",
+            "Times the LISTEN connection was re-established.",
+            value=listener.reconnects if listener is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "durable_leases_reclaimed",
+            "Expired leases (of any daemon) this daemon's reaper handed back or failed.",
+            value=m.leases_reclaimed,
+        )
+        yield CounterMetricFamily(
+            "durable_checkpoints_written",
+            "Workflow step checkpoints this daemon committed (group-committed).",
+            value=m.checkpoints_written,
+        )
+        yield CounterMetricFamily(
+            "durable_tasks_pruned",
+            "Finished tasks this daemon deleted under DURABLE_RETENTION.",
+            value=m.tasks_pruned,
+        )
+
+    def _depth(self) -> Iterator[Metric]:
+        depth = self.m.depth
+        if depth is None:
+            return
+        tasks = GaugeMetricFamily(
+            "durable_queue_tasks",
+            "Unfinished tasks per queue and status, across all daemons.",
+            labels=["queue", "status"],
+        )
+        oldest = GaugeMetricFamily(
+            "durable_queue_oldest_ready_seconds",
+            "How long the oldest ready task of each queue has waited to be claimed (0: none).",
+            labels=["queue"],
+        )
+        queues: dict[str, tuple[int, int, int, float | None]]
+        queues = {q: (0, 0, 0, None) for q in self.m.workers}
+        queues.update({q: (a, b, c, age) for q, a, b, c, age in depth})
+        for queue, (queued, running, waiting, age) in sorted(queues.items()):
+            tasks.add_metric([queue, "queued"], queued)
+            tasks.add_metric([queue, "running"], running)
+            tasks.add_metric([queue, "waiting"], waiting)
+            oldest.add_metric([queue], max(0.0, age or 0.0))
+        yield tasks
+        yield oldest
+
+
+def _bound(bound: float) -> str:
+    """A bucket's ``le`` label as Prometheus writes it: 0.005, 1.0, +Inf."""
+    return "+Inf" if math.isinf(bound) else repr(float(bound))

@@ -1,0 +1,185 @@
+"""The pure parts of replay: matching calls to the log, leftovers, rebuilt errors, digests."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from durable.codec import digest
+from durable.context import match, rebuild_error, unconsumed
+from durable.errors import NonDeterminismError, TaskFailed
+from durable.models import Event
+
+
+def event(seq: int, kind: str = "step", name: str = "charge", dig: str | None = None) -> Event:
+    return Event(
+        seq=seq,
+        kind=kind,
+        name=name,
+        digest=dig if dig is not None else digest(kind, name, [[1], {}]),
+        status="completed",
+        result="1",
+        error=None,
+        child_id=None,
+        wake_at=None,
+    )
+
+
+class Unbuildable(Exception):
+    """Needs two arguments: rebuilding it from one must fall back to TaskFailed."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(a + b)
+
+
+# -- match ------------------------------------------------------------------------------
+
+
+def test_match_without_a_recorded_event_is_a_new_call() -> None:
+    assert match(None, 3, "step", "charge", digest("step", "charge", None)) is None
+
+
+def test_match_returns_the_recorded_event_of_the_same_call() -> None:
+    ev = event(2)
+    assert match(ev, 2, "step", "charge", digest("step", "charge", [[1], {}])) is ev
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "args", "held", "asked"),
+    [
+        ("step", "refund", [[1], {}], "step 'charge'", "step 'refund'"),  # renamed
+        ("step", "charge", [[2], {}], "step 'charge'", "step 'charge'"),  # other arguments
+        ("memo", "charge", [[1], {}], "step 'charge'", "memo 'charge'"),  # other kind
+        ("step", "charge", [[1], {"x": 1}], "step 'charge'", "step 'charge'"),  # a new kwarg
+    ],
+)
+def test_match_rejects_another_call_naming_position_and_both_calls(
+    kind: str, name: str, args: object, held: str, asked: str
+) -> None:
+    ev = event(7)
+    dig = digest(kind, name, args)
+    with pytest.raises(NonDeterminismError) as caught:
+        match(ev, 7, kind, name, dig)
+    message = str(caught.value)
+    assert "position 7" in message
+    assert f"holds {held} (arguments digest {ev.digest[:12]})" in message
+    assert f"asked for {asked} (arguments digest {dig[:12]})" in message
+
+
+# -- unconsumed ---------------------------------------------------------------------------
+
+
+def test_unconsumed_is_none_when_every_event_was_used() -> None:
+    events = {s: event(s) for s in range(3)}
+    assert unconsumed(events, 3) is None
+    assert unconsumed({}, 0) is None
+    assert unconsumed({}, 5) is None
+
+
+def test_unconsumed_names_the_first_leftover_position_and_how_many() -> None:
+    events = {0: event(0), 1: event(1), 2: event(2, "event", "approved"), 4: event(4, "sleep")}
+    err = unconsumed(events, 2)
+    assert isinstance(err, NonDeterminismError)
+    message = str(err)
+    assert "returned after 2 durable calls" in message
+    assert "holds 2 more" in message
+    assert "position 2 holds event 'approved'" in message
+
+
+def test_unconsumed_ignores_positions_before_the_cursor() -> None:
+    events = {0: event(0), 5: event(5, "memo", "now")}
+    err = unconsumed(events, 1)
+    assert err is not None and "position 5 holds memo 'now'" in str(err)
+    assert unconsumed(events, 6) is None
+
+
+# -- rebuild_error --------------------------------------------------------------------------
+
+
+def test_rebuild_error_raises_a_builtin_error_as_its_own_type() -> None:
+    err = rebuild_error(
+        1, {"type": "builtins.ValueError", "message": "bad card", "args": ["bad card"]}
+    )
+    assert type(err) is ValueError and err.args == ("bad card",)
+
+
+def test_rebuild_error_imports_the_error_class_by_module() -> None:
+    err = rebuild_error(
+        1, {"type": "durable.errors.NonRetryable", "message": "no", "args": ["no"]}
+    )
+    assert type(err).__name__ == "NonRetryable" and str(err) == "no"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        None,
+        {},
+        {"type": "no_such_module_xyz.Boom", "message": "m", "args": []},
+        {"type": "builtins.NoSuchErrorXyz", "message": "m", "args": []},
+        {"type": "builtins.KeyboardInterrupt", "message": "m", "args": []},  # not an Exception
+        {"type": "builtins.len", "message": "m", "args": []},  # not a class
+        {"type": "builtins.ValueError", "message": "m", "args": None},  # args not kept
+        {"type": "ValueError", "message": "m", "args": ["m"]},  # no module
+        {"type": f"{__name__}.Unbuildable", "message": "3", "args": [3]},  # wrong arity
+    ],
+)
+def test_rebuild_error_falls_back_to_task_failed(error: dict[str, object] | None) -> None:
+    err = rebuild_error(42, error)
+    assert isinstance(err, TaskFailed)
+    assert err.task_id == 42
+    expected_type = "Exception" if not error else str(error["type"])
+    assert err.type == expected_type
+    assert err.message == (str(error["message"]) if error else "")
+
+
+def test_rebuild_error_keeps_the_traceback_in_task_failed() -> None:
+    err = rebuild_error(
+        5, {"type": "x.Y", "message": "m", "traceback": "Traceback ...", "args": []}
+    )
+    assert isinstance(err, TaskFailed) and err.traceback == "Traceback ..."
+
+
+# -- digest ----------------------------------------------------------------------------------
+
+
+def test_digest_is_stable_and_short_hex() -> None:
+    d = digest("step", "charge", [["order-1", 100], {"currency": "EUR"}])
+    assert d == digest("step", "charge", [["order-1", 100], {"currency": "EUR"}])
+    assert re.fullmatch(r"[0-9a-f]{32}", d)
+
+
+def test_digest_ignores_keyword_order() -> None:
+    a = digest("step", "s", [[], {"a": 1, "b": 2}])
+    assert a == digest("step", "s", [[], {"b": 2, "a": 1}])
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "payload"),
+    [
+        ("memo", "charge", [["order-1"], {}]),
+        ("step", "charge2", [["order-1"], {}]),
+        ("step", "charge", [["order-2"], {}]),
+        ("step", "charge", [["order-1", None], {}]),
+        ("step", "charge", [[], {"order": "order-1"}]),
+        ("step", "charge", [["order-1"], {"x": 1}]),
+        ("step", "charge", None),
+    ],
+)
+def test_digest_differs_by_kind_name_and_arguments(kind: str, name: str, payload: object) -> None:
+    assert digest(kind, name, payload) != digest("step", "charge", [["order-1"], {}])
+
+
+def test_digest_of_values_that_are_not_json_uses_their_type() -> None:
+    class Money:
+        pass
+
+    a = digest("step", "s", [[Money()], {}])
+    b = digest("step", "s", [[Money()], {}])
+    assert a == b  # two instances of one type: the digest cannot see inside them
+    assert a != digest("step", "s", [[object()], {}])
+
+
+def test_digest_distinguishes_a_string_from_a_number() -> None:
+    assert digest("step", "s", [["1"], {}]) != digest("step", "s", [[1], {}])
