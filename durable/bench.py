@@ -99,24 +99,16 @@ def _database_url(server: str, name: str) -> str:
 @asynccontextmanager
 async def scratch_database(server: str) -> AsyncIterator[str]:
     """A fresh, migrated database on ``server``, dropped afterwards."""
-    from durable.store import connect, migrate
+    from durable.store import create_database, drop_database, migrate
 
     name = f"durable_bench_{secrets.token_hex(4)}"
-    conn = await connect(server)
-    try:
-        await conn.execute(f'create database "{name}"')
-    finally:
-        await conn.close()
+    await create_database(server, name)
     url = _database_url(server, name)
     try:
         await migrate(url)
         yield url
     finally:
-        conn = await connect(server)
-        try:
-            await conn.execute(f'drop database if exists "{name}" with (force)')
-        finally:
-            await conn.close()
+        await drop_database(server, name)
 
 
 def _settings(concurrency: int) -> Settings:

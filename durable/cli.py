@@ -116,14 +116,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         from durable.daemon import Daemon
-        from durable.store import connect, latest_version, schema_version
+        from durable.store import latest_version
 
         dsn = await _dsn(settings)
-        conn = await connect(dsn)
-        try:
-            version = await schema_version(conn)
-        finally:
-            await conn.close()
+        version = await _schema_version_once_up(dsn, log)
         if version != latest_version():
             raise CommandError(
                 f"the database schema is at version {version or 'none'}, this durable needs "
@@ -137,16 +133,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+STARTUP_WAIT = 60.0
+"""Seconds `durable run` waits for a server that refuses connections or is starting up."""
+
+
+async def _schema_version_once_up(dsn: str | None, log: Any) -> int | None:
+    """The schema version; a server restarting or failing over (refusing connections, or
+    starting up) is waited for up to STARTUP_WAIT seconds rather than exiting at once."""
+    import time
+
+    from durable.logs import redact
+    from durable.store import connect, not_up_yet, schema_version
+
+    deadline = time.monotonic() + STARTUP_WAIT
+    delay = 0.1
+    while True:
+        try:
+            conn = await connect(dsn, timeout=10)
+        except Exception as exc:
+            if not not_up_yet(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("database_unavailable", error=redact(f"{type(exc).__name__}: {exc}"),
+                        retry_in=round(delay, 2))
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        try:
+            return await schema_version(conn)
+        finally:
+            await conn.close()
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def main() -> list[int]:
-        from durable.store import migrate
+        from durable.store import grant, migrate
 
-        return await migrate(await _dsn(settings))
+        dsn = await _dsn(settings)
+        applied = await migrate(dsn)
+        for role in args.grant or ():
+            await grant(dsn, role)
+        return applied
 
     applied = _run(main)
     print(f"applied migrations: {', '.join(map(str, applied))}" if applied else "schema is current")
+    for role in args.grant or ():
+        print(f"granted {role!r} what the daemon and clients need (no create, no ownership)")
     return 0
 
 
@@ -384,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("migrate", help="create or upgrade the durable schema")
     db_opt(m)
+    m.add_argument(
+        "--grant", action="append", metavar="ROLE",
+        help="then give ROLE what the daemon and clients need: usage on the schema, read and "
+        "write on its tables, usage on its sequences, execute on its functions; no create, no "
+        "ownership (repeatable; run again after upgrades)",
+    )
     m.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("sql", help="print the schema SQL (no connection)")
@@ -450,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     from durable.limits import add_commands
 
     add_commands(sub, db_opt)
+
+    from durable.soak import add_command as add_soak
+
+    add_soak(sub)
 
     d = sub.add_parser("db", help="the embedded Postgres server")
     d.add_argument("action", choices=["url", "start", "stop"])

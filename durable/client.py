@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -74,13 +75,10 @@ class Client:
         max_attempts: int | None,
         timeout: float | None,
     ) -> NewTask:
-        d = fn if isinstance(fn, Definition) else registry.get(fn)
-        name = d.name if d is not None else str(fn)
-        if not isinstance(name, str) or not 1 <= len(name) <= 200:
-            raise DurableError("a task name must be a string of 1 to 200 characters")
-        q = queue if queue is not None else (d.queue if d is not None else "default")
-        if not isinstance(q, str) or not 1 <= len(q) <= 200:
-            raise DurableError("a queue name must be a string of 1 to 200 characters")
+        d = fn if isinstance(fn, Definition) else registry.get(fn) if isinstance(fn, str) else None
+        name = _text(d.name if d is not None else fn, "a task name")
+        q = _text(queue if queue is not None else (d.queue if d is not None else "default"),
+                  "a queue name")
         if delay is not None and run_at is not None:
             raise DurableError("give delay or run_at, not both")
         if delay is not None:
@@ -93,10 +91,12 @@ class Client:
         if not isinstance(prio, int) or not -(2**31) <= prio < 2**31:
             raise DurableError(f"priority must be a 32-bit whole number, got {prio!r}")
         attempts = max_attempts if max_attempts is not None else (d.max_attempts if d else 3)
-        if not isinstance(attempts, int) or attempts < 1:
-            raise DurableError(f"max_attempts must be a whole number >= 1, got {attempts!r}")
+        if not isinstance(attempts, int) or not 1 <= attempts < 2**31:
+            raise DurableError(f"max_attempts must be a whole number from 1 to 2**31-1, got {attempts!r}")
         limit = timeout if timeout is not None else (d.timeout if d else None)
-        if limit is not None and not (isinstance(limit, int | float) and limit > 0):
+        if limit is not None and not (
+            isinstance(limit, int | float) and limit > 0 and math.isfinite(limit)
+        ):
             raise DurableError(f"timeout must be a positive number of seconds, got {limit!r}")
         what = f"the arguments of {name!r}"
         key = d.key_for(args, kwargs) if d is not None else None
@@ -143,8 +143,11 @@ class Client:
             fn, args, kwargs, queue=queue, priority=priority, delay=delay, run_at=run_at,
             max_attempts=max_attempts, timeout=timeout,
         )
-        if idempotency_key is not None and not isinstance(idempotency_key, str):
-            raise DurableError("idempotency_key must be a string")
+        if idempotency_key is not None:
+            _text(idempotency_key, "idempotency_key", limit=None)
+            # Its unique index holds at most ~2700 bytes an entry.
+            if len(idempotency_key.encode()) > MAX_KEY_BYTES:
+                raise DurableError(f"idempotency_key must be at most {MAX_KEY_BYTES} bytes")
         task_id, inserted = await self.store.insert_task(
             t, idempotency_key=idempotency_key, conn=conn
         )
@@ -183,7 +186,7 @@ class Client:
 
     async def get(self, task_id: int) -> TaskInfo:
         """The task's current state; raises DurableError if there is no such task."""
-        info = await self.store.get_task(task_id)
+        info = await self.store.get_task(_task_id(task_id))
         if info is None:
             raise DurableError(f"no task {task_id}")
         return info
@@ -195,7 +198,7 @@ class Client:
         return await self.store.history(task_id, branch)
 
     async def branches(self, task_id: int) -> list[int]:
-        return await self.store.branches(task_id)
+        return await self.store.branches(_task_id(task_id))
 
     async def result(self, task_id: int, timeout: float | None = None) -> Any:
         await self._subscribe()
@@ -205,7 +208,7 @@ class Client:
             with anyio.fail_after(timeout) if timeout is not None else _forever():
                 while True:
                     # LISTEN is live before the flag is set, so no finish can slip past.
-                    state = await self.store.watch_finish(task_id)
+                    state = await self.store.watch_finish(_task_id(task_id))
                     if state is None:
                         raise DurableError(f"no task {task_id}")
                     status, result, error = state
@@ -246,28 +249,60 @@ class Client:
 
         Queued and waiting tasks end at once; a running one is interrupted by its daemon.
         """
-        return [i for i, _ in await self.store.cancel(task_id)]
+        return [i for i, _ in await self.store.cancel(_task_id(task_id))]
 
     async def send_event(self, task_id: int, name: str, payload: Any = None) -> bool:
         """Deliver event ``name`` to the workflow; kept until it waits for it.
 
         Returns False when the task has finished or does not exist.
         """
-        if not isinstance(name, str) or not name:
-            raise DurableError("an event name must be a non-empty string")
-        return await self.store.send_event(task_id, name, dumps(payload, what="the event payload"))
+        _text(name, "an event name", limit=None)
+        return await self.store.send_event(
+            _task_id(task_id), name, dumps(payload, what="the event payload")
+        )
 
     async def retry(self, task_id: int) -> int:
         """Run a finished task again keeping its history: finished steps are not re-run."""
-        return await self.store.restart(task_id, "retry")
+        return await self.store.restart(_task_id(task_id), "retry")
 
     async def replay(self, task_id: int) -> int:
         """Run a finished workflow again from nothing on a new branch; returns the branch."""
-        return await self.store.restart(task_id, "replay")
+        return await self.store.restart(_task_id(task_id), "replay")
 
     async def fork(self, task_id: int, at: int) -> int:
         """A new branch keeping events 0..at-1; the workflow re-runs from position ``at``."""
-        return await self.store.restart(task_id, "fork", at)
+        return await self.store.restart(_task_id(task_id), "fork", at)
+
+
+MAX_KEY_BYTES = 2000
+"""Longest idempotency key, in UTF-8 bytes (a btree entry holds about 2700)."""
+
+
+def _text(value: object, what: str, limit: int | None = 200) -> str:
+    """``value`` if it is text Postgres can store (no NUL, no lone surrogate) of 1 to
+    ``limit`` characters; else a DurableError naming ``what``."""
+    if not isinstance(value, str) or not value or (limit is not None and len(value) > limit):
+        size = f"1 to {limit}" if limit is not None else "at least 1"
+        raise DurableError(f"{what} must be a string of {size} characters, got {_shown(value)}")
+    if "\0" in value:
+        raise DurableError(f"{what} must not contain NUL characters (Postgres text cannot hold them)")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise DurableError(f"{what} must be valid Unicode: it holds a lone surrogate") from None
+    return value
+
+
+def _task_id(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
+        raise DurableError(f"a task id is a whole number from 1 to 2**63-1, got {_shown(value)}")
+    return value
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _outcome(task_id: int, status: str, result: Any, error: Any) -> Any:

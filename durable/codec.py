@@ -28,15 +28,25 @@ def dumps(value: Any, *, what: str = "value") -> str:
     try:
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError as exc:
-        raise PayloadError(f"{what} must be JSON: {exc} (NaN and Infinity are not JSON)") from None
+        if "Out of range float" in str(exc):
+            raise PayloadError(f"{what} must be JSON: NaN and Infinity are not JSON") from None
+        raise PayloadError(f"{what} must be JSON: {exc}") from None
     except TypeError as exc:
         raise PayloadError(f"{what} must be JSON: {exc}") from None
+    except RecursionError:
+        raise PayloadError(f"{what} is nested too deeply to encode") from None
     if _NUL_ESCAPE.search(text):
         raise PayloadError(f"{what} must not contain NUL characters (Postgres jsonb rejects them)")
-    if len(text) > MAX_PAYLOAD:
-        raise PayloadError(
-            f"{what} is {len(text)} bytes encoded; the limit is {MAX_PAYLOAD} bytes"
-        )
+    size = len(text)
+    if not text.isascii():  # isascii is O(1) in CPython: the common case costs nothing
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError:
+            raise PayloadError(
+                f"{what} must be valid Unicode: it holds a lone surrogate"
+            ) from None
+    if size > MAX_PAYLOAD:
+        raise PayloadError(f"{what} is {size} bytes encoded; the limit is {MAX_PAYLOAD} bytes")
     return text
 
 

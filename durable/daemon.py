@@ -134,6 +134,8 @@ class Daemon:
         queues = self.settings.queue_limits
         self.store = store = await Store.open(self.dsn, max_size=self.pool_size)
         try:
+            if self.settings.http is not None:
+                await self._listen_http(store, *self.settings.http)
             await store.register_worker(self.id, queues, names)
             completions: Batcher[Completion, bool] = Batcher(self._complete)
             checkpoints: Batcher[Checkpoint, bool] = Batcher(self._checkpoint)
@@ -151,11 +153,8 @@ class Daemon:
                 self._root = root.cancel_scope
                 if handle_signals:
                     root.start_soon(self._signals)
-                if self.settings.http is not None:
+                if self.http is not None:
                     # Before the listener: /healthz and /readyz answer while it connects.
-                    host, port = self.settings.http
-                    probes = Probes(store, self.metrics, lambda: self.listener)
-                    self.http = HttpServer(host, port, probes.routes())
                     await root.start(self.http.run)
                 await root.start(self.listener.run)
                 await root.start(completions.run)
@@ -199,6 +198,8 @@ class Daemon:
                 checkpoints.close()
                 root.cancel_scope.cancel()
         finally:
+            if self.http is not None:
+                self.http.close()
             for job in self._jobs:  # cancelled from outside: leave no orphaned attempt behind
                 job.cancel()
             with anyio.CancelScope(shield=True):
@@ -209,6 +210,19 @@ class Daemon:
                         raise
                 await store.close()
             log.info("daemon_stopped", worker_id=str(self.id))
+
+    async def _listen_http(self, store: Store, host: str, port: int) -> None:
+        """Bind DURABLE_HTTP's socket now, so that a port in use stops the start cleanly."""
+        probes = Probes(store, self.metrics, lambda: self.listener)
+        self.http = HttpServer(host, port, probes.routes())
+        try:
+            await self.http.listen()
+        except OSError as exc:
+            # asyncio's bind error reads "error while attempting to bind on ...: <reason>".
+            reason = (exc.strerror or str(exc)).rpartition(": ")[2] or repr(exc)
+            raise DurableError(
+                f"DURABLE_HTTP: cannot listen on {host or '*'}:{port}: {reason}"
+            ) from None
 
     def _starter(self, runner: Runner) -> Callable[[Claimed, Callable[[], None]], None]:
         # Attempts are plain asyncio tasks: an anyio task group and cancel scope per task
@@ -224,7 +238,9 @@ class Daemon:
                     done = True
                     released()
 
-            attempt = Attempt(task, release_once)
+            # A burst frees the slot only once the outcome is written: its loop then looks
+            # again at once, and must see a retry that is already due.
+            attempt = Attempt(task, (lambda: None) if self.burst else release_once)
             self.attempts[task.id] = attempt
             metrics.task(task.queue, task.name).claimed += 1
 
@@ -329,7 +345,11 @@ class Daemon:
         while True:
             await anyio.sleep(interval)
             try:
-                await self._beat()
+                # A half-open connection never answers and no error ever comes: without a
+                # deadline the heartbeat would hang and the attempts below would go on
+                # running long after other daemons took their tasks over.
+                with anyio.fail_after(interval):
+                    await self._beat()
             except Exception as exc:
                 if not is_transient(exc):
                     raise

@@ -55,21 +55,31 @@ class HttpServer:
         """The port asked for; once listening, the port bound (port 0 picks one)."""
         self.routes = routes
         self.read_timeout = read_timeout
+        self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def listen(self) -> None:
+        """Bind the socket (an OSError says why not); ``run`` then serves it."""
         # An empty host listens on every interface (IPv4 and IPv6).
-        server = await asyncio.start_server(self._handle, self.host or None, self.port)
+        self._server = await asyncio.start_server(self._handle, self.host or None, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("http_started", host=self.host or "*", port=self.port, paths=sorted(self.routes))
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        if self._server is None:
+            await self.listen()
+        assert self._server is not None
         try:
-            self.port = server.sockets[0].getsockname()[1]
-            log.info("http_started", host=self.host or "*", port=self.port,
-                     paths=sorted(self.routes))
             task_status.started()
-            await server.serve_forever()
+            await self._server.serve_forever()
         finally:
-            server.close()
-            for handler in list(self._handlers):
-                handler.cancel()
+            self.close()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for handler in list(self._handlers):
+            handler.cancel()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

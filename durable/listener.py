@@ -43,21 +43,19 @@ class Listener:
         self.connected = False
         self.reconnects = 0
         self.backend_pid: int | None = None
-        self._lost = anyio.Event()
-
-    def _on_lost(self) -> None:
-        self._lost.set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         first = True
         delay = 0.1
         while True:
-            self._lost = anyio.Event()
+            # One event per connection: a connection's termination callback comes later
+            # (call_soon), often after the next one is open, and must not mark that one lost.
+            lost = anyio.Event()
             try:
                 sub = await Subscription.open(
                     self.dsn,
                     {READY_CHANNEL: self.on_ready, CONTROL_CHANNEL: self.on_control},
-                    self._on_lost,
+                    lost.set,
                 )
             except Exception as exc:
                 if not is_transient(exc):
@@ -82,19 +80,19 @@ class Listener:
                 log.info("listener_reconnected", backend_pid=sub.backend_pid)
                 self.on_reconnect()
             try:
-                await self._watch(sub)
+                await self._watch(sub, lost)
             finally:
                 self.connected = False
                 with anyio.CancelScope(shield=True):
                     await sub.close()
             log.warning("listener_lost")
 
-    async def _watch(self, sub: Subscription) -> None:
+    async def _watch(self, sub: Subscription, lost: anyio.Event) -> None:
         """Return when the connection is gone or stops answering (a half-open socket)."""
         while True:
             with anyio.move_on_after(self.keepalive):
-                await self._lost.wait()
-            if self._lost.is_set() or sub.is_closed():
+                await lost.wait()
+            if lost.is_set() or sub.is_closed():
                 return
             try:
                 await sub.ping(self.ping_timeout)

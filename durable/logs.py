@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import logging
 import re
 import sys
 import uuid
@@ -123,6 +124,29 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         # also reaches loggers created at import time.
         cache_logger_on_first_use=False,
     )
+    # Libraries log through the standard library (asyncpg's pool, asyncio's unretrieved
+    # task errors): without this their warnings and tracebacks would land in the stream
+    # as bare text between the JSON lines.
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _LibraryHandler)]:
+        root.removeHandler(handler)
+    root.addHandler(_LibraryHandler(logging.WARNING))
+
+
+class _LibraryHandler(logging.Handler):
+    """Standard-library records as ``library_log`` events of the configured stream."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = record.levelname.lower()
+            logger = get_logger(record.name)
+            method = getattr(logger, level if level in LEVELS else "error")
+            fields: dict[str, Any] = {"message": record.getMessage()}
+            if record.exc_info:
+                fields["exc_info"] = record.exc_info
+            method("library_log", **fields)
+        except Exception:
+            self.handleError(record)
 
 
 _generation = 0

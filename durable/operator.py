@@ -370,7 +370,7 @@ def add_commands(sub: Any, db_opt: Any) -> None:
             f"skips the question; without a terminal, --yes is required).",
         )  # fmt: skip
         db_opt(a)
-        a.add_argument("id", type=int, nargs="?")
+        a.add_argument("id", type=int, nargs="?", help="the task (leave out to use filters)")
         a.add_argument("--status", choices=statuses, help=f"filter (default: {default})")
         a.add_argument("--queue", help="filter: this queue only")
         a.add_argument("--name", help="filter: this task or workflow name only")

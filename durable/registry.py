@@ -88,6 +88,8 @@ def _validated(d: Definition[Any, Any]) -> Definition[Any, Any]:
         raise ConfigurationError(f"{d.origin}: a name must have 1 to 200 characters")
     if not d.queue or len(d.queue) > 200:
         raise ConfigurationError(f"{d.origin}: a queue name must have 1 to 200 characters")
+    if "\0" in d.name or "\0" in d.queue:
+        raise ConfigurationError(f"{d.origin}: names cannot hold NUL characters (Postgres text cannot)")
     if d.max_attempts < 1:
         raise ConfigurationError(f"{d.origin}: max_attempts must be >= 1, got {d.max_attempts}")
     if d.timeout is not None and not d.timeout > 0:

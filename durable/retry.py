@@ -29,7 +29,10 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rand: _random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        raw = min(self.max_delay, self.base * self.factor ** max(0, attempt - 1))
+        try:
+            raw = min(self.max_delay, self.base * self.factor ** max(0, attempt - 1))
+        except OverflowError:  # attempt 1100 of a generous max_attempts: long past the cap
+            raw = self.max_delay if self.base > 0 else 0.0
         if self.jitter == 0 or raw == 0:
             return raw
         r = (rand or _random).uniform(-self.jitter, self.jitter)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -124,10 +125,10 @@ class Runner:
                 if definition.kind == "workflow":
                     events = await self.store.load_events(task.id, task.branch)
                     ctx = Context(self.store, task, events, self.checkpoints, self.registry.get)
-                    result = await definition.fn(ctx, *args, **kwargs)
+                    result = await _call(definition, task, ctx, *args, **kwargs)
                     ctx.check_consumed()
                 else:
-                    result = await definition.fn(*args, **kwargs)
+                    result = await _call(definition, task, *args, **kwargs)
             return ("completed", dumps(result, what=f"the result of {task.name!r}"))
         except Suspend as s:
             return ("suspended", s)
@@ -222,6 +223,28 @@ def _default_policy() -> Any:
     from durable.retry import DEFAULT_POLICY
 
     return DEFAULT_POLICY
+
+
+def _call(definition: Definition[Any, Any], task: Claimed, *args: Any, **kwargs: Any) -> Any:
+    """``definition.fn(*args, **kwargs)``; arguments that cannot bind to its signature (a
+    row written by hand, or by an older version of the code) fail the task at once."""
+    try:
+        return definition.fn(*args, **kwargs)
+    except TypeError as exc:
+        try:
+            signature = inspect.signature(definition.fn)
+            signature.bind(*args, **kwargs)
+        except TypeError:
+            bare = signature.replace(
+                parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+                return_annotation=signature.empty,
+            )
+            raise NonRetryable(
+                f"the arguments of task {task.id} do not fit {task.name}{bare}: {exc}"
+            ) from None
+        except ValueError:  # no signature to check against
+            pass
+        raise
 
 
 def _arguments(task: Claimed) -> tuple[list[Any], dict[str, Any]]:

@@ -54,6 +54,13 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT_ERRORS)
 
 
+def not_up_yet(exc: BaseException) -> bool:
+    """The server is down or starting (a restart, a failover), rather than misconfigured."""
+    return isinstance(
+        exc, ConnectionRefusedError | ConnectionResetError | asyncpg.CannotConnectNowError
+    )
+
+
 def sql_dir() -> Path:
     """sql/ as installed in the wheel (durable/_sql), or beside the package in a checkout."""
     packaged = Path(str(resources.files("durable"))) / "_sql"
@@ -66,16 +73,21 @@ _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
 
 @cache
-def queries() -> dict[str, str]:
-    """sql/queries.sql parsed into {name: statement}."""
-    text = (sql_dir() / "queries.sql").read_text()
+def named_queries(filename: str) -> dict[str, str]:
+    """sql/FILENAME parsed into {name: statement} (sections start with `-- name: x`)."""
+    text = (sql_dir() / filename).read_text()
     parts = _NAME.split(text)
     out: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
         if name in out:
-            raise DurableError(f"queries.sql defines {name!r} twice")
+            raise DurableError(f"{filename} defines {name!r} twice")
         out[name] = body.strip()
     return out
+
+
+def queries() -> dict[str, str]:
+    """sql/queries.sql parsed into {name: statement}."""
+    return named_queries("queries.sql")
 
 
 def schema_sql() -> str:
@@ -139,6 +151,82 @@ async def schema_version(conn: asyncpg.Connection) -> int | None:
 
 def latest_version() -> int:
     return max((v for v, _, _ in migration_files()), default=0)
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as a quoted SQL identifier, for the statements that take no parameters
+    (CREATE DATABASE, GRANT): whatever it holds, it stays one identifier."""
+    if not name or "\0" in name:
+        raise DurableError("an SQL identifier must be non-empty and hold no NUL character")
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def create_database(server_dsn: str | None, name: str) -> None:
+    conn = await connect(server_dsn)
+    try:
+        await conn.execute(f"create database {quote_ident(name)}")
+    finally:
+        await conn.close()
+
+
+async def drop_database(server_dsn: str | None, name: str) -> None:
+    conn = await connect(server_dsn)
+    try:
+        await conn.execute(f"drop database if exists {quote_ident(name)} with (force)")
+    finally:
+        await conn.close()
+
+
+async def grant(dsn: str | None, role: str) -> list[str]:
+    """Give ``role`` what the daemon and clients need on the durable schema, and no more:
+    usage on the schema (not create), read/write on the tables (only read on
+    ``durable.migrations``), usage on the sequences, execute on the functions. Returns
+    the statements run. Run it again after a migration adds objects (``durable migrate
+    --grant`` does)."""
+    conn = await connect(dsn)
+    try:
+        async with conn.transaction():
+            try:
+                statements = [
+                    r["statement"] for r in await conn.fetch(queries()["grant_statements"], role)
+                ]
+                for statement in statements:
+                    await conn.execute(statement)
+            except asyncpg.UndefinedObjectError as exc:
+                raise DurableError(f"cannot grant to {role!r}: {exc}") from None
+    finally:
+        await conn.close()
+    return statements
+
+
+class NamedSql:
+    """A small pool running the named statements of one file of ``sql/`` (tools such as
+    ``durable soak`` keep their own statements apart from queries.sql)."""
+
+    def __init__(self, pool: asyncpg.Pool, filename: str) -> None:
+        self.pool = pool
+        self.q = named_queries(filename)
+
+    @classmethod
+    async def open(
+        cls, dsn: str | None, filename: str, *, max_size: int = 4, name: str = "durable-tool"
+    ) -> NamedSql:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=0, max_size=max_size, server_settings={"application_name": name}
+        )
+        return cls(pool, filename)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def run(self, name: str, *args: Any, timeout: float | None = None) -> None:
+        await self.pool.execute(self.q[name], *args, timeout=timeout)
+
+    async def rows(self, name: str, *args: Any, timeout: float | None = None) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self.pool.fetch(self.q[name], *args, timeout=timeout)]
+
+    async def value(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+        return await self.pool.fetchval(self.q[name], *args, timeout=timeout)
 
 
 def _claimed(r: asyncpg.Record) -> Claimed:

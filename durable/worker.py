@@ -116,7 +116,9 @@ class QueueWorker:
                 continue  # there may be more ready work: claim again once slots free up
             if self.burst and self.in_flight == 0 and not tasks:
                 return
-            if self.burst and not tasks:
+            if self.burst:
+                # Nothing more is ready: look again as soon as a running task has ended
+                # (the daemon frees a burst's slots once the outcome is written).
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue

@@ -528,3 +528,28 @@ returning id
 -- name: prune_cutoff
 -- The database's clock decides what is old, not the caller's.
 select now() - make_interval(secs => $1)
+
+-- name: grant_statements
+-- `durable migrate --grant ROLE`: what the daemon and clients need, and nothing more —
+-- usage (not create) on the schema, read and write on the tables but only read on the
+-- migrations, usage on the sequences, execute on the functions. Identifiers are quoted
+-- by format('%I'), so any role name stays one identifier.
+select format('grant usage on schema durable to %I', $1::text) as statement
+union all
+select format('grant select on table durable.migrations to %I', $1::text)
+union all
+(select format('grant select, insert, update, delete on table %I.%I to %I',
+               t.schemaname, t.tablename, $1::text)
+   from pg_tables t
+  where t.schemaname = 'durable' and t.tablename <> 'migrations'
+  order by t.tablename)
+union all
+(select format('grant usage on sequence %I.%I to %I', s.schemaname, s.sequencename, $1::text)
+   from pg_sequences s
+  where s.schemaname = 'durable'
+  order by s.sequencename)
+union all
+(select format('grant execute on function %s to %I', p.oid::regprocedure, $1::text)
+   from pg_proc p
+  where p.pronamespace = 'durable'::regnamespace
+  order by p.proname, p.oid)

@@ -187,10 +187,14 @@ $$;
 -- Requeue the given waiting workflows whose children are all finished. The row lock is
 -- taken first, in id order, and the check runs in a later statement: under READ COMMITTED
 -- that statement's snapshot sees every sibling that finished before the lock was granted,
--- so two children finishing at once cannot both miss the wake-up.
+-- so two children finishing at once cannot both miss the wake-up. A parent that is still
+-- running (about to suspend) has no such row lock to take: the advisory lock, which
+-- durable.suspend takes too, orders the two (see there).
 create function durable.wake_waiting(ids bigint[]) returns void
 language plpgsql as $$
 begin
+    perform pg_advisory_xact_lock(1685418593, (p % 2147483648)::integer)
+       from unnest(ids) as p order by p;
     perform 1 from durable.tasks where id = any(ids) and status = 'waiting'
         order by id for update;
     update durable.tasks p
@@ -321,11 +325,19 @@ begin
           from hit where hit.status = 'running';
         return 'cancelled';
     end if;
-    if children is not null and not exists (
-        select 1 from durable.tasks c
-        where c.id = any(children) and c.status not in ('completed', 'failed', 'cancelled'))
-    then
-        ready := true;
+    if children is not null then
+        -- A child finishing now runs wake_waiting, which may still see this task running
+        -- and not wake it; and the check below may not see that child's uncommitted
+        -- finish. The lock wake_waiting takes too orders them: either the child committed
+        -- before the check's snapshot, or it wakes the task after this commits. (An
+        -- advisory lock, not the children's rows: row locks would deadlock with heartbeats.)
+        perform pg_advisory_xact_lock(1685418593, (task % 2147483648)::integer);
+        if not exists (
+            select 1 from durable.tasks c
+            where c.id = any(children) and c.status not in ('completed', 'failed', 'cancelled'))
+        then
+            ready := true;
+        end if;
     end if;
     if event_name is not null and exists (
         select 1 from durable.signals s

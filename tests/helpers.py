@@ -138,16 +138,9 @@ async def wait_status(dsn: str, task_id: int, *statuses: str, timeout: float = 2
     return str(await wait_for(check, timeout=timeout))
 
 
+
 def spawn_daemon_logged(
     dsn: str, app: str, log: Path, *args: str, **env: str
 ) -> subprocess.Popen[bytes]:
-    """``spawn_daemon`` writing stdout and stderr to ``log``, without leaking the file
-    object in this process (an unclosed file is a ResourceWarning, an error here)."""
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "durable", "run", "--app", app, *args],
-            cwd=ROOT,
-            env=daemon_env(dsn, **env),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    """``spawn_daemon`` writing stdout and stderr to ``log``."""
+    return spawn_daemon(dsn, app, *args, log=log, **env)

@@ -21,7 +21,7 @@ from durable.settings import ENV_VARS
 from durable.store import migration_files, schema_sql
 from tests.apps.queue_tasks import q_cli_add, q_cli_fail
 from tests.conftest import admin, database_dsn, quote_ident
-from tests.helpers import durable_cli, kill, run_burst, spawn_daemon_logged, wait_for
+from tests.helpers import durable_cli, kill, run_burst, spawn_daemon, wait_for
 
 APP = "tests.apps.queue_tasks"
 PASSWORD = "s3cretpw"
@@ -160,12 +160,18 @@ async def test_check_fails_when_the_schema_is_missing(empty_db: str) -> None:
     assert "schema version" in one_line_error(proc)
 
 
+async def test_run_refuses_an_unmigrated_database(empty_db: str) -> None:
+    proc = await cli("run", "--app", APP, dsn=empty_db)
+    assert proc.returncode == 1
+    assert "durable migrate" in one_line_error(proc)
+
+
 # -- start, ls, show ------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
 async def test_start_wait_prints_the_result(dsn: str, tmp_path: Path) -> None:
-    daemon = spawn_daemon_logged(dsn, APP, tmp_path / "daemon.log")
+    daemon = spawn_daemon(dsn, APP, log=tmp_path / "daemon.log")
     try:
         proc = await cli("start", "q_cli_add", "[2, 3]", "--wait", "--timeout", "30s", dsn=dsn)
         assert proc.returncode == 0, proc.stderr
@@ -294,9 +300,7 @@ async def test_password_of_a_reachable_server_is_never_printed_by_check_and_migr
 async def test_password_never_reaches_the_daemon_logs(dsn: str, tmp_path: Path) -> None:
     log = tmp_path / "daemon.log"
     secret = with_password(dsn)
-    daemon = spawn_daemon_logged(
-        dsn, APP, log, DURABLE_DATABASE_URL=secret, DURABLE_LOG_LEVEL="debug"
-    )
+    daemon = spawn_daemon(dsn, APP, log=log, DURABLE_DATABASE_URL=secret, DURABLE_LOG_LEVEL="debug")
     try:
         async with durable.connect(dsn) as client:
             ok = await client.start(q_cli_add, 1, 2)
@@ -320,7 +324,7 @@ async def test_listen_url_password_is_masked_and_sigterm_still_stops_the_daemon(
     dsn: str, tmp_path: Path
 ) -> None:
     log = tmp_path / "daemon.log"
-    daemon = spawn_daemon_logged(dsn, APP, log, DURABLE_LISTEN_URL=UNREACHABLE)
+    daemon = spawn_daemon(dsn, APP, log=log, DURABLE_LISTEN_URL=UNREACHABLE)
     try:
 
         async def retrying() -> bool:

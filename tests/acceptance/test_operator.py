@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -397,6 +398,19 @@ async def test_malformed_http_or_retention_exits_2(dsn: str, variable: str, valu
     assert proc.returncode == 2, proc.stderr
     line = one_line_error(proc)
     assert variable in line and "expected" in line
+
+
+async def test_http_port_in_use_is_one_line_and_exit_1(dsn: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = await cli("run", "--app", APP, "--http", f"127.0.0.1:{port}", dsn=dsn)
+    assert proc.returncode == 1
+    # The daemon's log lines go to stderr too; the error is the last line.
+    assert proc.stderr.splitlines()[-1] == (
+        f"durable: DURABLE_HTTP: cannot listen on 127.0.0.1:{port}: address already in use"
+    )
 
 
 async def test_malformed_http_flag_is_named(dsn: str) -> None:

@@ -20,7 +20,7 @@ import pytest
 import durable
 from durable.store import Store
 from tests.apps.queue_tasks import create_tables, open_gate
-from tests.helpers import fetchval, kill, spawn_daemon_logged, wait_for
+from tests.helpers import fetchval, kill, spawn_daemon, wait_for
 
 APP = "tests.apps.queue_tasks"
 
@@ -104,7 +104,7 @@ async def test_sigkill_mid_task_is_finished_by_another_daemon_and_the_zombie_is_
     env = {"DURABLE_LEASE": "2", "DURABLE_POLL_INTERVAL": "0.5"}
     async with durable.connect(dsn) as client:
         handle = await client.start("q_block", "kill-9")
-        first = spawn_daemon_logged(dsn, APP, tmp_path / "first.log", **env)
+        first = spawn_daemon(dsn, APP, log=tmp_path / "first.log", **env)
         with reaped(first):
             [run] = await wait_runs(dsn, "kill-9", 1)
             assert run["pid"] == first.pid
@@ -117,7 +117,7 @@ async def test_sigkill_mid_task_is_finished_by_another_daemon_and_the_zombie_is_
             # Nobody released it: the dead daemon's lease is all that is left.
             assert dead["status"] == "running" and dead["claim_token"] == zombie_token
 
-            second = spawn_daemon_logged(dsn, APP, tmp_path / "second.log", **env)
+            second = spawn_daemon(dsn, APP, log=tmp_path / "second.log", **env)
             with reaped(second):
                 _, rerun = await wait_runs(dsn, "kill-9", 2)
                 assert rerun["pid"] == second.pid
@@ -160,17 +160,18 @@ async def test_sigkill_mid_task_is_finished_by_another_daemon_and_the_zombie_is_
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_sigterm_lets_the_running_task_finish_within_the_grace(
-    dsn: str, tmp_path: Path
+    dsn: str, tmp_path: Path, signum: signal.Signals
 ) -> None:
     await create_tables(dsn)
     log = tmp_path / "daemon.log"
     async with durable.connect(dsn) as client:
         handle = await client.start("q_block", "graceful")
-        proc = spawn_daemon_logged(dsn, APP, log, DURABLE_SHUTDOWN_GRACE="30", DURABLE_LEASE="2")
+        proc = spawn_daemon(dsn, APP, log=log, DURABLE_SHUTDOWN_GRACE="30", DURABLE_LEASE="2")
         with reaped(proc):
             await wait_runs(dsn, "graceful", 1)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
             await wait_logged(log, "daemon_draining")
             # Claiming has stopped: work that arrives now waits for another daemon.
             late = await client.start("q_cli_add", 1, 2)
@@ -196,7 +197,7 @@ async def test_a_task_that_outlives_the_grace_is_released_and_run_by_another_dae
     env = {"DURABLE_SHUTDOWN_GRACE": "1", "DURABLE_LEASE": "60"}
     async with durable.connect(dsn) as client:
         handle = await client.start("q_block", "outlives")
-        first = spawn_daemon_logged(dsn, APP, log, **env)
+        first = spawn_daemon(dsn, APP, log=log, **env)
         with reaped(first):
             await wait_runs(dsn, "outlives", 1)
             first.send_signal(signal.SIGTERM)
@@ -210,7 +211,7 @@ async def test_a_task_that_outlives_the_grace_is_released_and_run_by_another_dae
         assert record["ids"] == [handle.id]
 
         await open_gate(dsn, "outlives")
-        second = spawn_daemon_logged(dsn, APP, tmp_path / "second.log", **env)
+        second = spawn_daemon(dsn, APP, log=tmp_path / "second.log", **env)
         with reaped(second):
             assert await handle.result(timeout=20) == f"finished by {second.pid}"
         info = await client.get(handle.id)
@@ -224,7 +225,7 @@ async def test_a_second_sigterm_skips_the_grace(dsn: str, tmp_path: Path) -> Non
     log = tmp_path / "daemon.log"
     async with durable.connect(dsn) as client:
         handle = await client.start("q_block", "impatient")
-        proc = spawn_daemon_logged(dsn, APP, log, DURABLE_SHUTDOWN_GRACE="600", DURABLE_LEASE="60")
+        proc = spawn_daemon(dsn, APP, log=log, DURABLE_SHUTDOWN_GRACE="600", DURABLE_LEASE="60")
         with reaped(proc):
             await wait_runs(dsn, "impatient", 1)
             proc.send_signal(signal.SIGTERM)

@@ -79,9 +79,12 @@ async def test_conn_enqueues_only_if_the_callers_transaction_commits(dsn: str) -
                     await conn.execute("insert into qc_orders values (1)")
                     rolled = await client.start(qc_double, 10, conn=conn)
                     # Inside the transaction the task exists...
-                    assert await conn.fetchval(
-                        "select count(*) from durable.tasks where id = $1", rolled.id
-                    ) == 1
+                    assert (
+                        await conn.fetchval(
+                            "select count(*) from durable.tasks where id = $1", rolled.id
+                        )
+                        == 1
+                    )
                     # ...but no one else sees it before commit.
                     assert await count_tasks(dsn) == 0
                     raise RuntimeError("changed my mind")
@@ -140,12 +143,18 @@ async def test_start_many_enqueues_all_in_one_statement(dsn: str) -> None:
         assert ids == sorted(ids) and len(set(ids)) == 50
         assert await count_tasks(dsn, "name = 'qc_double'") == 50
         # One statement, one transaction: every row carries the same xmin and now().
-        assert await fetchval(
-            dsn, "select count(distinct xmin::text) from durable.tasks where name = 'qc_double'"
-        ) == 1
-        assert await fetchval(
-            dsn, "select count(distinct created_at) from durable.tasks where name = 'qc_double'"
-        ) == 1
+        assert (
+            await fetchval(
+                dsn, "select count(distinct xmin::text) from durable.tasks where name = 'qc_double'"
+            )
+            == 1
+        )
+        assert (
+            await fetchval(
+                dsn, "select count(distinct created_at) from durable.tasks where name = 'qc_double'"
+            )
+            == 1
+        )
         # Arguments land in the order given.
         assert [(await client.get(i)).args for i in (ids[0], ids[17], ids[49])] == [[0], [17], [49]]
         assert await client.start_many(qc_double, []) == []
@@ -234,3 +243,14 @@ async def test_start_validates_its_options(dsn: str) -> None:
         with pytest.raises(durable.DurableError):
             await client.get(10**9)
     assert await count_tasks(dsn) == 0
+
+
+async def test_result_gives_up_after_its_timeout(dsn: str) -> None:
+    async with durable.connect(dsn) as client:
+        handle = await client.start(qc_never, "nobody-runs-me")
+        with pytest.raises(TimeoutError):
+            await handle.result(timeout=0.2)
+        with pytest.raises(durable.DurableError, match="no task"):
+            await client.result(10**9, timeout=5)
+        assert (await handle.get()).status == "queued"
+    assert RAN["nobody-runs-me"] == 0

@@ -353,12 +353,15 @@ async def test_listener_reconnects_after_its_connection_is_terminated(dsn: str) 
 
         await wait_for(reconnected, timeout=10)
         assert listener.backend_pid != old_pid
-        assert await fetchval(
-            dsn,
-            "select count(*) from pg_stat_activity"
-            " where pid = $1 and application_name = 'durable-listener'",
-            listener.backend_pid,
-        ) == 1
+        assert (
+            await fetchval(
+                dsn,
+                "select count(*) from pg_stat_activity"
+                " where pid = $1 and application_name = 'durable-listener'",
+                listener.backend_pid,
+            )
+            == 1
+        )
         # New work is announced on the new connection (no poll within 60 s).
         handle = await client.start(q_echo, "after")
         assert await handle.result(timeout=10) == "after"
@@ -417,3 +420,35 @@ async def test_non_json_result_fails_clearly_and_the_daemon_keeps_serving(dsn: s
         good = await client.start(q_echo, {"still": "serving"})
         assert await good.result(timeout=10) == {"still": "serving"}
     assert CALLS["set"] == 1 and CALLS["nan"] == 1
+
+
+# -- burst mode --------------------------------------------------------------------------------
+
+
+@durable.task(max_attempts=3)
+async def q_retry_at_once(key: str) -> int:
+    CALLS[key] += 1
+    if CALLS[key] == 1:
+        raise durable.Retry(0)
+    return CALLS[key]
+
+
+@pytest.mark.timeout(60)
+async def test_burst_runs_due_retries_and_returns_once_the_work_is_done(dsn: str) -> None:
+    async with durable.connect(dsn) as client:
+        # A 60 s poll: each burst must end because the work is done, not on a timer.
+        for i in range(5):
+            # Alone in its burst: the retry is written just as the last slot frees.
+            alone = await client.start(q_retry_at_once, f"burst-alone-{i}")
+            with anyio.fail_after(20):
+                await run_burst(dsn, poll_interval="60")
+            info = await client.get(alone.id)
+            assert (info.status, info.attempt, info.result) == ("completed", 2, 2)
+        handles = [await client.start(q_retry_at_once, f"burst-{i}") for i in range(5)]
+        plain = await client.start_many(q_echo, [[i] for i in range(15)])
+        with anyio.fail_after(20):
+            await run_burst(dsn, queues="default=4", poll_interval="60")
+        for h in handles:
+            info = await client.get(h.id)
+            assert (info.status, info.attempt, info.result) == ("completed", 2, 2)
+        assert [(await client.get(h.id)).status for h in plain] == ["completed"] * 15

@@ -249,3 +249,29 @@ async def test_a_fan_out_of_1000_children_resumes_the_parent_a_few_times(dsn: st
         dsn, "select count(*) from durable.events where task_id = $1 and kind = 'child'", handle.id
     )
     assert events == n
+
+
+# -- the race between a parent suspending and its child finishing -----------------------
+
+RACE = "wf_race"
+
+
+@durable.task(queue=RACE)
+async def wf_race_child(i: int) -> int:
+    return i
+
+
+@durable.workflow(queue=RACE)
+async def wf_race_parent(ctx: durable.Context, n: int) -> int:
+    total = 0
+    for i in range(n):
+        # The child is claimed and finishes while the parent is still suspending.
+        total += int(await ctx.run(wf_race_child, i))
+    return total
+
+
+async def test_a_child_finishing_while_its_parent_suspends_always_wakes_it(dsn: str) -> None:
+    async with durable.connect(dsn) as client, running_daemon(dsn, queues=f"{RACE}=32"):
+        handles = [await client.start(wf_race_parent, 6) for _ in range(40)]
+        for h in handles:
+            assert await h.result(timeout=30) == 15

@@ -211,3 +211,21 @@ def test_timestamps_are_utc_iso() -> None:
     get_logger().info("tick")
     stamp = json_lines(stream)[0]["timestamp"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", stamp)
+
+
+def test_library_warnings_become_json_events_with_their_traceback_and_no_secret() -> None:
+    import logging
+
+    stream = io.StringIO()
+    configure(fmt="json", stream=stream)
+    try:
+        raise ConnectionRefusedError(f"postgresql://app:{SECRET}@db:5432/x refused")
+    except ConnectionRefusedError:
+        logging.getLogger("asyncpg.pool").warning("Failed to restore the pool", exc_info=True)
+    [record] = json_lines(stream)
+    assert record["event"] == "library_log"
+    assert record["level"] == "warning"
+    assert record["logger_name"] == "asyncpg.pool"
+    assert record["message"] == "Failed to restore the pool"
+    assert "ConnectionRefusedError" in record["exception"]
+    assert SECRET not in stream.getvalue()

@@ -101,3 +101,12 @@ def test_entry_points_of_group_durable_are_loaded(
 def test_a_module_that_fails_to_import_is_a_clear_error(fresh_registry: reg.Registry) -> None:
     with pytest.raises(ConfigurationError, match="cannot import 'tests.apps.no_such_module'"):
         reg.load(["tests.apps.no_such_module"], use_entry_points=False)
+
+
+def test_a_name_or_queue_with_a_nul_character_is_refused_at_definition() -> None:
+    async def f() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="NUL"):
+        durable.task(name="a\x00b")(f)
+    with pytest.raises(ConfigurationError, match="NUL"):
+        durable.task(name="nul_queue_task", queue="q\x00")(f)

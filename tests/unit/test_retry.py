@@ -109,3 +109,10 @@ def test_requested_delay_wins_over_the_policy() -> None:
 
 def test_requested_delay_does_not_extend_attempts() -> None:
     assert not after_failure(3, 3, RetryPolicy(), requested_delay=1).retry
+
+
+def test_a_very_late_attempt_waits_the_cap_instead_of_overflowing() -> None:
+    # max_attempts may be large; factor ** attempt overflows a float past ~1024 doublings.
+    assert RetryPolicy(jitter=0).delay(1500) == 300.0
+    assert RetryPolicy(base=0, jitter=0).delay(5000) == 0.0
+    assert after_failure(2000, 10**6, RetryPolicy(jitter=0)).delay == 300.0

@@ -1,0 +1,299 @@
+-- `durable soak`: the tables its workload writes, the triggers that audit every write the
+-- engine makes, and the checks run at the end. Sections start with `-- name: x`; they live
+-- in the soak's own scratch database, never in a user's.
+
+-- name: setup
+create schema soak;
+
+-- Each run of a step's or task's body, recorded as it starts: a step records whether its
+-- checkpoint already existed then (a step must never start again once it has one).
+create table soak.effects (
+    run_id             uuid primary key,
+    kind               text not null,
+    key                text not null,
+    task_id            bigint,
+    seq                integer,
+    attempt            integer,
+    checkpoint_existed boolean,
+    pid                integer not null,
+    at                 timestamptz not null default clock_timestamp()
+);
+
+-- The business rows of ctx.transaction: committed with their checkpoint, so exactly once.
+create table soak.business (
+    id       bigint generated always as identity primary key,
+    task_id  bigint not null,
+    seq      integer not null,
+    attempt  integer not null,
+    pid      integer not null,
+    at       timestamptz not null default clock_timestamp()
+);
+
+-- What the producers started (idempotency key = key) and what they expect of it.
+create table soak.started (
+    key          text primary key,
+    kind         text not null,
+    event        text,
+    at           timestamptz not null default clock_timestamp()
+);
+
+-- Every status change of every task, written by a row trigger: the completion log. The
+-- holder is the daemon whose claim the change ended; a result names the process (and for
+-- a workflow the attempt) that produced it.
+create table soak.transitions (
+    id             bigint generated always as identity primary key,
+    task_id        bigint not null,
+    old_status     text not null,
+    new_status     text not null,
+    attempt        integer not null,
+    new_attempt    integer not null,
+    worker_id      uuid,
+    holder_pid     integer,
+    result_pid     integer,
+    result_attempt integer,
+    error_type     text,
+    at             timestamptz not null default clock_timestamp()
+);
+create index on soak.transitions (task_id);
+
+-- Every write to the event log, with the state of its task at that moment.
+create table soak.event_writes (
+    id            bigint generated always as identity primary key,
+    op            text not null,
+    task_id       bigint not null,
+    branch        integer not null,
+    seq           integer not null,
+    kind          text not null,
+    status        text not null,
+    event_attempt integer not null,
+    task_attempt  integer,
+    task_status   text,
+    at            timestamptz not null default clock_timestamp()
+);
+
+create function soak.on_transition() returns trigger
+language plpgsql as $$
+begin
+    insert into soak.transitions
+        (task_id, old_status, new_status, attempt, new_attempt, worker_id, holder_pid,
+         result_pid, result_attempt, error_type)
+    values
+        (new.id, old.status, new.status, old.attempt, new.attempt, old.worker_id,
+         (select w.pid from durable.workers w where w.id = old.worker_id),
+         case when new.status = 'completed' and jsonb_typeof(new.result) = 'object'
+              then (new.result ->> 'pid')::integer end,
+         case when new.status = 'completed' and jsonb_typeof(new.result) = 'object'
+              then (new.result ->> 'attempt')::integer end,
+         case when new.status in ('queued', 'failed') then new.error ->> 'type' end);
+    return null;
+end;
+$$;
+
+create trigger soak_transitions after update on durable.tasks
+    for each row when (old.status is distinct from new.status)
+    execute function soak.on_transition();
+
+create function soak.on_event_write() returns trigger
+language plpgsql as $$
+begin
+    insert into soak.event_writes
+        (op, task_id, branch, seq, kind, status, event_attempt, task_attempt, task_status)
+    select tg_op, new.task_id, new.branch, new.seq, new.kind, new.status, new.attempt,
+           t.attempt, t.status
+      from durable.tasks t where t.id = new.task_id;
+    return null;
+end;
+$$;
+
+create trigger soak_event_writes after insert or update on durable.events
+    for each row execute function soak.on_event_write();
+
+-- name: record_effect
+-- A body starts: $6 is the workflow's event-log position, checked for a checkpoint now.
+insert into soak.effects (run_id, kind, key, task_id, seq, attempt, checkpoint_existed, pid)
+values ($1::uuid, $2, $3, $4, $5, $6,
+        case when $4::bigint is null then null
+             else exists (select 1 from durable.events e
+                          where e.task_id = $4 and e.branch = 0 and e.seq = $5) end,
+        $7)
+on conflict (run_id) do nothing
+
+-- name: business
+insert into soak.business (task_id, seq, attempt, pid) values ($1, $2, $3, $4)
+
+-- name: record_started
+insert into soak.started (key, kind, event)
+select * from unnest($1::text[], $2::text[], $3::text[])
+on conflict (key) do nothing
+
+-- name: listener_backends
+-- The LISTEN connections of the daemons (the faults terminate them).
+select pid from pg_stat_activity
+where application_name = 'durable-listener' and datname = current_database()
+
+-- name: terminate
+select pg_terminate_backend(p) from unnest($1::int[]) as p
+
+-- name: held_by
+-- The tasks the daemon process $1 holds right now.
+select coalesce(array_agg(t.id order by t.id), '{}') from durable.tasks t
+join durable.workers w on w.id = t.worker_id
+where t.status = 'running' and w.pid = $1 and w.stopped_at is null
+
+-- name: released_at
+-- When each of the tasks $1 (held by a daemon a fault hit at $2) left that claim: the
+-- first status change out of running after $2.
+select h.id, (select min(x.at) from soak.transitions x
+              where x.task_id = h.id and x.old_status = 'running' and x.at > $2) as at
+from unnest($1::bigint[]) as h(id)
+
+-- name: unfinished
+select count(*)::bigint from durable.tasks where status not in ('completed', 'failed', 'cancelled')
+
+-- name: progress
+select count(*) filter (where status = 'completed')::bigint as completed,
+       count(*) filter (where status = 'failed')::bigint as failed,
+       count(*) filter (where status not in ('completed', 'failed', 'cancelled'))::bigint
+           as unfinished
+from durable.tasks
+
+-- name: last_completion
+select max(at) from soak.transitions where new_status = 'completed'
+
+-- name: completions_after
+-- When the first task completed after $1 (how long the fleet took to serve again).
+select min(at) from soak.transitions where new_status = 'completed' and at > $1
+
+-- name: stats
+select
+    (select count(*) from durable.tasks where kind = 'task')::bigint as tasks,
+    (select count(*) from durable.tasks where kind = 'workflow')::bigint as workflows,
+    (select count(*) from durable.tasks where parent_id is not null)::bigint as children,
+    (select count(*) from durable.tasks where status = 'completed')::bigint as completed,
+    (select count(*) from durable.tasks where status = 'failed')::bigint as failed,
+    (select count(*) from durable.events)::bigint as events,
+    (select count(*) from durable.events where kind = 'step')::bigint as steps,
+    (select count(*) from durable.events where kind = 'transaction')::bigint as transactions,
+    (select count(*) from durable.events where kind = 'sleep')::bigint as sleeps,
+    (select count(*) from durable.events where kind = 'event')::bigint as event_waits,
+    (select count(*) from soak.effects)::bigint as body_runs,
+    (select count(*) from soak.effects where kind = 'step')::bigint as step_runs,
+    (select count(*) from soak.business)::bigint as business_rows,
+    (select count(*) from soak.transitions
+      where old_status = 'running' and new_status in ('queued', 'failed')
+        and error_type = 'durable.LeaseExpired')::bigint as leases_expired,
+    (select count(*) from soak.transitions
+      where old_status = 'running' and new_status = 'queued'
+        and error_type is distinct from 'durable.LeaseExpired')::bigint as retried_or_released,
+    (select count(*) from durable.tasks where attempt > 1)::bigint as tasks_with_retries,
+    (select max(attempt) from durable.tasks)::int as max_attempt,
+    (select count(*) from durable.signals)::bigint as events_sent
+
+-- name: check_lost
+-- Started by a producer, yet no task carries its key.
+select s.key, s.kind from soak.started s
+left join durable.tasks t on t.idempotency_key = s.key
+where t.id is null
+order by s.key
+
+-- name: check_unfinished
+select id, name, status, attempt, waiting_on::text, waiting_event, wake_at
+from durable.tasks where status not in ('completed', 'failed', 'cancelled')
+order by id
+
+-- name: check_outcomes
+-- soak_doomed fails on purpose (NonRetryable); everything else must complete.
+select id, name, status, attempt, error ->> 'type' as error_type, error ->> 'message' as message
+from durable.tasks
+where status in ('completed', 'failed', 'cancelled')
+  and case when name = 'soak_doomed'
+           then status <> 'failed' or error ->> 'type' <> 'durable.errors.NonRetryable'
+           else status <> 'completed' end
+order by id
+
+-- name: check_completed_twice
+select task_id, count(*)::int as completions from soak.transitions
+where new_status = 'completed'
+group by task_id having count(*) > 1
+order by task_id
+
+-- name: check_completion_log
+-- Every completed task has exactly one entry in the completion log.
+select t.id from durable.tasks t
+where t.status = 'completed'
+  and (select count(*) from soak.transitions x
+        where x.task_id = t.id and x.new_status = 'completed') <> 1
+order by t.id
+
+-- name: check_step_reruns
+-- A step body that started although its checkpoint had already committed, in the same or
+-- a later attempt than the one that committed it (a replay that ran it again).
+select e.task_id, e.seq, e.attempt as run_attempt, ev.attempt as checkpoint_attempt, e.pid
+from soak.effects e
+join durable.events ev on ev.task_id = e.task_id and ev.branch = 0 and ev.seq = e.seq
+where e.kind = 'step' and e.checkpoint_existed and e.attempt >= ev.attempt
+order by e.task_id, e.seq
+
+-- name: stale_step_runs
+-- Step bodies that a frozen or cut-off attempt started after its successor had already
+-- committed that step (at least once: the engine fenced their checkpoints).
+select count(*)::bigint from soak.effects e
+join durable.events ev on ev.task_id = e.task_id and ev.branch = 0 and ev.seq = e.seq
+where e.kind = 'step' and e.checkpoint_existed and e.attempt < ev.attempt
+
+-- name: check_step_results
+-- A step's recorded result must come from one of its runs.
+select ev.task_id, ev.seq from durable.events ev
+where ev.kind = 'step' and ev.status = 'completed'
+  and not exists (select 1 from soak.effects e
+                  where e.run_id::text = ev.result ->> 'run' and e.task_id = ev.task_id
+                    and e.seq = ev.seq)
+order by ev.task_id, ev.seq
+
+-- name: check_business
+-- Each committed ctx.transaction has exactly one business row, written by the attempt
+-- that committed it; and no business row exists without its checkpoint.
+select ev.task_id, ev.seq, 'rows' as problem,
+       (select count(*) from soak.business b
+         where b.task_id = ev.task_id and b.seq = ev.seq)::int as n
+from durable.events ev
+where ev.kind = 'transaction' and ev.status = 'completed'
+  and (select count(*) from soak.business b
+        where b.task_id = ev.task_id and b.seq = ev.seq and b.attempt = ev.attempt) <> 1
+union all
+select b.task_id, b.seq, 'orphan', 1 from soak.business b
+where not exists (select 1 from durable.events ev
+                  where ev.task_id = b.task_id and ev.branch = 0 and ev.seq = b.seq
+                    and ev.kind = 'transaction' and ev.status = 'completed')
+   or exists (select 1 from soak.business c
+               where c.task_id = b.task_id and c.seq = b.seq and c.id <> b.id)
+order by 1, 2
+
+-- name: check_zombie_events
+-- An event-log write accepted while its attempt did not hold the task.
+select id, op, task_id, seq, kind, event_attempt, task_attempt, task_status
+from soak.event_writes
+where task_status is distinct from 'running'
+   or (op = 'INSERT' and event_attempt is distinct from task_attempt)
+order by id
+
+-- name: check_zombie_completions
+-- A completion accepted from a process, or a workflow attempt, that did not hold the
+-- claim it ended; or a completion of a task that was not running.
+select task_id, old_status, attempt, holder_pid, result_pid, result_attempt
+from soak.transitions
+where new_status = 'completed'
+  and (old_status <> 'running'
+       or result_pid is distinct from holder_pid
+       or (result_attempt is not null and result_attempt <> attempt))
+order by id
+
+-- name: check_events_delivered
+-- A workflow sent its event must have received exactly that payload; one never sent an
+-- event must have timed out.
+select t.id, s.key, s.event as sent, t.result ->> 'event' as got
+from soak.started s
+join durable.tasks t on t.idempotency_key = s.key
+where s.kind = 'workflow' and t.status = 'completed'
+  and (t.result ->> 'event') is distinct from coalesce(s.event, 'timeout')
+order by t.id

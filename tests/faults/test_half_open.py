@@ -1,0 +1,104 @@
+"""A network path that stops answering without closing (a half-open socket): the daemon
+notices within its lease, stops its attempts, and comes back once when the path does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import pytest
+
+import durable
+from durable.listener import Listener
+from durable.soak_faults import Proxy
+from tests.helpers import execute, running_daemon, wait_for
+
+QUEUE = "half-open"
+_forever = asyncio.Event()  # never set: the task runs until it is stopped
+
+
+@durable.task(queue=QUEUE, max_attempts=1)
+async def ho_block() -> None:
+    await _forever.wait()
+
+
+@pytest.fixture
+async def proxy(dsn: str) -> AsyncIterator[tuple[Proxy, str]]:
+    """A TCP proxy to the test's server, and ``dsn`` through it."""
+    parts = urlsplit(dsn)
+    p = Proxy(parts.port or 5432)
+    await p.start()
+    user = parts.netloc.rpartition("@")[0]
+    via = urlunsplit(parts._replace(netloc=f"{user}@127.0.0.1:{p.port}"))
+    try:
+        yield p, via
+    finally:
+        await p.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_listener_whose_pings_stop_reconnects_once_the_path_is_back(
+    dsn: str, proxy: tuple[Proxy, str]
+) -> None:
+    p, via = proxy
+    heard: list[str] = []
+    listener = Listener(
+        via, on_ready=heard.append, on_control=lambda _: None, on_reconnect=lambda: None,
+        keepalive=0.1, ping_timeout=0.2,
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(listener.run)
+        p.stall()
+
+        async def disconnected() -> bool:
+            return not listener.connected
+
+        await wait_for(disconnected, timeout=10)  # the ping went unanswered
+        p.resume()
+
+        async def back() -> bool:
+            return listener.connected and listener.reconnects >= 1
+
+        await wait_for(back, timeout=20)
+        # The new connection stays up: notifications keep arriving through it, over
+        # several keepalive rounds, with no further reconnect.
+        for i in range(5):
+            await execute(dsn, "select pg_notify('durable_ready', $1)", f"q{i}")
+
+            async def heard_it(payload: str = f"q{i}") -> bool:
+                return payload in heard
+
+            await wait_for(heard_it, timeout=10)
+        assert listener.reconnects == 1, f"{listener.reconnects} reconnects: a reconnect storm"
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(60)
+async def test_a_daemon_cut_off_by_a_stalled_path_stops_its_attempts_within_its_lease(
+    dsn: str, proxy: tuple[Proxy, str]
+) -> None:
+    p, via = proxy
+    async with durable.connect(dsn) as client:
+        handle = await client.start(ho_block)
+        async with running_daemon(via, queues=QUEUE, lease="1", shutdown_grace="0") as daemon:
+
+            async def running() -> list[object]:
+                return list(daemon.attempts.values())
+
+            [attempt] = await wait_for(running, timeout=20)
+            p.stall()
+            try:
+                # Nothing errors while the path is stalled; the heartbeat's own deadline
+                # is what notices. The attempt must stop while the stall goes on.
+                async def stopped() -> bool:
+                    return attempt.job is not None and attempt.job.done()
+
+                await wait_for(stopped, timeout=10)
+                assert attempt.reason == "lease_lost"
+            finally:
+                p.resume()
+        # Its lease expired and its one attempt is spent: reaped, not left running.
+        info = await client.get(handle.id)
+        assert info.status in ("running", "failed")
