@@ -312,6 +312,14 @@ async def backlog(
     )
 
 
+def _daemon(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A `durable run` process serving the bench queue (started at once; not waited on)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "durable", "run", "--app", "durable.bench"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
 async def scale(server: str, n: int, concurrency: int, daemons: list[int], progress: bool) -> Result:
     figures: dict[str, Any] = {"tasks": n, "concurrency": concurrency}
     ok = True
@@ -323,13 +331,7 @@ async def scale(server: str, n: int, concurrency: int, daemons: list[int], progr
                    "DURABLE_QUEUES": f"{QUEUE}={concurrency}"}
             bar = Progress(f"scale x{k}", n, progress)
             t0 = time.monotonic()
-            procs = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "durable", "run", "--app", "durable.bench"],
-                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )
-                for _ in range(k)
-            ]
+            procs = [_daemon(env) for _ in range(k)]
             try:
                 t1 = await _wait_finished(dsn, n, bar)
             finally:

@@ -116,10 +116,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         from durable.daemon import Daemon
-        from durable.store import latest_version
+        from durable.store import connect, latest_version, schema_version
 
         dsn = await _dsn(settings)
-        version = await _schema_version_once_up(dsn, log)
+        conn = await connect(dsn)
+        try:
+            version = await schema_version(conn)
+        finally:
+            await conn.close()
         if version != latest_version():
             raise CommandError(
                 f"the database schema is at version {version or 'none'}, this durable needs "
@@ -131,37 +135,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     _run(main)
     return 0
-
-
-STARTUP_WAIT = 60.0
-"""Seconds `durable run` waits for a server that refuses connections or is starting up."""
-
-
-async def _schema_version_once_up(dsn: str | None, log: Any) -> int | None:
-    """The schema version; a server restarting or failing over (refusing connections, or
-    starting up) is waited for up to STARTUP_WAIT seconds rather than exiting at once."""
-    import time
-
-    from durable.logs import redact
-    from durable.store import connect, not_up_yet, schema_version
-
-    deadline = time.monotonic() + STARTUP_WAIT
-    delay = 0.1
-    while True:
-        try:
-            conn = await connect(dsn, timeout=10)
-        except Exception as exc:
-            if not not_up_yet(exc) or time.monotonic() + delay > deadline:
-                raise
-            log.warning("database_unavailable", error=redact(f"{type(exc).__name__}: {exc}"),
-                        retry_in=round(delay, 2))
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-            continue
-        try:
-            return await schema_version(conn)
-        finally:
-            await conn.close()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

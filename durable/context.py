@@ -265,6 +265,14 @@ class Context:
             except LeaseLost:
                 raise
             except Exception as exc:
+                from durable.store import is_transient
+
+                if is_transient(exc):
+                    # A lost connection, a deadlock, a serialization failure: the
+                    # transaction rolled back and none of it happened. That is no outcome
+                    # to record (replays would raise it for ever): this attempt fails and
+                    # the next one runs the transaction again.
+                    raise
                 await self._commit(
                     self._cp(
                         seq, "transaction", name, dig, status="failed",

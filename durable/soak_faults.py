@@ -162,10 +162,6 @@ class Fleet:
         d.expected_exit = False
         d.frozen = False
 
-    def start_all(self) -> None:
-        for d in self.daemons:
-            self.spawn(d)
-
     def check_exits(self) -> None:
         """Record and replace daemons that exited without being told to."""
         for d in self.daemons:

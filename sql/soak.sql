@@ -297,3 +297,7 @@ join durable.tasks t on t.idempotency_key = s.key
 where s.kind = 'workflow' and t.status = 'completed'
   and (t.result ->> 'event') is distinct from coalesce(s.event, 'timeout')
 order by t.id
+
+-- name: registered
+-- The daemon process $1 has registered (it got past its startup).
+select exists (select 1 from durable.workers where pid = $1 and stopped_at is null)

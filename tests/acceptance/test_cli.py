@@ -278,12 +278,32 @@ async def test_malformed_flag_is_named_too(dsn: str) -> None:
     assert "--queues" in one_line_error(proc)
 
 
-@pytest.mark.parametrize("command", [["run", "--app", APP], ["check"], ["migrate"], ["ls"]])
+@pytest.mark.parametrize("command", [["check"], ["migrate"], ["ls"]])
 async def test_password_of_an_unreachable_server_is_never_printed(command: list[str]) -> None:
     proc = await cli(*command, DURABLE_DATABASE_URL=UNREACHABLE, DURABLE_LOG_LEVEL="debug")
     assert proc.returncode == 1
     one_line_error(proc)
     assert PASSWORD not in proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(60)
+async def test_password_of_an_unreachable_server_is_never_printed_by_run(tmp_path: Path) -> None:
+    log = tmp_path / "daemon.log"
+    daemon = spawn_daemon(
+        UNREACHABLE, APP, log=log, DURABLE_DATABASE_URL=UNREACHABLE, DURABLE_LOG_LEVEL="debug"
+    )
+    try:
+        # It gives up with an error, or keeps reporting that it waits for the server.
+        async def said_something() -> bool:
+            return daemon.poll() is not None or "127.0.0.1" in log.read_text()
+
+        await wait_for(said_something, timeout=30)
+    finally:
+        kill(daemon)
+        await anyio.to_thread.run_sync(partial(daemon.wait, 30))
+    text = log.read_text()
+    assert "127.0.0.1" in text or "Connect call failed" in text or "durable:" in text, text
+    assert PASSWORD not in text
 
 
 async def test_password_of_a_reachable_server_is_never_printed_by_check_and_migrate(

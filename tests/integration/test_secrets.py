@@ -102,8 +102,7 @@ EVERY = (("show", "1"), ("migrate", "--grant", APP_ROLE), ("start", "x"), ("run"
     ("where", "commands"),
     [
         ("nonexistent.invalid:5432", EVERY),
-        # Refused: `durable run` would wait for a restarting server (tests/faults).
-        ("127.0.0.1:1", (("ls",), ("check",))),
+        ("127.0.0.1:1", (("ls",), ("check",), ("run",))),
         ("127.0.0.1:notaport", (("ls",), ("run",))),  # errors that quote the URL itself
         ("[::1", (("run",),)),
     ],
