@@ -61,3 +61,11 @@ async def flow_rated(i: int) -> int:
 @durable.task(name="flow_tick", queue="flow_ticks")
 async def flow_tick() -> str:
     return "tick"
+
+
+@durable.task(name="batch_noop", queue="batch_q", max_attempts=5)
+async def batch_noop(i: int) -> int:
+    """Records every execution, so a test can count re-runs after a crash."""
+    p = await pool()
+    await p.execute("insert into batch_runs (i) values ($1)", i)
+    return i
