@@ -8,7 +8,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -21,9 +21,10 @@ from durable.http import HttpServer, Probes
 from durable.listener import Listener
 from durable.logs import get_logger, redact
 from durable.metrics import Metrics
-from durable.models import Checkpoint, Claimed, NewTask
+from durable.models import Checkpoint, Claimed
 from durable.registry import Registry
 from durable.runner import Attempt, Completion, Runner
+from durable.scheduler import declare_schedules, run_schedules
 from durable.settings import Settings
 from durable.store import Store, is_transient
 from durable.worker import QueueWorker
@@ -453,55 +454,13 @@ class Daemon:
 
     async def declare_schedules(self) -> None:
         """Record the schedules declared in code (``schedule=`` on a definition)."""
-        from durable.cron import parse
-
         assert self.store is not None
-        for d in self.registry.definitions():
-            if d.schedule is None:
-                continue
-            cron = parse(d.schedule, d.timezone)
-            await self.store.upsert_schedule(
-                d.name, d.name, d.schedule, d.timezone, "[]", "{}", d.queue, "code",
-                cron.next_after(self.clock()),
-            )
+        await declare_schedules(self.store, self.registry, self.clock())
 
     async def run_schedules(self) -> datetime | None:
-        """Start every schedule whose tick has come; returns when the next one is due.
-
-        Ticks missed while no daemon ran are not all replayed: the latest one runs once.
-        Several daemons may run this at once; a compare-and-set on the schedule's next run
-        lets exactly one of them start each tick.
-        """
-        from durable.cron import parse
-
+        """Start every schedule whose tick has come; returns when the next one is due."""
         assert self.store is not None
-        now = self.clock()
-        for row in await self.store.due_schedules(now):
-            try:
-                cron = parse(row["cron"], row["timezone"])
-            except DurableError as exc:
-                log.error("schedule_invalid", schedule=row["name"], error=str(exc))
-                continue
-            expected = row["next_run_at"]
-            tick = cron.latest_at_or_before(now, expected - timedelta(microseconds=1))
-            tick = tick or expected
-            d = self.registry.get(row["task_name"])
-            task = NewTask(
-                name=row["task_name"],
-                args=row["args"],
-                kwargs=row["kwargs"],
-                queue=row["queue"] or (d.queue if d is not None else "default"),
-                kind=d.kind if d is not None else "task",
-                max_attempts=d.max_attempts if d is not None else 3,
-                timeout=d.timeout if d is not None else None,
-            )
-            task_id = await self.store.fire_schedule(
-                row["name"], expected, cron.next_after(now), tick, task
-            )
-            if task_id is not None:
-                log.info("schedule_fired", schedule=row["name"], tick=tick.isoformat(),
-                         task_id=task_id)
-        return await self.store.next_schedule()
+        return await run_schedules(self.store, self.registry, self.clock())
 
     async def _schedules(self) -> None:
         while True:

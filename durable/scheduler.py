@@ -1,0 +1,61 @@
+"""Cron schedules: start each tick's task exactly once, however many daemons run."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from durable.cron import parse
+from durable.errors import DurableError
+from durable.logs import get_logger
+from durable.models import NewTask
+from durable.registry import Registry
+from durable.store import Store
+
+log = get_logger("durable.scheduler")
+
+
+async def declare_schedules(store: Store, registry: Registry, now: datetime) -> None:
+    """Record the schedules declared in code (``schedule=`` on a definition).
+
+    Every daemon does this at startup; a schedule keeps its next run unless its cron
+    expression or time zone changed.
+    """
+    for d in registry.definitions():
+        if d.schedule is None:
+            continue
+        cron = parse(d.schedule, d.timezone)
+        await store.upsert_schedule(
+            d.name, d.name, d.schedule, d.timezone, "[]", "{}", d.queue, "code",
+            cron.next_after(now),
+        )
+
+
+async def run_schedules(store: Store, registry: Registry, now: datetime) -> datetime | None:
+    """Start every schedule whose tick has come; returns when the next one is due.
+
+    Ticks missed while no daemon ran are not all replayed: the latest one runs once.
+    Several daemons may run this at once; a compare-and-set on the schedule's next run
+    lets exactly one of them start each tick, and the tick is in the task's idempotency key.
+    """
+    for row in await store.due_schedules(now):
+        try:
+            cron = parse(row["cron"], row["timezone"])
+        except DurableError as exc:
+            log.error("schedule_invalid", schedule=row["name"], error=str(exc))
+            continue
+        expected = row["next_run_at"]
+        tick = cron.latest_at_or_before(now, expected - timedelta(microseconds=1)) or expected
+        d = registry.get(row["task_name"])
+        task = NewTask(
+            name=row["task_name"],
+            args=row["args"],
+            kwargs=row["kwargs"],
+            queue=row["queue"] or (d.queue if d is not None else "default"),
+            kind=d.kind if d is not None else "task",
+            max_attempts=d.max_attempts if d is not None else 3,
+            timeout=d.timeout if d is not None else None,
+        )
+        task_id = await store.fire_schedule(row["name"], expected, cron.next_after(now), tick, task)
+        if task_id is not None:
+            log.info("schedule_fired", schedule=row["name"], tick=tick.isoformat(), task_id=task_id)
+    return await store.next_schedule()
