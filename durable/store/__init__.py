@@ -1,0 +1,56 @@
+"""The one package that talks to Postgres: every read and write durable makes.
+
+``schema`` finds the SQL and applies migrations, ``tasks`` enqueues, claims and finishes,
+``workflows`` keeps the event log, ``operations`` runs limits, schedules and upkeep, and
+``listen`` holds the LISTEN connection. Nothing outside this package imports asyncpg.
+"""
+
+from durable.store.listen import Subscription
+from durable.store.operations import Store
+from durable.store.schema import (
+    MIGRATION_LOCK,
+    PRUNE_LOCK,
+    TRANSIENT_ERRORS,
+    Connection,
+    DatabaseError,
+    NamedSql,
+    connect,
+    create_database,
+    drop_database,
+    grant,
+    is_transient,
+    latest_version,
+    migrate,
+    migration_files,
+    named_queries,
+    queries,
+    quote_ident,
+    schema_sql,
+    schema_version,
+    sql_dir,
+)
+
+__all__ = [
+    "MIGRATION_LOCK",
+    "PRUNE_LOCK",
+    "TRANSIENT_ERRORS",
+    "Connection",
+    "DatabaseError",
+    "NamedSql",
+    "Store",
+    "Subscription",
+    "connect",
+    "create_database",
+    "drop_database",
+    "grant",
+    "is_transient",
+    "latest_version",
+    "migrate",
+    "migration_files",
+    "named_queries",
+    "queries",
+    "quote_ident",
+    "schema_sql",
+    "schema_version",
+    "sql_dir",
+]

@@ -1,0 +1,196 @@
+"""Operating the fleet: limits, schedules, restarts, probes, bulk actions, pruning."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+import asyncpg
+
+from durable.errors import DurableError
+from durable.models import (
+    NewTask,
+    PruneResult,
+)
+from durable.store.schema import PRUNE_LOCK, is_transient
+from durable.store.workflows import WorkflowStore
+
+
+class Store(WorkflowStore):
+    """Everything durable reads and writes: tasks, workflows, and operating them."""
+
+    async def queue_limits(self) -> list[asyncpg.Record]:
+        return await self.pool.fetch(self.q["queue_limits"])
+
+    async def set_queue_limits(
+        self, queue: str, concurrency: int | None, rate_limit: int | None, rate_period: float | None
+    ) -> None:
+        await self.pool.execute(
+            self.q["set_queue_limits"], queue, concurrency, rate_limit, rate_period
+        )
+
+    async def upsert_schedule(
+        self,
+        name: str,
+        task_name: str,
+        cron: str,
+        timezone: str,
+        args: str,
+        kwargs: str,
+        queue: str | None,
+        source: str,
+        next_run_at: datetime,
+    ) -> None:
+        await self.pool.execute(
+            self.q["upsert_schedule"],
+            name,
+            task_name,
+            cron,
+            timezone,
+            args,
+            kwargs,
+            queue,
+            source,
+            next_run_at,
+        )
+
+    async def delete_schedule(self, name: str) -> bool:
+        return await self.pool.fetchval(self.q["delete_schedule"], name) is not None
+
+    async def list_schedules(self) -> list[asyncpg.Record]:
+        return await self.pool.fetch(self.q["list_schedules"])
+
+    async def due_schedules(self, now: datetime) -> list[asyncpg.Record]:
+        return await self.pool.fetch(self.q["due_schedules"], now)
+
+    async def next_schedule(self) -> datetime | None:
+        return await self.pool.fetchval(self.q["next_schedule"])  # type: ignore[no-any-return]
+
+    async def fire_schedule(
+        self, name: str, expected: datetime, next_run_at: datetime, tick: datetime, task: NewTask
+    ) -> int | None:
+        """Move the schedule on and start its task in one transaction; None if another
+        daemon fired this tick first."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if (
+                await conn.fetchval(self.q["advance_schedule"], name, expected, next_run_at, tick)
+                is None
+            ):
+                return None
+            task_id, _ = await self.insert_task(
+                task, idempotency_key=f"schedule:{name}:{tick.isoformat()}", conn=conn
+            )
+            await conn.execute(self.q["schedule_task_started"], name, task_id)
+            return task_id
+
+    async def restart(self, task_id: int, mode: str, at: int | None = None) -> int:
+        try:
+            return await self.pool.fetchval(self.q["restart"], task_id, mode, at)  # type: ignore[no-any-return]
+        except (
+            asyncpg.NoDataFoundError,
+            asyncpg.ObjectNotInPrerequisiteStateError,
+            asyncpg.InvalidParameterValueError,
+        ) as exc:
+            raise DurableError(exc.args[0] if exc.args else str(exc)) from None
+
+    # -- operating: probes, metrics, bulk actions, retention ------------------------------
+
+    async def ping(self, timeout: float) -> None:
+        """One round trip to the server within ``timeout`` seconds, or an exception."""
+        async with self.pool.acquire(timeout=timeout) as conn:
+            await conn.fetchval(self.q["ping"], timeout=timeout)
+
+    async def schema_version(self, timeout: float) -> int | None:
+        async with self.pool.acquire(timeout=timeout) as conn:
+            try:
+                return await conn.fetchval(self.q["schema_version"], timeout=timeout)  # type: ignore[no-any-return]
+            except asyncpg.UndefinedTableError:
+                return None
+
+    async def queue_depth(self) -> list[asyncpg.Record]:
+        """(queue, queued, running, waiting, oldest_ready seconds) for every busy queue."""
+        return await self.pool.fetch(self.q["queue_depth"])
+
+    async def unserved_names(self, live_within: float) -> list[asyncpg.Record]:
+        """(queue, names, tasks): queued names that no daemon heard from lately can run."""
+        return await self.pool.fetch(self.q["unserved_names"], live_within)
+
+    async def select_tasks(
+        self,
+        statuses: Sequence[str],
+        *,
+        queue: str | None = None,
+        name: str | None = None,
+        since: datetime | None = None,
+        skip_cancel_requested: bool = False,
+    ) -> list[int]:
+        rows = await self.pool.fetch(
+            self.q["select_tasks"], list(statuses), queue, name, since, skip_cancel_requested
+        )
+        return [r["id"] for r in rows]
+
+    async def retry_many(self, ids: Sequence[int], statuses: Sequence[str]) -> list[int]:
+        """Retry (keeping history) those of ``ids`` still in one of ``statuses``."""
+        rows = await self.pool.fetch(self.q["retry_many"], list(ids), list(statuses))
+        return [r["id"] for r in rows]
+
+    async def cancel_many(self, ids: Sequence[int]) -> list[tuple[int, str]]:
+        """Cancel the unfinished tasks of ``ids`` and their unfinished descendants."""
+        rows = await self.pool.fetch(self.q["cancel_many"], list(ids))
+        return [(r["id"], r["status"]) for r in rows]
+
+    async def prune_count(self, older_than: float) -> int:
+        async with self.pool.acquire() as conn:
+            cutoff = await conn.fetchval(self.q["prune_cutoff"], older_than)
+            return await conn.fetchval(self.q["prune_count"], cutoff)  # type: ignore[no-any-return]
+
+    async def prune(
+        self,
+        older_than: float,
+        *,
+        batch: int = 1000,
+        progress: Callable[[PruneResult], None] | None = None,
+    ) -> PruneResult | None:
+        """Delete the task trees that all finished more than ``older_than`` seconds ago.
+
+        Each statement deletes at most ``batch`` tasks (with their events and signals) and
+        commits on its own, so no lock is held for long. Returns None, deleting nothing,
+        when another process is pruning (one pruner at a time, by advisory lock).
+        """
+        async with self.pool.acquire() as conn:
+            if not await conn.fetchval(self.q["prune_lock"], PRUNE_LOCK):
+                return None
+            try:
+                cutoff = await conn.fetchval(self.q["prune_cutoff"], older_than)
+                done = PruneResult()
+                cursor = 0
+                while True:
+                    scan = await conn.fetchrow(self.q["prune_scan"], cursor, cutoff, batch)
+                    assert scan is not None
+                    roots = list(scan["roots"])
+                    while roots:
+                        row = await conn.fetchrow(self.q["prune_trees"], roots, cutoff, batch)
+                        assert row is not None
+                        if not row["tasks"]:
+                            break
+                        done = PruneResult(
+                            done.tasks + row["tasks"],
+                            done.events + row["events"],
+                            done.signals + row["signals"],
+                        )
+                        if progress is not None:
+                            progress(done)
+                    # A window with nothing created before the cutoff: the rest is newer.
+                    if scan["scanned"] < batch or not scan["older"]:
+                        break
+                    cursor = scan["last_id"]
+                workers = await conn.fetch(self.q["prune_workers"], cutoff)
+                return PruneResult(done.tasks, done.events, done.signals, len(workers))
+            finally:
+                # Returned to the pool unlocked; if this fails (connection lost), the
+                # pool's reset of the connection, or its closing, releases the lock.
+                try:
+                    await conn.fetchval(self.q["prune_unlock"], PRUNE_LOCK)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise

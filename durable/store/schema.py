@@ -1,0 +1,207 @@
+"""Where the SQL lives, migrations, grants, and errors worth retrying."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from durable.errors import DurableError
+
+MIGRATION_LOCK = 0x64757261626C65  # pg_advisory_lock key: "durable" in ASCII
+PRUNE_LOCK = MIGRATION_LOCK + 1  # held by whoever prunes finished tasks
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    TimeoutError,
+)
+"""Errors after which the same call may succeed later (connection lost, server restarting)."""
+
+DatabaseError = asyncpg.PostgresError
+Connection = asyncpg.Connection
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
+def sql_dir() -> Path:
+    """sql/ as installed in the wheel (durable/_sql), or beside the package in a checkout."""
+    packaged = Path(str(resources.files("durable"))) / "_sql"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "sql"
+
+
+_NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+
+
+@cache
+def named_queries(filename: str) -> dict[str, str]:
+    """sql/FILENAME parsed into {name: statement} (sections start with `-- name: x`)."""
+    text = (sql_dir() / filename).read_text()
+    parts = _NAME.split(text)
+    out: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in out:
+            raise DurableError(f"{filename} defines {name!r} twice")
+        out[name] = body.strip()
+    return out
+
+
+def queries() -> dict[str, str]:
+    """sql/queries.sql parsed into {name: statement}."""
+    return named_queries("queries.sql")
+
+
+def schema_sql() -> str:
+    return (sql_dir() / "schema.sql").read_text()
+
+
+def migration_files() -> list[tuple[int, str, Path]]:
+    found = []
+    for path in sorted((sql_dir() / "migrations").glob("*.sql")):
+        number, _, rest = path.stem.partition("_")
+        found.append((int(number), rest, path))
+    return found
+
+
+async def connect(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:
+    """A single connection; ``dsn=None`` lets libpq's PG* variables decide."""
+    return await asyncpg.connect(dsn, **kwargs)
+
+
+async def migrate(dsn: str | None) -> list[int]:
+    """Apply the numbered migrations not applied yet; returns the versions applied.
+
+    Safe to run from several processes at once: they queue on an advisory lock.
+    """
+    conn = await connect(dsn)
+    applied: list[int] = []
+    try:
+        await conn.execute("select pg_advisory_lock($1)", MIGRATION_LOCK)
+        try:
+            await conn.execute(
+                "create schema if not exists durable;"
+                "create table if not exists durable.migrations ("
+                " version integer primary key, name text not null,"
+                " applied_at timestamptz not null default now())"
+            )
+            done = {r[0] for r in await conn.fetch("select version from durable.migrations")}
+            for version, name, path in migration_files():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(path.read_text())
+                    await conn.execute(
+                        "insert into durable.migrations (version, name) values ($1, $2)",
+                        version,
+                        name,
+                    )
+                applied.append(version)
+        finally:
+            await conn.execute("select pg_advisory_unlock($1)", MIGRATION_LOCK)
+    finally:
+        await conn.close()
+    return applied
+
+
+async def schema_version(conn: asyncpg.Connection) -> int | None:
+    try:
+        return await conn.fetchval("select max(version) from durable.migrations")  # type: ignore[no-any-return]
+    except asyncpg.UndefinedTableError:
+        return None
+
+
+def latest_version() -> int:
+    return max((v for v, _, _ in migration_files()), default=0)
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as a quoted SQL identifier, for the statements that take no parameters
+    (CREATE DATABASE, GRANT): whatever it holds, it stays one identifier."""
+    if not name or "\0" in name:
+        raise DurableError("an SQL identifier must be non-empty and hold no NUL character")
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def create_database(server_dsn: str | None, name: str) -> None:
+    conn = await connect(server_dsn)
+    try:
+        await conn.execute(f"create database {quote_ident(name)}")
+    finally:
+        await conn.close()
+
+
+async def drop_database(server_dsn: str | None, name: str) -> None:
+    conn = await connect(server_dsn)
+    try:
+        await conn.execute(f"drop database if exists {quote_ident(name)} with (force)")
+    finally:
+        await conn.close()
+
+
+async def grant(dsn: str | None, role: str) -> list[str]:
+    """Give ``role`` what the daemon and clients need on the durable schema, and no more:
+    usage on the schema (not create), read/write on the tables (only read on
+    ``durable.migrations``), usage on the sequences, execute on the functions. Returns
+    the statements run. Run it again after a migration adds objects (``durable migrate
+    --grant`` does)."""
+    conn = await connect(dsn)
+    try:
+        async with conn.transaction():
+            try:
+                statements = [
+                    r["statement"] for r in await conn.fetch(queries()["grant_statements"], role)
+                ]
+                for statement in statements:
+                    await conn.execute(statement)
+            except asyncpg.UndefinedObjectError as exc:
+                raise DurableError(f"cannot grant to {role!r}: {exc}") from None
+    finally:
+        await conn.close()
+    return statements
+
+
+class NamedSql:
+    """A small pool running the named statements of one file of ``sql/`` (tools such as
+    ``durable soak`` keep their own statements apart from queries.sql)."""
+
+    def __init__(self, pool: asyncpg.Pool, filename: str) -> None:
+        self.pool = pool
+        self.q = named_queries(filename)
+
+    @classmethod
+    async def open(
+        cls, dsn: str | None, filename: str, *, max_size: int = 4, name: str = "durable-tool"
+    ) -> NamedSql:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=0, max_size=max_size, server_settings={"application_name": name}
+        )
+        return cls(pool, filename)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def run(self, name: str, *args: Any, timeout: float | None = None) -> None:
+        await self.pool.execute(self.q[name], *args, timeout=timeout)
+
+    async def rows(
+        self, name: str, *args: Any, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self.pool.fetch(self.q[name], *args, timeout=timeout)]
+
+    async def value(self, name: str, *args: Any, timeout: float | None = None) -> Any:
+        return await self.pool.fetchval(self.q[name], *args, timeout=timeout)

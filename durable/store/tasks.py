@@ -1,0 +1,317 @@
+"""Tasks: enqueue, claim, finish, read; the pool every other part uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Self
+
+import asyncpg
+
+from durable import tracing
+from durable.codec import dumps, loads
+from durable.models import (
+    Claimed,
+    NewTask,
+    TaskInfo,
+)
+from durable.store.schema import queries
+
+
+def _claimed(r: asyncpg.Record) -> Claimed:
+    return Claimed(
+        id=r["id"],
+        queue=r["queue"],
+        name=r["name"],
+        kind=r["kind"],
+        args=r["args"],
+        kwargs=r["kwargs"],
+        attempt=r["attempt"],
+        max_attempts=r["max_attempts"],
+        timeout=r["timeout"],
+        token=r["claim_token"],
+        branch=r["branch"],
+        parent_id=r["parent_id"],
+        root_id=r["root_id"],
+        cancel_requested=r["cancel_requested"],
+    )
+
+
+def _task_info(r: asyncpg.Record) -> TaskInfo:
+    return TaskInfo(
+        id=r["id"],
+        queue=r["queue"],
+        name=r["name"],
+        kind=r["kind"],
+        args=loads(r["args"]),
+        kwargs=loads(r["kwargs"]),
+        status=r["status"],
+        priority=r["priority"],
+        run_at=r["run_at"],
+        attempt=r["attempt"],
+        max_attempts=r["max_attempts"],
+        timeout=r["timeout"],
+        lease_until=r["lease_until"],
+        worker_id=r["worker_id"],
+        result=loads(r["result"]),
+        error=loads(r["error"]),
+        idempotency_key=r["idempotency_key"],
+        parent_id=r["parent_id"],
+        root_id=r["root_id"],
+        branch=r["branch"],
+        wake_at=r["wake_at"],
+        waiting_on=list(r["waiting_on"]) if r["waiting_on"] is not None else None,
+        waiting_event=r["waiting_event"],
+        cancel_requested=r["cancel_requested"],
+        created_at=r["created_at"],
+        started_at=r["started_at"],
+        finished_at=r["finished_at"],
+    )
+
+
+class TaskStore:
+    """A connection pool and the named queries run on it: enqueueing, claiming,
+    finishing and reading tasks."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.q = queries()
+
+    @classmethod
+    async def open(
+        cls, dsn: str | None, *, min_size: int = 1, max_size: int = 10, name: str = "durable"
+    ) -> Self:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            server_settings={"application_name": name},
+        )
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    def terminate(self) -> None:
+        self.pool.terminate()
+
+    # -- enqueue ---------------------------------------------------------------------
+
+    async def insert_task(
+        self,
+        t: NewTask,
+        *,
+        idempotency_key: str | None = None,
+        conn: Any = None,
+    ) -> tuple[int, bool]:
+        """Insert one task; returns (id, inserted). An idempotency key returns the old id."""
+        params = (
+            t.queue,
+            t.name,
+            t.kind,
+            t.args,
+            t.kwargs,
+            t.priority,
+            t.run_at,
+            t.max_attempts,
+            t.timeout,
+            idempotency_key,
+            None,
+            None,
+            t.concurrency_key,
+            t.key_limit,
+            t.key_rate_limit,
+            t.key_rate_period,
+            t.trace_context,
+        )
+        if conn is not None:
+            row = await conn.fetchrow(self.q["insert_task"], *params)
+        else:
+            row = await self.pool.fetchrow(self.q["insert_task"], *params)
+        assert row is not None
+        return row["id"], row["inserted"]
+
+    async def insert_many(
+        self, tasks: Sequence[NewTask], *, conn: asyncpg.Connection | None = None
+    ) -> list[int]:
+        params = (
+            [t.queue for t in tasks],
+            [t.name for t in tasks],
+            [t.kind for t in tasks],
+            [t.args for t in tasks],
+            [t.kwargs for t in tasks],
+            [t.priority for t in tasks],
+            [t.run_at for t in tasks],
+            [t.max_attempts for t in tasks],
+            [t.timeout for t in tasks],
+            [t.concurrency_key for t in tasks],
+            [t.key_limit for t in tasks],
+            [t.key_rate_limit for t in tasks],
+            [t.key_rate_period for t in tasks],
+            [t.trace_context for t in tasks],
+        )
+        if conn is not None:
+            rows = await conn.fetch(self.q["insert_many"], *params)
+        else:
+            rows = await self.pool.fetch(self.q["insert_many"], *params)
+        return [r["id"] for r in rows]
+
+    # -- claiming and finishing -----------------------------------------------------
+
+    async def claim(
+        self, queue: str, names: Sequence[str], limit: int, lease: float, worker_id: uuid.UUID
+    ) -> list[Claimed]:
+        return (await self.ack_and_claim(queue, names, limit, lease, worker_id))[0]
+
+    async def ack_and_claim(
+        self,
+        queue: str,
+        names: Sequence[str],
+        limit: int,
+        lease: float,
+        worker_id: uuid.UUID,
+        acks: Sequence[tuple[int, int, str]] = (),
+    ) -> tuple[list[Claimed], set[int]]:
+        """Claim up to ``limit`` tasks, completing ``acks`` (id, token, result JSON) in the
+        same statement and commit; returns the claimed tasks and the acks accepted."""
+        acked: set[int] = set()
+        if acks:
+            rows = await self.pool.fetch(
+                self.q["ack_and_claim"],
+                queue,
+                list(names),
+                limit,
+                lease,
+                worker_id,
+                [a[0] for a in acks],
+                [a[1] for a in acks],
+                [a[2] for a in acks],
+            )
+            acked = {r["id"] for r in rows if r["acked"]}
+            rows = [r for r in rows if not r["acked"]]
+        else:
+            rows = await self.pool.fetch(
+                self.q["claim"], queue, list(names), limit, lease, worker_id
+            )
+        claimed = [_claimed(r) for r in rows]
+        if claimed and tracing.tracer() is not None:
+            try:
+                contexts = await self.trace_contexts([c.id for c in claimed])
+            except Exception:
+                # These tasks are claimed now: run them untraced rather than lose them
+                # until their leases expire.
+                contexts = {}
+            claimed = [dataclasses.replace(c, trace_context=contexts.get(c.id)) for c in claimed]
+        return claimed, acked
+
+    async def trace_contexts(self, ids: Sequence[int]) -> dict[int, str]:
+        """Task id -> its stored trace context (JSON), for the tasks that have one."""
+        rows = await self.pool.fetch(self.q["trace_contexts"], list(ids))
+        return {r["id"]: r["trace_context"] for r in rows}
+
+    async def claim_delay(self, queue: str) -> float | None:
+        """Seconds until a rate-limited queue may start another task, if it is at its limit."""
+        return await self.pool.fetchval(self.q["claim_delay"], queue)  # type: ignore[no-any-return]
+
+    async def next_due(self, queue: str, names: Sequence[str]) -> datetime | None:
+        return await self.pool.fetchval(self.q["next_due"], queue, list(names))  # type: ignore[no-any-return]
+
+    async def extend_leases(
+        self, ids: Sequence[int], tokens: Sequence[int], lease: float
+    ) -> set[int]:
+        rows = await self.pool.fetch(self.q["extend_leases"], list(ids), list(tokens), lease)
+        return {r["id"] for r in rows}
+
+    async def reap_expired(self) -> list[tuple[int, str]]:
+        rows = await self.pool.fetch(self.q["reap_expired"])
+        return [(r["id"], r["status"]) for r in rows]
+
+    async def complete_many(self, items: Sequence[tuple[int, int, str]]) -> set[int]:
+        """Fenced completions (id, token, result JSON); returns the ids accepted."""
+        rows = await self.pool.fetch(
+            self.q["complete"],
+            [i[0] for i in items],
+            [i[1] for i in items],
+            [i[2] for i in items],
+        )
+        return {r["id"] for r in rows}
+
+    async def retry_later(self, task_id: int, token: int, delay: float, error: str) -> bool:
+        return (
+            await self.pool.fetchval(self.q["retry_later"], task_id, token, delay, error)
+            is not None
+        )
+
+    async def fail(self, task_id: int, token: int, error: str) -> bool:
+        return await self.pool.fetchval(self.q["fail"], task_id, token, error) is not None
+
+    async def mark_cancelled(self, task_id: int, token: int) -> bool:
+        return await self.pool.fetchval(self.q["mark_cancelled"], task_id, token) is not None
+
+    async def release(self, items: Sequence[tuple[int, int]]) -> set[int]:
+        rows = await self.pool.fetch(
+            self.q["release"], [i[0] for i in items], [i[1] for i in items]
+        )
+        return {r["id"] for r in rows}
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def get_task(self, task_id: int) -> TaskInfo | None:
+        row = await self.pool.fetchrow(self.q["get_task"], task_id)
+        return _task_info(row) if row is not None else None
+
+    async def list_tasks(
+        self,
+        *,
+        status: str | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[asyncpg.Record]:
+        return await self.pool.fetch(self.q["list_tasks"], status, queue, name, since, limit)
+
+    async def watch_finish(self, task_id: int) -> tuple[str, Any, Any] | None:
+        row = await self.pool.fetchrow(self.q["watch_finish"], task_id)
+        if row is None:
+            return None
+        return row["status"], loads(row["result"]), loads(row["error"])
+
+    async def cancel(self, task_id: int) -> list[tuple[int, str]]:
+        rows = await self.pool.fetch(self.q["cancel"], task_id)
+        return [(r["id"], r["status"]) for r in rows]
+
+    async def queue_stats(self) -> list[asyncpg.Record]:
+        return await self.pool.fetch(self.q["queue_stats"])
+
+    async def list_workers(self, limit: int = 100) -> list[asyncpg.Record]:
+        return await self.pool.fetch(self.q["list_workers"], limit)
+
+    # -- workers ------------------------------------------------------------------------
+
+    async def register_worker(
+        self, worker_id: uuid.UUID, queues: dict[str, int], names: Sequence[str]
+    ) -> None:
+        await self.pool.execute(
+            self.q["register_worker"],
+            worker_id,
+            socket.gethostname(),
+            _pid(),
+            dumps(queues),
+            list(names),
+        )
+
+    async def worker_heartbeat(self, worker_id: uuid.UUID) -> None:
+        await self.pool.execute(self.q["worker_heartbeat"], worker_id)
+
+    async def worker_stopped(self, worker_id: uuid.UUID) -> None:
+        await self.pool.execute(self.q["worker_stopped"], worker_id)
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

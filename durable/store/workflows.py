@@ -1,0 +1,258 @@
+"""Workflows: the event log, checkpoints, children, suspension and events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from durable.codec import dumps, loads
+from durable.errors import LeaseLost
+from durable.models import (
+    Checkpoint,
+    Event,
+    HistoryEntry,
+    NewTask,
+)
+from durable.store.tasks import TaskStore
+
+
+class WorkflowStore(TaskStore):
+    """The event log, children, timers and events of workflows."""
+
+    async def wake_timers(self) -> int:
+        return len(await self.pool.fetch(self.q["wake_timers"]))
+
+    async def next_timer(self) -> datetime | None:
+        return await self.pool.fetchval(self.q["next_timer"])  # type: ignore[no-any-return]
+
+    async def load_events(self, task_id: int, branch: int) -> list[Event]:
+        rows = await self.pool.fetch(self.q["load_events"], task_id, branch)
+        return [
+            Event(
+                seq=r["seq"],
+                kind=r["kind"],
+                name=r["name"],
+                digest=r["digest"],
+                status=r["status"],
+                result=r["result"],
+                error=r["error"],
+                child_id=r["child_id"],
+                wake_at=r["wake_at"],
+                child_status=r["child_status"],
+                child_result=r["child_result"],
+                child_error=r["child_error"],
+            )
+            for r in rows
+        ]
+
+    async def checkpoint_many(self, items: Sequence[Checkpoint]) -> set[tuple[int, int]]:
+        """Write many workflows' checkpoints in one commit; returns the (task, seq) accepted."""
+        rows = await self.pool.fetch(
+            self.q["checkpoint"],
+            [c.task_id for c in items],
+            [c.token for c in items],
+            [c.branch for c in items],
+            [c.seq for c in items],
+            [c.kind for c in items],
+            [c.name for c in items],
+            [c.digest for c in items],
+            [c.status for c in items],
+            [c.result for c in items],
+            [c.error for c in items],
+            [c.wake_at for c in items],
+            [c.attempt for c in items],
+            [c.started_at for c in items],
+        )
+        return {(r["task_id"], r["seq"]) for r in rows}
+
+    @asynccontextmanager
+    async def fenced(self, task_id: int, token: int) -> AsyncIterator[Any]:
+        """A transaction that commits only while this claim still holds the task.
+
+        The fence is checked at the end, just before commit, so a long user transaction
+        does not hold the task row's lock (heartbeats would queue behind it).
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield conn
+            if await conn.fetchval(self.q["fence_lock"], task_id, token) is None:
+                raise LeaseLost(f"task {task_id}: the claim was lost; not committing")
+
+    async def transaction_step(
+        self,
+        cp: Checkpoint,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Run ``fn(conn, *args)`` and write its checkpoint in the same transaction."""
+        async with self.fenced(cp.task_id, cp.token) as conn:
+            result = await fn(conn, *args, **kwargs)
+            text = dumps(result, what=f"the result of transaction {cp.name!r}")
+            await self._insert_event(conn, cp, status="completed", result=text)
+        return result
+
+    async def record_event(self, cp: Checkpoint, **fields: Any) -> None:
+        async with self.fenced(cp.task_id, cp.token) as conn:
+            await self._insert_event(conn, cp, **fields)
+
+    async def _insert_event(
+        self,
+        conn: asyncpg.Connection,
+        cp: Checkpoint,
+        *,
+        status: str,
+        result: str | None = None,
+        error: str | None = None,
+        child_id: int | None = None,
+        signal_id: int | None = None,
+        wake_at: datetime | None = None,
+    ) -> None:
+        await conn.execute(
+            self.q["insert_event"],
+            cp.task_id,
+            cp.branch,
+            cp.seq,
+            cp.kind,
+            cp.name,
+            cp.digest,
+            status,
+            result,
+            error,
+            child_id,
+            signal_id,
+            wake_at,
+            cp.attempt,
+            cp.started_at,
+        )
+
+    async def spawn_children(
+        self,
+        *,
+        task_id: int,
+        token: int,
+        branch: int,
+        attempt: int,
+        root_id: int,
+        children: Sequence[tuple[int, str, NewTask]],
+    ) -> list[int]:
+        """Insert child tasks and their `child` events in one fenced transaction."""
+        async with self.fenced(task_id, token) as conn:
+            ids: list[int] = [
+                r["id"]
+                for r in await conn.fetch(
+                    self.q["insert_children"],
+                    [c[2].queue for c in children],
+                    [c[2].name for c in children],
+                    [c[2].kind for c in children],
+                    [c[2].args for c in children],
+                    [c[2].kwargs for c in children],
+                    [c[2].priority for c in children],
+                    [c[2].max_attempts for c in children],
+                    [c[2].timeout for c in children],
+                    list(range(len(children))),
+                    task_id,
+                    root_id,
+                    [c[2].concurrency_key for c in children],
+                    [c[2].key_limit for c in children],
+                    [c[2].key_rate_limit for c in children],
+                    [c[2].key_rate_period for c in children],
+                    [c[2].trace_context for c in children],
+                )
+            ]
+            await conn.execute(
+                self.q["insert_child_events"],
+                task_id,
+                branch,
+                attempt,
+                [c[0] for c in children],
+                [c[2].name for c in children],
+                [c[1] for c in children],
+                ids,
+            )
+        return ids
+
+    async def resolve_wait(
+        self, cp: Checkpoint, event_name: str, deadline: datetime | None, exists: bool
+    ) -> tuple[str, str | None]:
+        """Settle a ``wait_for_event`` at cp.seq: ('completed', payload JSON),
+        ('failed', None) when the deadline passed, or ('pending', None)."""
+        async with self.fenced(cp.task_id, cp.token) as conn:
+            sig = await conn.fetchrow(self.q["take_signal"], cp.task_id, cp.branch, event_name)
+            if sig is not None:
+                outcome, payload, signal_id = "completed", sig["payload"], sig["id"]
+            elif deadline is not None and deadline <= await conn.fetchval("select now()"):
+                outcome, payload, signal_id = "failed", None, None
+            else:
+                outcome, payload, signal_id = "pending", None, None
+            if exists:
+                if outcome != "pending":
+                    await conn.execute(
+                        "update durable.events set status = $4, result = $5::jsonb,"
+                        " signal_id = $6, finished_at = now()"
+                        " where task_id = $1 and branch = $2 and seq = $3",
+                        cp.task_id,
+                        cp.branch,
+                        cp.seq,
+                        outcome,
+                        payload,
+                        signal_id,
+                    )
+            else:
+                await self._insert_event(
+                    conn,
+                    cp,
+                    status=outcome,
+                    result=payload,
+                    signal_id=signal_id,
+                    wake_at=deadline,
+                )
+        return outcome, payload
+
+    async def suspend(
+        self,
+        task_id: int,
+        token: int,
+        branch: int,
+        waiting_on: Sequence[int] | None,
+        wake_at: datetime | None,
+        event: str | None,
+    ) -> str | None:
+        return await self.pool.fetchval(  # type: ignore[no-any-return]
+            self.q["suspend"],
+            task_id,
+            token,
+            branch,
+            list(waiting_on) if waiting_on is not None else None,
+            wake_at,
+            event,
+        )
+
+    async def send_event(self, task_id: int, name: str, payload: str | None) -> bool:
+        return bool(await self.pool.fetchval(self.q["send_event"], task_id, name, payload))
+
+    async def history(self, task_id: int, branch: int) -> list[HistoryEntry]:
+        rows = await self.pool.fetch(self.q["history"], task_id, branch)
+        return [
+            HistoryEntry(
+                seq=r["seq"],
+                kind=r["kind"],
+                name=r["name"],
+                status=r["status"],
+                result=loads(r["result"]),
+                error=loads(r["error"]),
+                child_id=r["child_id"],
+                child_status=r["child_status"],
+                wake_at=r["wake_at"],
+                attempt=r["attempt"],
+                started_at=r["started_at"],
+                finished_at=r["finished_at"],
+            )
+            for r in rows
+        ]
+
+    async def branches(self, task_id: int) -> list[int]:
+        return [r["branch"] for r in await self.pool.fetch(self.q["branches"], task_id)]
