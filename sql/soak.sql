@@ -29,11 +29,13 @@ create table soak.business (
     at       timestamptz not null default clock_timestamp()
 );
 
--- What the producers started (idempotency key = key) and what they expect of it.
+-- What the producers started (idempotency key = key) and what they expect of it: the
+-- event they sent it, and whether they cancelled it.
 create table soak.started (
     key          text primary key,
     kind         text not null,
     event        text,
+    cancelled    boolean not null default false,
     at           timestamptz not null default clock_timestamp()
 );
 
@@ -122,8 +124,8 @@ on conflict (run_id) do nothing
 insert into soak.business (task_id, seq, attempt, pid) values ($1, $2, $3, $4)
 
 -- name: record_started
-insert into soak.started (key, kind, event)
-select * from unnest($1::text[], $2::text[], $3::text[])
+insert into soak.started (key, kind, event, cancelled)
+select * from unnest($1::text[], $2::text[], $3::text[], $4::boolean[])
 on conflict (key) do nothing
 
 -- name: listener_backends
@@ -171,6 +173,7 @@ select
     (select count(*) from durable.tasks where parent_id is not null)::bigint as children,
     (select count(*) from durable.tasks where status = 'completed')::bigint as completed,
     (select count(*) from durable.tasks where status = 'failed')::bigint as failed,
+    (select count(*) from durable.tasks where status = 'cancelled')::bigint as cancelled,
     (select count(*) from durable.events)::bigint as events,
     (select count(*) from durable.events where kind = 'step')::bigint as steps,
     (select count(*) from durable.events where kind = 'transaction')::bigint as transactions,
@@ -202,14 +205,26 @@ from durable.tasks where status not in ('completed', 'failed', 'cancelled')
 order by id
 
 -- name: check_outcomes
--- soak_doomed fails on purpose (NonRetryable); everything else must complete.
-select id, name, status, attempt, error ->> 'type' as error_type, error ->> 'message' as message
-from durable.tasks
-where status in ('completed', 'failed', 'cancelled')
-  and case when name = 'soak_doomed'
-           then status <> 'failed' or error ->> 'type' <> 'durable.errors.NonRetryable'
-           else status <> 'completed' end
-order by id
+-- soak_doomed fails on purpose (NonRetryable); everything else must complete, but in the
+-- tree of a workflow a producer cancelled, where each task either finished before the
+-- cancel reached it or ended cancelled.
+with cancelled_roots as (
+    select t.id from soak.started s join durable.tasks t on t.idempotency_key = s.key
+    where s.cancelled
+)
+select t.id, t.name, t.status, t.attempt, t.error ->> 'type' as error_type,
+       t.error ->> 'message' as message
+from durable.tasks t
+where t.status in ('completed', 'failed', 'cancelled')
+  and case
+        when coalesce(t.root_id, t.id) in (select id from cancelled_roots)
+            then t.status = 'failed'
+                 and (t.name <> 'soak_doomed'
+                      or t.error ->> 'type' <> 'durable.errors.NonRetryable')
+        when t.name = 'soak_doomed'
+            then t.status <> 'failed' or t.error ->> 'type' <> 'durable.errors.NonRetryable'
+        else t.status <> 'completed' end
+order by t.id
 
 -- name: check_completed_twice
 select task_id, count(*)::int as completions from soak.transitions
@@ -294,7 +309,7 @@ order by id
 select t.id, s.key, s.event as sent, t.result ->> 'event' as got
 from soak.started s
 join durable.tasks t on t.idempotency_key = s.key
-where s.kind = 'workflow' and t.status = 'completed'
+where s.kind = 'workflow' and t.status = 'completed' and not s.cancelled
   and (t.result ->> 'event') is distinct from coalesce(s.event, 'timeout')
 order by t.id
 

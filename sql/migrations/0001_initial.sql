@@ -57,8 +57,8 @@ create table durable.tasks (
 -- Ready work, in claim order; finished history does not slow the claim.
 create index tasks_ready_idx on durable.tasks (queue, priority desc, id)
     where status = 'queued';
--- Expired leases, found by the reaper.
-create index tasks_lease_idx on durable.tasks (lease_until) where status = 'running';
+-- Running tasks: counted per queue under a fleet-wide limit; expired leases for the reaper.
+create index tasks_running_idx on durable.tasks (queue, lease_until) where status = 'running';
 -- Suspended workflows with a timer (sleep or event timeout).
 create index tasks_wake_idx on durable.tasks (wake_at) where status = 'waiting';
 create index tasks_parent_idx on durable.tasks (parent_id) where parent_id is not null;
@@ -406,7 +406,6 @@ $$;
 
 -- Fleet-wide flow control and cron schedules.
 
-create index tasks_running_queue_idx on durable.tasks (queue) where status = 'running';
 create index tasks_running_key_idx on durable.tasks (concurrency_key)
     where status = 'running' and concurrency_key is not null;
 create index tasks_keyed_ready_idx on durable.tasks (queue)
