@@ -141,8 +141,7 @@ class Daemon:
             completions: Batcher[Completion, bool] = Batcher(self._complete)
             checkpoints: Batcher[Checkpoint, bool] = Batcher(self._checkpoint)
             runner = Runner(
-                store, self.registry, self._acknowledger(completions), checkpoints,
-                self._on_timer,
+                store, self.registry, completions, checkpoints, self._on_timer,
                 metrics=self.metrics,
             )
             self.listener = Listener(
@@ -178,8 +177,6 @@ class Daemon:
                         poll_interval=self.settings.poll_interval,
                         start=self._starter(runner),
                         burst=self.burst,
-                        on_acked=self.acked,
-                        fallback=completions.submit_nowait,
                     )
                 root.start_soon(self._systemd)
                 log.info(
@@ -227,29 +224,6 @@ class Daemon:
             raise DurableError(
                 f"DURABLE_HTTP: cannot listen on {host or '*'}:{port}: {reason}"
             ) from None
-
-    def _acknowledger(self, fallback: Batcher[Completion, bool]) -> Callable[[Completion], None]:
-        """Completions ride on their queue's next claim (one statement and one commit for
-        both); once a queue loop has stopped they go through the batcher instead."""
-
-        def acknowledge(c: Completion) -> None:
-            w = self.workers.get(c.task.queue)
-            if w is None or not w.ack(c):
-                fallback.submit_nowait(c)
-
-        return acknowledge
-
-    def acked(self, items: Sequence[Completion], accepted: set[int]) -> None:
-        """Log and count written completions (from either path)."""
-        for c in items:
-            t = c.task
-            if t.id in accepted:
-                self.metrics.task(t.queue, t.name).completed += 1
-                log.info("task_completed", task_id=t.id, name=t.name, queue=t.queue,
-                         attempt=t.attempt, seconds=round(c.elapsed, 4))
-            else:
-                log.warning("task_write_rejected", task_id=t.id, name=t.name, queue=t.queue,
-                            write="complete")
 
     def _starter(self, runner: Runner) -> Callable[[Claimed, Callable[[], None]], None]:
         # Attempts are plain asyncio tasks: an anyio task group and cancel scope per task
@@ -494,7 +468,15 @@ class Daemon:
                     )
                     return [False] * len(rows)
                 await anyio.sleep(delay)
-        self.acked(items, accepted)
+        for c in items:
+            t = c.task
+            if t.id in accepted:
+                self.metrics.task(t.queue, t.name).completed += 1
+                log.info("task_completed", task_id=t.id, name=t.name, queue=t.queue,
+                         attempt=t.attempt, seconds=round(c.elapsed, 4))
+            else:
+                log.warning("task_write_rejected", task_id=t.id, name=t.name, queue=t.queue,
+                            write="complete")
         return [c.task.id in accepted for c in items]
 
     async def _checkpoint(self, items: Any) -> list[bool]:

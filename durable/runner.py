@@ -64,7 +64,7 @@ class Runner:
         self,
         store: Store,
         registry: Registry,
-        acknowledge: Callable[[Completion], None],
+        completions: Batcher[Completion, bool],
         checkpoints: Batcher[Checkpoint, bool],
         on_timer: Callable[[datetime], None],
         *,
@@ -72,7 +72,7 @@ class Runner:
     ) -> None:
         self.store = store
         self.registry = registry
-        self.acknowledge = acknowledge
+        self.completions = completions
         self.checkpoints = checkpoints
         self.on_timer = on_timer
         self.metrics = metrics or Metrics()
@@ -157,9 +157,9 @@ class Runner:
         series = self.metrics.task(task.queue, task.name)
         series.observe(elapsed)
         if kind == "completed":
-            # Batched with the queue's next claim; whoever writes it logs the outcome. Not
-            # awaited: the attempt ends now, and the lease covers the task until it commits.
-            self.acknowledge(Completion(task, value, elapsed))
+            # Group-committed; the daemon's flush logs the outcome. Not awaited: the
+            # attempt ends now, and the lease covers the task until the ack commits.
+            self.completions.submit_nowait(Completion(task, value, elapsed))
         elif kind == "suspended":
             s: Suspend = value
             status = await self.store.suspend(

@@ -12,7 +12,6 @@ from anyio.abc import TaskGroup
 
 from durable.logs import get_logger, redact
 from durable.models import Claimed
-from durable.runner import Completion
 from durable.store import Store, is_transient
 
 log = get_logger("durable.worker")
@@ -45,8 +44,6 @@ class QueueWorker:
         poll_interval: float,
         start: Callable[[Claimed, Callable[[], None]], None],
         burst: bool = False,
-        on_acked: Callable[[Sequence[Completion], set[int]], None] | None = None,
-        fallback: Callable[[Completion], None] | None = None,
     ) -> None:
         self.queue = queue
         self.limit = limit
@@ -64,9 +61,6 @@ class QueueWorker:
         self._slot_freed = asyncio.Event()
         self._stopping = False
         self._held = 0.0
-        self._acks: list[Completion] = []
-        self._on_acked = on_acked or (lambda _items, _ids: None)
-        self._fallback = fallback
         self.claimed_once = anyio.Event()
         """Set once this loop's first claim has returned: the queue is being served."""
 
@@ -79,49 +73,24 @@ class QueueWorker:
         self._wakeup.set()
         self._slot_freed.set()
 
-    def ack(self, c: Completion) -> bool:
-        """Queue a finished task's completion for the next claim; False once stopped."""
-        if self._stopping:
-            return False
-        self._acks.append(c)
-        self._wakeup.set()
-        self._slot_freed.set()
-        return True
-
-    def _flush_acks(self) -> None:
-        acks, self._acks = self._acks, []
-        if acks and self._fallback is not None:
-            for c in acks:
-                self._fallback(c)
-
     def _released(self) -> None:
         self.in_flight -= 1
         self._slot_freed.set()
 
     async def run(self, tg: TaskGroup | None = None) -> None:
-        try:
-            await self._loop()
-        finally:
-            self._stopping = True
-            self._flush_acks()  # completions still pending go through the batcher
-
-    async def _loop(self) -> None:
         backoff = 0.1
         while not self._stopping:
-            free = max(0, self.limit - self.in_flight)
-            if free == 0 and not self._acks:
+            free = self.limit - self.in_flight
+            if free <= 0:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
             self._wakeup.clear()
-            acks, self._acks = self._acks, []
             try:
-                tasks, accepted = await self.store.ack_and_claim(
-                    self.queue, self.names, free, self.lease, self.worker_id,
-                    [(c.task.id, c.task.token, c.result) for c in acks],
+                tasks = await self.store.claim(
+                    self.queue, self.names, free, self.lease, self.worker_id
                 )
             except Exception as exc:
-                self._acks[:0] = acks  # not written: they go with the next attempt
                 if not is_transient(exc):
                     raise
                 log.warning(
@@ -135,10 +104,6 @@ class QueueWorker:
                 backoff = min(backoff * 2, self.poll_interval)
                 continue
             backoff = 0.1
-            if acks:
-                self._on_acked(acks, accepted)
-            if free == 0:
-                continue
             self.claimed_once.set()
             if tasks:
                 self._held = 0.0

@@ -12,23 +12,6 @@ select * from durable.claim($1, $2::text[], $3, $4, $5)
 select id, trace_context::text from durable.tasks
 where id = any($1::bigint[]) and trace_context is not null
 
--- name: ack_and_claim
--- The same claim, carrying the completions of this queue's tasks that finished since the
--- last one ($6-$8, fenced like `complete`): one statement and one commit for both. Rows
--- with `acked` true are the completions that were accepted.
-with acked as (
-    update durable.tasks t
-       set status = 'completed', result = v.result::jsonb, error = null, finished_at = now(),
-           claim_token = null, lease_until = null
-      from unnest($6::bigint[], $7::bigint[], $8::text[]) as v(id, token, result)
-     where t.id = v.id and t.claim_token = v.token and t.status = 'running'
-    returning t.id
-)
-select c.*, false as acked from durable.claim($1, $2::text[], $3, $4, $5) c
-union all
-select a.id, null, null, null, null, null, null, null, null, null, null, null, null, null, true
-  from acked a
-
 -- name: claim_delay
 select durable.claim_delay($1)
 

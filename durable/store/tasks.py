@@ -164,38 +164,7 @@ class TaskStore:
     async def claim(
         self, queue: str, names: Sequence[str], limit: int, lease: float, worker_id: uuid.UUID
     ) -> list[Claimed]:
-        return (await self.ack_and_claim(queue, names, limit, lease, worker_id))[0]
-
-    async def ack_and_claim(
-        self,
-        queue: str,
-        names: Sequence[str],
-        limit: int,
-        lease: float,
-        worker_id: uuid.UUID,
-        acks: Sequence[tuple[int, int, str]] = (),
-    ) -> tuple[list[Claimed], set[int]]:
-        """Claim up to ``limit`` tasks, completing ``acks`` (id, token, result JSON) in the
-        same statement and commit; returns the claimed tasks and the acks accepted."""
-        acked: set[int] = set()
-        if acks:
-            rows = await self.pool.fetch(
-                self.q["ack_and_claim"],
-                queue,
-                list(names),
-                limit,
-                lease,
-                worker_id,
-                [a[0] for a in acks],
-                [a[1] for a in acks],
-                [a[2] for a in acks],
-            )
-            acked = {r["id"] for r in rows if r["acked"]}
-            rows = [r for r in rows if not r["acked"]]
-        else:
-            rows = await self.pool.fetch(
-                self.q["claim"], queue, list(names), limit, lease, worker_id
-            )
+        rows = await self.pool.fetch(self.q["claim"], queue, list(names), limit, lease, worker_id)
         claimed = [_claimed(r) for r in rows]
         if claimed and tracing.tracer() is not None:
             try:
@@ -205,7 +174,7 @@ class TaskStore:
                 # until their leases expire.
                 contexts = {}
             claimed = [dataclasses.replace(c, trace_context=contexts.get(c.id)) for c in claimed]
-        return claimed, acked
+        return claimed
 
     async def trace_contexts(self, ids: Sequence[int]) -> dict[int, str]:
         """Task id -> its stored trace context (JSON), for the tasks that have one."""
