@@ -356,3 +356,49 @@ async def test_database_rejects_bad_limits(dsn: str) -> None:
                 )
     finally:
         await conn.close()
+
+
+async def test_key_rate_limit_spaces_one_keys_starts(dsn: str) -> None:
+    reg = Registry()
+
+    async def ping(customer: str, i: int) -> int:
+        return i
+
+    reg.add(
+        Definition(
+            name="flow_key_rated",
+            fn=ping,
+            queue="flow_keyed",
+            concurrency_key=lambda customer, i: customer,
+            key_rate=(3, 1.0),
+        )
+    )
+    d = reg.get("flow_key_rated")
+    assert d is not None
+    async with durable.connect(dsn) as client:
+        slow = [await client.start(d, "acme", i) for i in range(7)]
+        other = [await client.start(d, f"other-{i}", i) for i in range(5)]
+        async with running_daemon(dsn, reg=reg, queues="flow_keyed=20"):
+            for h in slow + other:
+                await h.result(timeout=30)
+    conn = await asyncpg.connect(dsn)
+    try:
+        acme = [
+            r[0]
+            for r in await conn.fetch(
+                "select started_at from durable.tasks where concurrency_key = 'acme' order by 1"
+            )
+        ]
+        others = [
+            r[0]
+            for r in await conn.fetch(
+                "select started_at from durable.tasks where concurrency_key like 'other-%'"
+            )
+        ]
+    finally:
+        await conn.close()
+    for begin in acme:
+        assert sum(1 for s in acme if begin <= s < begin + timedelta(seconds=1)) <= 3
+    assert acme[-1] - acme[0] >= timedelta(seconds=2)  # 7 starts at 3 per second
+    # Other keys were not held back behind the rate-limited one.
+    assert max(others) < acme[-1]
