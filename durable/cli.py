@@ -131,7 +131,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         listen = settings.listen_url or dsn
         daemon = Daemon(settings, registry, dsn, listen_dsn=listen, burst=args.burst)
-        await daemon.run(handle_signals=True)
+        try:
+            await daemon.run(handle_signals=True)
+        except Exception:
+            # The one-line error on stderr says what; the log keeps the traceback (of every
+            # task of the group that failed) for whoever has to find out why.
+            log.exception("daemon_failed")
+            raise
 
     _run(main)
     return 0

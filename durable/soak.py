@@ -77,8 +77,8 @@ class Soak:
         self.seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(2**32)
         self.rng = random.Random(self.seed)
         self.faults: list[Fault] = []
-        self.ledger: dict[str, tuple[str, str | None]] = {}
-        """key -> (kind, event payload sent or None), for every start a producer asked for."""
+        self.ledger: dict[str, tuple[str, str | None, bool]] = {}
+        """key -> (kind, event payload sent or None, cancelled), for every start asked for."""
         self.sends = Counter[str]()
         self._stop_producing = asyncio.Event()
         self._stop_faults = asyncio.Event()
@@ -180,11 +180,12 @@ class Soak:
             if roll < 0.25:
                 self._spawn(self._start_workflow(client, key))
             elif roll < 0.28:
-                self.ledger[key] = ("task", None)
+                self.ledger[key] = ("task", None, False)
                 self._spawn(self._start(client, "soak_doomed", key, key))
             else:
-                self.ledger[key] = ("task", None)
-                self._spawn(self._start(client, "soak_task", key, key))
+                self.ledger[key] = ("task", None, False)
+                slow = round(self.rng.uniform(2.0, 10.0), 2) if self.rng.random() < 0.15 else 0.0
+                self._spawn(self._start(client, "soak_task", key, key, slow))
             next_at += self.rng.expovariate(1.0 / interval)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_producing.wait(), max(0, next_at - time.monotonic()))
@@ -204,14 +205,21 @@ class Soak:
         rng = self.rng
         wants_event = rng.random() < 0.75
         plan = {
+            "slow": round(rng.uniform(2.0, 8.0), 2) if rng.random() < 0.15 else 0.0,
             "sleep": round(rng.uniform(0.1, 1.5), 2),
             "wait": 600.0 if wants_event else round(rng.uniform(0.3, 2.0), 2),
             "fan": rng.randint(1, 4),
             "doomed": rng.random() < 0.2,
         }
         payload = f"go-{key}" if wants_event else None
-        self.ledger[key] = ("workflow", payload)
+        cancel = rng.random() < 0.08
+        self.ledger[key] = ("workflow", payload, cancel)
         task_id = await self._start(client, "soak_workflow", key, key, plan)
+        if cancel:  # while it runs, sleeps, waits or has children running
+            await asyncio.sleep(rng.uniform(0.0, 3.0))
+            hit = await _retry(lambda: client.cancel(task_id))
+            self.sends["cancels"] += 1
+            self.sends["cancelled_tasks"] += len(hit)
         if payload is None:
             return
         await asyncio.sleep(rng.uniform(0.0, 2.5))  # before, during or after it waits
@@ -421,7 +429,7 @@ def add_command(sub: Any) -> None:
     """``durable soak`` on the CLI's subparsers."""
     p = sub.add_parser(
         "soak", help="run daemons, producers and faults for a while, then check invariants",
-        description=(__doc__ or "").split("\n\n")[1],
+        description=(__doc__ or "").split("\n\n")[1].replace("``", ""),
     )
     p.add_argument("--duration", default="60s", help="how long to produce and inject faults "
                    "(e.g. 60s, 10m); the drain comes after")

@@ -72,9 +72,11 @@ async def _work(low: float = 0.0, high: float = 0.05) -> None:
 
 
 @durable.task(queue=QUEUE, max_attempts=ATTEMPTS, retry=FAST)
-async def soak_task(key: str) -> dict[str, Any]:
+async def soak_task(key: str, seconds: float = 0.0) -> dict[str, Any]:
+    """Works for a moment, or ``seconds``: long ones outlive a frozen daemon's lease, so
+    its attempt wakes up while another daemon runs the task (a zombie with work to write)."""
     run = await record("task", key)
-    await _work(0.0, 0.4)
+    await (asyncio.sleep(seconds) if seconds else _work(0.0, 0.4))
     return {"pid": os.getpid(), "run": run, "key": key}
 
 
@@ -98,12 +100,13 @@ async def _business(conn: Any, task_id: int, seq: int, attempt: int) -> int:
     return seq
 
 
-async def _step(ctx: durable.Context, name: str) -> Any:
+async def _step(ctx: durable.Context, name: str, seconds: float = 0.0) -> Any:
     seq, attempt, task_id = ctx.position, ctx.attempt, ctx.task_id
 
     async def body() -> dict[str, Any]:
         run = await record("step", name, task_id, seq, attempt)
-        await _work(0.0, 0.5)  # long enough that faults land inside steps
+        # Long enough that faults land inside steps; a slow one outlives a lease.
+        await (asyncio.sleep(seconds) if seconds else _work(0.0, 0.5))
         return {"run": run}
 
     # The attempt is not an argument: arguments must replay identically.
@@ -122,8 +125,9 @@ async def _transaction(ctx: durable.Context, name: str) -> Any:
 
 @durable.workflow(queue=QUEUE, max_attempts=ATTEMPTS, retry=FAST)
 async def soak_workflow(ctx: durable.Context, key: str, plan: dict[str, Any]) -> dict[str, Any]:
-    """``plan``: sleep (seconds), wait (event timeout or None), fan (children), doomed (bool)."""
-    runs = [await _step(ctx, "first")]
+    """``plan``: slow (seconds of the first step), sleep (seconds), wait (event timeout),
+    fan (children), doomed (bool)."""
+    runs = [await _step(ctx, "first", float(plan.get("slow", 0.0)))]
     await _transaction(ctx, "reserve")
     await ctx.sleep(float(plan["sleep"]))
     try:

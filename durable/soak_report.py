@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from durable.soak import Fault, Soak
 
 FAULTS = ("kill9", "pg_restart", "listener_kill", "zombie", "net_stall")
-ENGINE_FAULT_EVENTS = ("runner_error",)
+ENGINE_FAULT_EVENTS = ("runner_error", "daemon_failed")
 """Log events that mean durable itself went wrong (a violation whatever happened)."""
 NOTED_EVENTS = (
     "lease_lost", "task_abandoned", "task_write_rejected", "leases_reclaimed",
@@ -39,7 +39,7 @@ async def verdict(soak: Soak, drained: bool, elapsed: float) -> dict[str, Any]:
     keys = sorted(soak.ledger)
     await sql.run(
         "record_started", keys, [soak.ledger[k][0] for k in keys],
-        [soak.ledger[k][1] for k in keys],
+        [soak.ledger[k][1] for k in keys], [soak.ledger[k][2] for k in keys],
     )
     checks: list[Check] = []
 
@@ -91,6 +91,7 @@ async def verdict(soak: Soak, drained: bool, elapsed: float) -> dict[str, Any]:
     checks.append(Check("every_fault_injected", not missing,
                         "ok" if not missing else f"never injected: {', '.join(missing)}"))
     stats = _plain((await sql.rows("stats"))[0])
+    stats["stale_step_runs"] = await sql.value("stale_step_runs")
     return {
         "ok": all(c.ok for c in checks),
         "seed": soak.seed,
@@ -98,8 +99,8 @@ async def verdict(soak: Soak, drained: bool, elapsed: float) -> dict[str, Any]:
         "elapsed_s": round(elapsed, 1),
         "daemons": soak.opts.daemons,
         "lease_s": soak.opts.lease,
-        "started": dict(Counter(kind for kind, _ in soak.ledger.values())),
-        "events_sent": dict(soak.sends),
+        "started": dict(Counter(kind for kind, _, _ in soak.ledger.values())),
+        "actions": dict(soak.sends),
         "faults": {k: counts[k] for k in FAULTS},
         "fault_log": [_fault_row(f) for f in soak.faults],
         "recovery": await _recovery(soak),
@@ -203,7 +204,7 @@ def render(report: dict[str, Any]) -> str:
         f"seed {report['seed']}",
         "",
         "workload  " + "  ".join(f"{k}={v}" for k, v in sorted(report["started"].items()))
-        + "  events " + "  ".join(f"{k}={v}" for k, v in sorted(report["events_sent"].items())),
+        + "  actions " + "  ".join(f"{k}={v}" for k, v in sorted(report["actions"].items())),
         "totals    " + "  ".join(f"{k}={v}" for k, v in report["stats"].items()),
         "faults    " + "  ".join(f"{k}={v}" for k, v in report["faults"].items())
         + f"  (daemon processes started: {report['daemon_spawns']})",

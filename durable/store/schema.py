@@ -26,6 +26,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
     TimeoutError,
+    # A connection whose protocol state broke under it: a process that was frozen wakes
+    # up to the server's goodbye and a new query at once ("another operation is in
+    # progress"). That connection is done for; a new one works.
+    asyncpg.InternalClientError,
 )
 """Errors after which the same call may succeed later (connection lost, server restarting)."""
 

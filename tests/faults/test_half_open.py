@@ -102,3 +102,49 @@ async def test_a_daemon_cut_off_by_a_stalled_path_stops_its_attempts_within_its_
         # Its lease expired and its one attempt is spent: reaped, not left running.
         info = await client.get(handle.id)
         assert info.status in ("running", "failed")
+
+
+@pytest.mark.timeout(60)
+async def test_a_listener_frozen_while_its_connection_is_terminated_reconnects(dsn: str) -> None:
+    """A daemon frozen (SIGSTOP, a long GC pause, a suspended VM) while the server ends its
+    LISTEN connection wakes up to a keepalive ping racing the server's goodbye. Blocking
+    this event loop is that freeze: the ping must fail over, not take the daemon down."""
+    import threading
+    import time
+
+    heard: list[str] = []
+    listener = Listener(
+        dsn, on_ready=heard.append, on_control=lambda _: None, on_reconnect=lambda: None,
+        keepalive=0.05, ping_timeout=1.0,
+    )
+
+    def terminate(pid: int, done: threading.Event) -> None:
+        asyncio.run(execute(dsn, "select pg_terminate_backend($1)", pid))
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(listener.run)
+        for round_ in range(5):
+            pid = listener.backend_pid
+            assert pid is not None
+            done = threading.Event()
+            thread = threading.Thread(target=terminate, args=(pid, done))
+            frozen = time.monotonic()
+            thread.start()
+            # The freeze: this loop runs nothing until the server has ended the connection
+            # and the keepalive is overdue.
+            done.wait(10)
+            time.sleep(max(0.0, 0.1 - (time.monotonic() - frozen)))  # noqa: ASYNC251
+            thread.join()
+
+            async def back(old: int = pid) -> bool:
+                return listener.connected and listener.backend_pid not in (None, old)
+
+            await wait_for(back, timeout=20)
+            await execute(dsn, "select pg_notify('durable_ready', $1)", f"r{round_}")
+
+            async def heard_it(payload: str = f"r{round_}") -> bool:
+                return payload in heard
+
+            await wait_for(heard_it, timeout=10)
+        tg.cancel_scope.cancel()
