@@ -485,31 +485,11 @@ begin
       from durable.queues c where c.name = q;
     keyed := exists (select 1 from durable.tasks t
                      where t.queue = q and t.status = 'queued' and t.concurrency_key is not null);
-    if not keyed and conc is null and rate is null then
-        return query
-        with ready as (
-            select t.id from durable.tasks t
-            where t.queue = q and t.status = 'queued' and t.run_at <= now()
-              and t.name = any(names)
-            order by t.priority desc, t.id
-            limit n
-            for update skip locked
-        )
-        update durable.tasks t
-           set status = 'running', claim_token = nextval('durable.claim_tokens'),
-               lease_until = now() + make_interval(secs => lease), worker_id = worker,
-               started_at = coalesce(t.started_at, now())
-          from ready
-         where t.id = ready.id
-        returning t.id, t.queue, t.name, t.kind, t.args::text, t.kwargs::text, t.attempt,
-                  t.max_attempts, t.timeout, t.claim_token, t.branch, t.parent_id, t.root_id,
-                  t.cancel_requested;
-        return;
-    end if;
-
     -- A transaction-level advisory lock: it serialises this queue's claimers without
     -- writing to any row.
-    perform pg_advisory_xact_lock(hashtextextended('durable.queue:' || q, 0));
+    if keyed or conc is not null or rate is not null then
+        perform pg_advisory_xact_lock(hashtextextended('durable.queue:' || q, 0));
+    end if;
     if conc is not null then
         select count(*) into busy from durable.tasks t where t.queue = q and t.status = 'running';
         n := least(n, conc - busy);
@@ -524,7 +504,7 @@ begin
         return;
     end if;
     if not keyed then
-        -- Serialised but unkeyed: the plain claim, within the count computed above.
+        -- The plain claim (unlimited queues take no lock), within any count above.
         return query
         with ready as (
             select t.id from durable.tasks t
