@@ -69,7 +69,18 @@ returning t.id
 
 -- name: retry_later
 -- A failed attempt with attempts left: back to the queue after a delay; or cancelled when
--- a cancel was requested while it ran (its notification came too late to stop it).
+-- a cancel was requested while it ran (its notification came too late to stop it). A
+-- workflow's next attempt keeps its history but not its failures, as `durable retry`
+-- does: the step or child that failed runs again instead of replaying its error.
+with cleared as (
+    delete from durable.events e
+     using durable.tasks w
+     where w.id = $1 and w.claim_token = $2 and w.status = 'running' and w.kind = 'workflow'
+       and not w.cancel_requested and e.task_id = w.id and e.branch = w.branch
+       and (e.status = 'failed'
+            or exists (select 1 from durable.tasks c
+                       where c.id = e.child_id and c.status in ('failed', 'cancelled')))
+)
 update durable.tasks
    set status = case when cancel_requested then 'cancelled' else 'queued' end,
        attempt = case when cancel_requested then attempt else attempt + 1 end,
