@@ -90,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         poll_interval=args.poll_interval,
         lease=args.lease,
+        claim_ahead=args.claim_ahead,
         shutdown_grace=args.shutdown_grace,
         log_level=args.log_level,
         log_format=args.log_format,
@@ -385,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--concurrency", help="default concurrency per queue (DURABLE_CONCURRENCY)")
     r.add_argument("--poll-interval", help="fallback poll interval (DURABLE_POLL_INTERVAL)")
     r.add_argument("--lease", help="task lease duration (DURABLE_LEASE)")
+    r.add_argument("--claim-ahead", help="auto, or tasks to claim beyond free slots (DURABLE_CLAIM_AHEAD)")
     r.add_argument("--shutdown-grace", help="grace period on shutdown (DURABLE_SHUTDOWN_GRACE)")
     r.add_argument("--log-level", help="debug, info, warning, error (DURABLE_LOG_LEVEL)")
     r.add_argument("--log-format", help="auto, json, console (DURABLE_LOG_FORMAT)")

@@ -23,10 +23,15 @@ def _reject_constant(value: str) -> Any:
     raise PayloadError(f"{value} is not valid JSON")
 
 
+# Built once: json.dumps and json.loads build a new coder on every call given options.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+
+
 def dumps(value: Any, *, what: str = "value") -> str:
     """Encode ``value`` as strict JSON, or raise PayloadError naming ``what``."""
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _encode(value)
     except ValueError as exc:
         if "Out of range float" in str(exc):
             raise PayloadError(f"{what} must be JSON: NaN and Infinity are not JSON") from None
@@ -53,7 +58,7 @@ def dumps(value: Any, *, what: str = "value") -> str:
 def loads(text: str | None) -> Any:
     if text is None:
         return None
-    return json.loads(text, parse_constant=_reject_constant)
+    return _decode(text)
 
 
 def canonical(value: Any) -> str:

@@ -175,8 +175,11 @@ class Daemon:
                         worker_id=self.id,
                         lease=self.settings.lease,
                         poll_interval=self.settings.poll_interval,
-                        start=self._starter(runner),
+                        hold=self._hold,
+                        launch=self._launcher(runner),
+                        give_back=self._give_back,
                         burst=self.burst,
+                        claim_ahead=self.settings.claim_ahead,
                     )
                 root.start_soon(self._systemd)
                 log.info(
@@ -225,12 +228,20 @@ class Daemon:
                 f"DURABLE_HTTP: cannot listen on {host or '*'}:{port}: {reason}"
             ) from None
 
-    def _starter(self, runner: Runner) -> Callable[[Claimed, Callable[[], None]], None]:
+    def _hold(self, task: Claimed) -> Attempt:
+        """A claimed task, held from now on: heartbeats cover it, a cancel reaches it and
+        shutdown hands it back, whether or not it has a slot yet."""
+        attempt = Attempt(task)
+        self.attempts[task.id] = attempt
+        self.metrics.task(task.queue, task.name).claimed += 1
+        return attempt
+
+    def _launcher(self, runner: Runner) -> Callable[[Attempt, Callable[[], None]], None]:
         # Attempts are plain asyncio tasks: an anyio task group and cancel scope per task
         # cost more than running a no-op task does.
-        metrics = self.metrics
 
-        def start(task: Claimed, released: Callable[[], None]) -> None:
+        def launch(attempt: Attempt, released: Callable[[], None]) -> None:
+            task = attempt.task
             done = False
 
             def release_once() -> None:
@@ -241,9 +252,8 @@ class Daemon:
 
             # A burst frees the slot only once the outcome is written: its loop then looks
             # again at once, and must see a retry that is already due.
-            attempt = Attempt(task, (lambda: None) if self.burst else release_once)
-            self.attempts[task.id] = attempt
-            metrics.task(task.queue, task.name).claimed += 1
+            if not self.burst:
+                attempt.release_slot = release_once
 
             async def go() -> None:
                 try:
@@ -253,17 +263,36 @@ class Daemon:
                     # task's lease expires and another attempt runs it.
                     log.exception("runner_error", task_id=task.id, name=task.name)
                 finally:
-                    if self.attempts.get(task.id) is attempt:
-                        del self.attempts[task.id]
-                    if not self.attempts:
-                        self._attempt_done.set()
+                    self._forget(attempt)
                     release_once()
 
             attempt.job = job = asyncio.get_running_loop().create_task(go())
             self._jobs.add(job)
             job.add_done_callback(self._jobs.discard)
 
-        return start
+        return launch
+
+    def _forget(self, attempt: Attempt) -> None:
+        if self.attempts.get(attempt.task.id) is attempt:
+            del self.attempts[attempt.task.id]
+        if not self.attempts:
+            self._attempt_done.set()
+
+    async def _give_back(self, attempts: list[Attempt]) -> None:
+        """Hand tasks claimed ahead back to the queue without spending an attempt."""
+        assert self.store is not None
+        for a in attempts:
+            self._forget(a)
+        with anyio.CancelScope(shield=True):
+            try:
+                back = await self.store.release([(a.task.id, a.task.token) for a in attempts])
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("tasks_not_released", count=len(attempts), error=redact(str(exc)),
+                            note="their leases will expire and they will run then")
+                return
+        log.debug("tasks_given_back", count=len(back), ids=sorted(back))
 
     async def _drain(self) -> None:
         """Let running attempts finish within the grace period, then hand them back."""

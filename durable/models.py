@@ -31,6 +31,8 @@ class Claimed:
     cancel_requested: bool
     trace_context: str | None = None
     """The starter's trace context (JSON, W3C traceparent) when it was traced."""
+    fresh: bool = False
+    """Never claimed before: a workflow has no events yet (none need loading)."""
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,11 @@ class Attempt:
 
     __slots__ = ("finishing", "job", "reason", "release_slot", "task")
 
-    def __init__(self, task: Claimed, release_slot: Callable[[], None]) -> None:
+    def __init__(self, task: Claimed, release_slot: Callable[[], None] = lambda: None) -> None:
         self.task = task
         self.release_slot = release_slot
-        """Gives the queue's slot back; called once the task's code has returned."""
+        """Gives the queue's slot back; called once the task's code has returned (set when
+        the attempt is launched into a slot)."""
         self.job: asyncio.Task[None] | None = None
         self.reason: str | None = None
         """Why the daemon stopped it: 'cancelled' (asked by a user), 'lease_lost', 'shutdown'."""
@@ -82,17 +83,22 @@ class Runner:
         task = attempt.task
         started = time.monotonic()
         definition = self.registry.get(task.name)
-        with tracing.attempt_span(task) as span:
-            try:
-                outcome = await self._execute(task, definition)
-            except asyncio.CancelledError:
-                if attempt.reason is None:
-                    raise
-                current = asyncio.current_task()
-                if current is not None:
-                    current.uncancel()
-                outcome = ("cancelled", None)
-            tracing.record_outcome(span, outcome)
+        outcome: tuple[str, Any]
+        if attempt.reason is not None:
+            # Stopped while it waited for a slot (claimed ahead): its code never ran.
+            outcome = ("cancelled", None)
+        else:
+            with tracing.attempt_span(task) as span:
+                try:
+                    outcome = await self._execute(task, definition)
+                except asyncio.CancelledError:
+                    if attempt.reason is None:
+                        raise
+                    current = asyncio.current_task()
+                    if current is not None:
+                        current.uncancel()
+                    outcome = ("cancelled", None)
+                tracing.record_outcome(span, outcome)
         attempt.finishing = True
         # The code is done: the slot can take the next task while the outcome is written
         # (the lease still covers this task until its write commits).
@@ -123,7 +129,9 @@ class Runner:
             args, kwargs = _arguments(task)
             async with asyncio.timeout(task.timeout) if task.timeout else _untimed:
                 if definition.kind == "workflow":
-                    events = await self.store.load_events(task.id, task.branch)
+                    events = (
+                        [] if task.fresh else await self.store.load_events(task.id, task.branch)
+                    )
                     ctx = Context(self.store, task, events, self.checkpoints, self.registry.get)
                     result = await _call(definition, task, ctx, *args, **kwargs)
                     ctx.check_consumed()

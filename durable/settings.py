@@ -76,6 +76,14 @@ _SPEC: Final[dict[str, tuple[str, str, str, str]]] = {
         "a claimed task returns to the queue if its daemon stops heartbeating "
         "for this long (at least 1s)",
     ),
+    "claim_ahead": (
+        "DURABLE_CLAIM_AHEAD",
+        "--claim-ahead",
+        "auto",
+        "tasks a queue may claim beyond its free slots, so a freed slot starts its next "
+        "task without a round trip: auto (sized to how fast slots free up) or a whole "
+        "number (0: claim only for free slots)",
+    ),
     "shutdown_grace": (
         "DURABLE_SHUTDOWN_GRACE",
         "--shutdown-grace",
@@ -181,6 +189,9 @@ class Settings:
       `2s`, `1m`, `1h`.
     - `lease` (`DURABLE_LEASE`, default 30 s, at least 1 s): how long a claim lasts
       without a heartbeat before another daemon may take the task.
+    - `claim_ahead` (`DURABLE_CLAIM_AHEAD`, default `auto`): how many tasks a queue
+      may claim beyond its free slots; None (auto) sizes it to how fast slots free up
+      times a claim's round trip, 0 claims only for free slots.
     - `shutdown_grace` (`DURABLE_SHUTDOWN_GRACE`, default 30 s): how long running
       tasks may finish after SIGTERM before they are cancelled.
     - `log_level` (`DURABLE_LOG_LEVEL`): `debug`, `info` (default), `warning`, `error`.
@@ -206,6 +217,7 @@ class Settings:
     concurrency: int = 10
     poll_interval: float = 5.0
     lease: float = 30.0
+    claim_ahead: int | None = None
     shutdown_grace: float = 30.0
     log_level: str = "info"
     log_format: str = "auto"
@@ -244,6 +256,7 @@ class Settings:
             concurrency=source.parse("concurrency", _concurrency, 10),
             poll_interval=source.parse("poll_interval", _poll_interval, 5.0),
             lease=source.parse("lease", _lease, 30.0),
+            claim_ahead=source.parse("claim_ahead", _claim_ahead, None),
             shutdown_grace=source.parse("shutdown_grace", _shutdown_grace, 30.0),
             log_level=source.parse("log_level", _log_level, "info"),
             log_format=source.parse("log_format", _log_format, "auto"),
@@ -431,6 +444,21 @@ def _poll_interval(name: str, raw: object) -> float:
 
 def _lease(name: str, raw: object) -> float:
     return _duration(name, raw, 1.0, True, "a duration of at least 1s such as 30, 30s or 1m")
+
+
+def _claim_ahead(name: str, raw: object) -> int | None:
+    expected = f"auto or a whole number from 0 to {MAX_CONCURRENCY}"
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        text = str(raw)
+    elif isinstance(raw, str):
+        text = raw.strip().lower()
+    else:
+        _fail(name, expected, _shown(raw))
+    if text == "auto":
+        return None
+    if not _WHOLE_RE.fullmatch(text) or int(text) > MAX_CONCURRENCY:
+        _fail(name, expected, _shown(raw))
+    return int(text)
 
 
 def _shutdown_grace(name: str, raw: object) -> float:

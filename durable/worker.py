@@ -1,10 +1,21 @@
-"""One queue's loop: wait (notify | poll | next run_at | stop), claim a batch, run it."""
+"""One queue's loop: wait (notify | poll | next run_at | stop), claim a batch, run it.
+
+Claims run ahead of the slots. While every slot is busy the loop already claims the
+tasks that will take the slots next, so a slot that frees up starts its next task at
+once instead of after a round trip. How far ahead is the bandwidth-delay product: how
+fast slots free up times how long a claim takes. Short tasks keep a batch in hand; for
+slow ones it falls to nothing, so a daemon never sits on tasks another could run. A task
+held that long without a slot (the estimate was wrong) goes back to the queue.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 import anyio
@@ -12,9 +23,13 @@ from anyio.abc import TaskGroup
 
 from durable.logs import get_logger, redact
 from durable.models import Claimed
+from durable.runner import Attempt
 from durable.store import Store, is_transient
 
 log = get_logger("durable.worker")
+
+HOLD_LIMIT = 0.5
+"""Seconds a task claimed ahead may wait for a slot before it goes back to the queue."""
 
 
 def idle_wait(poll_interval: float, next_due: datetime | None, now: datetime) -> float:
@@ -29,8 +44,18 @@ def idle_wait(poll_interval: float, next_due: datetime | None, now: datetime) ->
     return max(0.02, min(poll_interval, until))
 
 
+def ahead(limit: int, rate: float, round_trip: float) -> int:
+    """How many tasks to claim beyond the free slots: twice the slots that free up during
+    one claim's round trip (rounded down: slow tasks get none), at most four sets of
+    slots."""
+    if rate <= 0 or round_trip <= 0:
+        return 0
+    return min(4 * limit, math.floor(2 * rate * round_trip))
+
+
 class QueueWorker:
-    """Claims tasks of one queue up to its free slots and starts each in ``attempts``."""
+    """Claims tasks of one queue for its free slots and a little ahead of them, and
+    launches each as a slot comes free."""
 
     def __init__(
         self,
@@ -42,8 +67,12 @@ class QueueWorker:
         worker_id: uuid.UUID,
         lease: float,
         poll_interval: float,
-        start: Callable[[Claimed, Callable[[], None]], None],
+        hold: Callable[[Claimed], Attempt],
+        launch: Callable[[Attempt, Callable[[], None]], None],
+        give_back: Callable[[list[Attempt]], Awaitable[None]],
         burst: bool = False,
+        claim_ahead: int | None = None,
+        hold_limit: float | None = None,
     ) -> None:
         self.queue = queue
         self.limit = limit
@@ -52,11 +81,25 @@ class QueueWorker:
         self.worker_id = worker_id
         self.lease = lease
         self.poll_interval = poll_interval
-        self.start = start
+        self.hold = hold
+        self.launch = launch
+        self.give_back = give_back
         self.burst = burst
+        self.claim_ahead = claim_ahead
+        """Tasks to claim beyond the free slots; None sizes it as it goes."""
+        self.hold_limit = HOLD_LIMIT if hold_limit is None else hold_limit
         self.in_flight = 0
         self.claimed = 0
+        self.given_back = 0
         self.wakeups = {"notify": 0, "poll": 0}
+        self.waiting: deque[tuple[float, Attempt]] = deque()
+        """Claimed ahead of a free slot, oldest first, with the time each was claimed."""
+        self._freed = 0
+        self._stalled = False
+        """Tasks claimed ahead went back unrun: claim only for free slots until one frees."""
+        self._rate = 0.0
+        self._round_trip = 0.0
+        self._measured_at = time.monotonic()
         self._wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = False
@@ -75,20 +118,54 @@ class QueueWorker:
 
     def _released(self) -> None:
         self.in_flight -= 1
+        self._freed += 1
+        self._stalled = False
+        self._launch_waiting()
         self._slot_freed.set()
+
+    def _launch_waiting(self) -> None:
+        while self.waiting and self.in_flight < self.limit and not self._stopping:
+            _, attempt = self.waiting.popleft()
+            self.in_flight += 1
+            self.launch(attempt, self._released)
+
+    def _ahead(self) -> int:
+        if self.burst or self._stalled:
+            return 0
+        if self.claim_ahead is not None:
+            return self.claim_ahead
+        return ahead(self.limit, self._rate, self._round_trip)
+
+    def _measure(self, round_trip: float) -> None:
+        """Update how fast slots free up and how long a claim takes (moving averages)."""
+        now = time.monotonic()
+        span = now - self._measured_at
+        if span > 0:
+            rate = self._freed / span
+            self._rate = rate if self._rate == 0 else 0.5 * self._rate + 0.5 * rate
+        self._freed = 0
+        self._measured_at = now
+        self._round_trip = (
+            round_trip if self._round_trip == 0 else 0.5 * self._round_trip + 0.5 * round_trip
+        )
 
     async def run(self, tg: TaskGroup | None = None) -> None:
         backoff = 0.1
         while not self._stopping:
+            self._launch_waiting()
             free = self.limit - self.in_flight
-            if free <= 0:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
+            target = self._ahead()
+            room = free + target - len(self.waiting)
+            # A free slot is filled at once; tasks in hand are topped up only once half of
+            # them have gone, so that claims stay batches.
+            if room <= 0 or (free == 0 and room < max(1, target // 2)):
+                await self._wait_for_slot()
                 continue
             self._wakeup.clear()
+            started = time.monotonic()
             try:
                 tasks = await self.store.claim(
-                    self.queue, self.names, free, self.lease, self.worker_id
+                    self.queue, self.names, room, self.lease, self.worker_id
                 )
             except Exception as exc:
                 if not is_transient(exc):
@@ -104,16 +181,18 @@ class QueueWorker:
                 backoff = min(backoff * 2, self.poll_interval)
                 continue
             backoff = 0.1
+            now = time.monotonic()
+            self._measure(now - started)
             self.claimed_once.set()
             if tasks:
                 self._held = 0.0
                 log.debug("tasks_claimed", queue=self.queue, ids=[t.id for t in tasks])
             for task in tasks:
-                self.in_flight += 1
                 self.claimed += 1
-                self.start(task, self._released)
-            if len(tasks) == free:
-                continue  # there may be more ready work: claim again once slots free up
+                self.waiting.append((now, self.hold(task)))
+            self._launch_waiting()
+            if len(tasks) == room:
+                continue  # there may be more ready work: claim again once there is room
             if self.burst and self.in_flight == 0 and not tasks:
                 return
             if self.burst:
@@ -122,7 +201,39 @@ class QueueWorker:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
                 continue
+            if self.waiting:
+                # Claimed ahead, but no more ready now: wait for the slots to take them.
+                await self._wait_for_slot()
+                continue
             await self._idle()
+        await self._give_back_waiting()
+
+    async def _wait_for_slot(self) -> None:
+        """Wait for a slot to come free; tasks claimed ahead that waited too long for
+        one go back to the queue, where another daemon can take them."""
+        self._slot_freed.clear()
+        if not self.waiting:
+            await self._slot_freed.wait()
+            return
+        oldest = self.waiting[0][0]
+        timeout = oldest + self.hold_limit - time.monotonic()
+        with anyio.move_on_after(max(0.0, timeout)):
+            await self._slot_freed.wait()
+            return
+        if self.waiting and self.waiting[0][0] == oldest:
+            # Slots are not turning over: hand these back, and claim nothing ahead until
+            # a slot frees up.
+            self._rate = 0.0
+            self._stalled = True
+            await self._give_back_waiting()
+
+    async def _give_back_waiting(self) -> None:
+        if not self.waiting:
+            return
+        attempts = [a for _, a in self.waiting]
+        self.waiting.clear()
+        self.given_back += len(attempts)
+        await self.give_back(attempts)
 
     async def _wakeup_or_stop(self) -> None:
         await self._wakeup.wait()

@@ -24,7 +24,7 @@ where queue = $1 and status = 'queued' and name = any($2::text[])
 update durable.tasks t
    set lease_until = now() + make_interval(secs => $3)
   from unnest($1::bigint[], $2::bigint[]) as v(id, token)
- where t.id = v.id and t.claim_token = v.token and t.status = 'running'
+ where t.id = any($1::bigint[]) and t.id = v.id and t.claim_token = v.token
 returning t.id
 
 -- name: reap_expired
@@ -60,11 +60,14 @@ update durable.tasks t
 returning t.id, t.status
 
 -- name: complete
+-- Batch writes find their rows by primary key and fence on the claim token, which a task
+-- holds exactly while it runs (tasks_claim_check). No status test: with one, the planner
+-- may take the running tasks' partial index, whose dead entries grow with every finish.
 update durable.tasks t
    set status = 'completed', result = v.result::jsonb, error = null, finished_at = now(),
        claim_token = null, lease_until = null
   from unnest($1::bigint[], $2::bigint[], $3::text[]) as v(id, token, result)
- where t.id = v.id and t.claim_token = v.token and t.status = 'running'
+ where t.id = any($1::bigint[]) and t.id = v.id and t.claim_token = v.token
 returning t.id
 
 -- name: retry_later
@@ -111,7 +114,7 @@ update durable.tasks t
        finished_at = case when t.cancel_requested then now() end,
        run_at = now(), claim_token = null, lease_until = null, worker_id = null
   from unnest($1::bigint[], $2::bigint[]) as v(id, token)
- where t.id = v.id and t.claim_token = v.token and t.status = 'running'
+ where t.id = any($1::bigint[]) and t.id = v.id and t.claim_token = v.token
 returning t.id
 
 -- name: insert_task
@@ -231,7 +234,7 @@ order by e.seq
 with fence as (
     -- FOR SHARE waits for a concurrent reclaim and then sees its new token.
     select t.id, t.claim_token from durable.tasks t
-    where t.id = any($1::bigint[]) and t.status = 'running'
+    where t.id = any($1::bigint[]) and t.claim_token is not null
     for share of t
 ), v as (
     select * from unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::text[],

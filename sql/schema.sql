@@ -62,7 +62,9 @@ create table durable.tasks (
     constraint tasks_attempts_check check (max_attempts >= 1 and attempt >= 1),
     constraint tasks_timeout_check check (timeout is null or timeout > 0),
     constraint tasks_running_check
-        check (status <> 'running' or (claim_token is not null and lease_until is not null))
+        check (status <> 'running' or (claim_token is not null and lease_until is not null)),
+    -- 0004: a claim token is held exactly while the task runs; batch writes fence on it.
+    constraint tasks_claim_check check ((status = 'running') = (claim_token is not null))
 );
 
 -- Ready work, in claim order; finished history does not slow the claim.
@@ -126,7 +128,7 @@ create table durable.signals (
 create index signals_task_idx on durable.signals (task_id, name, id);
 
 -- NOTIFY `durable_ready` (payload: the queue) once per queue per statement when work
--- becomes ready; `durable_done` (payload: the id) when a task someone awaits finishes;
+-- is ready; `durable_done` (payload: the id) when a task someone awaits finishes;
 -- and wake the parents of finished children. Never on heartbeats or acknowledgements.
 create function durable.tasks_after_insert() returns trigger
 language plpgsql as $$
@@ -143,40 +145,45 @@ $$;
 create function durable.tasks_after_update() returns trigger
 language plpgsql as $$
 declare
+    freed text[];
+    keyed text[];
+    done bigint[];
+    parents bigint[];
     q text;
     t bigint;
-    parents bigint[];
 begin
-    for q in
-        select distinct n.queue from new_rows n join old_rows o on o.id = n.id
-        where n.status = 'queued' and (o.status <> 'queued' or o.run_at <> n.run_at)
-    loop
-        perform pg_notify('durable_ready', q);
-    end loop;
-
-    -- A slot under a fleet-wide or per-key limit came free: claimers may be waiting for it.
-    for q in
-        select distinct n.queue from new_rows n join old_rows o on o.id = n.id
-        where o.status = 'running' and n.status <> 'running'
-          and (n.concurrency_key is not null
-               or exists (select 1 from durable.queues c
-                          where c.name = n.queue and c.concurrency is not null))
-    loop
-        perform pg_notify('durable_ready', q);
-    end loop;
-
-    for t in
-        select n.id from new_rows n join old_rows o on o.id = n.id
-        where n.notify_finish and n.status in ('completed', 'failed', 'cancelled')
-          and o.status not in ('completed', 'failed', 'cancelled')
-    loop
-        perform pg_notify('durable_done', t::text);
-    end loop;
-
-    select array_agg(distinct n.parent_id order by n.parent_id) into parents
-    from new_rows n join old_rows o on o.id = n.id
-    where n.parent_id is not null and n.status in ('completed', 'failed', 'cancelled')
-      and o.status not in ('completed', 'failed', 'cancelled');
+    -- One pass over the new rows, never a join with the old ones: a join of two
+    -- transition tables is planned blind (the planner takes each for one row) and turns
+    -- quadratic in the batch. So each condition reads the row's new state only: a row
+    -- updated again in a state it was already in (rare) sends a spare, harmless notice.
+    -- Work becoming ready is announced by tasks_notify_ready, row by row.
+    select array_agg(distinct n.queue) filter (
+               where n.status not in ('running', 'queued')),
+           array_agg(distinct n.queue) filter (
+               where n.status not in ('running', 'queued') and n.concurrency_key is not null),
+           array_agg(n.id) filter (
+               where n.notify_finish and n.status in ('completed', 'failed', 'cancelled')),
+           array_agg(distinct n.parent_id order by n.parent_id) filter (
+               where n.parent_id is not null
+                 and n.status in ('completed', 'failed', 'cancelled'))
+      into freed, keyed, done, parents
+      from new_rows n where n.status not in ('running', 'queued');
+    if freed is not null then
+        -- A slot under a fleet-wide or per-key limit came free: claimers may wait for it.
+        for q in
+            select k from unnest(keyed) k
+            union
+            select c.name from durable.queues c
+             where c.name = any(freed) and c.concurrency is not null
+        loop
+            perform pg_notify('durable_ready', q);  -- a repeat within a transaction is dropped
+        end loop;
+    end if;
+    if done is not null then
+        foreach t in array done loop
+            perform pg_notify('durable_done', t::text);
+        end loop;
+    end if;
     if parents is not null then
         perform durable.wake_waiting(parents);
     end if;
@@ -213,8 +220,24 @@ create trigger tasks_notify_insert after insert on durable.tasks
     for each statement execute function durable.tasks_after_insert();
 
 create trigger tasks_notify_update after update on durable.tasks
-    referencing old table as old_rows new table as new_rows
+    referencing new table as new_rows
     for each statement execute function durable.tasks_after_update();
+
+-- Work that becomes ready (requeued, woken, retried, rescheduled): the WHEN clause is
+-- checked in the executor, so claims and completions never call the function, and a
+-- repeated (channel, payload) within a transaction is delivered once.
+create function durable.notify_ready() returns trigger
+language plpgsql as $$
+begin
+    perform pg_notify('durable_ready', new.queue);
+    return null;
+end;
+$$;
+
+create trigger tasks_notify_ready after update on durable.tasks
+    for each row
+    when (new.status = 'queued' and (old.status <> 'queued' or old.run_at <> new.run_at))
+    execute function durable.notify_ready();
 
 -- Enqueue from SQL, inside the caller's transaction (a transactional outbox).
 create function durable.start(
@@ -464,13 +487,14 @@ create table durable.schedules (
 -- Claim up to n ready tasks of queue q that this daemon can run. Queues with a fleet-wide
 -- limit, and queues holding keyed tasks, serialise their claimers on an advisory lock: the
 -- counts below are read after the lock is granted (each statement of this function takes
--- a new snapshot), so concurrent claimers can never overshoot a limit.
+-- a new snapshot), so concurrent claimers can never overshoot a limit. `fresh`: never
+-- claimed before, so a workflow has no events to load.
 create function durable.claim(q text, names text[], n integer, lease double precision,
                               worker uuid)
 returns table (id bigint, queue text, name text, kind text, args text, kwargs text,
                attempt integer, max_attempts integer, timeout double precision,
                claim_token bigint, branch integer, parent_id bigint, root_id bigint,
-               cancel_requested boolean)
+               cancel_requested boolean, fresh boolean)
 language plpgsql as $$
 #variable_conflict use_column
 declare
@@ -507,7 +531,7 @@ begin
         -- The plain claim (unlimited queues take no lock), within any count above.
         return query
         with ready as (
-            select t.id from durable.tasks t
+            select t.id, t.started_at from durable.tasks t
             where t.queue = q and t.status = 'queued' and t.run_at <= now()
               and t.name = any(names)
             order by t.priority desc, t.id
@@ -522,7 +546,7 @@ begin
          where t.id = ready.id
         returning t.id, t.queue, t.name, t.kind, t.args::text, t.kwargs::text, t.attempt,
                   t.max_attempts, t.timeout, t.claim_token, t.branch, t.parent_id, t.root_id,
-                  t.cancel_requested;
+                  t.cancel_requested, ready.started_at is null;
         get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
         if rate is not null and busy > 0 then
             insert into durable.rate_log (bucket, at)
@@ -560,7 +584,7 @@ begin
          order by r.priority desc, r.id
          limit n
     ), ready as (
-        select t.id from durable.tasks t join chosen using (id)
+        select t.id, t.started_at from durable.tasks t join chosen using (id)
          for update of t skip locked
     ), started as (
         update durable.tasks t
@@ -569,7 +593,7 @@ begin
                started_at = coalesce(t.started_at, now())
           from ready
          where t.id = ready.id
-        returning t.*
+        returning t.*, ready.started_at is null as fresh
     ), logged as (
         insert into durable.rate_log (bucket, at)
         select 'q:' || q, now() from started where rate is not null
@@ -579,7 +603,7 @@ begin
     )
     select s.id, s.queue, s.name, s.kind, s.args::text, s.kwargs::text, s.attempt,
            s.max_attempts, s.timeout, s.claim_token, s.branch, s.parent_id, s.root_id,
-           s.cancel_requested
+           s.cancel_requested, s.fresh
       from started s;
 end;
 $$;

@@ -37,6 +37,7 @@ def _claimed(r: asyncpg.Record) -> Claimed:
         parent_id=r["parent_id"],
         root_id=r["root_id"],
         cancel_requested=r["cancel_requested"],
+        fresh=r["fresh"],
     )
 
 

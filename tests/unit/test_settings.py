@@ -87,6 +87,14 @@ def test_home_expands_the_user_directory() -> None:
     assert "~" not in str(home)
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"), [("auto", None), (" AUTO ", None), ("0", 0), ("64", 64)]
+)
+def test_claim_ahead_is_auto_or_a_count(value: str, expected: int | None) -> None:
+    assert Settings.from_env({"DURABLE_CLAIM_AHEAD": value}).claim_ahead == expected
+    assert Settings.from_env({}).claim_ahead is None
+
+
 def test_empty_variables_count_as_unset() -> None:
     env = {"DURABLE_DATABASE_URL": "", "DURABLE_CONCURRENCY": "  ", "DURABLE_QUEUES": ""}
     assert Settings.from_env(env) == Settings()
@@ -219,6 +227,9 @@ BAD_VALUES = [
     ("DURABLE_QUEUES", "a,a", "'a' is given twice"),
     ("DURABLE_QUEUES", "q" * 201, "1 to 200 characters"),
     ("DURABLE_CONCURRENCY", "0", "whole number from 1 to 100000"),
+    ("DURABLE_CLAIM_AHEAD", "-1", "auto or a whole number from 0 to 100000"),
+    ("DURABLE_CLAIM_AHEAD", "lots", "auto or a whole number from 0 to 100000"),
+    ("DURABLE_CLAIM_AHEAD", "100001", "auto or a whole number from 0 to 100000"),
     ("DURABLE_CONCURRENCY", "100001", "whole number from 1 to 100000"),
     ("DURABLE_CONCURRENCY", "1.5", "whole number"),
     ("DURABLE_CONCURRENCY", "+5", "whole number"),
@@ -376,6 +387,7 @@ def test_env_vars_document_every_variable() -> None:
         "DURABLE_CONCURRENCY",
         "DURABLE_POLL_INTERVAL",
         "DURABLE_LEASE",
+        "DURABLE_CLAIM_AHEAD",
         "DURABLE_SHUTDOWN_GRACE",
         "DURABLE_LOG_LEVEL",
         "DURABLE_LOG_FORMAT",
