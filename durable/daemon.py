@@ -138,8 +138,8 @@ class Daemon:
             if self.settings.http is not None:
                 await self._listen_http(store, *self.settings.http)
             await store.register_worker(self.id, queues, names)
-            completions: Batcher[Completion, bool] = Batcher(self._complete)
-            checkpoints: Batcher[Checkpoint, bool] = Batcher(self._checkpoint)
+            completions: Batcher[Completion, bool] = Batcher(self._complete, flights=2)
+            checkpoints: Batcher[Checkpoint, bool] = Batcher(self._checkpoint, flights=2)
             runner = Runner(
                 store, self.registry, completions, checkpoints, self._on_timer,
                 metrics=self.metrics,

@@ -187,10 +187,11 @@ class Store(WorkflowStore):
                 workers = await conn.fetch(self.q["prune_workers"], cutoff)
                 return PruneResult(done.tasks, done.events, done.signals, len(workers))
             finally:
-                # Returned to the pool unlocked; if this fails (connection lost), the
-                # pool's reset of the connection, or its closing, releases the lock.
+                # Returned to the pool unlocked; if this fails, the connection is closed
+                # (which releases the lock) rather than handed on still holding it.
                 try:
                     await conn.fetchval(self.q["prune_unlock"], PRUNE_LOCK)
                 except Exception as exc:
+                    conn.terminate()
                     if not is_transient(exc):
                         raise

@@ -73,6 +73,21 @@ def _task_info(r: asyncpg.Record) -> TaskInfo:
     )
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset of a connection it takes back, after asyncpg has rolled back any
+    open transaction: nothing more. The default (RESET ALL, UNLISTEN *, unlocking advisory
+    locks) is a round trip on every release, that is on every statement the daemon runs,
+    and its statements leave no session state. The connections user code gets
+    (``ctx.transaction``) are reset in full before they go back (see ``fenced``)."""
+
+
+async def reset_session(conn: Any) -> None:
+    """Reset a connection's session state in full (what asyncpg's pool does by default)."""
+    query = conn.get_reset_query()
+    if query:
+        await conn.execute(query)
+
+
 class TaskStore:
     """A connection pool and the named queries run on it: enqueueing, claiming,
     finishing and reading tasks."""
@@ -89,6 +104,7 @@ class TaskStore:
             dsn,
             min_size=min_size,
             max_size=max_size,
+            reset=keep_session,
             server_settings={"application_name": name},
         )
         return cls(pool)

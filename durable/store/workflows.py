@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
+import anyio
 import asyncpg
 
 from durable.codec import dumps, loads
@@ -17,7 +18,7 @@ from durable.models import (
     HistoryEntry,
     NewTask,
 )
-from durable.store.tasks import TaskStore
+from durable.store.tasks import TaskStore, reset_session
 
 
 class WorkflowStore(TaskStore):
@@ -76,10 +77,20 @@ class WorkflowStore(TaskStore):
         The fence is checked at the end, just before commit, so a long user transaction
         does not hold the task row's lock (heartbeats would queue behind it).
         """
-        async with self.pool.acquire() as conn, conn.transaction():
-            yield conn
-            if await conn.fetchval(self.q["fence_lock"], task_id, token) is None:
-                raise LeaseLost(f"task {task_id}: the claim was lost; not committing")
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    yield conn
+                    if await conn.fetchval(self.q["fence_lock"], task_id, token) is None:
+                        raise LeaseLost(f"task {task_id}: the claim was lost; not committing")
+            finally:
+                # User code had this connection (a SET, a LISTEN, a session lock would
+                # outlive its transaction): reset it before the pool hands it on.
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await reset_session(conn)
+                    except Exception:
+                        conn.terminate()
 
     async def transaction_step(
         self,
