@@ -1,6 +1,6 @@
 """Group commit: many callers' writes share one statement and one commit.
 
-While a flush is in flight the next callers queue up; when it returns they all go in
+While one flush is in flight the next callers queue up; when it returns they all go in
 the next one. No timer: under load batches grow by themselves, and a lone write is
 flushed at once.
 """
@@ -19,22 +19,13 @@ R = TypeVar("R")
 
 
 class Batcher(Generic[T, R]):
-    """Group commit. ``flights`` flushes may be in flight at once (each on a connection
-    of its own): a second flight takes the writes that arrive while the first commits,
-    instead of having them wait for it."""
-
     def __init__(
-        self,
-        flush: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
-        max_batch: int = 500,
-        flights: int = 1,
+        self, flush: Callable[[Sequence[T]], Awaitable[Sequence[R]]], max_batch: int = 500
     ) -> None:
         self._flush = flush
         self._max = max_batch
-        self._flights = flights
-        self._in_flight = 0
         self._items: list[tuple[T, asyncio.Future[R] | None]] = []
-        self._wake = asyncio.Event()
+        self._pending = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
@@ -46,7 +37,7 @@ class Batcher(Generic[T, R]):
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._items.append((item, fut))
         self._idle.clear()
-        self._wake.set()
+        self._pending.set()
         return fut
 
     def submit_nowait(self, item: T) -> None:
@@ -55,7 +46,7 @@ class Batcher(Generic[T, R]):
             raise RuntimeError("batcher is closed")
         self._items.append((item, None))
         self._idle.clear()
-        self._wake.set()
+        self._pending.set()
 
     async def drain(self) -> None:
         """Wait until everything submitted so far has been flushed."""
@@ -63,40 +54,32 @@ class Batcher(Generic[T, R]):
 
     def close(self) -> None:
         self._closed = True
-        self._wake.set()
+        self._pending.set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        async with anyio.create_task_group() as tg:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._items and self._in_flight < self._flights:
-                    batch, self._items = self._items[: self._max], self._items[self._max :]
-                    self._in_flight += 1
-                    tg.start_soon(self._send, batch)
-                if not self._items and self._in_flight == 0:
-                    self._idle.set()
-                    if self._closed:
-                        return
-
-    async def _send(self, batch: list[tuple[T, asyncio.Future[R] | None]]) -> None:
-        try:
-            results = await self._flush([item for item, _ in batch])
-        except Exception as exc:
-            # The batch did not commit: every write in it fails, none is reported durable.
-            for _, fut in batch:
+        while True:
+            await self._pending.wait()
+            if not self._items:
+                self._pending.clear()
+                self._idle.set()
+                if self._closed:
+                    return
+                continue
+            batch, self._items = self._items[: self._max], self._items[self._max :]
+            try:
+                results = await self._flush([item for item, _ in batch])
+            except Exception as exc:
+                # The batch did not commit: every write in it fails, none is reported durable.
+                for _, fut in batch:
+                    if fut is not None and not fut.done():
+                        fut.set_exception(exc)
+                continue
+            except BaseException:
+                for _, fut in batch:
+                    if fut is not None and not fut.done():
+                        fut.set_exception(asyncio.CancelledError())
+                raise
+            for (_, fut), result in zip(batch, results, strict=True):
                 if fut is not None and not fut.done():
-                    fut.set_exception(exc)
-            return
-        except BaseException:
-            for _, fut in batch:
-                if fut is not None and not fut.done():
-                    fut.set_exception(asyncio.CancelledError())
-            raise
-        finally:
-            self._in_flight -= 1
-            self._wake.set()
-        for (_, fut), result in zip(batch, results, strict=True):
-            if fut is not None and not fut.done():
-                fut.set_result(result)
+                    fut.set_result(result)

@@ -138,8 +138,8 @@ class Daemon:
             if self.settings.http is not None:
                 await self._listen_http(store, *self.settings.http)
             await store.register_worker(self.id, queues, names)
-            completions: Batcher[Completion, bool] = Batcher(self._complete, flights=2)
-            checkpoints: Batcher[Checkpoint, bool] = Batcher(self._checkpoint, flights=2)
+            completions: Batcher[Completion, bool] = Batcher(self._complete)
+            checkpoints: Batcher[Checkpoint, bool] = Batcher(self._checkpoint)
             runner = Runner(
                 store, self.registry, completions, checkpoints, self._on_timer,
                 metrics=self.metrics,
@@ -280,19 +280,27 @@ class Daemon:
 
     async def _give_back(self, attempts: list[Attempt]) -> None:
         """Hand tasks claimed ahead back to the queue without spending an attempt."""
-        assert self.store is not None
         for a in attempts:
             self._forget(a)
+        back = await self._release(attempts)
+        if back is not None:
+            log.debug("tasks_given_back", count=len(back), ids=sorted(back))
+
+    async def _release(self, attempts: Sequence[Attempt]) -> set[int] | None:
+        """Hand tasks back to the queue at once, without spending an attempt, even while
+        shutting down (shielded); None when the database cannot be reached: their leases
+        expire and they run then."""
+        assert self.store is not None
+        released: set[int] | None = None
         with anyio.CancelScope(shield=True):
             try:
-                back = await self.store.release([(a.task.id, a.task.token) for a in attempts])
+                released = await self.store.release([(a.task.id, a.task.token) for a in attempts])
             except Exception as exc:
                 if not is_transient(exc):
                     raise
                 log.warning("tasks_not_released", count=len(attempts), error=redact(str(exc)),
                             note="their leases will expire and they will run then")
-                return
-        log.debug("tasks_given_back", count=len(back), ids=sorted(back))
+        return released
 
     async def _drain(self) -> None:
         """Let running attempts finish within the grace period, then hand them back."""
@@ -310,16 +318,10 @@ class Daemon:
         # another daemon takes these tasks now rather than when the leases expire.
         with anyio.CancelScope(shield=True):
             await self._wait_jobs()
-            if not left:
-                return
-            assert self.store is not None
-            try:
-                released = await self.store.release([(a.task.id, a.task.token) for a in left])
+        if left:
+            released = await self._release(left)
+            if released is not None:
                 log.info("tasks_released", count=len(released), ids=sorted(released))
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("tasks_not_released", count=len(left), error=str(exc))
 
     async def _wait_attempts(self, tg: TaskGroup) -> None:
         while self.attempts:
