@@ -169,6 +169,19 @@ async def _wait_committed(daemon: Any, n: int, progress: Progress) -> float:
         await anyio.sleep(0.005)
 
 
+async def _serve(daemon: Any, n: int, bar: Progress) -> tuple[float, float]:
+    """Start ``daemon`` and wait for its n-th committed completion; returns (startup,
+    drain) in seconds. The drain is timed from the moment the daemon serves (pool open and
+    warm, LISTEN live, queue loops starting); its startup is reported on its own."""
+    async with anyio.create_task_group() as tg:
+        t0 = time.monotonic()
+        await tg.start(daemon.run)
+        t1 = time.monotonic()
+        t2 = await _wait_committed(daemon, n, bar)
+        daemon.stop()
+    return t1 - t0, t2 - t1
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -194,14 +207,10 @@ async def throughput(
                 await client.store.set_queue_limits(QUEUE, queue_limit, None, None)
         bar = Progress("throughput", n, progress)
         daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=4)
-        async with anyio.create_task_group() as tg:
-            t0 = time.monotonic()
-            await tg.start(daemon.run)
-            t1 = await _wait_committed(daemon, n, bar)
-            daemon.stop()
+        startup, elapsed = await _serve(daemon, n, bar)
         bar.close()
         db_count = await _count_finished(dsn)
-    drain = n / (t1 - t0)
+    drain = n / elapsed
     return Result(
         "throughput",
         {
@@ -210,6 +219,7 @@ async def throughput(
             "queue_limit": queue_limit,
             "enqueue_per_s": round(n / enqueue_s),
             "drain_per_s": round(drain),
+            "startup_ms": round(startup * 1000),
             "rss_mb": round(_rss_mb(), 1),
         },
         verified=len(_ran) == n and db_count == n,
@@ -265,11 +275,7 @@ async def workflows(
             await _bulk_enqueue(client, steps, [[i, step_count] for i in range(n)])
         bar = Progress("workflows", n, progress)
         daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=6)
-        async with anyio.create_task_group() as tg:
-            t0 = time.monotonic()
-            await tg.start(daemon.run)
-            t1 = await _wait_committed(daemon, n, bar)
-            daemon.stop()
+        startup, elapsed = await _serve(daemon, n, bar)
         bar.close()
         db_count = await _count_finished(dsn)
         from durable.store import connect
@@ -279,11 +285,11 @@ async def workflows(
             events = int(await conn.fetchval("select count(*) from durable.events"))
         finally:
             await conn.close()
-    elapsed = t1 - t0
     return Result(
         "workflows" + ("-uneven" if uneven else ""),
         {"workflows": n, "steps": step_count, "concurrency": concurrency,
-         "workflows_per_s": round(n / elapsed), "steps_per_s": round(n * step_count / elapsed)},
+         "workflows_per_s": round(n / elapsed), "steps_per_s": round(n * step_count / elapsed),
+         "startup_ms": round(startup * 1000)},
         verified=len(_ran) == n and db_count == n and events == n * step_count,
     )
 
@@ -313,17 +319,13 @@ async def backlog(
             await _bulk_enqueue(client, noop, [[i] for i in range(queued)])
         bar = Progress("backlog", queued, progress)
         daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=4)
-        async with anyio.create_task_group() as tg:
-            t0 = time.monotonic()
-            await tg.start(daemon.run)
-            t1 = await _wait_committed(daemon, queued, bar)
-            daemon.stop()
+        startup, elapsed = await _serve(daemon, queued, bar)
         bar.close()
         db_count = await _count_finished(dsn)
     return Result(
         "backlog",
         {"history": history, "queued": queued, "concurrency": concurrency,
-         "drain_per_s": round(queued / (t1 - t0))},
+         "drain_per_s": round(queued / elapsed), "startup_ms": round(startup * 1000)},
         verified=len(_ran) == queued and db_count == history + queued,
     )
 

@@ -61,22 +61,25 @@ def loads(text: str | None) -> Any:
     return _decode(text)
 
 
+def _type_name(v: Any) -> str:
+    return f"<{type(v).__module__}.{type(v).__qualname__}>"
+
+
+# Stored digests depend on these exact options: changing any of them makes every recorded
+# call look like another one (NonDeterminismError on replay).
+_canonical = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=_type_name
+).encode
+
+
 def canonical(value: Any) -> str:
     """A stable encoding for digests: sorted keys; values that are not JSON by type name."""
-    return json.dumps(
-        value,
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=True,
-        default=lambda v: f"<{type(v).__module__}.{type(v).__qualname__}>",
-    )
+    return _canonical(value)
 
 
 def digest(kind: str, name: str, payload: Any) -> str:
     """The identity of a durable call: kind, name and arguments."""
-    h = hashlib.sha256()
-    h.update(canonical([kind, name, payload]).encode())
-    return h.hexdigest()[:32]
+    return hashlib.sha256(_canonical([kind, name, payload]).encode()).hexdigest()[:32]
 
 
 def error_payload(exc: BaseException) -> dict[str, Any]:

@@ -182,21 +182,23 @@ class Context:
         self._seq += 1
         return seq, match(self._events.get(seq), seq, kind, name, dig)
 
-    def _cp(self, seq: int, kind: str, name: str, dig: str, **fields: Any) -> Checkpoint:
+    def _cp(
+        self,
+        seq: int,
+        kind: str,
+        name: str,
+        dig: str,
+        *,
+        status: str = "completed",
+        result: str | None = None,
+        error: str | None = None,
+        started_at: datetime | None = None,
+        wake_at: datetime | None = None,
+    ) -> Checkpoint:
+        t = self._task
         return Checkpoint(
-            task_id=self._task.id,
-            token=self._task.token,
-            branch=self._task.branch,
-            seq=seq,
-            kind=kind,
-            name=name,
-            digest=dig,
-            attempt=self._task.attempt,
-            status=fields.pop("status", "completed"),
-            result=fields.pop("result", None),
-            error=fields.pop("error", None),
-            started_at=fields.pop("started_at", utcnow()),
-            wake_at=fields.pop("wake_at", None),
+            t.id, t.token, t.branch, seq, kind, name, dig, status, result, error, t.attempt,
+            started_at or utcnow(), wake_at,
         )
 
     async def _commit(self, cp: Checkpoint) -> None:

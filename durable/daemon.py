@@ -31,6 +31,9 @@ from durable.worker import QueueWorker
 
 log = get_logger("durable.daemon")
 
+WARM_CONNECTIONS = 4
+"""Pool connections a daemon opens at startup; the rest open as they are needed."""
+
 RETENTION_INTERVAL = 300.0
 """Seconds between prune passes when DURABLE_RETENTION is set."""
 
@@ -133,7 +136,14 @@ class Daemon:
     ) -> None:
         names = self.registry.names()
         queues = self.settings.queue_limits
-        self.store = store = await Store.open(self.dsn, max_size=self.pool_size)
+        # The connections the hot path uses (claims, the two group commits, heartbeats) are
+        # opened now, so the first tasks do not wait for connects and cold backends.
+        self.store = store = await Store.open(
+            self.dsn,
+            min_size=min(WARM_CONNECTIONS, self.pool_size),
+            max_size=self.pool_size,
+            warm=True,
+        )
         try:
             if self.settings.http is not None:
                 await self._listen_http(store, *self.settings.http)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
@@ -108,9 +108,9 @@ class HistoryEntry:
     finished_at: datetime | None
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """A step's outcome, to be group-committed with other workflows' checkpoints."""
+class Checkpoint(NamedTuple):
+    """A step's outcome, to be group-committed with other workflows' checkpoints (a tuple:
+    one is made for every step a workflow runs)."""
 
     task_id: int
     token: int

@@ -95,6 +95,8 @@ class QueueWorker:
         self.waiting: deque[tuple[float, Attempt]] = deque()
         """Claimed ahead of a free slot, oldest first, with the time each was claimed."""
         self._freed = 0
+        self._releases = 0
+        """Slots freed since the loop started (never reset)."""
         self._stalled = False
         """Tasks claimed ahead went back unrun: claim only for free slots until one frees."""
         self._rate = 0.0
@@ -119,6 +121,7 @@ class QueueWorker:
     def _released(self) -> None:
         self.in_flight -= 1
         self._freed += 1
+        self._releases += 1
         self._stalled = False
         self._launch_waiting()
         self._slot_freed.set()
@@ -163,6 +166,7 @@ class QueueWorker:
                 continue
             self._wakeup.clear()
             started = time.monotonic()
+            releases = self._releases
             try:
                 tasks = await self.store.claim(
                     self.queue, self.names, room, self.lease, self.worker_id
@@ -193,9 +197,13 @@ class QueueWorker:
             self._launch_waiting()
             if len(tasks) == room:
                 continue  # there may be more ready work: claim again once there is room
-            if self.burst and self.in_flight == 0 and not tasks:
-                return
             if self.burst:
+                if self._releases != releases:
+                    # An outcome was written while this claim ran (a retry may be due that
+                    # its snapshot could not see): look again before deciding anything.
+                    continue
+                if self.in_flight == 0 and not tasks:
+                    return
                 # Nothing more is ready: look again as soon as a running task has ended
                 # (the daemon frees a burst's slots once the outcome is written).
                 self._slot_freed.clear()

@@ -10,8 +10,13 @@ create table durable.migrations (
     applied_at  timestamptz not null default now()
 );
 
--- Every claim draws a fresh token from here; writes for a task are fenced on it.
-create sequence durable.claim_tokens as bigint;
+-- Every claim draws a fresh token; writes for a task are fenced on it. 62 random bits, not
+-- a sequence: claims commit asynchronously (see durable.claim), and a sequence can hand a
+-- value out again when a crash loses the WAL that advanced it.
+create function durable.new_token() returns bigint
+language sql volatile parallel safe as $$
+    select ((random() * 2147483648)::bigint << 31) # (random() * 2147483648)::bigint
+$$;
 
 create table durable.tasks (
     id              bigint generated always as identity primary key,
@@ -489,6 +494,12 @@ create table durable.schedules (
 -- counts below are read after the lock is granted (each statement of this function takes
 -- a new snapshot), so concurrent claimers can never overshoot a limit. `fresh`: never
 -- claimed before, so a workflow has no events to load.
+--
+-- A claim commits asynchronously (0005): its commit does not wait for the WAL flush. A
+-- claim lost in a server crash leaves its tasks queued, and they run again, as after any
+-- crash. Whatever makes an attempt's work durable (a checkpoint, a completion, a
+-- transactional step) commits synchronously, fenced on the claim token, and flushes the
+-- WAL before it, the claim's included.
 create function durable.claim(q text, names text[], n integer, lease double precision,
                               worker uuid)
 returns table (id bigint, queue text, name text, kind text, args text, kwargs text,
@@ -504,6 +515,7 @@ declare
     keyed boolean;
     busy integer;
 begin
+    perform set_config('synchronous_commit', 'off', true);  -- for this transaction only
     -- Scalars, not a record: a record with a null field is neither null nor not null.
     select c.concurrency, c.rate_limit, c.rate_period into conc, rate, period
       from durable.queues c where c.name = q;
@@ -539,7 +551,7 @@ begin
             for update skip locked
         )
         update durable.tasks t
-           set status = 'running', claim_token = nextval('durable.claim_tokens'),
+           set status = 'running', claim_token = durable.new_token(),
                lease_until = now() + make_interval(secs => lease), worker_id = worker,
                started_at = coalesce(t.started_at, now())
           from ready
@@ -588,7 +600,7 @@ begin
          for update of t skip locked
     ), started as (
         update durable.tasks t
-           set status = 'running', claim_token = nextval('durable.claim_tokens'),
+           set status = 'running', claim_token = durable.new_token(),
                lease_until = now() + make_interval(secs => lease), worker_id = worker,
                started_at = coalesce(t.started_at, now())
           from ready

@@ -321,7 +321,7 @@ async def steal_claim(dsn: str, task_id: int) -> int:
                 task_id,
             )
             await conn.execute(
-                "update durable.tasks set claim_token = nextval('durable.claim_tokens'),"
+                "update durable.tasks set claim_token = durable.new_token(),"
                 " lease_until = now() - interval '1 second' where id = $1",
                 task_id,
             )

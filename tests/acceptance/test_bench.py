@@ -1,0 +1,79 @@
+"""`durable bench` as a user runs it, at a size that takes seconds: every workload runs,
+checks its own count, reports its figures and leaves no scratch database behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from functools import partial
+
+import anyio
+import pytest
+
+from tests.helpers import durable_cli, fetchval
+
+WORKLOADS = ["throughput", "latency", "workflows", "backlog", "scale"]
+
+
+async def bench(server_dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return await anyio.to_thread.run_sync(
+        partial(
+            durable_cli, "bench", "--database-url", server_dsn, *args, timeout=240,
+            DURABLE_LOG_LEVEL="warning",
+        )
+    )
+
+
+async def scratch_databases(server_dsn: str) -> int:
+    return int(
+        await fetchval(
+            server_dsn, "select count(*) from pg_database where datname like 'durable_bench_%'"
+        )
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_every_workload_runs_verifies_its_count_and_cleans_up(server_dsn: str) -> None:
+    before = await scratch_databases(server_dsn)
+    proc = await bench(
+        server_dsn, *WORKLOADS, "--json", "--tasks", "400", "--concurrency", "8",
+        "--latency-tasks", "30", "--rate", "300", "--workflows", "80", "--history", "3000",
+        "--queued", "400",
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["server_version"]
+    results = {r["workload"]: r for r in report["results"]}
+    assert list(results) == WORKLOADS
+    assert all(r["verified"] for r in results.values())
+
+    t = results["throughput"]["figures"]
+    assert t["tasks"] == 400 and t["concurrency"] == 8
+    assert t["drain_per_s"] > 0 and t["enqueue_per_s"] > 0 and t["startup_ms"] >= 0
+    assert 0 < t["rss_mb"] < 1024
+    lat = results["latency"]["figures"]
+    assert lat["tasks"] == 30
+    assert 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    w = results["workflows"]["figures"]
+    assert w["workflows"] == 80 and w["steps"] == 3
+    assert w["steps_per_s"] == pytest.approx(3 * w["workflows_per_s"], rel=0.01)
+    b = results["backlog"]["figures"]
+    assert b["history"] == 3000 and b["queued"] == 400 and b["drain_per_s"] > 0
+    s = results["scale"]["figures"]
+    assert all(s[f"daemons_{k}_per_s"] > 0 for k in (1, 2, 4))
+    assert s["ratio_2_to_1"] == pytest.approx(s["daemons_2_per_s"] / s["daemons_1_per_s"], abs=0.01)
+    assert await scratch_databases(server_dsn) == before
+
+
+async def test_the_table_names_each_workload_and_its_verdict(server_dsn: str) -> None:
+    proc = await bench(
+        server_dsn, "throughput", "workflows", "--tasks", "200", "--workflows", "30",
+        "--steps", "2", "--concurrency", "4",
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("durable bench on PostgreSQL ")
+    assert lines[1].startswith("throughput ") and "tasks=200" in lines[1]
+    assert lines[2].startswith("workflows ") and "steps=2" in lines[2]
+    assert all(line.endswith("verified=yes") for line in lines[1:3])
