@@ -1,8 +1,9 @@
 """Group commit: many callers' writes share one statement and one commit.
 
-While one flush is in flight the next callers queue up; when it returns they all go in
+While a flush is in flight the next callers queue up; when it returns they all go in
 the next one. No timer: under load batches grow by themselves, and a lone write is
-flushed at once.
+flushed at once. With more than one flight, the writes that arrive while one flush
+commits go out on another connection instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ R = TypeVar("R")
 
 class Batcher(Generic[T, R]):
     def __init__(
-        self, flush: Callable[[Sequence[T]], Awaitable[Sequence[R]]], max_batch: int = 500
+        self,
+        flush: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        max_batch: int = 500,
+        flights: int = 1,
     ) -> None:
         self._flush = flush
         self._max = max_batch
+        self._flights = flights
+        self._busy = 0
         self._items: list[tuple[T, asyncio.Future[R] | None]] = []
         self._pending = asyncio.Event()
         self._idle = asyncio.Event()
@@ -57,16 +63,23 @@ class Batcher(Generic[T, R]):
         self._pending.set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        async with anyio.create_task_group() as tg:
+            for _ in range(self._flights):
+                tg.start_soon(self._flight)
+            task_status.started()
+
+    async def _flight(self) -> None:
         while True:
-            await self._pending.wait()
             if not self._items:
-                self._pending.clear()
-                self._idle.set()
+                if self._busy == 0:
+                    self._idle.set()
                 if self._closed:
-                    return
+                    return  # the event stays set: the other flights see it too
+                self._pending.clear()
+                await self._pending.wait()
                 continue
             batch, self._items = self._items[: self._max], self._items[self._max :]
+            self._busy += 1
             try:
                 results = await self._flush([item for item, _ in batch])
             except Exception as exc:
@@ -80,6 +93,8 @@ class Batcher(Generic[T, R]):
                     if fut is not None and not fut.done():
                         fut.set_exception(asyncio.CancelledError())
                 raise
+            finally:
+                self._busy -= 1
             for (_, fut), result in zip(batch, results, strict=True):
                 if fut is not None and not fut.done():
                     fut.set_result(result)

@@ -169,17 +169,27 @@ async def _wait_committed(daemon: Any, n: int, progress: Progress) -> float:
         await anyio.sleep(0.005)
 
 
-async def _serve(daemon: Any, n: int, bar: Progress) -> tuple[float, float]:
-    """Start ``daemon`` and wait for its n-th committed completion; returns (startup,
-    drain) in seconds. The drain is timed from the moment the daemon serves (pool open and
-    warm, LISTEN live, queue loops starting); its startup is reported on its own."""
+@dataclass
+class Drain:
+    startup: float
+    """Seconds from starting the daemon until it serves (pool open and warm, LISTEN live)."""
+    elapsed: float
+    """Seconds from then until the n-th completion committed."""
+    cpu: float
+    """CPU seconds this process (the daemon) spent meanwhile, user and system."""
+
+
+async def _serve(daemon: Any, n: int, bar: Progress) -> Drain:
+    """Start ``daemon`` and wait for its n-th committed completion. The drain is timed from
+    the moment the daemon serves; its startup is reported on its own."""
     async with anyio.create_task_group() as tg:
         t0 = time.monotonic()
         await tg.start(daemon.run)
-        t1 = time.monotonic()
+        t1, c1 = time.monotonic(), time.process_time()
         t2 = await _wait_committed(daemon, n, bar)
+        c2 = time.process_time()
         daemon.stop()
-    return t1 - t0, t2 - t1
+    return Drain(t1 - t0, t2 - t1, c2 - c1)
 
 
 def _rss_mb() -> float:
@@ -207,10 +217,9 @@ async def throughput(
                 await client.store.set_queue_limits(QUEUE, queue_limit, None, None)
         bar = Progress("throughput", n, progress)
         daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=4)
-        startup, elapsed = await _serve(daemon, n, bar)
+        d = await _serve(daemon, n, bar)
         bar.close()
         db_count = await _count_finished(dsn)
-    drain = n / elapsed
     return Result(
         "throughput",
         {
@@ -218,8 +227,9 @@ async def throughput(
             "concurrency": concurrency,
             "queue_limit": queue_limit,
             "enqueue_per_s": round(n / enqueue_s),
-            "drain_per_s": round(drain),
-            "startup_ms": round(startup * 1000),
+            "drain_per_s": round(n / d.elapsed),
+            "daemon_cpu_us_per_task": round(d.cpu / n * 1e6, 1),
+            "startup_ms": round(d.startup * 1000),
             "rss_mb": round(_rss_mb(), 1),
         },
         verified=len(_ran) == n and db_count == n,
@@ -275,7 +285,7 @@ async def workflows(
             await _bulk_enqueue(client, steps, [[i, step_count] for i in range(n)])
         bar = Progress("workflows", n, progress)
         daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=6)
-        startup, elapsed = await _serve(daemon, n, bar)
+        d = await _serve(daemon, n, bar)
         bar.close()
         db_count = await _count_finished(dsn)
         from durable.store import connect
@@ -288,8 +298,9 @@ async def workflows(
     return Result(
         "workflows" + ("-uneven" if uneven else ""),
         {"workflows": n, "steps": step_count, "concurrency": concurrency,
-         "workflows_per_s": round(n / elapsed), "steps_per_s": round(n * step_count / elapsed),
-         "startup_ms": round(startup * 1000)},
+         "workflows_per_s": round(n / d.elapsed), "steps_per_s": round(n * step_count / d.elapsed),
+         "daemon_cpu_us_per_workflow": round(d.cpu / n * 1e6, 1),
+         "startup_ms": round(d.startup * 1000)},
         verified=len(_ran) == n and db_count == n and events == n * step_count,
     )
 
@@ -319,13 +330,13 @@ async def backlog(
             await _bulk_enqueue(client, noop, [[i] for i in range(queued)])
         bar = Progress("backlog", queued, progress)
         daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=4)
-        startup, elapsed = await _serve(daemon, queued, bar)
+        d = await _serve(daemon, queued, bar)
         bar.close()
         db_count = await _count_finished(dsn)
     return Result(
         "backlog",
         {"history": history, "queued": queued, "concurrency": concurrency,
-         "drain_per_s": round(queued / elapsed), "startup_ms": round(startup * 1000)},
+         "drain_per_s": round(queued / d.elapsed), "startup_ms": round(d.startup * 1000)},
         verified=len(_ran) == queued and db_count == history + queued,
     )
 

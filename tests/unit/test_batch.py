@@ -68,6 +68,62 @@ async def test_max_batch_splits_large_batches() -> None:
     assert sizes == [4, 4, 2]
 
 
+async def test_a_second_flight_takes_the_writes_that_arrive_while_one_commits() -> None:
+    batches: list[list[int]] = []
+    gate = anyio.Event()
+
+    async def flush(items: Sequence[int]) -> list[int]:
+        batches.append(list(items))
+        if len(batches) == 1:
+            await gate.wait()
+        return list(items)
+
+    b: Batcher[int, int] = Batcher(flush, flights=2)
+    async with anyio.create_task_group() as tg:
+        await tg.start(b.run)
+        first = b.submit(1)
+        await anyio.wait_all_tasks_blocked()
+        later = [b.submit(i) for i in (2, 3)]
+        with anyio.fail_after(5):
+            # Committed while the first flush is still held.
+            assert [await f for f in later] == [2, 3]
+        assert not first.done()
+        gate.set()
+        assert await first == 1
+        b.close()
+    assert batches == [[1], [2, 3]]
+
+
+async def test_drain_waits_for_every_flight_and_then_returns() -> None:
+    gate = anyio.Event()
+
+    async def flush(items: Sequence[int]) -> list[int]:
+        if 1 in items:
+            await gate.wait()
+        return list(items)
+
+    b: Batcher[int, int] = Batcher(flush, flights=2)
+    drained = anyio.Event()
+
+    async def drain() -> None:
+        await b.drain()
+        drained.set()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(b.run)
+        first = b.submit(1)
+        await anyio.wait_all_tasks_blocked()
+        assert await b.submit(2) == 2  # the other flight, while the first is held
+        tg.start_soon(drain)
+        await anyio.wait_all_tasks_blocked()
+        assert not drained.is_set()
+        gate.set()
+        with anyio.fail_after(5):
+            await drained.wait()
+        assert first.result() == 1
+        b.close()
+
+
 def test_idle_wait_sleeps_until_due_within_the_poll_interval() -> None:
     from datetime import UTC, datetime, timedelta
 

@@ -1,0 +1,62 @@
+"""The daemon's hot path against the store: connections open and warm at start, and the
+claim's rows in the shape the daemon reads them."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+
+import asyncpg
+
+from durable.daemon import WARM_CONNECTIONS
+from durable.models import Claimed
+from durable.store import Store, queries
+from durable.store.tasks import WARM_UP
+from tests.helpers import execute, running_daemon
+
+
+async def test_a_daemon_starts_with_its_hot_statements_prepared(dsn: str) -> None:
+    q = queries()
+    async with running_daemon(dsn) as daemon:
+        assert daemon.store is not None
+        pool = daemon.store.pool
+        assert pool.get_size() >= WARM_CONNECTIONS
+        async with contextlib.AsyncExitStack() as stack:
+            held = [
+                await stack.enter_async_context(pool.acquire()) for _ in range(WARM_CONNECTIONS)
+            ]
+            for conn in held:
+                prepared = {
+                    r["statement"]
+                    for r in await conn.fetch("select statement from pg_prepared_statements")
+                }
+                assert {name for name, _ in WARM_UP} == {
+                    name for name, _ in WARM_UP if q[name] in prepared
+                }
+
+
+async def test_claimed_rows_map_onto_claimed_by_position(dsn: str) -> None:
+    await execute(
+        dsn,
+        "insert into durable.tasks (queue, name, kind, args, kwargs, max_attempts, timeout)"
+        " select 'hp', 'hp_task', 'workflow', '[1, \"a\"]', '{\"k\": 2}', 7, 1.5"
+        " from generate_series(1, 2)",
+    )
+    conn = await asyncpg.connect(dsn)
+    try:
+        (row,) = await conn.fetch(queries()["claim"], "hp", ["hp_task"], 1, 30.0, uuid.uuid4())
+    finally:
+        await conn.close()
+    keys = list(row.keys())
+    assert ["token" if k == "claim_token" else k for k in keys] == list(Claimed._fields[: len(keys)])
+    store = await Store.open(dsn)
+    try:
+        (c,) = await store.claim("hp", ["hp_task"], 1, 30.0, uuid.uuid4())
+    finally:
+        await store.close()
+    assert c.id == row["id"] + 1 and (c.queue, c.name, c.kind) == ("hp", "hp_task", "workflow")
+    assert (c.args, c.kwargs, c.attempt, c.max_attempts, c.timeout) == (
+        '[1, "a"]', '{"k": 2}', 1, 7, 1.5,
+    )
+    assert c.token != row["claim_token"] and (c.branch, c.parent_id, c.root_id) == (0, None, None)
+    assert c.cancel_requested is False and c.fresh is True and c.trace_context is None
