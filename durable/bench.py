@@ -258,16 +258,34 @@ async def latency(server: str, n: int, rate: float, concurrency: int, progress: 
             daemon.stop()
         bar.close()
         db_count = await _count_finished(dsn)
-    ms = sorted(x * 1000 for x in _latencies)
+    return Result(
+        "latency", _latency_figures(n, rate, _latencies),
+        verified=len(_ran) == n and db_count == n,
+    )
+
+
+def _latency_figures(n: int, rate: float, seconds: list[float]) -> dict[str, Any]:
+    ms = sorted(x * 1000 for x in seconds)
 
     def pct(p: float) -> float:
         return round(ms[min(len(ms) - 1, int(p * len(ms)))], 2)
 
+    return {"tasks": n, "rate_per_s": rate, "p50_ms": pct(0.50), "p95_ms": pct(0.95),
+            "p99_ms": pct(0.99), "max_ms": round(ms[-1], 2),
+            "mean_ms": round(statistics.mean(ms), 2)}
+
+
+async def floor(server: str, n: int, rate: float) -> Result:
+    """The `latency` schedule on a minimal queue with no guarantees (durable.floor)."""
+    from durable import floor as minimal
+
+    async with scratch_database(server) as dsn:
+        seconds, done = await minimal.measure(dsn, n, rate)
     return Result(
-        "latency",
-        {"tasks": n, "rate_per_s": rate, "p50_ms": pct(0.50), "p95_ms": pct(0.95),
-         "p99_ms": pct(0.99), "max_ms": round(ms[-1], 2), "mean_ms": round(statistics.mean(ms), 2)},
-        verified=len(_ran) == n and db_count == n,
+        "floor", _latency_figures(n, rate, seconds),
+        verified=len(seconds) == n and done == n,
+        notes=["a minimal queue without leases, tokens, retries or fencing: the floor"
+               " that `latency` is measured against"],
     )
 
 
@@ -377,7 +395,7 @@ async def scale(server: str, n: int, concurrency: int, daemons: list[int], progr
     return Result("scale", figures, verified=ok)
 
 
-WORKLOADS = ("throughput", "latency", "workflows", "backlog", "scale")
+WORKLOADS = ("throughput", "latency", "floor", "workflows", "backlog", "scale")
 
 
 def render(results: list[Result], server_version: str) -> str:
@@ -417,6 +435,8 @@ async def run(
             results.append(
                 await latency(server, opts["latency_n"], opts["rate"], concurrency, progress)
             )
+        elif w == "floor":
+            results.append(await floor(server, opts["latency_n"], opts["rate"]))
         elif w == "workflows":
             results.append(
                 await workflows(server, opts["workflows_n"], opts["steps"], concurrency,

@@ -485,13 +485,15 @@ def build_parser() -> argparse.ArgumentParser:
         "and drops afterwards; every run checks its own count.",
     )
     db_opt(b)
-    b.add_argument("workloads", nargs="*", choices=["throughput", "latency", "workflows",
+    b.add_argument("workloads", nargs="*", choices=["throughput", "latency", "floor", "workflows",
                                                      "backlog", "scale", []],
-                   help="default: throughput latency workflows")
+                   help="default: throughput latency workflows; floor runs the latency "
+                   "schedule on a minimal queue with no guarantees, for comparison")
     b.add_argument("--tasks", type=int, default=20000, help="tasks for throughput and scale")
     b.add_argument("--concurrency", type=int, default=32)
-    b.add_argument("--latency-tasks", type=int, default=500)
-    b.add_argument("--rate", type=float, default=100.0, help="latency: enqueues per second")
+    b.add_argument("--latency-tasks", type=int, default=500, help="latency and floor: tasks")
+    b.add_argument("--rate", type=float, default=100.0,
+                   help="latency and floor: enqueues per second")
     b.add_argument("--workflows", type=int, default=2000)
     b.add_argument("--steps", type=int, default=3)
     b.add_argument("--uneven", action="store_true", help="each step sleeps a random 0-2 ms")

@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import durable_cli, fetchval
 
-WORKLOADS = ["throughput", "latency", "workflows", "backlog", "scale"]
+WORKLOADS = ["throughput", "latency", "floor", "workflows", "backlog", "scale"]
 
 
 async def bench(server_dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -55,6 +55,9 @@ async def test_every_workload_runs_verifies_its_count_and_cleans_up(server_dsn: 
     lat = results["latency"]["figures"]
     assert lat["tasks"] == 30
     assert 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+    fl = results["floor"]["figures"]
+    assert fl["tasks"] == 30 and fl["rate_per_s"] == 300
+    assert 0 < fl["p50_ms"] <= fl["p95_ms"] <= fl["p99_ms"] <= fl["max_ms"]
     w = results["workflows"]["figures"]
     assert w["workflows"] == 80 and w["steps"] == 3
     assert w["steps_per_s"] == pytest.approx(3 * w["workflows_per_s"], rel=0.01)
