@@ -52,8 +52,12 @@ create table durable.tasks (
     created_at      timestamptz not null default now(),
     started_at      timestamptz,
     finished_at     timestamptz,
-    -- 0002: the starter's trace context ({"traceparent": ...}); keep it the last column.
+    -- 0002: the starter's trace context ({"traceparent": ...}).
     trace_context   jsonb,
+    -- 0006: the attempts the task was started with, kept by its first restart (until
+    -- then max_attempts holds it); each restart grants that many again. Keep new columns
+    -- last, as the migrations add them.
+    attempt_budget  integer,
     constraint tasks_key_check check (
         (key_limit is null or key_limit >= 1)
         and (key_rate_limit is null or key_rate_limit >= 1)
@@ -436,7 +440,9 @@ begin
     end if;
     update durable.tasks t
        set status = 'queued', run_at = now(), attempt = t.attempt + 1,
-           max_attempts = t.attempt + t.max_attempts, result = null, error = null,
+           attempt_budget = coalesce(t.attempt_budget, t.max_attempts),
+           max_attempts = t.attempt + coalesce(t.attempt_budget, t.max_attempts),
+           result = null, error = null,
            finished_at = null, branch = new_branch, cancel_requested = false,
            wake_at = null, waiting_on = null, waiting_event = null, worker_id = null,
            claim_token = null, lease_until = null

@@ -21,7 +21,7 @@ import pytest
 
 import durable
 from durable.retry import RetryPolicy
-from tests.helpers import execute, fetchval, run_burst, running_daemon, wait_for
+from tests.helpers import execute, fetchval, run_burst, running_daemon, wait_for, wait_status
 
 CALLS: Counter[str] = Counter()
 """How many times each test's task body ran, by a key the test passes."""
@@ -148,6 +148,20 @@ async def test_fails_k_times_then_completes_on_attempt_k_plus_1(dsn: str) -> Non
 async def q_always_fails(key: str) -> None:
     CALLS[key] += 1
     raise QBoomError(f"boom {key}")
+
+
+async def test_each_retry_of_a_failed_task_grants_its_attempts_once_more(dsn: str) -> None:
+    async with durable.connect(dsn) as client, running_daemon(dsn):
+        handle = await client.start(q_always_fails, "budget")
+        for restarts in range(3):
+            await wait_status(dsn, handle.id, "failed")
+            info = await client.get(handle.id)
+            # Two attempts per start: 2, then 2 more, then 2 more (not 2, 4, 8).
+            assert CALLS["budget"] == 2 * (restarts + 1)
+            assert (info.status, info.attempt) == ("failed", 2 * (restarts + 1))
+            assert info.max_attempts == 2 * (restarts + 1)
+            if restarts < 2:
+                await client.retry(handle.id)
 
 
 async def test_always_failing_task_records_the_error(dsn: str) -> None:
