@@ -136,8 +136,8 @@ class Daemon:
     ) -> None:
         names = self.registry.names()
         queues = self.settings.queue_limits
-        # The connections the hot path uses (claims, completions, two checkpoint flights, heartbeats) are
-        # opened now, so the first tasks do not wait for connects and cold backends.
+        # The hot path's connections (claims, completions, two checkpoint flights, the
+        # heartbeat) open now, so the first tasks wait for no connect and no cold backend.
         self.store = store = await Store.open(
             self.dsn,
             min_size=min(WARM_CONNECTIONS, self.pool_size),

@@ -94,9 +94,10 @@ class QueueWorker:
         self.wakeups = {"notify": 0, "poll": 0}
         self.waiting: deque[tuple[float, Attempt]] = deque()
         """Claimed ahead of a free slot, oldest first, with the time each was claimed."""
-        self._freed = 0
         self._releases = 0
-        """Slots freed since the loop started (never reset)."""
+        """Slots freed since the loop started: the claim-ahead rate is measured on it, and
+        a burst compares it across a claim."""
+        self._releases_measured = 0
         self._stalled = False
         """Tasks claimed ahead went back unrun: claim only for free slots until one frees."""
         self._rate = 0.0
@@ -120,7 +121,6 @@ class QueueWorker:
 
     def _released(self) -> None:
         self.in_flight -= 1
-        self._freed += 1
         self._releases += 1
         self._stalled = False
         self._launch_waiting()
@@ -144,9 +144,9 @@ class QueueWorker:
         now = time.monotonic()
         span = now - self._measured_at
         if span > 0:
-            rate = self._freed / span
+            rate = (self._releases - self._releases_measured) / span
             self._rate = rate if self._rate == 0 else 0.5 * self._rate + 0.5 * rate
-        self._freed = 0
+        self._releases_measured = self._releases
         self._measured_at = now
         self._round_trip = (
             round_trip if self._round_trip == 0 else 0.5 * self._round_trip + 0.5 * round_trip
