@@ -341,13 +341,16 @@ async def resolve_dsn(dsn: str | None = None) -> str | None:
 
 @asynccontextmanager
 async def connect(dsn: str | None = None, *, max_size: int = 5) -> AsyncIterator[Client]:
-    """``async with durable.connect() as client:`` — a Client on a small pool.
+    """``async with durable.connect() as client:`` — a Client on a small pool
+    (``max_size`` connections, and one more kept for single enqueues).
 
     ``dsn`` defaults to DURABLE_DATABASE_URL / DATABASE_URL / PG* variables, else the
     embedded server (started if needed).
     """
     url = await resolve_dsn(dsn)
-    store = await Store.open(url, min_size=1, max_size=max_size, name="durable-client")
+    store = await Store.open(
+        url, min_size=1, max_size=max_size, name="durable-client", kept_enqueue=True
+    )
     client = Client(store, url)
     try:
         yield client

@@ -34,6 +34,9 @@ log = get_logger("durable.daemon")
 WARM_CONNECTIONS = 5
 """Pool connections a daemon opens at startup; the rest open as they are needed."""
 
+KEPT_CONNECTIONS = 8
+"""Queue loops that keep a connection of their own for their claims (the first ones)."""
+
 RETENTION_INTERVAL = 300.0
 """Seconds between prune passes when DURABLE_RETENTION is set."""
 
@@ -138,10 +141,13 @@ class Daemon:
         queues = self.settings.queue_limits
         # The hot path's connections (claims, completions, two checkpoint flights, the
         # heartbeat) open now, so the first tasks wait for no connect and no cold backend.
+        # The first KEPT_CONNECTIONS queue loops each keep one for their claims, on top of
+        # the pool's size.
+        kept = min(len(queues), KEPT_CONNECTIONS)
         self.store = store = await Store.open(
             self.dsn,
-            min_size=min(WARM_CONNECTIONS, self.pool_size),
-            max_size=self.pool_size,
+            min_size=min(WARM_CONNECTIONS, self.pool_size) + kept,
+            max_size=self.pool_size + kept,
             warm=True,
         )
         try:
@@ -179,7 +185,7 @@ class Daemon:
                     root.start_soon(self._retention, self.settings.retention)
                 await self.declare_schedules()
                 root.start_soon(self._schedules)
-                for queue, limit in queues.items():
+                for i, (queue, limit) in enumerate(queues.items()):
                     self.workers[queue] = QueueWorker(
                         queue=queue,
                         limit=limit,
@@ -193,6 +199,7 @@ class Daemon:
                         give_back=self._give_back,
                         burst=self.burst,
                         claim_ahead=self.settings.claim_ahead,
+                        keep_connection=i < kept,
                     )
                 root.start_soon(self._systemd)
                 log.info(

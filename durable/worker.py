@@ -73,6 +73,7 @@ class QueueWorker:
         burst: bool = False,
         claim_ahead: int | None = None,
         hold_limit: float | None = None,
+        keep_connection: bool = False,
     ) -> None:
         self.queue = queue
         self.limit = limit
@@ -107,6 +108,8 @@ class QueueWorker:
         self._slot_freed = asyncio.Event()
         self._stopping = False
         self._held = 0.0
+        self._conn = store.kept_connection() if keep_connection else None
+        """The loop's own connection for its claims, if it keeps one."""
         self.claimed_once = anyio.Event()
         """Set once this loop's first claim has returned: the queue is being served."""
 
@@ -153,6 +156,13 @@ class QueueWorker:
         )
 
     async def run(self, tg: TaskGroup | None = None) -> None:
+        try:
+            await self._serve()
+        finally:
+            if self._conn is not None:
+                await self._conn.release()
+
+    async def _serve(self) -> None:
         backoff = 0.1
         while not self._stopping:
             self._launch_waiting()
@@ -169,7 +179,7 @@ class QueueWorker:
             releases = self._releases
             try:
                 tasks = await self.store.claim(
-                    self.queue, self.names, room, self.lease, self.worker_id
+                    self.queue, self.names, room, self.lease, self.worker_id, self._conn
                 )
             except Exception as exc:
                 if not is_transient(exc):
@@ -248,11 +258,13 @@ class QueueWorker:
 
     async def _idle(self) -> None:
         delay: float | None = None
+        # The tasks just launched start first; this loop's next statement can wait for them.
+        await asyncio.sleep(0)
         try:
-            due = await self.store.next_due(self.queue, self.names)
+            due = await self.store.next_due(self.queue, self.names, self._conn)
             if due is not None and due <= datetime.now(UTC):
                 # Due work we could not claim: a fleet-wide limit may be holding it back.
-                delay = await self.store.claim_delay(self.queue)
+                delay = await self.store.claim_delay(self.queue, self._conn)
         except Exception as exc:
             if not is_transient(exc):
                 raise

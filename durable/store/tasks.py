@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Self
 
+import anyio
 import asyncpg
 
 from durable import tracing
@@ -77,13 +79,69 @@ WARM_UP: tuple[tuple[str, tuple[Any, ...]], ...] = (
 """The daemon's hot statements, each with arguments that touch no row."""
 
 
+def _usable(conn: Any) -> bool:
+    """Whether a pool connection held since an earlier statement is still open (the pool
+    takes back one that the server closed, and its proxy then refuses every call)."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
+class KeptConnection:
+    """A pool connection kept for one kind of statement, so that those skip the pool's
+    acquire and release: on an idle process those cost about as much as the statement's
+    own round trip (measured between statements 10 ms apart: a claim takes 1.2 ms through
+    the pool and 1.0 ms on a kept connection; an enqueue, 1.5 ms and 1.25 ms). While a
+    statement runs on it, ``busy`` says so, and a concurrent one can take the pool's
+    path. A statement that fails, or finds the connection closed, gives it back and takes
+    another: a connection the server dropped is replaced by the pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._conn: Any = None
+        self.busy = False
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        self.busy = True
+        try:
+            conn = self._conn
+            if conn is None or not _usable(conn):  # closed while idle: the server went away
+                await self.release()
+                conn = self._conn = await self._pool.acquire()
+            return await conn.fetch(query, *args)  # type: ignore[no-any-return]
+        except BaseException:
+            await self.release()
+            raise
+        finally:
+            self.busy = False
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        rows = await self.fetch(query, *args)
+        return rows[0][0] if rows else None
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        rows = await self.fetch(query, *args)
+        return rows[0] if rows else None
+
+    async def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # A release that fails has terminated the connection; the pool opens another
+            # when one is needed.
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._pool.release(conn)
+
+
 class TaskStore:
     """A connection pool and the named queries run on it: enqueueing, claiming,
     finishing and reading tasks."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, kept_enqueue: bool = False) -> None:
         self.pool = pool
         self.q = queries()
+        self._enqueue = KeptConnection(pool) if kept_enqueue else None
+        """Single enqueues' own connection, one beyond the pool's size, if kept."""
 
     @classmethod
     async def open(
@@ -94,10 +152,12 @@ class TaskStore:
         max_size: int = 10,
         name: str = "durable",
         warm: bool = False,
+        kept_enqueue: bool = False,
     ) -> Self:
         """A pool of ``min_size`` to ``max_size`` connections. ``warm``: each connection
         runs the hot path's statements once, with nothing to do, as it opens, so they are
-        parsed and planned and the backend has loaded what they touch before real work."""
+        parsed and planned and the backend has loaded what they touch before real work.
+        ``kept_enqueue``: one more connection, kept for single enqueues (a client's)."""
         q = queries()
 
         async def init(conn: asyncpg.Connection) -> None:
@@ -107,14 +167,16 @@ class TaskStore:
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min_size,
-            max_size=max_size,
+            max_size=max_size + kept_enqueue,
             reset=keep_session,
             init=init if warm else None,
             server_settings={"application_name": name},
         )
-        return cls(pool)
+        return cls(pool, kept_enqueue=kept_enqueue)
 
     async def close(self) -> None:
+        if self._enqueue is not None:
+            await self._enqueue.release()  # the pool's close waits for every connection
         await self.pool.close()
 
     def terminate(self) -> None:
@@ -130,7 +192,7 @@ class TaskStore:
         conn: Any = None,
     ) -> tuple[int, bool]:
         """Insert one task; returns (id, inserted). An idempotency key returns the old id."""
-        params = (
+        params: tuple[Any, ...] = (
             t.queue,
             t.name,
             t.kind,
@@ -140,19 +202,23 @@ class TaskStore:
             t.run_at,
             t.max_attempts,
             t.timeout,
-            idempotency_key,
-            None,
-            None,
+            None,  # parent_id
+            None,  # root_id
             t.concurrency_key,
             t.key_limit,
             t.key_rate_limit,
             t.key_rate_period,
             t.trace_context,
         )
-        if conn is not None:
-            row = await conn.fetchrow(self.q["insert_task"], *params)
-        else:
-            row = await self.pool.fetchrow(self.q["insert_task"], *params)
+        on: Any = conn
+        if on is None:
+            kept = self._enqueue
+            on = kept if kept is not None and not kept.busy else self.pool
+        if idempotency_key is None:
+            return await on.fetchval(self.q["insert_task"], *params), True
+        row = await on.fetchrow(
+            self.q["insert_task_keyed"], *params[:9], idempotency_key, *params[9:]
+        )
         assert row is not None
         return row["id"], row["inserted"]
 
@@ -183,10 +249,21 @@ class TaskStore:
 
     # -- claiming and finishing -----------------------------------------------------
 
+    def kept_connection(self) -> KeptConnection:
+        return KeptConnection(self.pool)
+
     async def claim(
-        self, queue: str, names: Sequence[str], limit: int, lease: float, worker_id: uuid.UUID
+        self,
+        queue: str,
+        names: Sequence[str],
+        limit: int,
+        lease: float,
+        worker_id: uuid.UUID,
+        via: KeptConnection | None = None,
     ) -> list[Claimed]:
-        rows = await self.pool.fetch(self.q["claim"], queue, list(names), limit, lease, worker_id)
+        rows = await (via or self.pool).fetch(
+            self.q["claim"], queue, list(names), limit, lease, worker_id
+        )
         # Positional: durable.claim returns Claimed's columns in its order (a test pins it).
         claimed = [Claimed(*r) for r in rows]
         if claimed and tracing.tracer() is not None:
@@ -204,12 +281,14 @@ class TaskStore:
         rows = await self.pool.fetch(self.q["trace_contexts"], list(ids))
         return {r["id"]: r["trace_context"] for r in rows}
 
-    async def claim_delay(self, queue: str) -> float | None:
+    async def claim_delay(self, queue: str, via: KeptConnection | None = None) -> float | None:
         """Seconds until a rate-limited queue may start another task, if it is at its limit."""
-        return await self.pool.fetchval(self.q["claim_delay"], queue)  # type: ignore[no-any-return]
+        return await (via or self.pool).fetchval(self.q["claim_delay"], queue)  # type: ignore[no-any-return]
 
-    async def next_due(self, queue: str, names: Sequence[str]) -> datetime | None:
-        return await self.pool.fetchval(self.q["next_due"], queue, list(names))  # type: ignore[no-any-return]
+    async def next_due(
+        self, queue: str, names: Sequence[str], via: KeptConnection | None = None
+    ) -> datetime | None:
+        return await (via or self.pool).fetchval(self.q["next_due"], queue, list(names))  # type: ignore[no-any-return]
 
     async def extend_leases(
         self, ids: Sequence[int], tokens: Sequence[int], lease: float
