@@ -141,12 +141,10 @@ create index signals_task_idx on durable.signals (task_id, name, id);
 -- and wake the parents of finished children. Never on heartbeats or acknowledgements.
 create function durable.tasks_after_insert() returns trigger
 language plpgsql as $$
-declare
-    q text;
 begin
-    for q in select distinct n.queue from new_rows n where n.status = 'queued' loop
-        perform pg_notify('durable_ready', q);
-    end loop;
+    -- One statement (no loop): a repeat of a (channel, payload) pair is delivered once.
+    perform pg_notify('durable_ready', r.queue)
+       from (select distinct n.queue from new_rows n where n.status = 'queued') r;
     return null;
 end;
 $$;
@@ -161,6 +159,12 @@ declare
     q text;
     t bigint;
 begin
+    if current_setting('durable.claiming', true) = 'on' then
+        -- A claim's update (durable.claim flags it): its rows are all running, which
+        -- none of the conditions below looks for. Skipping the pass spares the claim a
+        -- query.
+        return null;
+    end if;
     -- One pass over the new rows, never a join with the old ones: a join of two
     -- transition tables is planned blind (the planner takes each for one row) and turns
     -- quadratic in the batch. So each condition reads the row's new state only: a row
@@ -523,10 +527,12 @@ declare
 begin
     perform set_config('synchronous_commit', 'off', true);  -- for this transaction only
     -- Scalars, not a record: a record with a null field is neither null nor not null.
-    select c.concurrency, c.rate_limit, c.rate_period into conc, rate, period
-      from durable.queues c where c.name = q;
-    keyed := exists (select 1 from durable.tasks t
-                     where t.queue = q and t.status = 'queued' and t.concurrency_key is not null);
+    -- One statement reads the queue's limits and whether keyed tasks wait in it.
+    select c.concurrency, c.rate_limit, c.rate_period,
+           exists (select 1 from durable.tasks t
+                    where t.queue = q and t.status = 'queued' and t.concurrency_key is not null)
+      into conc, rate, period, keyed
+      from (values (1)) as one left join durable.queues c on c.name = q;
     -- A transaction-level advisory lock: it serialises this queue's claimers without
     -- writing to any row.
     if keyed or conc is not null or rate is not null then
@@ -547,6 +553,7 @@ begin
     end if;
     if not keyed then
         -- The plain claim (unlimited queues take no lock), within any count above.
+        perform set_config('durable.claiming', 'on', true);  -- see tasks_after_update
         return query
         with ready as (
             select t.id, t.started_at from durable.tasks t
@@ -566,6 +573,7 @@ begin
                   t.max_attempts, t.timeout, t.claim_token, t.branch, t.parent_id, t.root_id,
                   t.cancel_requested, ready.started_at is null;
         get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
+        perform set_config('durable.claiming', '', true);
         if rate is not null and busy > 0 then
             insert into durable.rate_log (bucket, at)
                 select 'q:' || q, now() from generate_series(1, busy);
@@ -573,6 +581,7 @@ begin
         return;
     end if;
 
+    perform set_config('durable.claiming', 'on', true);
     return query
     with keys as (
         select k.concurrency_key as key,
@@ -623,6 +632,7 @@ begin
            s.max_attempts, s.timeout, s.claim_token, s.branch, s.parent_id, s.root_id,
            s.cancel_requested, s.fresh
       from started s;
+    perform set_config('durable.claiming', '', true);
 end;
 $$;
 

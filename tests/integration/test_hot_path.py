@@ -7,6 +7,7 @@ import contextlib
 import uuid
 
 import asyncpg
+import pytest
 
 from durable.daemon import WARM_CONNECTIONS
 from durable.models import Claimed
@@ -60,3 +61,49 @@ async def test_claimed_rows_map_onto_claimed_by_position(dsn: str) -> None:
     )
     assert c.token != row["claim_token"] and (c.branch, c.parent_id, c.root_id) == (0, None, None)
     assert c.cancel_requested is False and c.fresh is True and c.trace_context is None
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["plain", "keyed"])
+async def test_a_claim_inside_a_longer_transaction_leaves_the_triggers_whole(
+    dsn: str, keyed: bool
+) -> None:
+    # durable.claim flags its own update so that the update trigger skips its pass; the
+    # flag must be gone once the claim returns, or a task finishing later in the same
+    # transaction would wake no parent.
+    conn = await asyncpg.connect(dsn)
+    try:
+        parent = await conn.fetchval(
+            "insert into durable.tasks (queue, name, kind) values ('hp', 'hp_parent', 'workflow')"
+            " returning id"
+        )
+        child = await conn.fetchval(
+            "insert into durable.tasks (queue, name, parent_id, root_id, priority)"
+            " values ('hp', 'hp_child', $1, $1, 10) returning id",
+            parent,
+        )
+        await conn.execute(
+            "update durable.tasks set status = 'waiting', waiting_on = array[$2::bigint]"
+            " where id = $1",
+            parent, child,
+        )
+        if keyed:  # a keyed task waiting in the queue sends the claim down its keyed path
+            await conn.execute(
+                "insert into durable.tasks (queue, name, concurrency_key)"
+                " values ('hp', 'hp_keyed', 'k')"
+            )
+        async with conn.transaction():
+            rows = await conn.fetch(
+                queries()["claim"], "hp", ["hp_child"], 1, 30.0, uuid.uuid4()
+            )
+            assert [r["id"] for r in rows] == [child]
+            assert await conn.fetchval("select current_setting('durable.claiming', true)") == ""
+            await conn.execute(
+                "update durable.tasks set status = 'completed', claim_token = null,"
+                " lease_until = null, finished_at = now() where id = $1",
+                child,
+            )
+        assert await conn.fetchval("select status from durable.tasks where id = $1", parent) == (
+            "queued"
+        )
+    finally:
+        await conn.close()
