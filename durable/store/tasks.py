@@ -127,10 +127,11 @@ class KeptConnection:
     async def release(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            # A release that fails has terminated the connection; the pool opens another
-            # when one is needed.
+            # A release that fails, or outlasts its timeout (a statement cancelled on a
+            # server that no longer answers), terminates the connection; the pool opens
+            # another when one is needed.
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                await self._pool.release(conn)
+                await self._pool.release(conn, timeout=5.0)
 
 
 class TaskStore:
