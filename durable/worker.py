@@ -104,9 +104,11 @@ class QueueWorker:
         self._rate = 0.0
         self._round_trip = 0.0
         self._measured_at = time.monotonic()
-        self._wakeup = asyncio.Event()
-        self._idle_waiter: asyncio.Future[bool] | None = None
-        """Set while the loop idles: a bare future, woken by notify() or its timer."""
+        self._notified = False
+        """A hint arrived since the last claim began."""
+        self._waiter: asyncio.Future[bool] | None = None
+        """Set while the loop waits for a hint: a bare future, resolved by notify() or a
+        timer."""
         self._slot_freed = asyncio.Event()
         self._stopping = False
         self._held = 0.0
@@ -117,10 +119,10 @@ class QueueWorker:
 
     def notify(self) -> None:
         """A hint that work may be ready (a notification, a reconnect, a freed slot)."""
-        self._wakeup.set()
-        idle = self._idle_waiter
-        if idle is not None and not idle.done():
-            idle.set_result(True)
+        self._notified = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
 
     def stop(self) -> None:
         self._stopping = True
@@ -179,7 +181,7 @@ class QueueWorker:
             if room <= 0 or (free == 0 and room < max(1, target // 2)):
                 await self._wait_for_slot()
                 continue
-            self._wakeup.clear()
+            self._notified = False
             started = time.monotonic()
             releases = self._releases
             try:
@@ -195,8 +197,7 @@ class QueueWorker:
                     error=redact(f"{type(exc).__name__}: {exc}"),
                     retry_in=round(backoff, 2),
                 )
-                with anyio.move_on_after(backoff):
-                    await self._wakeup_or_stop()
+                await self._wait_for_wakeup(backoff)
                 backoff = min(backoff * 2, self.poll_interval)
                 continue
             backoff = 0.1
@@ -258,9 +259,6 @@ class QueueWorker:
         self.given_back += len(attempts)
         await self.give_back(attempts)
 
-    async def _wakeup_or_stop(self) -> None:
-        await self._wakeup.wait()
-
     async def _idle(self) -> None:
         delay: float | None = None
         # The tasks just launched start first; this loop's next statement can wait for them.
@@ -288,17 +286,17 @@ class QueueWorker:
     async def _wait_for_wakeup(self, timeout: float) -> bool:
         """Wait for notify() or ``timeout`` seconds; True if notified. A future and a timer
         rather than a cancel scope and an event: an idle loop wakes with less to do."""
-        if self._wakeup.is_set():
+        if self._notified:
             return True
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         timer = loop.call_later(timeout, _resolve, waiter, False)
-        self._idle_waiter = waiter
+        self._waiter = waiter
         try:
             return await waiter
         finally:
             timer.cancel()
-            self._idle_waiter = None
+            self._waiter = None
 
 
 def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:

@@ -122,20 +122,19 @@ returning t.id
 -- insert a speculative one, which costs about a seventh of an enqueue's round trip).
 insert into durable.tasks
     (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
-     parent_id, root_id, concurrency_key, key_limit, key_rate_limit, key_rate_period,
-     trace_context)
+     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context)
 values ($1, $2, $3, $4::jsonb, $5::jsonb, $6, coalesce($7, now()), $8, $9, $10, $11, $12,
-        $13, $14, $15, $16::jsonb)
+        $13, $14::jsonb)
 returning id
 
 -- name: insert_task_keyed
--- A task with an idempotency key ($10): the task already started with it, if any.
+-- The same with an idempotency key ($15): the task already started with it, if any.
 insert into durable.tasks as t
     (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
-     idempotency_key, parent_id, root_id, concurrency_key, key_limit, key_rate_limit,
-     key_rate_period, trace_context)
+     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context,
+     idempotency_key)
 values ($1, $2, $3, $4::jsonb, $5::jsonb, $6, coalesce($7, now()), $8, $9, $10, $11, $12,
-        $13, $14, $15, $16, $17::jsonb)
+        $13, $14::jsonb, $15)
 on conflict (idempotency_key) where idempotency_key is not null
     do update set idempotency_key = excluded.idempotency_key
 returning t.id, (t.xmax = 0) as inserted

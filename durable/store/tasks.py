@@ -203,8 +203,6 @@ class TaskStore:
             t.run_at,
             t.max_attempts,
             t.timeout,
-            None,  # parent_id
-            None,  # root_id
             t.concurrency_key,
             t.key_limit,
             t.key_rate_limit,
@@ -217,9 +215,7 @@ class TaskStore:
             on = kept if kept is not None and not kept.busy else self.pool
         if idempotency_key is None:
             return await on.fetchval(self.q["insert_task"], *params), True
-        row = await on.fetchrow(
-            self.q["insert_task_keyed"], *params[:9], idempotency_key, *params[9:]
-        )
+        row = await on.fetchrow(self.q["insert_task_keyed"], *params, idempotency_key)
         assert row is not None
         return row["id"], row["inserted"]
 

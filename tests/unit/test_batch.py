@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import pytest
@@ -11,17 +11,25 @@ from durable.batch import Batcher
 from durable.worker import idle_wait
 
 
-async def test_items_submitted_during_a_flush_share_the_next_one() -> None:
-    batches: list[list[int]] = []
-    gate = anyio.Event()
+def _held_first(
+    batches: list[list[int]], gate: anyio.Event, factor: int = 1
+) -> Callable[[Sequence[int]], Awaitable[list[int]]]:
+    """A flush that records each batch, holds the first until ``gate`` is set, and
+    returns each item times ``factor``."""
 
     async def flush(items: Sequence[int]) -> list[int]:
         batches.append(list(items))
         if len(batches) == 1:
             await gate.wait()
-        return [i * 10 for i in items]
+        return [i * factor for i in items]
 
-    b: Batcher[int, int] = Batcher(flush)
+    return flush
+
+
+async def test_items_submitted_during_a_flush_share_the_next_one() -> None:
+    batches: list[list[int]] = []
+    gate = anyio.Event()
+    b: Batcher[int, int] = Batcher(_held_first(batches, gate, factor=10))
     async with anyio.create_task_group() as tg:
         await tg.start(b.run)
         first = b.submit(1)
@@ -71,14 +79,7 @@ async def test_max_batch_splits_large_batches() -> None:
 async def test_a_second_flight_takes_the_writes_that_arrive_while_one_commits() -> None:
     batches: list[list[int]] = []
     gate = anyio.Event()
-
-    async def flush(items: Sequence[int]) -> list[int]:
-        batches.append(list(items))
-        if len(batches) == 1:
-            await gate.wait()
-        return list(items)
-
-    b: Batcher[int, int] = Batcher(flush, flights=2)
+    b: Batcher[int, int] = Batcher(_held_first(batches, gate), flights=2)
     async with anyio.create_task_group() as tg:
         await tg.start(b.run)
         first = b.submit(1)
