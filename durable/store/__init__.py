@@ -29,6 +29,7 @@ from durable.store.schema import (
     schema_version,
     sql_dir,
 )
+from durable.store.tasks import KeptConnection
 
 __all__ = [
     "MIGRATION_LOCK",
@@ -36,6 +37,7 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "Connection",
     "DatabaseError",
+    "KeptConnection",
     "NamedSql",
     "Store",
     "Subscription",

@@ -297,9 +297,11 @@ class TaskStore:
         rows = await self.pool.fetch(self.q["reap_expired"])
         return [(r["id"], r["status"]) for r in rows]
 
-    async def complete_many(self, items: Sequence[tuple[int, int, str]]) -> set[int]:
+    async def complete_many(
+        self, items: Sequence[tuple[int, int, str]], via: KeptConnection | None = None
+    ) -> set[int]:
         """Fenced completions (id, token, result JSON); returns the ids accepted."""
-        rows = await self.pool.fetch(
+        rows = await (via or self.pool).fetch(
             self.q["complete"],
             [i[0] for i in items],
             [i[1] for i in items],

@@ -18,7 +18,7 @@ from durable.models import (
     HistoryEntry,
     NewTask,
 )
-from durable.store.tasks import TaskStore, reset_session
+from durable.store.tasks import KeptConnection, TaskStore, reset_session
 
 
 class WorkflowStore(TaskStore):
@@ -50,9 +50,11 @@ class WorkflowStore(TaskStore):
             for r in rows
         ]
 
-    async def checkpoint_many(self, items: Sequence[Checkpoint]) -> set[tuple[int, int]]:
+    async def checkpoint_many(
+        self, items: Sequence[Checkpoint], via: KeptConnection | None = None
+    ) -> set[tuple[int, int]]:
         """Write many workflows' checkpoints in one commit; returns the (task, seq) accepted."""
-        rows = await self.pool.fetch(
+        rows = await (via or self.pool).fetch(
             self.q["checkpoint"],
             [c.task_id for c in items],
             [c.token for c in items],

@@ -1,6 +1,6 @@
-"""Connections kept for the hot statements: a queue loop's claims and a client's single
-enqueues skip the pool's acquire and release, and a kept connection the server drops is
-replaced without losing work.
+"""Connections kept for the hot statements: a queue loop's claims, a client's single
+enqueues and the daemon's group commits (completions, checkpoints) skip the pool's acquire
+and release, and a kept connection the server drops is replaced without losing work.
 
 Task names here start with ``kept_``; the queue ``kept_q``.
 """
@@ -23,6 +23,12 @@ STARTED: list[int] = []
 async def kept_task(i: int) -> int:
     STARTED.append(i)
     return i
+
+
+@durable.workflow(name="kept_flow", queue="kept_q")
+async def kept_flow(ctx: durable.Context, i: int) -> int:
+    a = await ctx.step("a", kept_task, i)
+    return int(await ctx.step("b", kept_task, a + 1))
 
 
 def _pid(kept: KeptConnection | None) -> int:
@@ -114,3 +120,44 @@ async def test_a_launched_task_starts_before_its_loop_runs_its_next_statement(ds
         await wait_status(dsn, handle.id, "completed")
     # The idle loop's look for due work came after the claimed task had started.
     assert seen == [[1]] and STARTED == [7]
+
+
+async def test_completions_and_checkpoints_commit_on_kept_connections(dsn: str) -> None:
+    """Each flush runs on a connection the daemon keeps for it, the same one flush after
+    flush; when the server drops one, the next flush takes another and nothing is lost."""
+    used: list[tuple[str, int]] = []
+    async with running_daemon(dsn, queues="kept_q=4") as daemon, durable.connect(dsn) as client:
+        store = daemon.store
+        assert store is not None
+        complete_many, checkpoint_many = store.complete_many, store.checkpoint_many
+
+        async def completing(items: Any, via: KeptConnection | None = None) -> Any:
+            accepted = await complete_many(items, via)
+            used.append(("complete", _pid(via)))
+            return accepted
+
+        async def checkpointing(items: Any, via: KeptConnection | None = None) -> Any:
+            accepted = await checkpoint_many(items, via)
+            used.append(("checkpoint", _pid(via)))
+            return accepted
+
+        store.complete_many = completing  # type: ignore[method-assign]
+        store.checkpoint_many = checkpointing  # type: ignore[method-assign]
+        for i in range(3):  # one at a time: each flush finds the first kept connection idle
+            assert await (await client.start(kept_flow, i)).result(timeout=20) == i + 1
+        completes = {pid for kind, pid in used if kind == "complete"}
+        checkpoints = {pid for kind, pid in used if kind == "checkpoint"}
+        assert len(completes) == 1 and len(checkpoints) == 1 and completes != checkpoints
+        assert len(used) == 9  # three completions, six checkpoints: none took the pool's path
+
+        for kept in (daemon._completing[0], daemon._checkpointing[0]):
+            lost = anyio.Event()
+            assert kept._conn is not None
+            kept._conn.add_termination_listener(lambda *_: lost.set())
+            await _terminate(dsn, _pid(kept))
+            with anyio.fail_after(20):
+                await lost.wait()
+        assert await (await client.start(kept_flow, 10)).result(timeout=20) == 11
+        after = {pid for _, pid in used[9:]}
+        assert not after & (completes | checkpoints)
+    assert all(k._conn is None for k in daemon._completing + daemon._checkpointing)
