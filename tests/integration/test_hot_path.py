@@ -107,3 +107,38 @@ async def test_a_claim_inside_a_longer_transaction_leaves_the_triggers_whole(
         )
     finally:
         await conn.close()
+
+
+async def test_an_idle_loop_finds_its_next_due_task_without_reading_the_queue(dsn: str) -> None:
+    # 20,000 tasks scheduled for tomorrow and one for the day after in another queue: the
+    # look for the next due task reads one index entry, not every queued task.
+    await execute(
+        dsn,
+        "insert into durable.tasks (queue, name, run_at)"
+        " select 'hp', case when g % 2 = 0 then 'hp_a' else 'hp_b' end,"
+        "        now() + interval '1 day' + g * interval '1 second'"
+        " from generate_series(1, 20000) g",
+    )
+    await execute(dsn, "analyze durable.tasks")
+    conn = await asyncpg.connect(dsn)
+    try:
+        due = await conn.fetchval(queries()["next_due"], "hp", ["hp_b"])
+        first = await conn.fetchval(
+            "select min(run_at) from durable.tasks where name = 'hp_b'"
+        )
+        assert due == first
+        stmt = await conn.prepare(queries()["next_due"])
+        (plan,) = await stmt.explain("hp", ["hp_b"], analyze=True)
+    finally:
+        await conn.close()
+
+    def nodes(node: dict[str, object]) -> list[dict[str, object]]:
+        children = node.get("Plans", [])
+        assert isinstance(children, list)
+        return [node, *(n for child in children for n in nodes(child))]
+
+    scans = [n for n in nodes(plan["Plan"]) if "Scan" in str(n["Node Type"])]
+    assert [n.get("Index Name") for n in scans] == ["tasks_due_idx"]
+    # One row read: the first entry of queue hp in due order is an hp_a, the second is hp_b.
+    (scan,) = scans
+    assert float(str(scan["Actual Rows"])) + float(str(scan.get("Rows Removed by Filter", 0))) <= 2

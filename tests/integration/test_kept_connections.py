@@ -153,7 +153,7 @@ async def test_completions_and_checkpoints_commit_on_kept_connections(dsn: str) 
         for kept in (daemon._completing[0], daemon._checkpointing[0]):
             lost = anyio.Event()
             assert kept._conn is not None
-            kept._conn.add_termination_listener(lambda *_: lost.set())
+            kept._conn.add_termination_listener(lambda *_, lost=lost: lost.set())
             await _terminate(dsn, _pid(kept))
             with anyio.fail_after(20):
                 await lost.wait()
