@@ -95,6 +95,17 @@ def rebuild_error(task_id: int, error: dict[str, Any] | None) -> Exception:
     return TaskFailed(task_id, type_name, message, error.get("traceback"))
 
 
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+
+
+def as_recorded(value: Any, text: str) -> Any:
+    """What a replay would return for a result recorded as ``text``: its decoding, or
+    ``value`` itself when that is a plain scalar (it decodes to an equal one)."""
+    if type(value) in _SCALARS:
+        return value
+    return loads(text)
+
+
 def child_outcome(child_id: int, status: str | None, result: str | None, error: str | None) -> Any:
     if status == "completed":
         return loads(result)
@@ -246,7 +257,7 @@ class Context:
                 raise
             text = dumps(result, what=f"the result of step {name!r}")
             await self._commit(self._cp(seq, "step", name, dig, result=text, started_at=started))
-        return loads(text)
+        return as_recorded(result, text)
 
     async def transaction(
         self, name: str, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any
@@ -282,7 +293,7 @@ class Context:
                     )
                 )
                 raise
-        return loads(dumps(result))
+        return as_recorded(result, dumps(result))
 
     # -- children ---------------------------------------------------------------------
 

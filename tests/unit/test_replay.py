@@ -1,13 +1,15 @@
-"""The pure parts of replay: matching calls to the log, leftovers, rebuilt errors, digests."""
+"""The pure parts of replay: matching calls to the log, leftovers, rebuilt errors, digests,
+and live results shaped as replays return them."""
 
 from __future__ import annotations
 
 import re
+from enum import IntEnum
 
 import pytest
 
-from durable.codec import digest
-from durable.context import match, rebuild_error, unconsumed
+from durable.codec import digest, dumps, loads
+from durable.context import as_recorded, match, rebuild_error, unconsumed
 from durable.errors import NonDeterminismError, TaskFailed
 from durable.models import Event
 
@@ -200,3 +202,21 @@ def test_a_cyclic_argument_is_an_error_not_a_digest() -> None:
     loop.append(loop)
     with pytest.raises((ValueError, RecursionError)):
         digest("step", "s", [[loop], {}])
+
+
+class Level(IntEnum):
+    HIGH = 2
+
+
+@pytest.mark.parametrize(
+    "value",
+    [7, 1.5, -0.0, "text", True, None, (1, "a"), [1, [2]], {"a": (1,)}, Level.HIGH],
+    ids=repr,
+)
+def test_a_live_result_is_what_its_replay_returns(value: object) -> None:
+    text = dumps(value)
+    live = as_recorded(value, text)
+    replayed = loads(text)
+    assert live == replayed and type(live) is type(replayed)
+    if isinstance(value, (list, dict, tuple)):
+        assert live is not value  # the workflow cannot mutate what it recorded
