@@ -324,8 +324,11 @@ async def workflows(
 
 
 async def backlog(
-    server: str, history: int, queued: int, concurrency: int, progress: bool
+    server: str, history: int, queued: int, concurrency: int, progress: bool,
+    scheduled: int = 0,
 ) -> Result:
+    """Drain ``queued`` tasks with ``history`` finished ones in the table and, ahead of them
+    in claim order, ``scheduled`` ones not due until tomorrow (they stay queued)."""
     from durable.daemon import Daemon
     from durable.registry import registry
     from durable.store import connect
@@ -341,6 +344,13 @@ async def backlog(
                 QUEUE,
                 history,
             )
+            await conn.execute(
+                "insert into durable.tasks (queue, name, args, run_at)"
+                " select $1, 'bench.noop', jsonb_build_array(-g), now() + interval '1 day'"
+                " from generate_series(1, $2) g",
+                QUEUE,
+                scheduled,
+            )
             await conn.execute("vacuum analyze durable.tasks")
         finally:
             await conn.close()
@@ -351,11 +361,21 @@ async def backlog(
         d = await _serve(daemon, queued, bar)
         bar.close()
         db_count = await _count_finished(dsn)
+        conn = await connect(dsn)
+        try:
+            waiting = int(
+                await conn.fetchval("select count(*) from durable.tasks where status = 'queued'")
+            )
+        finally:
+            await conn.close()
+    figures = {"history": history, "queued": queued}
+    if scheduled:
+        figures["scheduled"] = scheduled
     return Result(
         "backlog",
-        {"history": history, "queued": queued, "concurrency": concurrency,
-         "drain_per_s": round(queued / d.elapsed), "startup_ms": round(d.startup * 1000)},
-        verified=len(_ran) == queued and db_count == history + queued,
+        {**figures, "concurrency": concurrency, "drain_per_s": round(queued / d.elapsed),
+         "startup_ms": round(d.startup * 1000)},
+        verified=len(_ran) == queued and db_count == history + queued and waiting == scheduled,
     )
 
 
@@ -444,7 +464,8 @@ async def run(
             )
         elif w == "backlog":
             results.append(
-                await backlog(server, opts["history"], opts["queued"], concurrency, progress)
+                await backlog(server, opts["history"], opts["queued"], concurrency, progress,
+                              opts.get("scheduled", 0))
             )
         elif w == "scale":
             results.append(await scale(server, n, concurrency, [1, 2, 4], progress))

@@ -341,7 +341,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             server, selected, n=args.tasks, concurrency=args.concurrency, as_json=args.json,
             latency_n=args.latency_tasks, rate=args.rate, workflows_n=args.workflows,
             steps=args.steps, uneven=args.uneven, history=args.history, queued=args.queued,
-            queue_limit=args.queue_limit,
+            scheduled=args.scheduled, queue_limit=args.queue_limit,
         )
 
     return int(_run(main))
@@ -499,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--uneven", action="store_true", help="each step sleeps a random 0-2 ms")
     b.add_argument("--history", type=int, default=1_000_000, help="backlog: finished tasks")
     b.add_argument("--queued", type=int, default=100_000, help="backlog: queued tasks")
+    b.add_argument("--scheduled", type=int, default=0,
+                   help="backlog: tasks scheduled for tomorrow, ahead of the queued ones")
     b.add_argument("--queue-limit", type=int, help="throughput: set a fleet-wide concurrency "
                    "limit on the bench queue (e.g. far above --concurrency: not binding)")
     b.add_argument("--json", action="store_true")

@@ -39,7 +39,7 @@ async def test_every_workload_runs_verifies_its_count_and_cleans_up(server_dsn: 
     proc = await bench(
         server_dsn, *WORKLOADS, "--json", "--tasks", "400", "--concurrency", "8",
         "--latency-tasks", "30", "--rate", "300", "--workflows", "80", "--history", "3000",
-        "--queued", "400",
+        "--queued", "400", "--scheduled", "500",
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -63,6 +63,7 @@ async def test_every_workload_runs_verifies_its_count_and_cleans_up(server_dsn: 
     assert w["steps_per_s"] == pytest.approx(3 * w["workflows_per_s"], rel=0.01)
     b = results["backlog"]["figures"]
     assert b["history"] == 3000 and b["queued"] == 400 and b["drain_per_s"] > 0
+    assert b["scheduled"] == 500  # and verified: all 500 still queued, none ran
     s = results["scale"]["figures"]
     assert all(s[f"daemons_{k}_per_s"] > 0 for k in (1, 2, 4))
     assert s["ratio_2_to_1"] == pytest.approx(s["daemons_2_per_s"] / s["daemons_1_per_s"], abs=0.01)
