@@ -16,9 +16,10 @@ where id = any($1::bigint[]) and trace_context is not null
 select durable.claim_delay($1)
 
 -- name: next_due
--- When the next queued task of queue $1 that this daemon can run becomes due.
+-- When the next queued task of queue $1 that this daemon can run becomes due: the first
+-- entry of tasks_due_idx with one of its names (the run_at condition selects that index).
 select min(run_at) from durable.tasks
-where queue = $1 and status = 'queued' and name = any($2::text[])
+where queue = $1 and status = 'queued' and run_at > '-infinity' and name = any($2::text[])
 
 -- name: extend_leases
 update durable.tasks t

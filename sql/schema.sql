@@ -79,8 +79,10 @@ create table durable.tasks (
 -- Ready work, in claim order; finished history does not slow the claim.
 create index tasks_ready_idx on durable.tasks (queue, priority desc, id)
     where status = 'queued';
--- Queued tasks by when they are due: an idle queue loop's look for its next task.
-create index tasks_due_idx on durable.tasks (queue, run_at) where status = 'queued';
+-- Queued tasks by when they are due: an idle queue loop's look for its next task. The
+-- always-true second condition keeps claims off it (only next_due states it).
+create index tasks_due_idx on durable.tasks (queue, run_at)
+    where status = 'queued' and run_at > '-infinity';
 -- Running tasks: counted per queue under a fleet-wide limit; expired leases for the reaper.
 create index tasks_running_idx on durable.tasks (queue, lease_until) where status = 'running';
 -- Suspended workflows with a timer (sleep or event timeout).

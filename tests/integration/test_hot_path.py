@@ -142,3 +142,33 @@ async def test_an_idle_loop_finds_its_next_due_task_without_reading_the_queue(ds
     # One row read: the first entry of queue hp in due order is an hp_a, the second is hp_b.
     (scan,) = scans
     assert float(str(scan["Actual Rows"])) + float(str(scan.get("Rows Removed by Filter", 0))) <= 2
+
+
+async def test_no_claim_can_take_the_due_index(dsn: str) -> None:
+    # tasks_due_idx leads with the queue, like the ready index: a claim planned on stale
+    # statistics once took it and sorted a whole backlog. Its predicate keeps every claim
+    # off it: with the ready index gone (in a transaction rolled back), the claim's shape
+    # of query still finds no use for it.
+    await execute(
+        dsn,
+        "insert into durable.tasks (queue, name) select 'hp', 'hp_a' from generate_series(1, 500)",
+    )
+    await execute(dsn, "analyze durable.tasks")
+    conn = await asyncpg.connect(dsn)
+    try:
+        tr = conn.transaction()
+        await tr.start()
+        try:
+            await conn.execute("drop index durable.tasks_ready_idx")
+            await conn.execute("set local enable_seqscan = off")
+            rows = await conn.fetch(
+                "explain select id from durable.tasks where queue = 'hp' and status = 'queued'"
+                " and run_at <= now() and name = any(array['hp_a'])"
+                " order by priority desc, id limit 32"
+            )
+        finally:
+            await tr.rollback()
+    finally:
+        await conn.close()
+    plan = "\n".join(r[0] for r in rows)
+    assert "tasks_due_idx" not in plan, plan
