@@ -16,10 +16,21 @@ where id = any($1::bigint[]) and trace_context is not null
 select durable.claim_delay($1)
 
 -- name: next_due
--- When the next queued task of queue $1 that this daemon can run becomes due: the first
--- entry of tasks_due_idx with one of its names (the run_at condition selects that index).
-select min(run_at) from durable.tasks
-where queue = $1 and status = 'queued' and run_at > '-infinity' and name = any($2::text[])
+-- When the next queued task of queue $1 that this daemon can run becomes due: in each
+-- priority level of tasks_ready_idx (found by a loose index scan, one descent each) the
+-- first entry with one of its names, so scheduled tasks are not read.
+with recursive levels (p) as (
+    select max(priority) from durable.tasks where queue = $1 and status = 'queued'
+    union all
+    select (select max(t.priority) from durable.tasks t
+             where t.queue = $1 and t.status = 'queued' and t.priority < l.p)
+      from levels l where l.p is not null
+)
+select min((select t.run_at from durable.tasks t
+             where t.queue = $1 and t.status = 'queued' and t.priority = l.p
+               and t.name = any($2::text[])
+             order by t.run_at limit 1))
+  from levels l where l.p is not null
 
 -- name: extend_leases
 update durable.tasks t

@@ -76,13 +76,10 @@ create table durable.tasks (
     constraint tasks_claim_check check ((status = 'running') = (claim_token is not null))
 );
 
--- Ready work, in claim order; finished history does not slow the claim.
-create index tasks_ready_idx on durable.tasks (queue, priority desc, id)
+-- Queued work in claim order: priority, then due time. Finished history does not slow
+-- the claim, nor do tasks scheduled for later (within a level they follow the due ones).
+create index tasks_ready_idx on durable.tasks (queue, priority desc, run_at, id)
     where status = 'queued';
--- Queued tasks by when they are due: an idle queue loop's look for its next task. The
--- always-true second condition keeps claims off it (only next_due states it).
-create index tasks_due_idx on durable.tasks (queue, run_at)
-    where status = 'queued' and run_at > '-infinity';
 -- Running tasks: counted per queue under a fleet-wide limit; expired leases for the reaper.
 create index tasks_running_idx on durable.tasks (queue, lease_until) where status = 'running';
 -- Suspended workflows with a timer (sleep or event timeout).
@@ -528,6 +525,8 @@ declare
     period double precision;
     keyed boolean;
     busy integer;
+    claimed integer := 0;
+    level integer;
 begin
     perform set_config('synchronous_commit', 'off', true);  -- for this transaction only
     -- Scalars, not a record: a record with a null field is neither null nor not null.
@@ -556,31 +555,42 @@ begin
         return;
     end if;
     if not keyed then
-        -- The plain claim (unlimited queues take no lock), within any count above.
+        -- The plain claim (unlimited queues take no lock), within any count above: one
+        -- priority level at a time, highest first. Within a level tasks_ready_idx holds
+        -- them in due order, so the scan ends at the first task not yet due, and tasks
+        -- scheduled for later cost nothing however many wait.
         perform set_config('durable.claiming', 'on', true);  -- see tasks_after_update
-        return query
-        with ready as (
-            select t.id, t.started_at from durable.tasks t
-            where t.queue = q and t.status = 'queued' and t.run_at <= now()
-              and t.name = any(names)
-            order by t.priority desc, t.id
-            limit n
-            for update skip locked
-        )
-        update durable.tasks t
-           set status = 'running', claim_token = durable.new_token(),
-               lease_until = now() + make_interval(secs => lease), worker_id = worker,
-               started_at = coalesce(t.started_at, now())
-          from ready
-         where t.id = ready.id
-        returning t.id, t.queue, t.name, t.kind, t.args::text, t.kwargs::text, t.attempt,
-                  t.max_attempts, t.timeout, t.claim_token, t.branch, t.parent_id, t.root_id,
-                  t.cancel_requested, ready.started_at is null;
-        get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
+        level := (select max(t.priority) from durable.tasks t
+                   where t.queue = q and t.status = 'queued');
+        while level is not null loop
+            return query
+            with ready as (
+                select t.id, t.started_at from durable.tasks t
+                where t.queue = q and t.status = 'queued' and t.priority = level
+                  and t.run_at <= now() and t.name = any(names)
+                order by t.run_at, t.id
+                limit n - claimed
+                for update skip locked
+            )
+            update durable.tasks t
+               set status = 'running', claim_token = durable.new_token(),
+                   lease_until = now() + make_interval(secs => lease), worker_id = worker,
+                   started_at = coalesce(t.started_at, now())
+              from ready
+             where t.id = ready.id
+            returning t.id, t.queue, t.name, t.kind, t.args::text, t.kwargs::text, t.attempt,
+                      t.max_attempts, t.timeout, t.claim_token, t.branch, t.parent_id,
+                      t.root_id, t.cancel_requested, ready.started_at is null;
+            get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
+            claimed := claimed + busy;
+            exit when claimed >= n;
+            level := (select max(t.priority) from durable.tasks t
+                       where t.queue = q and t.status = 'queued' and t.priority < level);
+        end loop;
         perform set_config('durable.claiming', '', true);
-        if rate is not null and busy > 0 then
+        if rate is not null and claimed > 0 then
             insert into durable.rate_log (bucket, at)
-                select 'q:' || q, now() from generate_series(1, busy);
+                select 'q:' || q, now() from generate_series(1, claimed);
         end if;
         return;
     end if;
@@ -601,9 +611,9 @@ begin
                  where t.queue = q and t.status = 'queued' and t.concurrency_key is not null
                  order by t.concurrency_key, t.id desc) k
     ), ranked as (
-        select t.id, t.priority, t.concurrency_key,
+        select t.id, t.priority, t.run_at, t.concurrency_key,
                row_number() over (partition by t.concurrency_key
-                                  order by t.priority desc, t.id) as rn
+                                  order by t.priority desc, t.run_at, t.id) as rn
           from durable.tasks t
          where t.queue = q and t.status = 'queued' and t.run_at <= now()
            and t.name = any(names)
@@ -612,7 +622,7 @@ begin
          where r.concurrency_key is null
             or (r.rn + k.running <= coalesce(k.key_limit, 2147483647)
                 and r.rn + k.recent <= coalesce(k.key_rate_limit, 2147483647))
-         order by r.priority desc, r.id
+         order by r.priority desc, r.run_at, r.id
          limit n
     ), ready as (
         select t.id, t.started_at from durable.tasks t join chosen using (id)

@@ -109,66 +109,74 @@ async def test_a_claim_inside_a_longer_transaction_leaves_the_triggers_whole(
         await conn.close()
 
 
-async def test_an_idle_loop_finds_its_next_due_task_without_reading_the_queue(dsn: str) -> None:
-    # 20,000 tasks scheduled for tomorrow and one for the day after in another queue: the
-    # look for the next due task reads one index entry, not every queued task.
+async def _fetched(conn: asyncpg.Connection) -> int:
+    """Task rows this transaction has read so far, by scan or through an index."""
+    return int(
+        await conn.fetchval(
+            "select coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)"
+            " from pg_stat_xact_user_tables"
+            " where schemaname = 'durable' and relname = 'tasks'"
+        )
+    )
+
+
+async def _schedule_ahead(dsn: str) -> None:
+    # 20,000 tasks scheduled for tomorrow, at two priorities, all ahead (by id) of the
+    # three that are due: one at priority 5 and two at priority 0.
     await execute(
         dsn,
-        "insert into durable.tasks (queue, name, run_at)"
-        " select 'hp', case when g % 2 = 0 then 'hp_a' else 'hp_b' end,"
-        "        now() + interval '1 day' + g * interval '1 second'"
+        "insert into durable.tasks (queue, name, priority, run_at)"
+        " select 'hp', 'hp_a', (g % 2) * 5, now() + interval '1 day' + g * interval '1 second'"
         " from generate_series(1, 20000) g",
     )
-    await execute(dsn, "analyze durable.tasks")
-    conn = await asyncpg.connect(dsn)
-    try:
-        due = await conn.fetchval(queries()["next_due"], "hp", ["hp_b"])
-        first = await conn.fetchval(
-            "select min(run_at) from durable.tasks where name = 'hp_b'"
-        )
-        assert due == first
-        stmt = await conn.prepare(queries()["next_due"])
-        (plan,) = await stmt.explain("hp", ["hp_b"], analyze=True)
-    finally:
-        await conn.close()
-
-    def nodes(node: dict[str, object]) -> list[dict[str, object]]:
-        children = node.get("Plans", [])
-        assert isinstance(children, list)
-        return [node, *(n for child in children for n in nodes(child))]
-
-    scans = [n for n in nodes(plan["Plan"]) if "Scan" in str(n["Node Type"])]
-    assert [n.get("Index Name") for n in scans] == ["tasks_due_idx"]
-    # One row read: the first entry of queue hp in due order is an hp_a, the second is hp_b.
-    (scan,) = scans
-    assert float(str(scan["Actual Rows"])) + float(str(scan.get("Rows Removed by Filter", 0))) <= 2
-
-
-async def test_no_claim_can_take_the_due_index(dsn: str) -> None:
-    # tasks_due_idx leads with the queue, like the ready index: a claim planned on stale
-    # statistics once took it and sorted a whole backlog. Its predicate keeps every claim
-    # off it: with the ready index gone (in a transaction rolled back), the claim's shape
-    # of query still finds no use for it.
     await execute(
         dsn,
-        "insert into durable.tasks (queue, name) select 'hp', 'hp_a' from generate_series(1, 500)",
+        "insert into durable.tasks (queue, name, priority, run_at) values"
+        " ('hp', 'hp_a', 0, now()), ('hp', 'hp_a', 0, now() - interval '1 hour'),"
+        " ('hp', 'hp_a', 5, now())",
     )
     await execute(dsn, "analyze durable.tasks")
+
+
+async def test_a_claim_reads_the_due_tasks_not_those_scheduled_ahead_of_them(dsn: str) -> None:
+    await _schedule_ahead(dsn)
     conn = await asyncpg.connect(dsn)
     try:
-        tr = conn.transaction()
-        await tr.start()
-        try:
-            await conn.execute("drop index durable.tasks_ready_idx")
-            await conn.execute("set local enable_seqscan = off")
-            rows = await conn.fetch(
-                "explain select id from durable.tasks where queue = 'hp' and status = 'queued'"
-                " and run_at <= now() and name = any(array['hp_a'])"
-                " order by priority desc, id limit 32"
+        async with conn.transaction():
+            before = await _fetched(conn)
+            rows = await conn.fetch(queries()["claim"], "hp", ["hp_a"], 10, 30.0, uuid.uuid4())
+            read = await _fetched(conn) - before
+        order = [
+            (r["priority"], r["age"])
+            for r in await conn.fetch(
+                "select priority, now() - run_at > interval '1 minute' as age"
+                " from durable.tasks where id = any($1::bigint[])"
+                " order by array_position($1::bigint[], id)",
+                [r["id"] for r in rows],
             )
-        finally:
-            await tr.rollback()
+        ]
     finally:
         await conn.close()
-    plan = "\n".join(r[0] for r in rows)
-    assert "tasks_due_idx" not in plan, plan
+    # Priority first; within a priority, the task due for an hour before the one due now,
+    # though it was started after it.
+    assert order == [(5, False), (0, True), (0, False)]
+    assert read < 50, read  # not the 20,000 scheduled ones (the old index read them all)
+
+
+async def test_an_idle_loop_finds_its_next_due_task_without_reading_the_queue(dsn: str) -> None:
+    await _schedule_ahead(dsn)
+    await execute(dsn, "update durable.tasks set status = 'cancelled', finished_at = now()"
+                       " where run_at <= now()")
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            before = await _fetched(conn)
+            due = await conn.fetchval(queries()["next_due"], "hp", ["hp_a"])
+            read = await _fetched(conn) - before
+        first = await conn.fetchval(
+            "select min(run_at) from durable.tasks where status = 'queued'"
+        )
+    finally:
+        await conn.close()
+    assert due == first
+    assert read < 50, read
