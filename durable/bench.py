@@ -360,20 +360,22 @@ async def backlog(
         daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=4)
         d = await _serve(daemon, queued, bar)
         bar.close()
-        db_count = await _count_finished(dsn)
         conn = await connect(dsn)
         try:
-            waiting = int(
-                await conn.fetchval("select count(*) from durable.tasks where status = 'queued'")
+            counts = await conn.fetchrow(
+                "select count(*) filter (where status = 'completed'),"
+                "       count(*) filter (where status = 'queued')"
+                " from durable.tasks where queue = $1",
+                QUEUE,
             )
+            assert counts is not None  # an aggregate always returns its row
+            db_count, waiting = counts
         finally:
             await conn.close()
-    figures = {"history": history, "queued": queued}
-    if scheduled:
-        figures["scheduled"] = scheduled
     return Result(
         "backlog",
-        {**figures, "concurrency": concurrency, "drain_per_s": round(queued / d.elapsed),
+        {"history": history, "queued": queued, **({"scheduled": scheduled} if scheduled else {}),
+         "concurrency": concurrency, "drain_per_s": round(queued / d.elapsed),
          "startup_ms": round(d.startup * 1000)},
         verified=len(_ran) == queued and db_count == history + queued and waiting == scheduled,
     )
