@@ -35,12 +35,14 @@ class Batcher(Generic[T, R]):
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def submit(self, item: T) -> asyncio.Future[R]:
         """Queue ``item``; the future resolves once its batch has committed (or failed)."""
         if self._closed:
             raise RuntimeError("batcher is closed")
-        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        # The loop run() found: asking asyncio for it costs a getpid() system call.
+        fut: asyncio.Future[R] = (self._loop or asyncio.get_running_loop()).create_future()
         self._items.append((item, fut))
         self._idle.clear()
         self._pending.set()
@@ -63,6 +65,7 @@ class Batcher(Generic[T, R]):
         self._pending.set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._loop = asyncio.get_running_loop()
         async with anyio.create_task_group() as tg:
             for _ in range(self._flights):
                 tg.start_soon(self._flight)

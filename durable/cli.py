@@ -116,8 +116,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
 
     async def main() -> None:
-        from durable.daemon import Daemon
+        from durable.daemon import Daemon, tune_gc
         from durable.store import connect, latest_version, schema_version
+
+        tune_gc()
 
         dsn = await _dsn(settings)
         conn = await connect(dsn)
@@ -332,8 +334,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from durable import bench, logs
+        from durable.daemon import tune_gc
 
         logs.configure("warning", "console")
+        tune_gc()  # the daemons it runs in this process are tuned as `durable run` is
         server = await _dsn(settings)
         if server is None:
             raise CommandError("durable bench needs a database URL (it creates scratch databases)")

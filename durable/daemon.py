@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import time
@@ -42,6 +43,22 @@ FLUSH_CONNECTIONS = 3
 
 RETENTION_INTERVAL = 300.0
 """Seconds between prune passes when DURABLE_RETENTION is set."""
+
+GC_YOUNG = 10_000
+"""Allocations between collections of the youngest generation (Python's default: 700)."""
+
+
+def tune_gc() -> None:
+    """Set the garbage collector for a process that is a daemon, once its code is loaded.
+
+    Every step, claim and flush allocates futures, tasks and records that die within
+    milliseconds; at Python's default threshold the collector ran every few hundred of
+    them and took a tenth of a busy daemon's CPU (measured at concurrency 256: 0.48 s of
+    collections in a 4.5 s run, 0.06 s at 5,000). Freezing what is loaded already (modules,
+    the registry) keeps it out of every later full collection.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
 
 class Daemon:
@@ -271,6 +288,7 @@ class Daemon:
     def _launcher(self, runner: Runner) -> Callable[[Attempt, Callable[[], None]], None]:
         # Attempts are plain asyncio tasks: an anyio task group and cancel scope per task
         # cost more than running a no-op task does.
+        loop = asyncio.get_running_loop()
 
         def launch(attempt: Attempt, released: Callable[[], None]) -> None:
             task = attempt.task
@@ -298,7 +316,7 @@ class Daemon:
                     self._forget(attempt)
                     release_once()
 
-            attempt.job = job = asyncio.get_running_loop().create_task(go())
+            attempt.job = job = loop.create_task(go())
             self._jobs.add(job)
             job.add_done_callback(self._jobs.discard)
 

@@ -358,3 +358,19 @@ async def test_listen_url_password_is_masked_and_sigterm_still_stops_the_daemon(
         await anyio.to_thread.run_sync(daemon.wait)
     assert daemon.returncode == 0
     assert PASSWORD not in log.read_text()
+
+
+@pytest.mark.timeout(60)
+async def test_run_tunes_the_garbage_collector_for_a_daemon(dsn: str) -> None:
+    from durable.daemon import GC_YOUNG
+    from tests.apps.gc_tasks import QUEUE, gc_settings
+
+    async with durable.connect(dsn) as client:
+        handle = await client.start(gc_settings)
+        proc = await cli(
+            "run", "--app", "tests.apps.gc_tasks", "--burst", dsn=dsn, DURABLE_QUEUES=QUEUE
+        )
+        assert proc.returncode == 0, proc.stderr
+        seen = await handle.result(timeout=10)
+    assert seen["threshold"][0] == GC_YOUNG
+    assert seen["frozen"] > 0  # what was loaded before serving stays out of collections
