@@ -170,9 +170,6 @@ class Context:
         self._checkpoints = checkpoints
         self._registry_get = registry_get
         self._seq = 0
-        self._unsent: Checkpoint | None = None
-        """The last step's checkpoint, not committed yet: the next durable call commits it
-        before it does anything, and a workflow that returns hands it to its completion."""
 
     @property
     def task_id(self) -> int:
@@ -221,20 +218,6 @@ class Context:
                 f"task {cp.task_id}: checkpoint {cp.seq} rejected; another worker holds the task"
             )
 
-    async def _settle(self) -> None:
-        """Commit the last step's checkpoint: nothing runs after a step until it is durable
-        (the code between two durable calls is deterministic, and runs before)."""
-        cp = self._unsent
-        if cp is not None:
-            self._unsent = None
-            await self._commit(cp)
-
-    def take_unsent(self) -> Checkpoint | None:
-        """The checkpoint still to commit once the workflow's code has ended (the runner
-        writes it with the outcome, or before it)."""
-        cp, self._unsent = self._unsent, None
-        return cp
-
     def check_consumed(self) -> None:
         err = unconsumed(self._events, self._seq)
         if err is not None:
@@ -258,7 +241,6 @@ class Context:
         seq, event = self._next("step", name, dig)
         if event is not None:
             return self._recorded(event)
-        await self._settle()
         started = utcnow()
         with tracing.step_span(name, seq, "step"):
             try:
@@ -274,7 +256,7 @@ class Context:
                 )
                 raise
             text = dumps(result, what=f"the result of step {name!r}")
-        self._unsent = self._cp(seq, "step", name, dig, result=text, started_at=started)
+            await self._commit(self._cp(seq, "step", name, dig, result=text, started_at=started))
         return as_recorded(result, text)
 
     async def transaction(
@@ -289,7 +271,6 @@ class Context:
         seq, event = self._next("transaction", name, dig)
         if event is not None:
             return self._recorded(event)
-        await self._settle()
         cp = self._cp(seq, "transaction", name, dig)
         with tracing.step_span(name, seq, "transaction"):
             try:
@@ -365,7 +346,6 @@ class Context:
             )
             handles.append(None)
         if new:
-            await self._settle()
             ids = await self._store.spawn_children(
                 task_id=self._task.id,
                 token=self._task.token,
@@ -437,7 +417,6 @@ class Context:
         dig = digest("sleep", name, None)
         seq, event = self._next("sleep", name, dig)
         if event is None:
-            await self._settle()
             await self._commit(self._cp(seq, "sleep", name, dig, wake_at=when))
             wake = when
         else:
@@ -464,7 +443,6 @@ class Context:
         else:
             deadline = utcnow() + timedelta(seconds=timeout) if timeout is not None else None
         cp = self._cp(seq, "event", name, dig, status="pending")
-        await self._settle()
         outcome, payload = await self._store.resolve_wait(cp, name, deadline, event is not None)
         if outcome == "completed":
             return loads(payload)
@@ -479,9 +457,8 @@ class Context:
         seq, event = self._next("memo", name, dig)
         if event is not None:
             return loads(event.result)
-        await self._settle()
         value = produce()
-        self._unsent = self._cp(seq, "memo", name, dig, result=dumps(value))
+        await self._commit(self._cp(seq, "memo", name, dig, result=dumps(value)))
         return value
 
     async def now(self) -> datetime:

@@ -537,10 +537,9 @@ class Daemon:
     async def _complete(self, items: Sequence[Completion]) -> list[bool]:
         assert self.store is not None
         rows = [(c.task.id, c.task.token, c.result) for c in items]
-        steps = [c.step for c in items if c.step is not None]
         for delay in (0.1, 0.5, 2.0, None):
             try:
-                accepted = await self.store.complete_many(rows, _idle(self._completing), steps)
+                accepted = await self.store.complete_many(rows, _idle(self._completing))
                 break
             except Exception as exc:
                 if not is_transient(exc) or delay is None:
@@ -554,8 +553,6 @@ class Daemon:
             t = c.task
             if t.id in accepted:
                 self.metrics.task(t.queue, t.name).completed += 1
-                if c.step is not None:
-                    self.metrics.checkpoints_written += 1
                 log.info("task_completed", task_id=t.id, name=t.name, queue=t.queue,
                          attempt=t.attempt, seconds=round(c.elapsed, 4))
             else:

@@ -9,8 +9,6 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, NamedTuple
 
-import anyio
-
 from durable import tracing
 from durable.batch import Batcher
 from durable.codec import dumps, error_payload, loads
@@ -31,22 +29,17 @@ from durable.store import Store, is_transient
 
 log = get_logger("durable.runner")
 
-SHUTDOWN_SETTLE = 5.0
-"""Seconds a shutdown waits for a stopped workflow's last step to commit."""
-
 
 class Completion(NamedTuple):
     task: Claimed
     result: str
     elapsed: float
-    step: Checkpoint | None = None
-    """A workflow's final checkpoint, which commits with its completion."""
 
 
 class Attempt:
     """A running attempt, as the daemon tracks it: its claim and how to stop it."""
 
-    __slots__ = ("context", "finishing", "job", "reason", "release_slot", "task")
+    __slots__ = ("finishing", "job", "reason", "release_slot", "task")
 
     def __init__(self, task: Claimed, release_slot: Callable[[], None] = lambda: None) -> None:
         self.task = task
@@ -57,8 +50,6 @@ class Attempt:
         self.reason: str | None = None
         """Why the daemon stopped it: 'cancelled' (asked by a user), 'lease_lost', 'shutdown'."""
         self.finishing = False
-        self.context: Context | None = None
-        """A workflow's durable context, once its code runs."""
 
     def stop(self, reason: str) -> None:
         if self.reason is None:
@@ -99,7 +90,7 @@ class Runner:
         else:
             with tracing.attempt_span(task) as span:
                 try:
-                    outcome = await self._execute(attempt, definition)
+                    outcome = await self._execute(task, definition)
                 except asyncio.CancelledError:
                     if attempt.reason is None:
                         raise
@@ -112,21 +103,13 @@ class Runner:
         # The code is done: the slot can take the next task while the outcome is written
         # (the lease still covers this task until its write commits).
         attempt.release_slot()
+        if attempt.reason == "shutdown":
+            return  # the daemon releases every unfinished task in one statement
         if attempt.reason == "lease_lost":
             log.warning("task_abandoned", task_id=task.id, name=task.name, reason="lease_lost")
             return
-        step = attempt.context.take_unsent() if attempt.context is not None else None
-        if step is not None and outcome[0] != "completed":
-            # The workflow's last step succeeded and then it failed, suspended or was
-            # stopped: that step stays done for the next attempt. A shutdown waits for it
-            # only so long (the server may be what is failing).
-            with anyio.move_on_after(SHUTDOWN_SETTLE if attempt.reason == "shutdown" else None):
-                await self._settle(step)
-            step = None
-        if attempt.reason == "shutdown":
-            return  # the daemon releases every unfinished task in one statement
         try:
-            await self._finish(task, definition, outcome, time.monotonic() - started, step)
+            await self._finish(task, definition, outcome, time.monotonic() - started)
         except Exception as exc:
             if not is_transient(exc):
                 raise
@@ -137,20 +120,9 @@ class Runner:
                 note="the lease will expire and the task will run again",
             )
 
-    async def _settle(self, step: Checkpoint) -> None:
-        try:
-            if not await self.checkpoints.submit(step):
-                log.warning("task_write_rejected", task_id=step.task_id, write="checkpoint")
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            log.warning("checkpoint_not_written", task_id=step.task_id, seq=step.seq,
-                        error=f"{type(exc).__name__}: {exc}")
-
     async def _execute(
-        self, attempt: Attempt, definition: Definition[Any, Any] | None
+        self, task: Claimed, definition: Definition[Any, Any] | None
     ) -> tuple[str, Any]:
-        task = attempt.task
         try:
             if definition is None:
                 raise NonRetryable(f"no task or workflow named {task.name!r} is registered")
@@ -161,7 +133,6 @@ class Runner:
                         [] if task.fresh else await self.store.load_events(task.id, task.branch)
                     )
                     ctx = Context(self.store, task, events, self.checkpoints, self.registry.get)
-                    attempt.context = ctx
                     result = await _call(definition, task, ctx, *args, **kwargs)
                     ctx.check_consumed()
                 else:
@@ -188,7 +159,6 @@ class Runner:
         definition: Definition[Any, Any] | None,
         outcome: tuple[str, Any],
         elapsed: float,
-        step: Checkpoint | None = None,
     ) -> None:
         kind, value = outcome
         fields = {"task_id": task.id, "name": task.name, "queue": task.queue}
@@ -197,9 +167,7 @@ class Runner:
         if kind == "completed":
             # Group-committed; the daemon's flush logs the outcome. Not awaited: the
             # attempt ends now, and the lease covers the task until the ack commits.
-            # A workflow's last checkpoint commits with it: the attempt does not wait
-            # for that step either.
-            self.completions.submit_nowait(Completion(task, value, elapsed, step))
+            self.completions.submit_nowait(Completion(task, value, elapsed))
         elif kind == "suspended":
             s: Suspend = value
             status = await self.store.suspend(

@@ -82,36 +82,6 @@ update durable.tasks t
  where t.id = any($1::bigint[]) and t.id = v.id and t.claim_token = v.token
 returning t.id
 
--- name: complete_steps
--- Completions as above, and in the same statement the last step of each workflow among
--- them ($4.. as in checkpoint): a workflow's final checkpoint commits with its outcome,
--- and only for a completion the fence accepted. Its position cannot be taken (the token
--- is this attempt's own, and an attempt writes each position once), so a conflict
--- leaves the row recorded already.
-with done as (
-    update durable.tasks t
-       set status = 'completed', result = v.result::jsonb, error = null, finished_at = now(),
-           claim_token = null, lease_until = null
-      from unnest($1::bigint[], $2::bigint[], $3::text[]) as v(id, token, result)
-     where t.id = any($1::bigint[]) and t.id = v.id and t.claim_token = v.token
-    returning t.id
-), steps as (
-    insert into durable.events as e
-        (task_id, branch, seq, kind, name, digest, status, result, error, wake_at, attempt,
-         started_at, finished_at)
-    select v.task_id, v.branch, v.seq, v.kind, v.name, v.digest, v.status, v.result::jsonb,
-           v.error::jsonb, v.wake_at, v.attempt, v.started_at, now()
-      from unnest($4::bigint[], $5::int[], $6::int[], $7::text[], $8::text[], $9::text[],
-                  $10::text[], $11::text[], $12::text[], $13::timestamptz[], $14::int[],
-                  $15::timestamptz[])
-           as v(task_id, branch, seq, kind, name, digest, status, result, error, wake_at,
-                attempt, started_at)
-      join done on done.id = v.task_id
-    on conflict (task_id, branch, seq) do nothing
-    returning e.task_id
-)
-select id, (select count(*) from steps) as steps from done
-
 -- name: retry_later
 -- A failed attempt with attempts left: back to the queue after a delay; or cancelled when
 -- a cancel was requested while it ran (its notification came too late to stop it). A

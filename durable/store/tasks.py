@@ -15,7 +15,6 @@ import asyncpg
 from durable import tracing
 from durable.codec import dumps, loads
 from durable.models import (
-    Checkpoint,
     Claimed,
     NewTask,
     TaskInfo,
@@ -299,35 +298,14 @@ class TaskStore:
         return [(r["id"], r["status"]) for r in rows]
 
     async def complete_many(
-        self,
-        items: Sequence[tuple[int, int, str]],
-        via: KeptConnection | None = None,
-        steps: Sequence[Checkpoint] = (),
+        self, items: Sequence[tuple[int, int, str]], via: KeptConnection | None = None
     ) -> set[int]:
-        """Fenced completions (id, token, result JSON); returns the ids accepted.
-
-        ``steps`` are workflows' final checkpoints: each commits with its task's
-        completion, and only if the fence accepts it.
-        """
-        args: list[Any] = [[i[0] for i in items], [i[1] for i in items], [i[2] for i in items]]
-        if not steps:
-            rows = await (via or self.pool).fetch(self.q["complete"], *args)
-            return {r["id"] for r in rows}
+        """Fenced completions (id, token, result JSON); returns the ids accepted."""
         rows = await (via or self.pool).fetch(
-            self.q["complete_steps"],
-            *args,
-            [c.task_id for c in steps],
-            [c.branch for c in steps],
-            [c.seq for c in steps],
-            [c.kind for c in steps],
-            [c.name for c in steps],
-            [c.digest for c in steps],
-            [c.status for c in steps],
-            [c.result for c in steps],
-            [c.error for c in steps],
-            [c.wake_at for c in steps],
-            [c.attempt for c in steps],
-            [c.started_at for c in steps],
+            self.q["complete"],
+            [i[0] for i in items],
+            [i[1] for i in items],
+            [i[2] for i in items],
         )
         return {r["id"] for r in rows}
 

@@ -131,8 +131,8 @@ async def test_completions_and_checkpoints_commit_on_kept_connections(dsn: str) 
         assert store is not None
         complete_many, checkpoint_many = store.complete_many, store.checkpoint_many
 
-        async def completing(items: Any, via: KeptConnection | None = None, steps: Any = ()) -> Any:
-            accepted = await complete_many(items, via, steps)
+        async def completing(items: Any, via: KeptConnection | None = None) -> Any:
+            accepted = await complete_many(items, via)
             used.append(("complete", _pid(via)))
             return accepted
 
@@ -148,9 +148,7 @@ async def test_completions_and_checkpoints_commit_on_kept_connections(dsn: str) 
         completes = {pid for kind, pid in used if kind == "complete"}
         checkpoints = {pid for kind, pid in used if kind == "checkpoint"}
         assert len(completes) == 1 and len(checkpoints) == 1 and completes != checkpoints
-        # Three checkpoints (step a) and three completions, each carrying its workflow's
-        # step b: none took the pool's path.
-        assert len(used) == 6
+        assert len(used) == 9  # three completions, six checkpoints: none took the pool's path
 
         for kept in (daemon._completing[0], daemon._checkpointing[0]):
             lost = anyio.Event()
