@@ -252,19 +252,16 @@ where e.task_id = $1 and e.branch = $2
 order by e.seq
 
 -- name: checkpoint
--- Group-committed checkpoints of many workflows; a row whose claim token no longer
--- matches (a zombie) or whose position is taken is left out of the result.
-with fence as (
+-- Group-committed checkpoints of many workflows, one durable.checkpoint_row each; a row
+-- whose claim token no longer matches (a zombie) or whose position is taken is left out
+-- of the result.
+with v as (
+    select * from unnest($1::durable.checkpoint_row[])
+), fence as (
     -- FOR SHARE waits for a concurrent reclaim and then sees its new token.
     select t.id, t.claim_token from durable.tasks t
-    where t.id = any($1::bigint[]) and t.claim_token is not null
+    where t.id = any(array(select v.task_id from v)) and t.claim_token is not null
     for share of t
-), v as (
-    select * from unnest($1::bigint[], $2::bigint[], $3::int[], $4::int[], $5::text[],
-                         $6::text[], $7::text[], $8::text[], $9::text[], $10::text[],
-                         $11::timestamptz[], $12::int[], $13::timestamptz[])
-        as v(task_id, token, branch, seq, kind, name, digest, status, result, error,
-             wake_at, attempt, started_at)
 )
 insert into durable.events as e
     (task_id, branch, seq, kind, name, digest, status, result, error, wake_at, attempt,

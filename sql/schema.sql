@@ -126,6 +126,24 @@ create table durable.events (
 
 create index events_child_idx on durable.events (child_id) where child_id is not null;
 
+-- One step's checkpoint as the daemon sends it: a flush passes an array of these (in the
+-- field order of durable.models.Checkpoint), one parameter instead of one per column.
+create type durable.checkpoint_row as (
+    task_id     bigint,
+    token       bigint,
+    branch      integer,
+    seq         integer,
+    kind        text,
+    name        text,
+    digest      text,
+    status      text,
+    result      text,
+    error       text,
+    attempt     integer,
+    started_at  timestamptz,
+    wake_at     timestamptz
+);
+
 -- Events sent to workflows (client.send_event / durable.send_event), kept until consumed.
 create table durable.signals (
     id          bigint generated always as identity primary key,

@@ -72,7 +72,7 @@ async def reset_session(conn: Any) -> None:
 WARM_UP: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("claim", ("", [], 0, 1.0, None)),
     ("complete", ([], [], [])),
-    ("checkpoint", ([],) * 13),
+    ("checkpoint", ([],)),
     ("extend_leases", ([], [], 1.0)),
     ("load_events", (0, 0)),
 )

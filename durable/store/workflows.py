@@ -54,22 +54,8 @@ class WorkflowStore(TaskStore):
         self, items: Sequence[Checkpoint], via: KeptConnection | None = None
     ) -> set[tuple[int, int]]:
         """Write many workflows' checkpoints in one commit; returns the (task, seq) accepted."""
-        rows = await (via or self.pool).fetch(
-            self.q["checkpoint"],
-            [c.task_id for c in items],
-            [c.token for c in items],
-            [c.branch for c in items],
-            [c.seq for c in items],
-            [c.kind for c in items],
-            [c.name for c in items],
-            [c.digest for c in items],
-            [c.status for c in items],
-            [c.result for c in items],
-            [c.error for c in items],
-            [c.wake_at for c in items],
-            [c.attempt for c in items],
-            [c.started_at for c in items],
-        )
+        # A Checkpoint is a tuple in the field order of durable.checkpoint_row.
+        rows = await (via or self.pool).fetch(self.q["checkpoint"], items)
         return {(r["task_id"], r["seq"]) for r in rows}
 
     @asynccontextmanager

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from durable.models import Checkpoint
 from durable.store import latest_version, migrate, schema_sql
 from tests.conftest import admin, database_dsn, quote_ident
 
@@ -28,6 +29,10 @@ CATALOG = {
     "triggers": """
         select tgrelid::regclass::text, tgname, pg_get_triggerdef(oid) from pg_trigger
         where not tgisinternal and tgrelid::regclass::text like 'durable.%' order by 1, 2""",
+    "types": """
+        select udt_name, attribute_name, data_type, ordinal_position
+        from information_schema.attributes where udt_schema = 'durable'
+        order by 1, ordinal_position""",
     "sequences": """
         select sequence_name, data_type from information_schema.sequences
         where sequence_schema = 'durable' order by 1""",
@@ -90,3 +95,17 @@ async def test_concurrent_migrations_queue_on_the_lock(two_databases: tuple[str,
         for _ in range(3):
             tg.start_soon(one)
     assert sorted(map(len, results)) == [0, 0, latest_version()]
+
+
+async def test_a_checkpoint_travels_as_the_row_type_field_for_field(dsn: str) -> None:
+    """The daemon passes Checkpoint tuples as durable.checkpoint_row values, by position."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        fields = await conn.fetch(
+            "select attribute_name from information_schema.attributes"
+            " where udt_schema = 'durable' and udt_name = 'checkpoint_row'"
+            " order by ordinal_position"
+        )
+    finally:
+        await conn.close()
+    assert [r[0] for r in fields] == list(Checkpoint._fields)
