@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import datetime
 import enum
+import json
 import logging
 import re
 import sys
+import time
 import uuid
 from typing import Any, TextIO, cast
 
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
+
+from durable.codec import json_encoder
 
 __all__ = ["LEVELS", "configure", "get_logger", "redact", "redact_secrets"]
 
@@ -71,14 +75,91 @@ def _redact_value(value: object, depth: int = 0) -> object:
     return value if masked == shown else masked
 
 
+# Exact types that cannot carry a secret, found without a call (most logged values).
+_PLAIN_TYPES = frozenset({int, float, bool, type(None), uuid.UUID, datetime.datetime})
+# Whether a key names a secret, by key: a log line's keys come from a small, fixed set.
+_secret_keys: dict[str, bool] = {}
+
+
+def _is_secret_key(key: str) -> bool:
+    found = _secret_keys.get(key)
+    if found is None:
+        found = _SECRET_KEY.search(key) is not None
+        if len(_secret_keys) < 4096:  # bound it, should keys ever be made up at run time
+            _secret_keys[key] = found
+    return found
+
+
 def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     """structlog processor: mask passwords in every value and password-named key."""
     for key, value in event_dict.items():
-        if _SECRET_KEY.search(key):
+        if _is_secret_key(key):
             event_dict[key] = MASK
-        else:
+        elif type(value) is str:
+            if "@" in value or "ass" in value.lower():  # what redact() looks for
+                event_dict[key] = redact(value)
+        elif type(value) not in _PLAIN_TYPES:
             event_dict[key] = _redact_value(value)
     return event_dict
+
+
+class _UtcStamper:
+    """structlog processor: an ISO 8601 UTC ``timestamp`` with microseconds. The date and
+    time of day are formatted once a second (1.4 µs a line, against 2.6 µs for a
+    datetime's isoformat)."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        event_dict["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event_dict
+
+
+def _json_fallback(value: object) -> Any:
+    """What structlog's JSON renderer writes for a value JSON has no form for."""
+    try:
+        return value.__structlog__()  # type: ignore[attr-defined]
+    except AttributeError:
+        return repr(value)
+
+
+# The lines structlog's JSONRenderer writes (json.dumps with its defaults), from an
+# encoder built once: json.dumps builds a new one on every call given a `default`.
+_render_line = json_encoder(
+    default=_json_fallback, ascii_only=True, sort_keys=False, allow_nan=True,
+    separators=(", ", ": "),
+)
+
+
+def _json_line(event_dict: EventDict) -> str:
+    try:
+        return _render_line(event_dict)
+    except RecursionError:  # the fast encoder does not look for cycles; this one does
+        return json.dumps(event_dict, default=_json_fallback)
+
+
+def render_json(logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
+    """structlog processor: the event as one JSON line, passwords masked.
+
+    The line is looked at as a whole first: redaction can change only a line that holds
+    an "@", an "ass" or a "secret" (a password-named key shows in the line too) or an
+    escaped character, and only such a line is redacted value by value and written again.
+    """
+    line = _json_line(event_dict)
+    lower = line.lower()
+    # An escape may stand for a letter a case-blind match of _SECRET_KEY takes for an "s".
+    if "@" in line or "\\u" in line or "ass" in lower or "secret" in lower:
+        return _json_line(redact_secrets(logger, method, event_dict))
+    return line
 
 
 def _is_tty(stream: TextIO) -> bool:
@@ -98,21 +179,19 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = sys.stderr if stream is None else stream
     as_json = fmt == "json" or (fmt == "auto" and not _is_tty(out))
-    renderer: Processor = (
-        structlog.processors.JSONRenderer()
-        if as_json
-        else structlog.dev.ConsoleRenderer(colors=False)
+    # JSON lines are redacted by their renderer; the console's, value by value.
+    renderers: list[Processor] = (
+        [render_json] if as_json else [redact_secrets, structlog.dev.ConsoleRenderer(colors=False)]
     )
     processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _UtcStamper(),
         structlog.processors.StackInfoRenderer(),
         # Tracebacks become a string before redaction so exception messages that
         # quote a DSN are masked too (ConsoleRenderer prints a preformatted one as is).
         structlog.processors.format_exc_info,
-        redact_secrets,
-        renderer,
+        *renderers,
     ]
     global _generation
     _generation += 1

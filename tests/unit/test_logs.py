@@ -229,3 +229,44 @@ def test_library_warnings_become_json_events_with_their_traceback_and_no_secret(
     assert record["message"] == "Failed to restore the pool"
     assert "ConnectionRefusedError" in record["exception"]
     assert SECRET not in stream.getvalue()
+
+
+class _Shown:
+    def __structlog__(self) -> str:
+        return "shown"
+
+
+def test_json_lines_are_what_structlogs_renderer_writes() -> None:
+    event_dict: dict[str, Any] = {
+        "logger_name": "durable.daemon", "task_id": 7, "seconds": 0.25, "ok": True,
+        "none": None, "text": "é\n\"", "items": [1, "two", {"three": 3.0}],
+        "thing": object(), "shown": _Shown(), "event": "task_completed", "level": "info",
+    }
+    expected = structlog.processors.JSONRenderer()(None, "info", dict(event_dict))
+    assert logs.render_json(None, "info", dict(event_dict)) == expected
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"nested": {"api_secret": SECRET}},  # no "@" nor "ass" in the line but the key's name
+        {"SECRET_TOKEN": SECRET},
+        {"conf": {"PASSWD": SECRET}},
+        {"pa\u017f\u017fword": SECRET},  # a long s, which a case-blind match takes for "s"
+        {"error": ValueError(f"postgresql://u:{SECRET}@db/x")},
+        {"deep": [[[[[f"postgresql://u:{SECRET}@db/x"]]]]]},
+    ],
+)
+def test_a_json_line_is_redacted_whatever_holds_the_secret(fields: dict[str, Any]) -> None:
+    stream = io.StringIO()
+    configure(fmt="json", stream=stream)
+    get_logger().info("event", **fields)
+    assert SECRET not in stream.getvalue()
+    assert json_lines(stream)[0]["event"] == "event"
+
+
+def test_a_cyclic_value_is_reported_as_the_standard_encoder_does() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(ValueError, match="Circular reference"):
+        logs.render_json(None, "info", {"event": "x", "loop": loop})
