@@ -134,3 +134,33 @@ async def test_a_checkpoint_batch_that_fails_reports_none_of_its_steps(dsn: str)
     finally:
         await conn.close()
         await store.close()
+
+
+async def test_a_checkpoint_whose_position_is_taken_is_left_out_and_the_rest_commit(
+    dsn: str,
+) -> None:
+    store = await Store.open(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        task_id = await conn.fetchval(
+            "insert into durable.tasks (queue, name, kind, status, claim_token, lease_until)"
+            " values ('q', 'wf', 'workflow', 'running', 21, now() + interval '1 hour')"
+            " returning id"
+        )
+        now = datetime.now(UTC)
+
+        def at(seq: int, result: str) -> Checkpoint:
+            return Checkpoint(task_id, 21, 0, seq, "step", "s", "d", "completed", result, None,
+                              1, now)
+
+        assert await store.checkpoint_many([at(0, "1")]) == {(task_id, 0)}
+        # Position 0 is taken: that row is left out, not an error, and the batch commits.
+        assert await store.checkpoint_many([at(0, "2"), at(1, "3")]) == {(task_id, 1)}
+        rows = await conn.fetch(
+            "select seq, result::text from durable.events where task_id = $1 order by seq",
+            task_id,
+        )
+        assert [tuple(r) for r in rows] == [(0, "1"), (1, "3")]
+    finally:
+        await conn.close()
+        await store.close()
