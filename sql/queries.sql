@@ -255,8 +255,9 @@ order by e.seq
 -- Group-committed checkpoints of many workflows, one durable.checkpoint_row each; a row
 -- whose claim token no longer matches (a zombie) or whose position is taken is left out
 -- of the result. A plain insert behind NOT EXISTS, not ON CONFLICT: a speculative insert
--- writes one WAL record more per event (four instead of three), and while the fence's
--- share lock is held no other writer can take the position before this one commits.
+-- writes one WAL record more per event (four instead of three), and no concurrent insert
+-- can race this one for a position: the fence admits only the claim that holds the
+-- task, and that claim writes each position once.
 with v as (
     select * from unnest($1::durable.checkpoint_row[])
 ), fence as (
