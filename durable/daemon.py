@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import os
 import signal
 import time
@@ -43,6 +44,13 @@ FLUSH_CONNECTIONS = 3
 
 RETENTION_INTERVAL = 300.0
 """Seconds between prune passes when DURABLE_RETENTION is set."""
+
+FINAL_WRITES = 5.0
+"""Seconds a shutdown gives its last writes once the grace period is over: outcomes still
+being written, the hand-back of unfinished tasks, flushes in flight, the daemon's row and
+the pool's close. A network path that stops answering never errors, so without a bound
+those writes would hold the daemon until it is killed; a server that has not answered by
+then is taken for unreachable, and the tasks' leases hand them over when they expire."""
 
 GC_YOUNG = 10_000
 """Allocations between collections of the youngest generation (Python's default: 700)."""
@@ -98,6 +106,9 @@ class Daemon:
         """Set once LISTEN is live and every queue loop has claimed once (systemd READY=1)."""
         self._stop = anyio.Event()
         self._force = anyio.Event()
+        self._grace_deadline = math.inf
+        self._final_deadline = math.inf
+        """When the shutdown's last writes give up (see FINAL_WRITES); set by stop()."""
         self._timer_wakeup = asyncio.Event()
         self._schedule_wakeup = asyncio.Event()
         self._last_heartbeat = time.monotonic()
@@ -118,10 +129,16 @@ class Daemon:
 
     def stop(self) -> None:
         """Begin a graceful shutdown; a second call skips the grace period."""
+        now = anyio.current_time()
         if self._stop.is_set():
             self._force.set()
+            self._final_deadline = min(self._final_deadline, now + FINAL_WRITES)
         else:
             sdnotify.notify("STOPPING=1\nSTATUS=stopping")
+            # The grace period counts from the stop, and the last writes get FINAL_WRITES
+            # after it: the whole shutdown is bounded, whatever the network does.
+            self._grace_deadline = now + self.settings.shutdown_grace
+            self._final_deadline = self._grace_deadline + FINAL_WRITES
         self._stop.set()
         for w in self.workers.values():
             w.stop()
@@ -243,8 +260,12 @@ class Daemon:
                         loops.start_soon(w.run)
                 # Every queue loop has returned: stopping, or a burst ran dry.
                 await self._drain()
-                await completions.drain()
-                await checkpoints.drain()
+                with self._last_writes() as scope:
+                    await completions.drain()
+                    await checkpoints.drain()
+                if scope.cancelled_caught:
+                    log.warning("task_outcome_not_written", note="a flush in flight got no "
+                                "answer; those leases will expire and the tasks run again")
                 completions.close()
                 checkpoints.close()
                 root.cancel_scope.cancel()
@@ -253,7 +274,7 @@ class Daemon:
                 self.http.close()
             for job in self._jobs:  # cancelled from outside: leave no orphaned attempt behind
                 job.cancel()
-            with anyio.CancelScope(shield=True):
+            with self._last_writes() as scope:
                 for conn in self._completing + self._checkpointing:
                     await conn.release()
                 try:
@@ -262,6 +283,9 @@ class Daemon:
                     if not is_transient(exc):
                         raise
                 await store.close()
+            if scope.cancelled_caught:
+                store.terminate()  # the server stopped answering: close without a goodbye
+                log.warning("database_unreachable_at_stop", note="connections closed at once")
             log.info("daemon_stopped", worker_id=str(self.id))
 
     async def _listen_http(self, store: Store, host: str, port: int) -> None:
@@ -342,22 +366,37 @@ class Daemon:
         expire and they run then."""
         assert self.store is not None
         released: set[int] | None = None
-        with anyio.CancelScope(shield=True):
+        error = "the database did not answer in time"
+        with self._last_writes():
             try:
                 released = await self.store.release([(a.task.id, a.task.token) for a in attempts])
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                log.warning("tasks_not_released", count=len(attempts), error=redact(str(exc)),
-                            note="their leases will expire and they will run then")
+                error = redact(str(exc))
+        if released is None:
+            log.warning("tasks_not_released", count=len(attempts), error=error,
+                        note="their leases will expire and they will run then")
         return released
+
+    def _last_writes(self) -> anyio.CancelScope:
+        """A scope for a write that must be made even while shutting down: shielded from
+        cancellation, and bounded: by the shutdown's deadline for its last writes, or
+        FINAL_WRITES from now outside a shutdown."""
+        deadline = self._final_deadline
+        if deadline == math.inf:
+            deadline = anyio.current_time() + FINAL_WRITES
+        return anyio.CancelScope(shield=True, deadline=deadline)
 
     async def _drain(self) -> None:
         """Let running attempts finish within the grace period, then hand them back."""
         if self.attempts and not self._force.is_set():
             log.info("daemon_draining", running=len(self.attempts), grace=self.settings.shutdown_grace)
             sdnotify.notify(f"STATUS=draining {len(self.attempts)} running task(s)")
-            with anyio.move_on_after(self.settings.shutdown_grace):
+            grace = self._grace_deadline
+            if grace == math.inf:  # a burst that ran dry: no stop() started the clock
+                grace = anyio.current_time() + self.settings.shutdown_grace
+            with anyio.CancelScope(deadline=grace):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._wait_attempts, tg)
                     tg.start_soon(self._wait_force, tg)
@@ -366,8 +405,14 @@ class Daemon:
             a.stop("shutdown")
         # Shielded: the leases must be released even though we are shutting down, so that
         # another daemon takes these tasks now rather than when the leases expire.
-        with anyio.CancelScope(shield=True):
+        with self._last_writes() as scope:
             await self._wait_jobs()
+        if scope.cancelled_caught:
+            # Outcomes still being written when the database stopped answering.
+            log.warning("task_outcome_not_written", count=len(self._jobs),
+                        note="their leases will expire and they will run again")
+            for job in list(self._jobs):
+                job.cancel()
         if left:
             released = await self._release(left)
             if released is not None:

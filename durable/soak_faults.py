@@ -35,6 +35,7 @@ class Proxy:
         self._open.set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -52,17 +53,21 @@ class Proxy:
         return not self._open.is_set()
 
     async def close(self) -> None:
+        self._closed = True
         self.resume()
         if self._server is not None:
             self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
+        while self._tasks:
+            for t in list(self._tasks):
+                t.cancel()
             await asyncio.wait(list(self._tasks))
         if self._server is not None:
             await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closed:  # accepted just before the close, and started after it
+            writer.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -89,8 +94,10 @@ class Proxy:
             finally:
                 for p in pumps:
                     p.cancel()
-                await asyncio.wait(pumps)
-                up_writer.close()
+                try:
+                    await asyncio.wait(pumps)
+                finally:  # even when a second cancellation ends that wait
+                    up_writer.close()
         finally:
             writer.close()
 

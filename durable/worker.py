@@ -28,6 +28,11 @@ from durable.store import Store, is_transient
 
 log = get_logger("durable.worker")
 
+CLAIM_STOP_TIMEOUT = 2.0
+"""Seconds a claim in flight when the daemon stops may still take: on a network path that
+stopped answering it would hold the loop, and the shutdown, for ever. Whatever it claimed
+goes back to the queue when the leases expire."""
+
 HOLD_LIMIT = 0.5
 """Seconds a task claimed ahead may wait for a slot before it goes back to the queue."""
 
@@ -111,6 +116,8 @@ class QueueWorker:
         timer."""
         self._slot_freed = asyncio.Event()
         self._stopping = False
+        self._claiming: anyio.CancelScope | None = None
+        """The claim in flight, which a stop bounds (CLAIM_STOP_TIMEOUT)."""
         self._held = 0.0
         self._conn = store.kept_connection() if keep_connection else None
         """The loop's own connection for its claims, if it keeps one."""
@@ -126,6 +133,9 @@ class QueueWorker:
 
     def stop(self) -> None:
         self._stopping = True
+        claiming = self._claiming
+        if claiming is not None:
+            claiming.deadline = min(claiming.deadline, anyio.current_time() + CLAIM_STOP_TIMEOUT)
         self.notify()
         self._slot_freed.set()
 
@@ -184,11 +194,15 @@ class QueueWorker:
             self._notified = False
             started = time.monotonic()
             releases = self._releases
+            tasks: list[Claimed] = []
+            self._claiming = claim = anyio.CancelScope()
             try:
-                tasks = await self.store.claim(
-                    self.queue, self.names, room, self.lease, self.worker_id, self._conn
-                )
+                with claim:
+                    tasks = await self.store.claim(
+                        self.queue, self.names, room, self.lease, self.worker_id, self._conn
+                    )
             except Exception as exc:
+                self._claiming = None
                 if not is_transient(exc):
                     raise
                 log.warning(
@@ -200,6 +214,11 @@ class QueueWorker:
                 await self._wait_for_wakeup(backoff)
                 backoff = min(backoff * 2, self.poll_interval)
                 continue
+            self._claiming = None
+            if claim.cancelled_caught:
+                log.warning("claim_abandoned", queue=self.queue, note="stopping, and the "
+                            "database did not answer; what it claimed runs when the leases expire")
+                break
             backoff = 0.1
             now = time.monotonic()
             self._measure(now - started)

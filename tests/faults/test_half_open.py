@@ -9,11 +9,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import pytest
+from anyio.abc import TaskGroup, TaskStatus
 
 import durable
+from durable.daemon import FINAL_WRITES, Daemon
 from durable.listener import Listener
+from durable.registry import registry
 from durable.soak_faults import Proxy
-from tests.helpers import execute, running_daemon, wait_for
+from durable.worker import CLAIM_STOP_TIMEOUT
+from tests.helpers import execute, running_daemon, settings, wait_for
 
 QUEUE = "half-open"
 _forever = asyncio.Event()  # never set: the task runs until it is stopped
@@ -102,6 +106,74 @@ async def test_a_daemon_cut_off_by_a_stalled_path_stops_its_attempts_within_its_
         # Its lease expired and its one attempt is spent: reaped, not left running.
         info = await client.get(handle.id)
         assert info.status in ("running", "failed")
+
+
+@pytest.mark.timeout(60)
+async def test_a_daemon_stopped_while_its_path_is_stalled_exits_within_its_bounds(
+    dsn: str, proxy: tuple[Proxy, str]
+) -> None:
+    """SIGTERM while the network path hangs: the grace period, then at most FINAL_WRITES
+    for the last writes (the hand-back of the running task finds no answer), then exit."""
+    p, via = proxy
+    async with durable.connect(dsn) as client:
+        handle = await client.start(ho_block)
+        daemon = Daemon(settings(queues=QUEUE, lease="30", shutdown_grace="1"), registry, via)
+        async with anyio.create_task_group() as tg:
+            ended = await serve(tg, daemon)
+
+            async def running() -> list[object]:
+                return list(daemon.attempts.values())
+
+            [attempt] = await wait_for(running, timeout=20)
+            p.stall()
+            try:
+                with anyio.fail_after(1 + FINAL_WRITES + CLAIM_STOP_TIMEOUT + 10):
+                    daemon.stop()
+                    await ended.wait()
+            finally:
+                p.resume()
+        assert attempt.reason == "shutdown"
+        # The hand-back never reached the server: the task stays running until its lease
+        # expires and another daemon takes it.
+        assert (await client.get(handle.id)).status == "running"
+
+
+@pytest.mark.timeout(60)
+async def test_a_claim_in_flight_on_a_stalled_path_does_not_hold_the_shutdown(
+    dsn: str, proxy: tuple[Proxy, str]
+) -> None:
+    p, via = proxy
+    daemon = Daemon(settings(queues=QUEUE, poll_interval="0.1", shutdown_grace="1"), registry,
+                    via)
+    async with anyio.create_task_group() as tg:
+        ended = await serve(tg, daemon)
+        worker = daemon.workers[QUEUE]
+        p.stall()
+        try:
+
+            async def claiming() -> bool:
+                return worker._claiming is not None  # the loop's next poll claims, and hangs
+
+            await wait_for(claiming, timeout=20)
+            with anyio.fail_after(1 + FINAL_WRITES + CLAIM_STOP_TIMEOUT + 10):
+                daemon.stop()
+                await ended.wait()
+        finally:
+            p.resume()
+
+
+async def serve(tg: TaskGroup, daemon: Daemon) -> anyio.Event:
+    """Start ``daemon`` in ``tg``; the event is set once its run() has returned."""
+    ended = anyio.Event()
+
+    async def run(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await daemon.run(task_status=task_status)
+        finally:
+            ended.set()
+
+    await tg.start(run)
+    return ended
 
 
 @pytest.mark.timeout(60)
