@@ -190,8 +190,9 @@ class Settings:
     - `lease` (`DURABLE_LEASE`, default 30 s, at least 1 s): how long a claim lasts
       without a heartbeat before another daemon may take the task.
     - `claim_ahead` (`DURABLE_CLAIM_AHEAD`, default `auto`): how many tasks a queue
-      may claim beyond its free slots; None (auto) sizes it to how fast slots free up
-      times a claim's round trip, 0 claims only for free slots.
+      may claim beyond its free slots; None (auto) sizes it to the slots that free up
+      during two claims' round trips or 20 ms, whichever is longer; 0 claims only for
+      free slots.
     - `shutdown_grace` (`DURABLE_SHUTDOWN_GRACE`, default 30 s): how long running
       tasks may finish after SIGTERM before they are cancelled.
     - `log_level` (`DURABLE_LOG_LEVEL`): `debug`, `info` (default), `warning`, `error`.

@@ -33,6 +33,12 @@ CLAIM_STOP_TIMEOUT = 2.0
 stopped answering it would hold the loop, and the shutdown, for ever. Whatever it claimed
 goes back to the queue when the leases expire."""
 
+AHEAD_WINDOW = 0.02
+"""Seconds of slot turnover a queue claims ahead, at least. Sized by two claim round trips
+alone, a queue of short tasks claimed a few at a time and its slots ran dry while a claim
+was out: three-step workflows at concurrency 32 ran 20-56% faster with this window (six
+alternating pairs), on less daemon CPU each; no-op drains and latency were unchanged."""
+
 HOLD_LIMIT = 0.5
 """Seconds a task claimed ahead may wait for a slot before it goes back to the queue."""
 
@@ -50,12 +56,12 @@ def idle_wait(poll_interval: float, next_due: datetime | None, now: datetime) ->
 
 
 def ahead(limit: int, rate: float, round_trip: float) -> int:
-    """How many tasks to claim beyond the free slots: twice the slots that free up during
-    one claim's round trip (rounded down: slow tasks get none), at most four sets of
-    slots."""
+    """How many tasks to claim beyond the free slots: the slots that free up during two
+    claim round trips or AHEAD_WINDOW, whichever is longer (rounded down: slow tasks get
+    none), at most four sets of slots."""
     if rate <= 0 or round_trip <= 0:
         return 0
-    return min(4 * limit, math.floor(2 * rate * round_trip))
+    return min(4 * limit, math.floor(rate * max(2 * round_trip, AHEAD_WINDOW)))
 
 
 class QueueWorker:

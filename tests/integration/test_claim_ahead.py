@@ -41,10 +41,13 @@ async def ahead_follow(key: str) -> str:
     return key
 
 
-def test_claim_ahead_is_the_slots_that_free_up_during_a_round_trip() -> None:
+def test_claim_ahead_is_the_slots_that_free_up_during_two_round_trips_or_20_ms() -> None:
     # 1,000 slots freed per second and 1/64 s a claim: 15.6 free up while a claim is out.
     assert ahead(32, 1000, 1 / 64) == 31
     assert ahead(32, 100_000, 1 / 64) == 128  # never more than four sets of slots
+    # A fast claim of short tasks still takes a batch: the slots that free up in
+    # AHEAD_WINDOW (20 ms), not just in two 1 ms round trips.
+    assert ahead(32, 3000, 0.001) == 60
     # Slow tasks (32 slots of 10-minute tasks) get none: nothing waits for a busy slot.
     assert ahead(32, 32 / 600, 0.003) == 0
     assert ahead(32, 0, 0.003) == 0
