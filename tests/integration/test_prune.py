@@ -128,6 +128,24 @@ async def test_prune_deletes_only_old_finished_trees(dsn: str) -> None:
         assert again == PruneResult()
 
 
+async def test_a_task_deleted_by_hand_takes_its_events_with_it(dsn: str) -> None:
+    # The event log has no foreign key to its task (a trigger does the cascade): tasks
+    # deleted by a statement of the user's own, one or many at once, leave no events
+    # behind, and the events of the tasks that stay are untouched.
+    async with connection(dsn) as conn:
+        a, b, c = [await make(conn, "completed", events=n) for n in (3, 2, 4)]
+        await conn.execute("delete from durable.tasks where id = $1", a)
+        assert await conn.fetchval("select count(*) from durable.events") == 6
+        await conn.execute("delete from durable.tasks where id = any($1::bigint[])", [b, c])
+        assert await conn.fetchval("select count(*) from durable.events") == 0
+        kept = await make(conn, "completed", events=2)
+        async with conn.transaction():  # deleted and re-read within one transaction
+            await conn.execute("delete from durable.tasks where id <> $1", kept)
+            assert await conn.fetch(
+                "select task_id, count(*) from durable.events group by task_id"
+            ) == [(kept, 2)]
+
+
 async def test_prune_cutoff_is_the_age_of_the_finish(dsn: str) -> None:
     async with connection(dsn) as conn:
         old = await make(conn, "completed", finished="2 hours")
