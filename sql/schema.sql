@@ -76,9 +76,12 @@ create table durable.tasks (
     constraint tasks_claim_check check ((status = 'running') = (claim_token is not null))
 );
 
--- Queued work in claim order: priority, then due time. Finished history does not slow
--- the claim, nor do tasks scheduled for later (within a level they follow the due ones).
-create index tasks_ready_idx on durable.tasks (queue, priority desc, run_at, id)
+-- Queued work by priority, then due time. Finished history does not slow the claim, nor
+-- do tasks scheduled for later (within a level they follow the due ones). Priorities
+-- ascend (0011): a claim finds the highest level reading backwards from the newest entry,
+-- not past the dead entries of claimed tasks that gather at the start of each level
+-- until VACUUM removes them.
+create index tasks_ready_idx on durable.tasks (queue, priority, run_at, id)
     where status = 'queued';
 -- Running tasks: counted per queue under a fleet-wide limit; expired leases for the reaper.
 create index tasks_running_idx on durable.tasks (queue, lease_until) where status = 'running';
