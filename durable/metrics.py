@@ -74,6 +74,8 @@ class Metrics:
         self.listener: Callable[[], Listener | None] = lambda: None
         self.depth: list[tuple[str, int, int, int, float | None]] | None = None
         """(queue, queued, running, waiting, oldest ready age) per queue; None: unknown."""
+        self.table: tuple[int, float | None] | None = None
+        """durable.tasks's dead row versions and seconds since its last vacuum."""
         self._depth_at = -math.inf
         self._depth_lock = asyncio.Lock()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -100,12 +102,14 @@ class Metrics:
             try:
                 async with asyncio.timeout(DEPTH_TIMEOUT):
                     rows = await store.queue_depth()
+                    table = await store.table_health()
             except Exception as exc:
                 # The scrape still answers (with the daemon's own counters): a database
                 # outage shows as missing depth gauges, and on /healthz.
                 log.warning("metrics_depth_failed", error=redact(f"{type(exc).__name__}: {exc}"))
-                self.depth = None
+                self.depth = self.table = None
                 return
+            self.table = table
             self.depth = [
                 (r["queue"], r["queued"], r["running"], r["waiting"], r["oldest_ready"])
                 for r in rows
@@ -227,6 +231,20 @@ class _Collector(Collector):
             oldest.add_metric([queue], max(0.0, age or 0.0))
         yield tasks
         yield oldest
+        if self.m.table is not None:
+            dead, age = self.m.table
+            yield GaugeMetricFamily(
+                "durable_table_dead_rows",
+                "Dead row versions in durable.tasks awaiting VACUUM (Postgres's estimate);"
+                " claims slow down as they grow.",
+                value=dead,
+            )
+            if age is not None:
+                yield GaugeMetricFamily(
+                    "durable_table_vacuum_age_seconds",
+                    "Seconds since durable.tasks was last vacuumed (by autovacuum or by hand).",
+                    value=max(0.0, age),
+                )
 
 
 def _bound(bound: float) -> str:

@@ -410,6 +410,15 @@ from durable.tasks
 where status in ('queued', 'running', 'waiting')
 group by queue
 
+-- name: table_health
+-- durable.tasks's dead row versions awaiting VACUUM (the statistics' estimate) and the
+-- seconds since it was last vacuumed, by autovacuum or by hand (null: never). Readable
+-- by any role.
+select n_dead_tup::bigint as dead,
+       extract(epoch from now() - greatest(last_vacuum, last_autovacuum))::float8
+           as vacuum_age
+from pg_stat_user_tables where schemaname = 'durable' and relname = 'tasks'
+
 -- name: unserved_names
 -- Per queue, the names of queued tasks that no live daemon ($1: heard from within this
 -- many seconds) serves: it must list the queue and have the code for the name.

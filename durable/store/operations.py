@@ -111,6 +111,11 @@ class Store(WorkflowStore):
         """(queue, queued, running, waiting, oldest_ready seconds) for every busy queue."""
         return await self.pool.fetch(self.q["queue_depth"])
 
+    async def table_health(self) -> tuple[int, float | None] | None:
+        """(dead row versions, seconds since the last vacuum) of durable.tasks."""
+        row = await self.pool.fetchrow(self.q["table_health"])
+        return None if row is None else (row["dead"], row["vacuum_age"])
+
     async def unserved_names(self, live_within: float) -> list[asyncpg.Record]:
         """(queue, names, tasks): queued names that no daemon heard from lately can run."""
         return await self.pool.fetch(self.q["unserved_names"], live_within)

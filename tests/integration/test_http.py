@@ -106,6 +106,33 @@ def task_labels(name: str) -> dict[str, str]:
 # -- /metrics ---------------------------------------------------------------------------------
 
 
+async def test_metrics_show_dead_rows_until_a_vacuum(dsn: str) -> None:
+    # Dead row versions in durable.tasks (every claim and finish leaves one) slow claims
+    # until VACUUM: the gauges show them grow and go. Autovacuum is off for the table
+    # here, so only the test's own VACUUM clears them.
+    await execute(dsn, "alter table durable.tasks set (autovacuum_enabled = false)")
+    await execute(
+        dsn,
+        "insert into durable.tasks (queue, name, status, finished_at)"
+        " select 'h_dead', 'h_x', 'completed', now() from generate_series(1, 500)",
+    )
+    await execute(dsn, "update durable.tasks set finished_at = now() where queue = 'h_dead'")
+    async with running_daemon(dsn, http=HTTP, queues=f"{QUEUE}=1") as daemon:
+        assert daemon.http is not None
+        port = daemon.http.port
+
+        async def dead(at_least: bool) -> Samples | None:
+            samples = await scrape(port)
+            n = value(samples, "durable_table_dead_rows")
+            return samples if (n >= 500) == at_least else None
+
+        await wait_for(lambda: dead(True))
+        await execute(dsn, "vacuum durable.tasks")
+        after = await wait_for(lambda: dead(False))
+        assert 0 <= value(after, "durable_table_vacuum_age_seconds") < 60
+        assert ("durable_table_vacuum_age_seconds", frozenset()) in after
+
+
 async def test_metrics_move_while_tasks_run(dsn: str) -> None:
     global GATE
     GATE = anyio.Event()
