@@ -107,7 +107,8 @@ create table durable.workers (
 -- The event log of workflows: one row per durable operation, by (task, branch, seq).
 -- No foreign key to durable.tasks (0010): every statement that writes events holds the
 -- task's row locked, so the row cannot go away first, and a per-row check of the key
--- cost a sixth of a checkpoint; a deleted task's events go with it (tasks_delete_events).
+-- cost close to half of a checkpoint statement's server time; a deleted task's events go
+-- with it (tasks_delete_events).
 create table durable.events (
     task_id     bigint not null,
     branch      integer not null,
