@@ -389,8 +389,42 @@ def _daemon(env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
+async def _drain_once_all_serve(dsn: str, k: int, n: int) -> float | None:
+    """Tasks/s from the moment the last of ``k`` daemons made its first claim to the last
+    completion, read from the database's own timestamps (no polling interval in it); None
+    if fewer than ``k`` daemons claimed anything, or none was left to drain by then."""
+    from durable.store import connect
+
+    conn = await connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            "select count(*) as daemons, max(first) as ready from ("
+            " select min(started_at) as first from durable.tasks where queue = $1"
+            " group by worker_id) f",
+            QUEUE,
+        )
+        assert row is not None
+        if row["daemons"] < k:
+            return None
+        ready = row["ready"]
+        end = await conn.fetchrow(
+            "select count(*) filter (where finished_at <= $2) as before,"
+            " max(finished_at) as last from durable.tasks where queue = $1",
+            QUEUE, ready,
+        )
+        assert end is not None
+    finally:
+        await conn.close()
+    before = int(end["before"])
+    seconds = float((end["last"] - ready).total_seconds())
+    if before >= n or seconds <= 0:
+        return None
+    return (n - before) / seconds
+
+
 async def scale(server: str, n: int, concurrency: int, daemons: list[int], progress: bool) -> Result:
     figures: dict[str, Any] = {"tasks": n, "concurrency": concurrency}
+    drains: dict[int, float | None] = {}
     ok = True
     for k in daemons:
         async with scratch_database(server) as dsn:
@@ -410,11 +444,22 @@ async def scale(server: str, n: int, concurrency: int, daemons: list[int], progr
                     await anyio.to_thread.run_sync(p.wait)
             bar.close()
             ok = ok and await _count_finished(dsn) == n
-            # Daemons start in parallel with the clock: startup is part of the figure.
+            # Daemons start in parallel with the clock: startup is part of this figure.
             figures[f"daemons_{k}_per_s"] = round(n / (t1 - t0))
+            drains[k] = await _drain_once_all_serve(dsn, k, n)
     if "daemons_1_per_s" in figures and "daemons_2_per_s" in figures:
         figures["ratio_2_to_1"] = round(figures["daemons_2_per_s"] / figures["daemons_1_per_s"], 2)
-    return Result("scale", figures, verified=ok)
+    # The drain alone, as `throughput` times it: from the moment every daemon serves.
+    for k, rate in drains.items():
+        figures[f"drain_{k}_per_s"] = None if rate is None else round(rate)
+    one, two = drains.get(1), drains.get(2)
+    if one and two:
+        figures["drain_ratio_2_to_1"] = round(two / one, 2)
+    return Result(
+        "scale", figures, verified=ok,
+        notes=["daemons_K_per_s: from starting K processes (their startup included);"
+               " drain_K_per_s: from the last one's first claim to the last completion"],
+    )
 
 
 WORKLOADS = ("throughput", "latency", "floor", "workflows", "backlog", "scale")

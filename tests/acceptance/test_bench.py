@@ -67,6 +67,14 @@ async def test_every_workload_runs_verifies_its_count_and_cleans_up(server_dsn: 
     s = results["scale"]["figures"]
     assert all(s[f"daemons_{k}_per_s"] > 0 for k in (1, 2, 4))
     assert s["ratio_2_to_1"] == pytest.approx(s["daemons_2_per_s"] / s["daemons_1_per_s"], abs=0.01)
+    # The drain alone, once every daemon serves: one daemon always has all of it; with
+    # more, the first may have drained everything before the last one claimed.
+    assert s["drain_1_per_s"] > s["daemons_1_per_s"]
+    assert all(s[f"drain_{k}_per_s"] is None or s[f"drain_{k}_per_s"] > 0 for k in (2, 4))
+    if s["drain_2_per_s"] is not None:
+        assert s["drain_ratio_2_to_1"] == pytest.approx(
+            s["drain_2_per_s"] / s["drain_1_per_s"], abs=0.01
+        )
     assert await scratch_databases(server_dsn) == before
 
 
