@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from durable import sdnotify
+from durable import logs, sdnotify
 from durable.batch import Batcher
 from durable.errors import DurableError
 from durable.http import HttpServer, Probes
@@ -594,12 +594,14 @@ class Daemon:
                     )
                     return [False] * len(rows)
                 await anyio.sleep(delay)
+        info = logs.enabled("info")
         for c in items:
             t = c.task
             if t.id in accepted:
                 self.metrics.task(t.queue, t.name).completed += 1
-                log.info("task_completed", task_id=t.id, name=t.name, queue=t.queue,
-                         attempt=t.attempt, seconds=round(c.elapsed, 4))
+                if info:
+                    log.info("task_completed", task_id=t.id, name=t.name, queue=t.queue,
+                             attempt=t.attempt, seconds=round(c.elapsed, 4))
             else:
                 log.warning("task_write_rejected", task_id=t.id, name=t.name, queue=t.queue,
                             write="complete")

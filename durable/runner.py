@@ -161,14 +161,15 @@ class Runner:
         elapsed: float,
     ) -> None:
         kind, value = outcome
-        fields = {"task_id": task.id, "name": task.name, "queue": task.queue}
         series = self.metrics.task(task.queue, task.name)
         series.observe(elapsed)
         if kind == "completed":
             # Group-committed; the daemon's flush logs the outcome. Not awaited: the
             # attempt ends now, and the lease covers the task until the ack commits.
             self.completions.submit_nowait(Completion(task, value, elapsed))
-        elif kind == "suspended":
+            return
+        fields = {"task_id": task.id, "name": task.name, "queue": task.queue}
+        if kind == "suspended":
             s: Suspend = value
             status = await self.store.suspend(
                 task.id, task.token, task.branch, s.waiting_on, s.wake_at, s.event

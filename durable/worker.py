@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 import anyio
 from anyio.abc import TaskGroup
 
+from durable import logs
 from durable.logs import get_logger, redact
 from durable.models import Claimed
 from durable.runner import Attempt
@@ -231,7 +232,8 @@ class QueueWorker:
             self.claimed_once.set()
             if tasks:
                 self._held = 0.0
-                log.debug("tasks_claimed", queue=self.queue, ids=[t.id for t in tasks])
+                if logs.enabled("debug"):
+                    log.debug("tasks_claimed", queue=self.queue, ids=[t.id for t in tasks])
             for task in tasks:
                 self.claimed += 1
                 self.waiting.append((now, self.hold(task)))

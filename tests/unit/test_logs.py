@@ -28,6 +28,7 @@ def _reset_structlog() -> Iterator[None]:
     yield
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
+    logs._threshold = 0  # structlog's defaults write every level
 
 
 def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -88,6 +89,19 @@ def test_level_filters_lower_levels() -> None:
     log.info("chatty")
     log.error("broken")
     assert [line["event"] for line in json_lines(stream)] == ["broken"]
+
+
+def test_enabled_says_which_levels_the_configuration_writes() -> None:
+    # Hot paths ask before building an event: the answer must match what is written.
+    for level in logs.LEVELS:
+        stream = io.StringIO()
+        configure(level=level, fmt="json", stream=stream)
+        log = get_logger()
+        for name in logs.LEVELS:
+            getattr(log, name)(name)
+        written = [line["event"] for line in json_lines(stream)]
+        assert written == [name for name in logs.LEVELS if logs.enabled(name)]
+        assert written[0] == level
 
 
 def test_default_stream_is_stderr(capsys: pytest.CaptureFixture[str]) -> None:
