@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.scanner
 import re
 import traceback as _traceback
 from collections.abc import Callable
@@ -56,7 +57,13 @@ def json_encoder(*, default: Callable[[Any], Any], ascii_only: bool, sort_keys: 
 # Built once: json.dumps and json.loads build a new coder on every call given options.
 # Strict JSON, no NaN, UTF-8 as is; a cyclic value's RecursionError is reported by dumps.
 _encode = json_encoder(default=_not_json, ascii_only=False, sort_keys=False, allow_nan=False)
-_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_decode = _decoder.decode
+# The C scanner the decoder runs, called directly: JSONDecoder.decode wraps it in two
+# whitespace matches and a Python frame, which cost twice the scan of a short document
+# (1.47 us against 0.47 for "[123]"). Text Postgres writes has no surrounding whitespace.
+_make_scanner: Any = getattr(json.scanner, "c_make_scanner", None)
+_scan = _make_scanner(_decoder) if _make_scanner is not None else None
 
 
 def dumps(value: Any, *, what: str = "value") -> str:
@@ -93,6 +100,14 @@ def loads(text: str | None) -> Any:
         return None
     if text == "{}":
         return {}  # most tasks' keyword arguments (a new dict each time)
+    if _scan is not None:
+        try:
+            value, end = _scan(text, 0)
+        except StopIteration:
+            pass  # not a document at position 0: decode() says why, or skips the space
+        else:
+            if end == len(text):
+                return value
     return _decode(text)
 
 

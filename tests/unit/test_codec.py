@@ -48,3 +48,31 @@ def test_a_value_that_contains_itself_is_refused() -> None:
     with pytest.raises(PayloadError, match="nested too deeply"):
         dumps({"args": cyclic}, what="the result of 'job'")
     assert dumps([1, 2]) == "[1,2]"  # and the encoder is fine afterwards
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['[123]', '[1, "a", {"k": 2}]', ' [1]', '[1] ', '\n{"a": 1}\t', '"x"', '12', 'null',
+     '{"a": [1.5, -0.0, 1e300]}', '["é", "\\u2028"]'],
+)
+def test_loads_reads_what_json_loads_reads(text: str) -> None:
+    # Postgres writes no space around a document; one written by hand may have some.
+    assert loads(text) == json.loads(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("[1] [2]", "Extra data"), ("[1,", "Expecting value"), ("", "Expecting value"),
+     ("x", "Expecting value"), ("[1] x", "Extra data")],
+)
+def test_loads_refuses_what_is_not_one_document_as_json_loads_does(
+    text: str, message: str
+) -> None:
+    with pytest.raises(json.JSONDecodeError, match=message):
+        loads(text)
+
+
+@pytest.mark.parametrize("text", ["NaN", "[Infinity]", "[1, -Infinity]"])
+def test_loads_refuses_the_constants_json_does_not_have(text: str) -> None:
+    with pytest.raises(PayloadError, match="is not valid JSON"):
+        loads(text)
