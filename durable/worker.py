@@ -283,8 +283,8 @@ class QueueWorker:
             return
         attempts = [a for _, a in self.waiting]
         self.waiting.clear()
-        self.given_back += len(attempts)
         await self.give_back(attempts)
+        self.given_back += len(attempts)  # once written: whoever reads it finds them queued
 
     async def _idle(self) -> None:
         delay: float | None = None
