@@ -128,9 +128,10 @@ class Checkpoint(NamedTuple):
     wake_at: datetime | None = None
 
 
-@dataclass(frozen=True)
-class NewTask:
-    """A task to insert (client.start_many, children)."""
+class NewTask(NamedTuple):
+    """A task to insert (client.start_many, children). A tuple: one is made for every
+    task started, and a frozen dataclass of these fields took 2.8 us to build against
+    0.7."""
 
     name: str
     args: str = "[]"
