@@ -95,14 +95,14 @@ class Metrics:
         self.listener = listener
 
     async def refresh_depth(self, store: Store) -> None:
-        """Read queue depths (one query), unless the last reading is under a second old."""
+        """Read queue depths and the table's health, unless the last reading is under a
+        second old."""
         async with self._depth_lock:
             if time.monotonic() - self._depth_at < DEPTH_TTL:
                 return
             try:
                 async with asyncio.timeout(DEPTH_TIMEOUT):
-                    rows = await store.queue_depth()
-                    table = await store.table_health()
+                    rows, table = await store.queue_depth()
             except Exception as exc:
                 # The scrape still answers (with the daemon's own counters): a database
                 # outage shows as missing depth gauges, and on /healthz.

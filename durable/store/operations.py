@@ -107,14 +107,16 @@ class Store(WorkflowStore):
             except asyncpg.UndefinedTableError:
                 return None
 
-    async def queue_depth(self) -> list[asyncpg.Record]:
-        """(queue, queued, running, waiting, oldest_ready seconds) for every busy queue."""
-        return await self.pool.fetch(self.q["queue_depth"])
-
-    async def table_health(self) -> tuple[int, float | None] | None:
-        """(dead row versions, seconds since the last vacuum) of durable.tasks."""
-        row = await self.pool.fetchrow(self.q["table_health"])
-        return None if row is None else (row["dead"], row["vacuum_age"])
+    async def queue_depth(
+        self,
+    ) -> tuple[list[asyncpg.Record], tuple[int, float | None] | None]:
+        """(queue, queued, running, waiting, oldest_ready seconds) for every busy queue,
+        and durable.tasks's (dead row versions, seconds since the last vacuum): what a
+        scrape reads, on one pool connection."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(self.q["queue_depth"])
+            health = await conn.fetchrow(self.q["table_health"])
+        return rows, None if health is None else (health["dead"], health["vacuum_age"])
 
     async def unserved_names(self, live_within: float) -> list[asyncpg.Record]:
         """(queue, names, tasks): queued names that no daemon heard from lately can run."""
