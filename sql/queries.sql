@@ -131,12 +131,14 @@ returning t.id
 
 -- name: insert_task
 -- A task without an idempotency key: a plain insert (an ON CONFLICT clause makes every
--- insert a speculative one, which costs about a seventh of an enqueue's round trip).
+-- insert a speculative one, which costs about a seventh of an enqueue's round trip). The
+-- casts give the parameters base types, not the columns' domains, which a client would
+-- first have to look up.
 insert into durable.tasks
     (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
      concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context)
-values ($1, $2, $3, $4::jsonb, $5::jsonb, $6, coalesce($7, now()), $8, $9, $10, $11, $12,
-        $13, $14::jsonb)
+values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now()),
+        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb)
 returning id
 
 -- name: insert_task_keyed
@@ -145,8 +147,8 @@ insert into durable.tasks as t
     (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
      concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context,
      idempotency_key)
-values ($1, $2, $3, $4::jsonb, $5::jsonb, $6, coalesce($7, now()), $8, $9, $10, $11, $12,
-        $13, $14::jsonb, $15)
+values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now()),
+        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb, $15)
 on conflict (idempotency_key) where idempotency_key is not null
     do update set idempotency_key = excluded.idempotency_key
 returning t.id, (t.xmax = 0) as inserted

@@ -18,19 +18,34 @@ language sql volatile parallel safe as $$
     select ((random() * 2147483648)::bigint << 31) # (random() * 2147483648)::bigint
 $$;
 
+-- 0012: the checks on one column of durable.tasks. A table's CHECK constraints are all
+-- evaluated on every row an UPDATE writes, and compiled for every statement; a domain's
+-- check only where a value of its type is written, compiled with the statement's plan.
+create domain durable.task_status as text
+    constraint task_status_check
+    check (value in ('queued', 'running', 'waiting', 'completed', 'failed', 'cancelled'));
+create domain durable.task_kind as text
+    constraint task_kind_check check (value in ('task', 'workflow'));
+create domain durable.label as text
+    constraint label_check check (length(value) between 1 and 200);
+create domain durable.positive_int as integer
+    constraint positive_int_check check (value >= 1);
+create domain durable.positive_seconds as double precision
+    constraint positive_seconds_check check (value > 0);
+
 create table durable.tasks (
     id              bigint generated always as identity primary key,
-    queue           text not null,
-    name            text not null,
-    kind            text not null default 'task',
+    queue           durable.label not null,
+    name            durable.label not null,
+    kind            durable.task_kind not null default 'task',
     args            jsonb not null default '[]',
     kwargs          jsonb not null default '{}',
-    status          text not null default 'queued',
+    status          durable.task_status not null default 'queued',
     priority        integer not null default 0,
     run_at          timestamptz not null default now(),
-    attempt         integer not null default 1,
-    max_attempts    integer not null default 3,
-    timeout         double precision,
+    attempt         durable.positive_int not null default 1,
+    max_attempts    durable.positive_int not null default 3,
+    timeout         durable.positive_seconds,
     lease_until     timestamptz,
     claim_token     bigint,
     worker_id       uuid,
@@ -46,9 +61,9 @@ create table durable.tasks (
     cancel_requested boolean not null default false,
     notify_finish   boolean not null default false,
     concurrency_key text,
-    key_limit       integer,
-    key_rate_limit  integer,
-    key_rate_period double precision,
+    key_limit       durable.positive_int,
+    key_rate_limit  durable.positive_int,
+    key_rate_period durable.positive_seconds,
     created_at      timestamptz not null default now(),
     started_at      timestamptz,
     finished_at     timestamptz,
@@ -58,18 +73,9 @@ create table durable.tasks (
     -- then max_attempts holds it); each restart grants that many again. Keep new columns
     -- last, as the migrations add them.
     attempt_budget  integer,
-    constraint tasks_key_check check (
-        (key_limit is null or key_limit >= 1)
-        and (key_rate_limit is null or key_rate_limit >= 1)
-        and ((key_rate_limit is null) = (key_rate_period is null))
-        and (key_rate_period is null or key_rate_period > 0)),
-    constraint tasks_kind_check check (kind in ('task', 'workflow')),
-    constraint tasks_status_check
-        check (status in ('queued', 'running', 'waiting', 'completed', 'failed', 'cancelled')),
-    constraint tasks_queue_check check (length(queue) between 1 and 200),
-    constraint tasks_name_check check (length(name) between 1 and 200),
-    constraint tasks_attempts_check check (max_attempts >= 1 and attempt >= 1),
-    constraint tasks_timeout_check check (timeout is null or timeout > 0),
+    -- 0012: a rate limit and its period come together. The checks on one column are the
+    -- domains' (above): they run only where a value is written.
+    constraint tasks_key_check check ((key_rate_limit is null) = (key_rate_period is null)),
     constraint tasks_running_check
         check (status <> 'running' or (claim_token is not null and lease_until is not null)),
     -- 0004: a claim token is held exactly while the task runs; batch writes fence on it.
@@ -616,8 +622,11 @@ begin
                    started_at = coalesce(t.started_at, now())
               from ready
              where t.id = ready.id
-            returning t.id, t.queue, t.name, t.kind, t.args::text, t.kwargs::text, t.attempt,
-                      t.max_attempts, t.timeout, t.claim_token, t.branch, t.parent_id,
+            -- The domains' values go out as their base types (RETURN QUERY wants exactly
+            -- the declared types).
+            returning t.id, t.queue::text, t.name::text, t.kind::text, t.args::text,
+                      t.kwargs::text, t.attempt::integer, t.max_attempts::integer,
+                      t.timeout::double precision, t.claim_token, t.branch, t.parent_id,
                       t.root_id, t.cancel_requested, ready.started_at is null;
             get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
             claimed := claimed + busy;
@@ -680,9 +689,9 @@ begin
         select 'k:' || s.concurrency_key, now() from started s
          where s.concurrency_key is not null and s.key_rate_limit is not null
     )
-    select s.id, s.queue, s.name, s.kind, s.args::text, s.kwargs::text, s.attempt,
-           s.max_attempts, s.timeout, s.claim_token, s.branch, s.parent_id, s.root_id,
-           s.cancel_requested, s.fresh
+    select s.id, s.queue::text, s.name::text, s.kind::text, s.args::text, s.kwargs::text,
+           s.attempt::integer, s.max_attempts::integer, s.timeout::double precision,
+           s.claim_token, s.branch, s.parent_id, s.root_id, s.cancel_requested, s.fresh
       from started s;
     perform set_config('durable.claiming', '', true);
 end;

@@ -65,7 +65,7 @@ async def make(
         """
         insert into durable.tasks (queue, name, status, parent_id, root_id, created_at, run_at,
                                    finished_at, claim_token, lease_until, error)
-        values ($1, $2, $3, $4, $4, now() - $5::text::interval, now() - $5::text::interval,
+        values ($1, $2, $3::text, $4, $4, now() - $5::text::interval, now() - $5::text::interval,
                 case when $3 in ('completed', 'failed', 'cancelled')
                      then now() - $5::text::interval end,
                 case when $3 = 'running' then 1 end,

@@ -53,7 +53,7 @@ async def test_malformed_rows_fail_at_once_and_the_daemon_serves_the_rest(dsn: s
         }
         # A kind nobody knows never gets in: nothing half-written for a daemon to trip on.
         before = await conn.fetchval("select count(*) from durable.tasks")
-        with pytest.raises(asyncpg.CheckViolationError, match="tasks_kind_check"):
+        with pytest.raises(asyncpg.CheckViolationError, match="task_kind_check"):
             await conn.fetchval(insert, QUEUE, "mal_ok", "bogus", "[1]", "{}")
         assert await conn.fetchval("select count(*) from durable.tasks") == before
         # A row whose kind disagrees with the code runs as the code says.

@@ -10,16 +10,23 @@ import pytest
 
 from durable.models import Checkpoint
 from durable.store import latest_version, migrate, schema_sql
+from durable.store.schema import migration_files, named_queries
 from tests.conftest import admin, database_dsn, quote_ident
 
 CATALOG = {
     "columns": """
-        select table_name, column_name, data_type, is_nullable, column_default, ordinal_position
+        select table_name, column_name, data_type, domain_name, is_nullable, column_default,
+               ordinal_position
         from information_schema.columns where table_schema = 'durable'
         order by table_name, ordinal_position""",
+    "domains": """
+        select t.typname, format_type(t.typbasetype, t.typtypmod), t.typnotnull
+        from pg_type t where t.typnamespace = 'durable'::regnamespace and t.typtype = 'd'
+        order by 1""",
     "constraints": """
-        select conrelid::regclass::text, conname, pg_get_constraintdef(oid)
-        from pg_constraint where connamespace = 'durable'::regnamespace order by 1, 2""",
+        select conrelid::regclass::text, contypid::regtype::text, conname,
+               pg_get_constraintdef(oid), convalidated
+        from pg_constraint where connamespace = 'durable'::regnamespace order by 1, 2, 3""",
     "indexes": """
         select tablename, indexname, indexdef from pg_indexes
         where schemaname = 'durable' order by 1, 2""",
@@ -109,3 +116,110 @@ async def test_a_checkpoint_travels_as_the_row_type_field_for_field(dsn: str) ->
     finally:
         await conn.close()
     assert [r[0] for r in fields] == list(Checkpoint._fields)
+
+
+async def test_the_task_columns_refuse_what_their_checks_refuse(dsn: str) -> None:
+    """The checks on one column live in domains (0012), the ones relating columns on the
+    table: each still refuses its bad value, whatever writes it."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        task = await conn.fetchval(
+            "insert into durable.tasks (queue, name) values ('q', 'n') returning id"
+        )
+        bad = {
+            "status = 'finished'": "task_status_check",
+            "kind = 'job'": "task_kind_check",
+            "queue = ''": "label_check",
+            "name = repeat('n', 201)": "label_check",
+            "attempt = 0": "positive_int_check",
+            "max_attempts = 0": "positive_int_check",
+            "key_limit = 0": "positive_int_check",
+            "timeout = 0": "positive_seconds_check",
+            "key_rate_limit = 5": "tasks_key_check",  # a rate limit without its period
+            "key_rate_limit = 0, key_rate_period = 1": "positive_int_check",
+            "key_rate_limit = 5, key_rate_period = -1": "positive_seconds_check",
+            "status = 'running'": "tasks_claim_check",  # running without a claim token
+            "status = 'running', claim_token = 1": "tasks_running_check",  # nor a lease
+            "claim_token = 1": "tasks_claim_check",  # a token on a queued task
+        }
+        for change, check in bad.items():
+            with pytest.raises(asyncpg.CheckViolationError, match=check):
+                await conn.execute(f"update durable.tasks set {change} where id = $1", task)
+        with pytest.raises(asyncpg.CheckViolationError, match="label_check"):
+            await conn.execute("insert into durable.tasks (queue, name) values ('q', '')")
+        # And what is right goes in.
+        await conn.execute(
+            "update durable.tasks set status = 'running', claim_token = 1,"
+            " lease_until = now(), key_rate_limit = 5, key_rate_period = 0.5 where id = $1",
+            task,
+        )
+    finally:
+        await conn.close()
+
+
+async def test_statements_take_base_types_so_a_client_looks_nothing_up(dsn: str) -> None:
+    """A parameter typed as one of durable's domains makes asyncpg look the type up, one
+    more query, on every new connection. The statements cast to base types instead."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for i, query in enumerate(named_queries("queries.sql").values()):
+            await conn.execute(f"prepare s{i} as {query}")
+        found = await conn.fetch(
+            "select s.statement, t.typname from pg_prepared_statements s,"
+            " unnest(s.parameter_types) p join pg_type t on t.oid = p"
+            " where t.typnamespace = 'durable'::regnamespace and t.typtype = 'd'"
+        )
+    finally:
+        await conn.close()
+    assert not found, [(r["typname"], r["statement"][:80]) for r in found]
+
+
+async def test_0012_keeps_the_rows_and_the_claim_still_reads_its_index(
+    two_databases: tuple[str, str],
+) -> None:
+    """Moving the checks into domains changes column types on a table with rows in it: no
+    row is lost or rewritten, the partial indexes still serve the claim."""
+    dsn, _ = two_databases
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("create schema durable")
+        for version, _name, path in migration_files():
+            if version < 12:
+                await conn.execute(path.read_text())
+        await conn.execute(
+            "insert into durable.tasks (queue, name, status, claim_token, lease_until,"
+            " key_rate_limit, key_rate_period, finished_at)"
+            " select 'q', 'n' || g, s, case when s = 'running' then g end,"
+            " case when s = 'running' then now() end, 3, 1.5, now()"
+            " from generate_series(1, 600) g,"
+            " lateral (select (array['queued', 'running', 'completed'])[g % 3 + 1] as s) x"
+        )
+        before = await conn.fetch("select *, ctid from durable.tasks order by id")
+        await conn.execute(
+            "create table durable.migrations (version integer primary key, name text not null,"
+            " applied_at timestamptz not null default now());"
+            " insert into durable.migrations (version, name) select g, 'm' from generate_series(1, 11) g"
+        )
+    finally:
+        await conn.close()
+    assert await migrate(dsn) == [12]
+    conn = await asyncpg.connect(dsn)
+    try:
+        after = await conn.fetch("select *, ctid from durable.tasks order by id")
+        assert [tuple(r) for r in after] == [tuple(r) for r in before]  # same rows, same places
+        await conn.execute("analyze durable.tasks")
+        await conn.execute("set enable_seqscan = off")
+        plan = "\n".join(
+            r[0]
+            for r in await conn.fetch(
+                "explain select id from durable.tasks where queue = 'q' and status = 'queued'"
+                " order by priority, run_at, id"
+            )
+        )
+        assert "tasks_ready_idx" in plan, plan
+        claimed = await conn.fetch(
+            "select * from durable.claim('q', array['n3', 'n6'], 5, 30, gen_random_uuid())"
+        )
+        assert sorted(r["name"] for r in claimed) == ["n3", "n6"]
+    finally:
+        await conn.close()

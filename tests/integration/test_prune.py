@@ -46,7 +46,7 @@ async def make(
         """
         insert into durable.tasks (queue, name, kind, status, parent_id, root_id, created_at,
                                    finished_at, claim_token, lease_until)
-        values ('p', 'p_task', 'workflow', $1, $2, $3, now() - interval '3 days',
+        values ('p', 'p_task', 'workflow', $1::text, $2, $3, now() - interval '3 days',
                 case when $4 then now() - $5::text::interval end,
                 case when $1 = 'running' then 1 end,
                 case when $1 = 'running' then now() + interval '1 hour' end)
