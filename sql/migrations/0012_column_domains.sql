@@ -1,5 +1,6 @@
--- The checks on one column of durable.tasks move into domains; the table keeps the two
--- that relate columns.
+-- The checks on one column of durable.tasks move into domains; the table keeps the ones
+-- that relate columns (the claim token and lease of a running task, a rate limit's
+-- period).
 --
 -- PostgreSQL evaluates every CHECK constraint of a table on every row an UPDATE writes,
 -- whatever columns it changes, and compiles them afresh for every statement. With nine of
