@@ -13,10 +13,12 @@ from durable.errors import (
     TaskCancelled,
     TaskFailed,
 )
+from durable.models import CancelResult
 from durable.registry import Definition, task, workflow
 from durable.retry import RetryPolicy
 
 __all__ = [
+    "CancelResult",
     "Client",
     "ConfigurationError",
     "Context",

@@ -245,9 +245,11 @@ def _act(args: argparse.Namespace, what: str) -> int:
 
     out = _with_client(args, go)
     if what == "cancel":
+        if out.finished is not None:
+            raise CommandError(f"task {args.id} had already finished ({out.finished})")
         if not out:
-            raise CommandError(f"task {args.id} does not exist or has already finished")
-        print(f"cancelled {len(out)} task(s): {', '.join(map(str, out))}")
+            raise CommandError(f"task {args.id} does not exist")
+        print(f"cancelled {len(out.cancelled)} task(s): {', '.join(map(str, out.cancelled))}")
     else:
         print(f"task {args.id} queued again ({what}), branch {out}")
     return 0

@@ -6,7 +6,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
@@ -14,7 +14,7 @@ import anyio
 from durable import tracing
 from durable.codec import dumps
 from durable.errors import DurableError, TaskCancelled, TaskFailed
-from durable.models import TERMINAL, HistoryEntry, NewTask, TaskInfo
+from durable.models import TERMINAL, CancelResult, HistoryEntry, NewTask, TaskInfo
 from durable.registry import Definition, registry
 from durable.store import Connection, Store, Subscription
 
@@ -84,7 +84,7 @@ class Client:
         if delay is not None:
             if not isinstance(delay, int | float) or not 0 <= delay < 10 * 365 * 86400:
                 raise DurableError(f"delay must be a number of seconds from 0 to 10 years, got {delay!r}")
-            run_at = datetime.now(UTC) + timedelta(seconds=delay)
+            run_at = self.store.now() + timedelta(seconds=delay)
         if run_at is not None and run_at.tzinfo is None:
             raise DurableError("run_at must be an aware datetime (with tzinfo)")
         prio = priority if priority is not None else (d.priority if d is not None else 0)
@@ -244,12 +244,21 @@ class Client:
 
     # -- acting on tasks ------------------------------------------------------------------
 
-    async def cancel(self, task_id: int) -> list[int]:
-        """Cancel the task and its unfinished children; returns the ids affected.
+    async def cancel(self, task_id: int) -> CancelResult:
+        """Cancel the task and its unfinished descendants; says which tasks it cancelled,
+        or the task's status when it had already finished.
 
-        Queued and waiting tasks end at once; a running one is interrupted by its daemon.
+        Queued and waiting tasks end at once; a running one is interrupted by its daemon
+        (told at once, or at its next heartbeat when the notification is lost) and ends
+        ``cancelled`` whatever its attempt does next: a cancel that commits before the
+        outcome wins.
         """
-        return [i for i, _ in await self.store.cancel(_task_id(task_id))]
+        task_id = _task_id(task_id)
+        rows = await self.store.cancel([task_id])
+        finished = next((status for i, status, done in rows if i == task_id and done), None)
+        cancelled = [i for i, _, done in rows if not done]
+        cancelled.sort(key=lambda i: i != task_id)  # the task itself first
+        return CancelResult(task_id, tuple(cancelled), finished)
 
     async def send_event(self, task_id: int, name: str, payload: Any = None) -> bool:
         """Deliver event ``name`` to the workflow; kept until it waits for it.

@@ -144,3 +144,60 @@ def error_payload(exc: BaseException) -> dict[str, Any]:
         "traceback": "".join(_traceback.format_exception(exc)),
         "args": args,
     }
+
+
+MAX_ERROR = 64 * 1024
+"""Largest stored error (type, message, traceback, arguments), in bytes of UTF-8."""
+
+
+def _readable(text: str) -> str:
+    """``text`` as Postgres jsonb stores it: no NUL, no lone surrogate (both escaped)."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _clip(text: str, limit: int, what: str) -> str:
+    size = len(text.encode())
+    if size <= limit:
+        return text
+    kept = text.encode()[:limit].decode("utf-8", "ignore")
+    return f"{kept}... [truncated: {size - len(kept.encode()):,} bytes of the {what} dropped]"
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException as e:
+        return f"<the message could not be read: str() raised {type(e).__name__}>"
+
+
+def describe_error(exc: BaseException, limit: int = 500) -> str:
+    """``Type: message`` for a log line, whatever the exception holds."""
+    return _clip(_readable(f"{type(exc).__name__}: {_message(exc)}"), limit, "message")
+
+
+def error_text(exc: BaseException) -> str:
+    """The stored error of ``exc`` as JSON text, always: what cannot be encoded is
+    replaced (NUL, lone surrogates, a message that raises) and what is too long is cut,
+    saying how much was dropped, so an outcome is never lost to its error."""
+    cls = type(exc)
+    try:
+        tb = "".join(_traceback.format_exception(exc))
+    except BaseException as e:
+        tb = f"<the traceback could not be formatted: {type(e).__name__}>"
+    try:
+        args = json.loads(json.dumps(list(exc.args), allow_nan=False))
+        if len(dumps(args)) > MAX_ERROR // 4:
+            args = None
+    except BaseException:
+        args = None
+    payload = {
+        "type": _clip(_readable(f"{cls.__module__}.{cls.__qualname__}"), 1000, "type name"),
+        "message": _clip(_readable(_message(exc)), MAX_ERROR // 4, "message"),
+        "traceback": _clip(_readable(tb), MAX_ERROR // 2, "traceback"),
+        "args": args,
+    }
+    return dumps(payload)

@@ -7,7 +7,7 @@ import inspect
 import random as _random
 import uuid as _uuid
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from durable import tracing
@@ -43,10 +43,6 @@ class Suspend(BaseException):
         self.waiting_on = list(waiting_on) if waiting_on is not None else None
         self.wake_at = wake_at
         self.event = event
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def describe(kind: str, name: str, dig: str) -> str:
@@ -209,7 +205,7 @@ class Context:
         t = self._task
         return Checkpoint(
             t.id, t.token, t.branch, seq, kind, name, dig, status, result, error, t.attempt,
-            started_at or utcnow(), wake_at,
+            started_at or self._store.now(), wake_at,
         )
 
     async def _commit(self, cp: Checkpoint) -> None:
@@ -241,7 +237,7 @@ class Context:
         seq, event = self._next("step", name, dig)
         if event is not None:
             return self._recorded(event)
-        started = utcnow()
+        started = self._store.now()
         with tracing.step_span(name, seq, "step"):
             try:
                 result = fn(*args, **kwargs)
@@ -408,7 +404,10 @@ class Context:
 
     async def sleep(self, seconds: float, *, name: str = "sleep") -> None:
         """Sleep durably: the workflow is suspended and its slot freed until the time comes."""
-        await self.sleep_until(utcnow() + timedelta(seconds=max(0.0, seconds)), name=name)
+        # The database's clock, as every deadline it compares (durable.suspend).
+        await self.sleep_until(
+            self._store.now() + timedelta(seconds=max(0.0, seconds)), name=name
+        )
 
     async def sleep_until(self, when: datetime, *, name: str = "sleep") -> None:
         """Sleep durably until ``when`` (an aware datetime)."""
@@ -422,7 +421,7 @@ class Context:
         else:
             assert event.wake_at is not None
             wake = event.wake_at
-        if utcnow() < wake:
+        if self._store.now() < wake:
             raise Suspend(wake_at=wake)
 
     async def wait_for_event(self, name: str, *, timeout: float | None = None) -> Any:
@@ -441,7 +440,9 @@ class Context:
         if event is not None:
             deadline = event.wake_at
         else:
-            deadline = utcnow() + timedelta(seconds=timeout) if timeout is not None else None
+            deadline = (
+                self._store.now() + timedelta(seconds=timeout) if timeout is not None else None
+            )
         cp = self._cp(seq, "event", name, dig, status="pending")
         outcome, payload = await self._store.resolve_wait(cp, name, deadline, event is not None)
         if outcome == "completed":
@@ -463,7 +464,9 @@ class Context:
 
     async def now(self) -> datetime:
         """The current time, recorded: the same value on every replay."""
-        return datetime.fromisoformat(await self._memo("now", lambda: utcnow().isoformat()))
+        return datetime.fromisoformat(
+            await self._memo("now", lambda: self._store.now().isoformat())
+        )
 
     async def uuid4(self) -> _uuid.UUID:
         """A random UUID, recorded."""

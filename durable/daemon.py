@@ -21,14 +21,14 @@ from durable.batch import Batcher
 from durable.errors import DurableError
 from durable.http import HttpServer, Probes
 from durable.listener import Listener
-from durable.logs import get_logger, redact
+from durable.logs import Once, get_logger, redact
 from durable.metrics import Metrics
 from durable.models import Checkpoint, Claimed
 from durable.registry import Registry
 from durable.runner import Attempt, Completion, Runner
 from durable.scheduler import declare_schedules, run_schedules
 from durable.settings import Settings
-from durable.store import KeptConnection, Store, is_transient
+from durable.store import KeptConnection, Store, is_fatal, is_transient
 from durable.worker import QueueWorker
 
 log = get_logger("durable.daemon")
@@ -94,8 +94,9 @@ class Daemon:
         self.listen_dsn = listen_dsn or dsn
         self.burst = burst
         self.pool_size = pool_size
-        self.clock = clock or (lambda: datetime.now(UTC))
-        """The scheduler's clock (tests drive it); leases and timers use the database's."""
+        self.clock = clock or self._database_now
+        """The scheduler's clock (tests drive it); by default the database's, as for
+        leases and timers."""
         self.id = uuid.uuid4()
         self.attempts: dict[int, Attempt] = {}
         self.workers: dict[str, QueueWorker] = {}
@@ -110,6 +111,10 @@ class Daemon:
         self._final_deadline = math.inf
         """When the shutdown's last writes give up (see FINAL_WRITES); set by stop()."""
         self._timer_wakeup = asyncio.Event()
+        self._beat_now = anyio.Event()
+        self._errors = {"timers": Once(), "schedules": Once()}
+        self._skipped: dict[str, Any] = {}
+        """Schedules whose rows this daemon cannot use, left out until they change."""
         self._schedule_wakeup = asyncio.Event()
         self._last_heartbeat = time.monotonic()
         self._attempt_done = anyio.Event()
@@ -124,6 +129,9 @@ class Daemon:
         self.retention_interval = RETENTION_INTERVAL
         self.prune_runs = 0
         """Prune passes attempted under DURABLE_RETENTION (done, skipped or failed)."""
+
+    def _database_now(self) -> datetime:
+        return self.store.now() if self.store is not None else datetime.now(UTC)
 
     # -- control ---------------------------------------------------------------------
 
@@ -161,9 +169,12 @@ class Daemon:
                 attempt.stop("cancelled")
 
     def _catch_up(self) -> None:
+        """The listener is back: what it may have missed is looked for now (ready work,
+        due timers, and, through a heartbeat, cancels of running tasks)."""
         for w in self.workers.values():
             w.notify()
         self._timer_wakeup.set()
+        self._beat_now.set()
 
     def _on_timer(self, when: datetime) -> None:
         self._timer_wakeup.set()
@@ -470,7 +481,9 @@ class Daemon:
         assert self.store is not None
         interval = self.settings.lease / 3
         while True:
-            await anyio.sleep(interval)
+            with anyio.move_on_after(interval):
+                await self._beat_now.wait()  # or at once: the listener came back
+            self._beat_now = anyio.Event()
             try:
                 # A half-open connection never answers and no error ever comes: without a
                 # deadline the heartbeat would hang and the attempts below would go on
@@ -478,7 +491,7 @@ class Daemon:
                 with anyio.fail_after(interval):
                     await self._beat()
             except Exception as exc:
-                if not is_transient(exc):
+                if is_fatal(exc):
                     raise
                 silence = time.monotonic() - self._last_heartbeat
                 log.warning(
@@ -499,9 +512,17 @@ class Daemon:
                 [a.task.id for a in held], [a.task.token for a in held], self.settings.lease
             )
             for a in held:
-                if a.task.id not in kept and self.attempts.get(a.task.id) is a:
+                if self.attempts.get(a.task.id) is not a:
+                    continue
+                cancel = kept.get(a.task.id)
+                if cancel is None:
                     log.warning("lease_lost", task_id=a.task.id, name=a.task.name)
                     a.stop("lease_lost")
+                elif cancel and a.reason is None:
+                    # The notification was lost (a listener reconnecting, say): the
+                    # heartbeat reads the request too.
+                    log.info("task_cancel_requested", task_id=a.task.id, via="heartbeat")
+                    a.stop("cancelled")
         await self.store.worker_heartbeat(self.id)
         self._last_heartbeat = time.monotonic()
         reaped = await self.store.reap_expired()
@@ -542,13 +563,24 @@ class Daemon:
                 await self.store.wake_timers()
                 nxt = await self.store.next_timer()
                 if nxt is not None:
-                    until = (nxt - datetime.now(UTC)).total_seconds()
+                    until = (nxt - self.store.now()).total_seconds()
                     timeout = max(0.005, min(timeout, until))
+                self._errors["timers"].clear()
             except Exception as exc:
-                if not is_transient(exc):
-                    raise
+                self._loop_failed("timers", exc)
             with anyio.move_on_after(timeout):
                 await self._timer_wakeup.wait()
+
+    def _loop_failed(self, loop: str, exc: Exception) -> None:
+        """A housekeeping loop's pass failed: the daemon goes on serving unless retrying
+        cannot help (is_fatal); an error that is not a blip is logged once."""
+        if is_fatal(exc):
+            raise exc
+        error = redact(f"{type(exc).__name__}: {exc}")
+        if is_transient(exc):
+            log.warning(f"{loop}_failed", error=error)
+        elif self._errors[loop].new(error):
+            log.error(f"{loop}_failed", error=error, note="retried every poll interval")
 
     # -- cron schedules ----------------------------------------------------------------
 
@@ -560,7 +592,7 @@ class Daemon:
     async def run_schedules(self) -> datetime | None:
         """Start every schedule whose tick has come; returns when the next one is due."""
         assert self.store is not None
-        return await run_schedules(self.store, self.registry, self.clock())
+        return await run_schedules(self.store, self.registry, self.clock(), self._skipped)
 
     async def _schedules(self) -> None:
         while True:
@@ -571,9 +603,9 @@ class Daemon:
                 if nxt is not None:
                     until = (nxt - self.clock()).total_seconds()
                     timeout = max(0.01, min(timeout, until))
+                self._errors["schedules"].clear()
             except Exception as exc:
-                if not is_transient(exc):
-                    raise
+                self._loop_failed("schedules", exc)
             with anyio.move_on_after(timeout):
                 await self._schedule_wakeup.wait()
 
@@ -597,7 +629,13 @@ class Daemon:
         info = logs.enabled("info")
         for c in items:
             t = c.task
-            if t.id in accepted:
+            cancelled = accepted.get(t.id)
+            if cancelled:
+                # A cancel committed before the outcome: the task ended cancelled.
+                self.metrics.task(t.queue, t.name).cancelled += 1
+                log.info("task_cancelled", task_id=t.id, name=t.name, queue=t.queue,
+                         note="the cancel came before the result")
+            elif cancelled is not None:
                 self.metrics.task(t.queue, t.name).completed += 1
                 if info:
                     log.info("task_completed", task_id=t.id, name=t.name, queue=t.queue,

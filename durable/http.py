@@ -180,6 +180,8 @@ class Probes:
         }
         if error is not None:
             body["error"] = error
+        if listener is not None and listener.last_error is not None and not connected:
+            body["listener_error"] = listener.last_error
         return (200 if ready else 503), JSON, _json(body)
 
     async def scrape(self) -> Response:

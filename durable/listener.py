@@ -43,6 +43,8 @@ class Listener:
         self.connected = False
         self.reconnects = 0
         self.backend_pid: int | None = None
+        self.last_error: str | None = None
+        """Why the last connect failed, while the listener is down (shown on /readyz)."""
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         first = True
@@ -58,17 +60,22 @@ class Listener:
                     lost.set,
                 )
             except Exception as exc:
-                if not is_transient(exc):
+                # At startup an error that is not a blip is a misconfiguration: stop and
+                # say so. Once serving, keep trying whatever the error (a rotated
+                # password, a revoked CONNECT): running tasks go on meanwhile, claims
+                # fall back to polling, and /readyz reports it.
+                if first and not is_transient(exc):
                     raise
-                log.warning(
-                    "listener_connect_failed",
-                    error=redact(f"{type(exc).__name__}: {exc}"),
-                    retry_in=round(delay, 2),
+                error = redact(f"{type(exc).__name__}: {exc}")
+                (log.warning if is_transient(exc) else log.error)(
+                    "listener_connect_failed", error=error, retry_in=round(delay, 2),
                 )
+                self.last_error = error
                 await anyio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, 10.0)
                 continue
             delay = 0.1
+            self.last_error = None
             self.connected = True
             self.backend_pid = sub.backend_pid
             if first:
@@ -97,8 +104,7 @@ class Listener:
             try:
                 await sub.ping(self.ping_timeout)
             except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                log.warning("listener_ping_failed", error=f"{type(exc).__name__}: {exc}")
+                # Whatever the error, this connection is done for: open another.
+                log.warning("listener_ping_failed", error=redact(f"{type(exc).__name__}: {exc}"))
                 sub.terminate()
                 return

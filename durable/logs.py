@@ -246,3 +246,19 @@ def get_logger(name: str | None = None) -> FilteringBoundLogger:
     # Not "logger": get_logger() takes that keyword for the wrapped logger itself.
     initial: dict[str, Any] = {} if name is None else {"logger_name": name}
     return cast(FilteringBoundLogger, _Logger(initial))
+
+
+class Once:
+    """Tells whether an error is new: a loop that meets the same error again and again
+    (a bad row, a revoked privilege) logs it when it first appears, not on every retry."""
+
+    def __init__(self) -> None:
+        self._last: str | None = None
+
+    def new(self, error: str) -> bool:
+        fresh = error != self._last
+        self._last = error
+        return fresh
+
+    def clear(self) -> None:
+        self._last = None

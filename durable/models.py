@@ -150,6 +150,27 @@ class NewTask(NamedTuple):
 
 
 @dataclass(frozen=True)
+class CancelResult:
+    """What ``client.cancel`` did.
+
+    A cancel that commits before the task's outcome wins: a running task ends
+    ``cancelled`` whatever its attempt then does. ``cancelled`` lists the tasks this cancel
+    ends: the task itself first when it had not finished, then its unfinished descendants
+    (queued and waiting ones have ended already; running ones end when their daemon stops
+    them). ``finished`` is the task's status when it had finished before the cancel, in
+    which case nothing of it was cancelled. Both empty: no such task.
+    """
+
+    task_id: int
+    cancelled: tuple[int, ...] = ()
+    finished: str | None = None
+
+    def __bool__(self) -> bool:
+        """True when the cancel reached at least one task."""
+        return bool(self.cancelled)
+
+
+@dataclass(frozen=True)
 class PruneResult:
     """What one prune pass deleted (``durable prune``, ``DURABLE_RETENTION``)."""
 

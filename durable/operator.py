@@ -227,10 +227,11 @@ def cmd_bulk(args: argparse.Namespace, what: str) -> int:
                 if what == "retry":
                     done += len(await client.store.retry_many(chunk, statuses))
                 else:
-                    hit = await client.store.cancel_many(chunk)
+                    hit = await client.store.cancel(chunk)
                     mine = set(chunk)
-                    done += sum(1 for task_id, _ in hit if task_id in mine)
-                    extra += sum(1 for task_id, _ in hit if task_id not in mine)
+                    done += sum(1 for task_id, _, finished in hit
+                                if task_id in mine and not finished)
+                    extra += sum(1 for task_id, _, _ in hit if task_id not in mine)
                 _progress(f"{what}: {min(i + BATCH, len(ids))}/{len(ids)}")
         return done, extra
 

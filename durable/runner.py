@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from durable import tracing
 from durable.batch import Batcher
-from durable.codec import dumps, error_payload, loads
+from durable.codec import describe_error, dumps, error_text, loads
 from durable.context import Context, Suspend
 from durable.errors import (
     LeaseLost,
@@ -19,6 +19,7 @@ from durable.errors import (
     NonRetryable,
     PayloadError,
     Retry,
+    TaskCancelled,
 )
 from durable.logs import get_logger
 from durable.metrics import Metrics
@@ -39,7 +40,7 @@ class Completion(NamedTuple):
 class Attempt:
     """A running attempt, as the daemon tracks it: its claim and how to stop it."""
 
-    __slots__ = ("finishing", "job", "reason", "release_slot", "task")
+    __slots__ = ("finishing", "job", "reason", "release_slot", "running", "task")
 
     def __init__(self, task: Claimed, release_slot: Callable[[], None] = lambda: None) -> None:
         self.task = task
@@ -49,14 +50,18 @@ class Attempt:
         self.job: asyncio.Task[None] | None = None
         self.reason: str | None = None
         """Why the daemon stopped it: 'cancelled' (asked by a user), 'lease_lost', 'shutdown'."""
+        self.running = False
+        """The task's code has started: a stop from now on cancels it."""
         self.finishing = False
 
     def stop(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
-        # Once the code has returned, its outcome is being written: that write is not
-        # interrupted (it would leave the task to wait for its lease to expire).
-        if not self.finishing and self.job is not None:
+        # Only while the code runs. Before, the job may not have taken its first step,
+        # and a task cancelled then never runs a line (nor its finally): the runner sees
+        # the reason when it starts. After, its outcome is being written: that write is
+        # not interrupted (it would leave the task to wait for its lease to expire).
+        if self.running and not self.finishing and self.job is not None:
             self.job.cancel()
 
 
@@ -88,6 +93,7 @@ class Runner:
             # Stopped while it waited for a slot (claimed ahead): its code never ran.
             outcome = ("cancelled", None)
         else:
+            attempt.running = True
             with tracing.attempt_span(task) as span:
                 try:
                     outcome = await self._execute(task, definition)
@@ -148,9 +154,24 @@ class Runner:
             return ("lost", exc)
         except Retry as exc:
             return ("failed", (exc, exc.delay, True))
+        except TaskCancelled as exc:
+            if exc.task_id == task.id:  # a workflow told that its cancel was asked for
+                return ("cancelled", None)
+            return ("failed", (exc, None, True))
         except (NonRetryable, NonDeterminismError, PayloadError) as exc:
             return ("failed", (exc, None, False))
         except Exception as exc:
+            return ("failed", (exc, None, True))
+        except asyncio.CancelledError as exc:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the daemon stopped the attempt (Runner.run says why)
+            # Raised by the task's own code (or a future it awaited was cancelled): an
+            # ordinary failure, which must not pass for the daemon's stop.
+            return ("failed", (exc, None, True))
+        except BaseException as exc:
+            # SystemExit, KeyboardInterrupt or any BaseException the task's code raises:
+            # the attempt fails like any other, and the daemon and its other tasks go on.
             return ("failed", (exc, None, True))
 
     async def _finish(
@@ -209,8 +230,8 @@ class Runner:
                 retryable=retryable,
                 requested_delay=delay,
             )
-            error = dumps(error_payload(exc))
-            err = f"{type(exc).__name__}: {exc}"
+            error = error_text(exc)
+            err = describe_error(exc)
             if decision.retry:
                 ok = await self.store.retry_later(task.id, task.token, decision.delay, error)
                 if ok:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from durable.cron import parse
 from durable.errors import DurableError
 from durable.logs import get_logger
 from durable.models import NewTask
 from durable.registry import Registry
-from durable.store import Store
+from durable.store import Store, is_fatal, is_transient
 
 log = get_logger("durable.scheduler")
 
@@ -30,32 +31,53 @@ async def declare_schedules(store: Store, registry: Registry, now: datetime) -> 
         )
 
 
-async def run_schedules(store: Store, registry: Registry, now: datetime) -> datetime | None:
+async def run_schedules(
+    store: Store, registry: Registry, now: datetime, skipped: dict[str, Any] | None = None
+) -> datetime | None:
     """Start every schedule whose tick has come; returns when the next one is due.
 
     Ticks missed while no daemon ran are not all replayed: the latest one runs once.
     Several daemons may run this at once; a compare-and-set on the schedule's next run
     lets exactly one of them start each tick, and the tick is in the task's idempotency key.
+
+    A schedule whose row cannot be used (an unknown time zone, a cron that does not
+    parse, a queue name the tasks table refuses: written by hand or by older code) is
+    logged once and left out, in ``skipped``, until its row changes; the others run.
     """
+    skipped = {} if skipped is None else skipped
     for row in await store.due_schedules(now):
-        try:
-            cron = parse(row["cron"], row["timezone"])
-        except DurableError as exc:
-            log.error("schedule_invalid", schedule=row["name"], error=str(exc))
+        name = row["name"]
+        shape = (row["task_name"], row["cron"], row["timezone"], row["queue"], row["args"],
+                 row["kwargs"], row["next_run_at"])
+        if skipped.get(name) == shape:
             continue
-        expected = row["next_run_at"]
-        tick = cron.latest_at_or_before(now, expected - timedelta(microseconds=1)) or expected
-        d = registry.get(row["task_name"])
-        task = NewTask(
-            name=row["task_name"],
-            args=row["args"],
-            kwargs=row["kwargs"],
-            queue=row["queue"] or (d.queue if d is not None else "default"),
-            kind=d.kind if d is not None else "task",
-            max_attempts=d.max_attempts if d is not None else 3,
-            timeout=d.timeout if d is not None else None,
-        )
-        task_id = await store.fire_schedule(row["name"], expected, cron.next_after(now), tick, task)
-        if task_id is not None:
-            log.info("schedule_fired", schedule=row["name"], tick=tick.isoformat(), task_id=task_id)
-    return await store.next_schedule()
+        skipped.pop(name, None)
+        try:
+            await _fire(store, registry, now, row)
+        except Exception as exc:
+            if not isinstance(exc, DurableError) and (is_transient(exc) or is_fatal(exc)):
+                raise
+            skipped[name] = shape
+            log.error("schedule_skipped", schedule=name, error=f"{type(exc).__name__}: {exc}",
+                      note="left out until its row changes")
+    return await store.next_schedule(list(skipped))
+
+
+async def _fire(store: Store, registry: Registry, now: datetime, row: Any) -> None:
+    """Start the tick of one due schedule (unless another daemon did)."""
+    cron = parse(row["cron"], row["timezone"])
+    expected = row["next_run_at"]
+    tick = cron.latest_at_or_before(now, expected - timedelta(microseconds=1)) or expected
+    d = registry.get(row["task_name"])
+    task = NewTask(
+        name=row["task_name"],
+        args=row["args"],
+        kwargs=row["kwargs"],
+        queue=row["queue"] or (d.queue if d is not None else "default"),
+        kind=d.kind if d is not None else "task",
+        max_attempts=d.max_attempts if d is not None else 3,
+        timeout=d.timeout if d is not None else None,
+    )
+    task_id = await store.fire_schedule(row["name"], expected, cron.next_after(now), tick, task)
+    if task_id is not None:
+        log.info("schedule_fired", schedule=row["name"], tick=tick.isoformat(), task_id=task_id)

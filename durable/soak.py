@@ -219,7 +219,7 @@ class Soak:
             await asyncio.sleep(rng.uniform(0.0, 3.0))
             hit = await _retry(lambda: client.cancel(task_id))
             self.sends["cancels"] += 1
-            self.sends["cancelled_tasks"] += len(hit)
+            self.sends["cancelled_tasks"] += len(hit.cancelled)
         if payload is None:
             return
         await asyncio.sleep(rng.uniform(0.0, 2.5))  # before, during or after it waits

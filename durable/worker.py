@@ -16,16 +16,16 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 
 import anyio
 from anyio.abc import TaskGroup
 
 from durable import logs
-from durable.logs import get_logger, redact
+from durable.logs import Once, get_logger, redact
 from durable.models import Claimed
 from durable.runner import Attempt
-from durable.store import Store, is_transient
+from durable.store import Store, is_fatal, is_transient
 
 log = get_logger("durable.worker")
 
@@ -130,6 +130,7 @@ class QueueWorker:
         """The loop's own connection for its claims, if it keeps one."""
         self.claimed_once = anyio.Event()
         """Set once this loop's first claim has returned: the queue is being served."""
+        self._errors = Once()
 
     def notify(self) -> None:
         """A hint that work may be ready (a notification, a reconnect, a freed slot)."""
@@ -210,18 +211,22 @@ class QueueWorker:
                     )
             except Exception as exc:
                 self._claiming = None
-                if not is_transient(exc):
+                if is_fatal(exc):
                     raise
-                log.warning(
-                    "claim_failed",
-                    queue=self.queue,
-                    error=redact(f"{type(exc).__name__}: {exc}"),
-                    retry_in=round(backoff, 2),
-                )
+                error = redact(f"{type(exc).__name__}: {exc}")
+                if is_transient(exc):
+                    log.warning("claim_failed", queue=self.queue, error=error,
+                                retry_in=round(backoff, 2))
+                elif self._errors.new(error):
+                    # Not a blip (a privilege revoked, a bad row of durable.queues): said
+                    # once; this queue waits, the others go on.
+                    log.error("claim_failed", queue=self.queue, error=error,
+                              note="this queue is not served until the error clears")
                 await self._wait_for_wakeup(backoff)
                 backoff = min(backoff * 2, self.poll_interval)
                 continue
             self._claiming = None
+            self._errors.clear()
             if claim.cancelled_caught:
                 log.warning("claim_abandoned", queue=self.queue, note="stopping, and the "
                             "database did not answer; what it claimed runs when the leases expire")
@@ -292,17 +297,17 @@ class QueueWorker:
         await asyncio.sleep(0)
         try:
             due = await self.store.next_due(self.queue, self.names, self._conn)
-            if due is not None and due <= datetime.now(UTC):
+            if due is not None and due <= self.store.now():
                 # Due work we could not claim: a fleet-wide limit may be holding it back.
                 delay = await self.store.claim_delay(self.queue, self._conn)
         except Exception as exc:
-            if not is_transient(exc):
+            if is_fatal(exc):
                 raise
             due = None
-        timeout = idle_wait(self.poll_interval, due, datetime.now(UTC))
+        timeout = idle_wait(self.poll_interval, due, self.store.now())
         if delay is not None:
             timeout = min(self.poll_interval, max(timeout, delay))
-        elif due is not None and due <= datetime.now(UTC):
+        elif due is not None and due <= self.store.now():
             # Due but not claimable: held by another daemon's claim, or by a fleet-wide limit
             # (a slot coming free sends a notification). Look again, backing off.
             self._held = min(self.poll_interval, max(0.02, self._held * 2))

@@ -33,11 +33,13 @@ select min((select t.run_at from durable.tasks t
   from levels l where l.p is not null
 
 -- name: extend_leases
+-- The heartbeat. It also says which of these tasks a cancel was asked for, so a daemon
+-- that missed the notification (its listener was down) stops them at the next beat.
 update durable.tasks t
    set lease_until = now() + make_interval(secs => $3)
   from unnest($1::bigint[], $2::bigint[]) as v(id, token)
  where t.id = any($1::bigint[]) and t.id = v.id and t.claim_token = v.token
-returning t.id
+returning t.id, t.cancel_requested
 
 -- name: reap_expired
 -- Leases that expired (their daemon died or froze): requeue, or fail when the attempts
@@ -75,12 +77,14 @@ returning t.id, t.status
 -- Batch writes find their rows by primary key and fence on the claim token, which a task
 -- holds exactly while it runs (tasks_claim_check). No status test: with one, the planner
 -- may take the running tasks' partial index, whose dead entries grow with every finish.
+-- A cancel that committed first wins: the task ends cancelled (and the status says so).
 update durable.tasks t
-   set status = 'completed', result = v.result::jsonb, error = null, finished_at = now(),
-       claim_token = null, lease_until = null
+   set status = case when t.cancel_requested then 'cancelled' else 'completed' end,
+       result = case when t.cancel_requested then null else v.result::jsonb end,
+       error = null, finished_at = now(), claim_token = null, lease_until = null
   from unnest($1::bigint[], $2::bigint[], $3::text[]) as v(id, token, result)
  where t.id = any($1::bigint[]) and t.id = v.id and t.claim_token = v.token
-returning t.id
+returning t.id, t.cancel_requested
 
 -- name: retry_later
 -- A failed attempt with attempts left: back to the queue after a delay; or cancelled when
@@ -106,8 +110,10 @@ update durable.tasks
 returning id
 
 -- name: fail
+-- A cancel that committed first wins: the task ends cancelled, its error kept.
 update durable.tasks
-   set status = 'failed', error = $3::jsonb, finished_at = now(),
+   set status = case when cancel_requested then 'cancelled' else 'failed' end,
+       error = $3::jsonb, finished_at = now(),
        claim_token = null, lease_until = null
  where id = $1 and claim_token = $2 and status = 'running'
 returning id
@@ -192,31 +198,18 @@ update durable.tasks set notify_finish = true where id = $1
 returning status, result::text, error::text
 
 -- name: cancel
--- Cancel a task and every unfinished descendant. Queued and waiting ones end at once; a
--- running one is asked to stop through the control channel and ends when it does.
-with recursive tree as (
-    select id from durable.tasks where id = $1
-    union all
-    select c.id from durable.tasks c join tree on c.parent_id = tree.id
-), hit as (
-    update durable.tasks t
-       set cancel_requested = true,
-           status = case when t.status = 'running' then 'running' else 'cancelled' end,
-           finished_at = case when t.status = 'running' then null else now() end,
-           wake_at = null, waiting_on = null, waiting_event = null
-      from tree
-     where t.id = tree.id and t.status in ('queued', 'running', 'waiting')
-    returning t.id, t.status
-)
-select id, status, case when status = 'running'
-                        then pg_notify('durable_control', 'cancel:' || id) end is not null
-from hit
+-- Cancel tasks and every unfinished descendant (see durable.cancel in schema.sql).
+select id, status, already_finished from durable.cancel($1::bigint[])
 
 -- name: register_worker
 insert into durable.workers (id, host, pid, queues, names) values ($1, $2, $3, $4::jsonb, $5)
 
 -- name: worker_heartbeat
-update durable.workers set heartbeat_at = now() where id = $1
+-- Also the database's clock, to measure this process's offset from it.
+update durable.workers set heartbeat_at = now() where id = $1 returning clock_timestamp()
+
+-- name: clock
+select clock_timestamp()
 
 -- name: worker_stopped
 update durable.workers set stopped_at = now(), heartbeat_at = now() where id = $1
@@ -282,8 +275,9 @@ returning e.task_id, e.seq
 
 -- name: fence_lock
 -- Lock the task row for a write made in the same transaction (transactional steps,
--- children); no row means the claim was lost.
-select id from durable.tasks
+-- children); no row means the claim was lost. Whether a cancel was asked for: a
+-- workflow being cancelled starts no more children.
+select cancel_requested from durable.tasks
 where id = $1 and claim_token = $2 and status = 'running'
 for update
 
@@ -381,7 +375,8 @@ select name, task_name, cron, timezone, args::text, kwargs::text, queue, next_ru
 from durable.schedules where next_run_at <= $1 order by next_run_at
 
 -- name: next_schedule
-select min(next_run_at) from durable.schedules
+-- Leaving out the schedules a daemon skips ($1: their rows hold what it cannot use).
+select min(next_run_at) from durable.schedules where not (name = any($1::text[]))
 
 -- name: advance_schedule
 -- Compare-and-set: only the daemon that still sees the old next run moves it on.
@@ -458,28 +453,6 @@ with picked as materialized (
     for update skip locked
 )
 select id, durable.restart(id, 'retry') as branch from picked
-
--- name: cancel_many
--- `cancel` for many tasks at once: the unfinished ones among $1 and their unfinished
--- descendants.
-with recursive tree as (
-    select id from durable.tasks
-    where id = any($1::bigint[]) and status in ('queued', 'running', 'waiting')
-    union
-    select c.id from durable.tasks c join tree on c.parent_id = tree.id
-), hit as (
-    update durable.tasks t
-       set cancel_requested = true,
-           status = case when t.status = 'running' then 'running' else 'cancelled' end,
-           finished_at = case when t.status = 'running' then null else now() end,
-           wake_at = null, waiting_on = null, waiting_event = null
-      from tree
-     where t.id = tree.id and t.status in ('queued', 'running', 'waiting')
-    returning t.id, t.status
-)
-select id, status, case when status = 'running'
-                        then pg_notify('durable_control', 'cancel:' || id) end is not null
-from hit
 
 -- name: prune_lock
 -- One pruner at a time across all daemons and CLIs (a session lock; $1 is PRUNE_LOCK).

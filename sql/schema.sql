@@ -188,6 +188,7 @@ declare
     keyed text[];
     done bigint[];
     parents bigint[];
+    ended bigint[];
     q text;
     t bigint;
 begin
@@ -210,9 +211,17 @@ begin
                where n.notify_finish and n.status in ('completed', 'failed', 'cancelled')),
            array_agg(distinct n.parent_id order by n.parent_id) filter (
                where n.parent_id is not null
-                 and n.status in ('completed', 'failed', 'cancelled'))
-      into freed, keyed, done, parents
+                 and n.status in ('completed', 'failed', 'cancelled')),
+           array_agg(n.id) filter (where n.status = 'cancelled')
+      into freed, keyed, done, parents, ended
       from new_rows n where n.status not in ('running', 'queued');
+    if ended is not null and current_setting('durable.cascading', true) is distinct from 'on'
+    then
+        -- 0013: whatever path ended a task cancelled (a cancel, or an attempt that ended
+        -- after one was requested), its descendants go with it, including children
+        -- started after the cancel's own cascade ran.
+        perform durable.cancel_descendants(ended);
+    end if;
     if freed is not null then
         -- A slot under a fleet-wide or per-key limit came free: claimers may wait for it.
         for q in
@@ -257,6 +266,95 @@ begin
            select 1 from durable.tasks c
            where c.id = any(p.waiting_on)
              and c.status not in ('completed', 'failed', 'cancelled'));
+end;
+$$;
+
+-- 0013: the cascade of a cancel, written once. Every unfinished descendant of `parents`
+-- is cancelled: queued and waiting ones end now; a running one is asked to stop (its
+-- daemon hears of it on `durable_control`, or from its next heartbeat) and ends cancelled
+-- whatever its attempt's outcome. Returns each task reached, with its status after.
+create function durable.cancel_descendants(parents bigint[])
+returns table (id bigint, status text)
+language plpgsql as $$
+#variable_conflict use_column
+declare
+    outer_cascade text := current_setting('durable.cascading', true);
+    r record;
+begin
+    -- The updates below end tasks cancelled: their own trigger pass must not cascade
+    -- again, this statement already reaches the whole tree.
+    perform set_config('durable.cascading', 'on', true);
+    for r in
+        with recursive tree as (
+            select c.id from durable.tasks c where c.parent_id = any(parents)
+            union
+            select c.id from durable.tasks c join tree on c.parent_id = tree.id
+        )
+        update durable.tasks t
+           set cancel_requested = true,
+               status = case when t.status = 'running' then 'running' else 'cancelled' end,
+               finished_at = case when t.status = 'running' then null else now() end,
+               wake_at = null, waiting_on = null, waiting_event = null
+          from tree
+         where t.id = tree.id and t.status in ('queued', 'running', 'waiting')
+        returning t.id, t.status::text as status
+    loop
+        if r.status = 'running' then
+            perform pg_notify('durable_control', 'cancel:' || r.id);
+        end if;
+        id := r.id;
+        status := r.status;
+        return next;
+    end loop;
+    perform set_config('durable.cascading', coalesce(outer_cascade, ''), true);
+end;
+$$;
+
+-- 0013: cancel tasks and their unfinished descendants. Returns a row for each task
+-- reached: `status` is 'cancelled' for one that ended now, 'running' for one asked to
+-- stop (it ends cancelled, whatever its attempt's outcome: every statement that writes an
+-- outcome reads cancel_requested), and for a task of `ids` that had already finished, its
+-- final status with `already_finished`.
+create function durable.cancel(ids bigint[])
+returns table (id bigint, status text, already_finished boolean)
+language plpgsql as $$
+#variable_conflict use_column
+declare
+    outer_cascade text := current_setting('durable.cascading', true);
+    asked bigint[] := '{}';
+    r record;
+begin
+    -- Lock first, read in a later statement: its snapshot sees an outcome that committed
+    -- before the lock was granted, and an outcome written after this commits sees the
+    -- request. Id order: two cancels of overlapping sets cannot deadlock.
+    perform 1 from durable.tasks t where t.id = any(ids) order by t.id for update;
+    perform set_config('durable.cascading', 'on', true);  -- the cascade is below
+    for r in
+        update durable.tasks t
+           set cancel_requested = true,
+               status = case when t.status = 'running' then 'running' else 'cancelled' end,
+               finished_at = case when t.status = 'running' then null else now() end,
+               wake_at = null, waiting_on = null, waiting_event = null
+         where t.id = any(ids) and t.status in ('queued', 'running', 'waiting')
+        returning t.id, t.status::text as status
+    loop
+        if r.status = 'running' then
+            perform pg_notify('durable_control', 'cancel:' || r.id);
+        end if;
+        asked := asked || r.id;
+        id := r.id;
+        status := r.status;
+        already_finished := false;
+        return next;
+    end loop;
+    perform set_config('durable.cascading', coalesce(outer_cascade, ''), true);
+    return query
+        select t.id, t.status::text, true from durable.tasks t
+         where t.id = any(ids) and t.status in ('completed', 'failed', 'cancelled')
+           and not t.id = any(asked);
+    if asked <> '{}' then
+        return query select d.id, d.status, false from durable.cancel_descendants(asked) d;
+    end if;
 end;
 $$;
 
@@ -375,7 +473,6 @@ language plpgsql as $$
 declare
     ready boolean := false;
     cancelling boolean;
-    notified bigint;
 begin
     select t.cancel_requested into cancelling from durable.tasks t
      where t.id = task and t.claim_token = token and t.status = 'running' for update;
@@ -383,27 +480,11 @@ begin
         return null;
     end if;
     if cancelling then
+        -- Its descendants are cancelled by tasks_after_update (durable.cancel_descendants).
         update durable.tasks t
            set status = 'cancelled', finished_at = now(), wake_at = null, waiting_on = null,
                waiting_event = null, claim_token = null, lease_until = null, worker_id = null
          where t.id = task;
-        -- Cascade as the cancel did, now reaching the children started after it.
-        with recursive tree as (
-            select c.id from durable.tasks c where c.parent_id = task
-            union all
-            select c.id from durable.tasks c join tree on c.parent_id = tree.id
-        ), hit as (
-            update durable.tasks t
-               set cancel_requested = true,
-                   status = case when t.status = 'running' then 'running' else 'cancelled' end,
-                   finished_at = case when t.status = 'running' then null else now() end,
-                   wake_at = null, waiting_on = null, waiting_event = null
-              from tree
-             where t.id = tree.id and t.status in ('queued', 'running', 'waiting')
-            returning t.id, t.status
-        )
-        select count(pg_notify('durable_control', 'cancel:' || hit.id)) into notified
-          from hit where hit.status = 'running';
         return 'cancelled';
     end if;
     if children is not null then
@@ -545,10 +626,12 @@ create table durable.schedules (
 );
 
 -- Claim up to n ready tasks of queue q that this daemon can run. Queues with a fleet-wide
--- limit, and queues holding keyed tasks, serialise their claimers on an advisory lock: the
--- counts below are read after the lock is granted (each statement of this function takes
--- a new snapshot), so concurrent claimers can never overshoot a limit. `fresh`: never
--- claimed before, so a workflow has no events to load.
+-- limit serialise their claimers on an advisory lock, and claimers of keyed tasks on
+-- another, shared by every queue: the counts below are read after the lock is granted
+-- (each statement of this function takes a new snapshot), so concurrent claimers can
+-- never overshoot a limit. Every row is locked and its status checked again before it is
+-- taken: a task is claimed once. `fresh`: never claimed before, so a workflow has no
+-- events to load.
 --
 -- A claim commits asynchronously (0005): its commit does not wait for the WAL flush. A
 -- claim lost in a server crash leaves its tasks queued, and they run again, as after any
@@ -580,10 +663,19 @@ begin
                     where t.queue = q and t.status = 'queued' and t.concurrency_key is not null)
       into conc, rate, period, keyed
       from (values (1)) as one left join durable.queues c on c.name = q;
+    -- A period past any timestamp's range (a row written by hand) means "per forever":
+    -- clamped to 30 years rather than failing every claim of the queue (0013).
+    period := least(period, 946080000);
     -- A transaction-level advisory lock: it serialises this queue's claimers without
     -- writing to any row.
-    if keyed or conc is not null or rate is not null then
+    if conc is not null or rate is not null then
         perform pg_advisory_xact_lock(hashtextextended('durable.queue:' || q, 0));
+    end if;
+    if keyed then
+        -- 0013: a key's limits count its running tasks in every queue, so the claimers of
+        -- keyed tasks serialise across queues: one lock for all of them, always taken
+        -- after the queue's own (the order rules out a deadlock between the two).
+        perform pg_advisory_xact_lock(hashtextextended('durable.keys', 0));
     end if;
     if conc is not null then
         select count(*) into busy from durable.tasks t where t.queue = q and t.status = 'running';
@@ -609,9 +701,12 @@ begin
         while level is not null loop
             return query
             with ready as (
+                -- Keyed tasks only under the keys' lock, by the branch below (0013): one
+                -- committed after the first statement looked would escape its limits.
                 select t.id, t.started_at from durable.tasks t
                 where t.queue = q and t.status = 'queued' and t.priority = level
                   and t.run_at <= now() and t.name = any(names)
+                  and t.concurrency_key is null
                 order by t.run_at, t.id
                 limit n - claimed
                 for update skip locked
@@ -650,7 +745,8 @@ begin
                  where r.status = 'running' and r.concurrency_key = k.concurrency_key) as running,
                (select count(*) from durable.rate_log l
                  where l.bucket = 'k:' || k.concurrency_key
-                   and l.at > now() - make_interval(secs => k.key_rate_period)) as recent,
+                   and l.at > now() - make_interval(
+                                         secs => least(k.key_rate_period, 946080000))) as recent,
                k.key_limit, k.key_rate_limit
           from (select distinct on (t.concurrency_key) t.concurrency_key, t.key_limit,
                        t.key_rate_limit, t.key_rate_period
@@ -672,7 +768,11 @@ begin
          order by r.priority desc, r.run_at, r.id
          limit n
     ), ready as (
+        -- The status again, on the locked row (0013): a row that another claim or a
+        -- cancel changed after this statement's snapshot is re-checked by these conditions
+        -- once its lock is granted, and the join's alone would let it through.
         select t.id, t.started_at from durable.tasks t join chosen using (id)
+         where t.status = 'queued'
          for update of t skip locked
     ), started as (
         update durable.tasks t
@@ -700,11 +800,13 @@ $$;
 -- Seconds until a rate-limited queue may start its next task (null: not rate-limited now).
 create function durable.claim_delay(q text) returns double precision
 language sql stable as $$
-    select extract(epoch from (min(l.at) + make_interval(secs => c.rate_period) - now()))
+    -- The period clamped as durable.claim clamps it (0013).
+    select extract(epoch from (min(l.at) + make_interval(secs => least(c.rate_period, 946080000))
+                               - now()))
       from durable.queues c
       join durable.rate_log l on l.bucket = 'q:' || c.name
      where c.name = q and c.rate_limit is not null
-       and l.at > now() - make_interval(secs => c.rate_period)
+       and l.at > now() - make_interval(secs => least(c.rate_period, 946080000))
      group by c.rate_period, c.rate_limit
     having count(*) >= c.rate_limit
 $$;

@@ -63,8 +63,9 @@ class Store(WorkflowStore):
     async def due_schedules(self, now: datetime) -> list[asyncpg.Record]:
         return await self.pool.fetch(self.q["due_schedules"], now)
 
-    async def next_schedule(self) -> datetime | None:
-        return await self.pool.fetchval(self.q["next_schedule"])  # type: ignore[no-any-return]
+    async def next_schedule(self, skip: Sequence[str] = ()) -> datetime | None:
+        """When the next schedule is due, leaving out the schedules named in ``skip``."""
+        return await self.pool.fetchval(self.q["next_schedule"], list(skip))  # type: ignore[no-any-return]
 
     async def fire_schedule(
         self, name: str, expected: datetime, next_run_at: datetime, tick: datetime, task: NewTask
@@ -140,11 +141,6 @@ class Store(WorkflowStore):
         """Retry (keeping history) those of ``ids`` still in one of ``statuses``."""
         rows = await self.pool.fetch(self.q["retry_many"], list(ids), list(statuses))
         return [r["id"] for r in rows]
-
-    async def cancel_many(self, ids: Sequence[int]) -> list[tuple[int, str]]:
-        """Cancel the unfinished tasks of ``ids`` and their unfinished descendants."""
-        rows = await self.pool.fetch(self.q["cancel_many"], list(ids))
-        return [(r["id"], r["status"]) for r in rows]
 
     async def prune_count(self, older_than: float) -> int:
         async with self.pool.acquire() as conn:

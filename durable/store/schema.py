@@ -41,6 +41,21 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT_ERRORS)
 
 
+def is_fatal(exc: BaseException) -> bool:
+    """Whether trying again later cannot help a daemon's loop: the schema is not the one
+    this code expects (an undefined table, column or function: SQLSTATE class 42 but for
+    42501), a feature is missing (0A), or durable itself failed (not a database error).
+    Every other database error is the environment's or a row's: a login refused, a
+    privilege revoked, a database that does not accept connections now, a value that a
+    statement cannot use. A loop logs those and tries again."""
+    if is_transient(exc):
+        return False
+    if not isinstance(exc, asyncpg.PostgresError):
+        return True
+    state = exc.sqlstate or ""
+    return (state.startswith("42") and state != "42501") or state.startswith("0A")
+
+
 def sql_dir() -> Path:
     """sql/ as installed in the wheel (durable/_sql), or beside the package in a checkout."""
     packaged = Path(str(resources.files("durable"))) / "_sql"

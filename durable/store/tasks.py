@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 import anyio
@@ -141,6 +142,9 @@ class TaskStore:
     def __init__(self, pool: asyncpg.Pool, *, kept_enqueue: bool = False) -> None:
         self.pool = pool
         self.q = queries()
+        self.clock_offset = 0.0
+        """Seconds the database's clock is ahead of this process's, as last measured (at
+        open, then by every heartbeat of a daemon)."""
         self._enqueue = KeptConnection(pool) if kept_enqueue else None
         """Single enqueues' own connection, one beyond the pool's size, if kept."""
 
@@ -173,7 +177,32 @@ class TaskStore:
             init=init if warm else None,
             server_settings={"application_name": name},
         )
-        return cls(pool, kept_enqueue=kept_enqueue)
+        store = cls(pool, kept_enqueue=kept_enqueue)
+        try:
+            await store.measure_clock()
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    def now(self) -> datetime:
+        """The database's time, read off this process's clock corrected by the last
+        measured offset. Every deadline the database compares (a sleep's end, an event's
+        timeout, a delayed start, a schedule's tick) is computed on this clock: a process
+        whose clock is off by an hour must neither spin nor fire early."""
+        return datetime.now(UTC) + timedelta(seconds=self.clock_offset)
+
+    async def measure_clock(self, via: Any = None) -> None:
+        """Measure the database clock's offset from this process's, with one round trip."""
+        sent = time.time()
+        server: datetime = await (via or self.pool).fetchval(self.q["clock"])
+        self.observe_clock(server, sent, time.time())
+
+    def observe_clock(self, server: datetime, sent: float, received: float) -> None:
+        """Take the offset from a server timestamp read between ``sent`` and ``received``
+        (this process's epoch seconds): the server read it halfway, give or take half the
+        round trip."""
+        self.clock_offset = server.timestamp() - (sent + received) / 2
 
     async def close(self) -> None:
         if self._enqueue is not None:
@@ -289,9 +318,10 @@ class TaskStore:
 
     async def extend_leases(
         self, ids: Sequence[int], tokens: Sequence[int], lease: float
-    ) -> set[int]:
+    ) -> dict[int, bool]:
+        """Extend the leases still held; returns {id: whether a cancel was asked for}."""
         rows = await self.pool.fetch(self.q["extend_leases"], list(ids), list(tokens), lease)
-        return {r["id"] for r in rows}
+        return {r[0]: r[1] for r in rows}
 
     async def reap_expired(self) -> list[tuple[int, str]]:
         rows = await self.pool.fetch(self.q["reap_expired"])
@@ -299,15 +329,16 @@ class TaskStore:
 
     async def complete_many(
         self, items: Sequence[tuple[int, int, str]], via: KeptConnection | None = None
-    ) -> set[int]:
-        """Fenced completions (id, token, result JSON); returns the ids accepted."""
+    ) -> dict[int, bool]:
+        """Fenced completions (id, token, result JSON); returns {id: cancelled} for the
+        writes accepted (a task whose cancel was asked for first ends cancelled)."""
         rows = await (via or self.pool).fetch(
             self.q["complete"],
             [i[0] for i in items],
             [i[1] for i in items],
             [i[2] for i in items],
         )
-        return {r["id"] for r in rows}
+        return {r[0]: r[1] for r in rows}
 
     async def retry_later(self, task_id: int, token: int, delay: float, error: str) -> bool:
         return (
@@ -350,9 +381,11 @@ class TaskStore:
             return None
         return row["status"], loads(row["result"]), loads(row["error"])
 
-    async def cancel(self, task_id: int) -> list[tuple[int, str]]:
-        rows = await self.pool.fetch(self.q["cancel"], task_id)
-        return [(r["id"], r["status"]) for r in rows]
+    async def cancel(self, ids: Sequence[int]) -> list[tuple[int, str, bool]]:
+        """Cancel ``ids`` and their unfinished descendants: (id, status, already_finished)
+        for each task reached (see durable.cancel)."""
+        rows = await self.pool.fetch(self.q["cancel"], list(ids))
+        return [(r[0], r[1], r[2]) for r in rows]
 
     async def queue_stats(self) -> list[asyncpg.Record]:
         return await self.pool.fetch(self.q["queue_stats"])
@@ -375,7 +408,11 @@ class TaskStore:
         )
 
     async def worker_heartbeat(self, worker_id: uuid.UUID) -> None:
-        await self.pool.execute(self.q["worker_heartbeat"], worker_id)
+        """Record that the daemon is alive, and measure the clock's offset again."""
+        sent = time.time()
+        server = await self.pool.fetchval(self.q["worker_heartbeat"], worker_id)
+        if server is not None:
+            self.observe_clock(server, sent, time.time())
 
     async def worker_stopped(self, worker_id: uuid.UUID) -> None:
         await self.pool.execute(self.q["worker_stopped"], worker_id)

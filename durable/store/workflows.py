@@ -11,7 +11,7 @@ import anyio
 import asyncpg
 
 from durable.codec import dumps, loads
-from durable.errors import LeaseLost
+from durable.errors import LeaseLost, TaskCancelled
 from durable.models import (
     Checkpoint,
     Event,
@@ -59,8 +59,11 @@ class WorkflowStore(TaskStore):
         return {(r["task_id"], r["seq"]) for r in rows}
 
     @asynccontextmanager
-    async def fenced(self, task_id: int, token: int) -> AsyncIterator[Any]:
-        """A transaction that commits only while this claim still holds the task.
+    async def fenced(
+        self, task_id: int, token: int, *, unless_cancelled: bool = False
+    ) -> AsyncIterator[Any]:
+        """A transaction that commits only while this claim still holds the task (and,
+        with ``unless_cancelled``, only while no cancel was asked for: TaskCancelled).
 
         The fence is checked at the end, just before commit, so a long user transaction
         does not hold the task row's lock (heartbeats would queue behind it).
@@ -69,8 +72,13 @@ class WorkflowStore(TaskStore):
             try:
                 async with conn.transaction():
                     yield conn
-                    if await conn.fetchval(self.q["fence_lock"], task_id, token) is None:
+                    cancelling = await conn.fetchval(self.q["fence_lock"], task_id, token)
+                    if cancelling is None:
                         raise LeaseLost(f"task {task_id}: the claim was lost; not committing")
+                    if cancelling and unless_cancelled:
+                        # Under the row's lock: a cancel either committed before (seen
+                        # here) or waits for this commit and then reaches what it wrote.
+                        raise TaskCancelled(task_id)
             finally:
                 # User code had this connection (a SET, a LISTEN, a session lock would
                 # outlive its transaction): reset it before the pool hands it on.
@@ -138,8 +146,9 @@ class WorkflowStore(TaskStore):
         root_id: int,
         children: Sequence[tuple[int, str, NewTask]],
     ) -> list[int]:
-        """Insert child tasks and their `child` events in one fenced transaction."""
-        async with self.fenced(task_id, token) as conn:
+        """Insert child tasks and their `child` events in one fenced transaction; none
+        once the workflow's cancel was asked for (TaskCancelled)."""
+        async with self.fenced(task_id, token, unless_cancelled=True) as conn:
             ids: list[int] = [
                 r["id"]
                 for r in await conn.fetch(

@@ -134,12 +134,12 @@ async def test_sigkill_mid_task_is_finished_by_another_daemon_and_the_zombie_is_
                 try:
                     error = json.dumps({"type": "Zombie", "message": "late", "traceback": None})
                     tid = handle.id
-                    assert await store.complete_many([(tid, zombie_token, '"zombie"')]) == set()
+                    assert await store.complete_many([(tid, zombie_token, '"zombie"')]) == {}
                     assert await store.fail(tid, zombie_token, error) is False
                     assert await store.retry_later(tid, zombie_token, 0, error) is False
                     assert await store.mark_cancelled(tid, zombie_token) is False
                     assert await store.release([(tid, zombie_token)]) == set()
-                    assert await store.extend_leases([tid], [zombie_token], 60) == set()
+                    assert await store.extend_leases([tid], [zombie_token], 60) == {}
                     unchanged = await task_row(dsn, tid)
                     for column in ("status", "attempt", "claim_token", "lease_until", "result"):
                         assert unchanged[column] == now[column], column
@@ -149,7 +149,7 @@ async def test_sigkill_mid_task_is_finished_by_another_daemon_and_the_zombie_is_
                     assert await handle.result(timeout=20) == winner
 
                     # And after the second daemon's result is in, still refused.
-                    assert await store.complete_many([(tid, zombie_token, '"zombie"')]) == set()
+                    assert await store.complete_many([(tid, zombie_token, '"zombie"')]) == {}
                     assert await store.fail(tid, zombie_token, error) is False
                 finally:
                     await store.close()

@@ -167,12 +167,14 @@ async def test_cancel_a_queued_task_and_it_never_runs(dsn: str) -> None:
     async with durable.connect(dsn) as client:
         doomed = await client.start(qc_never, "cancelled-task")
         kept = await client.start(qc_never, "kept-task")
-        assert await client.cancel(doomed.id) == [doomed.id]
+        assert (await client.cancel(doomed.id)).cancelled == (doomed.id,)
         info = await client.get(doomed.id)
         assert info.status == "cancelled" and info.finished_at is not None
         # Cancelling again, or a task that does not exist, touches nothing.
-        assert await client.cancel(doomed.id) == []
-        assert await client.cancel(10**9) == []
+        again = await client.cancel(doomed.id)
+        assert (again.cancelled, again.finished) == ((), "cancelled")
+        missing = await client.cancel(10**9)
+        assert (missing.cancelled, missing.finished, bool(missing)) == ((), None, False)
         await run_burst(dsn)
         with pytest.raises(durable.TaskCancelled):
             await doomed.result(timeout=10)

@@ -87,7 +87,7 @@ async def test_sleeping_and_waiting_hold_no_slot(dsn: str) -> None:
         assert await client.send_event(waiter.id, "go", {"ok": True})
         assert await waiter.result(timeout=10) == {"ok": True}
         assert (await client.get(sleeper.id)).status == "waiting"
-        assert sleeper.id in await client.cancel(sleeper.id)
+        assert sleeper.id in (await client.cancel(sleeper.id)).cancelled
 
 
 ONE = "wf_onequeue"
