@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -144,3 +145,22 @@ def spawn_daemon_logged(
 ) -> subprocess.Popen[bytes]:
     """``spawn_daemon`` writing stdout and stderr to ``log``."""
     return spawn_daemon(dsn, app, *args, log=log, **env)
+
+
+async def blocked_or_done(
+    probe: asyncpg.Connection, pid: int, pending: asyncio.Future[Any], *, timeout: float = 20.0
+) -> bool:
+    """Wait until the session ``pid`` waits on a heavyweight lock (True) or ``pending``, the
+    statement it runs, has finished (False). A state of the server, never a guessed delay:
+    a change that removes the wait must not hang the test."""
+
+    async def check() -> str | None:
+        if pending.done():
+            return "done"
+        waiting = await probe.fetchval(
+            "select wait_event_type = 'Lock' from pg_stat_activity where pid = $1", pid
+        )
+        return "blocked" if waiting else None
+
+    outcome: str = await wait_for(check, timeout=timeout, interval=0.005)
+    return outcome == "blocked"
