@@ -139,7 +139,7 @@ async def test_keyed_claim_never_revives_a_task_cancelled_meanwhile(
         await blocked_or_done(test, keyed.get_server_pid(), pending)
         # queries.sql `cancel`, as client.cancel sends it. A claim that locked U before the
         # gate makes it wait; then U is the claim's, and the cancel asks it to stop.
-        cancelling = asyncio.ensure_future(canceller.fetch(Q["cancel"], u))
+        cancelling = asyncio.ensure_future(canceller.fetch(Q["cancel"], [u]))
         await blocked_or_done(test, canceller.get_server_pid(), cancelling)
     finally:
         await test.execute("select pg_advisory_unlock($1)", GATE_KEY)
@@ -247,7 +247,7 @@ async def test_cancel_acknowledged_before_the_outcome_wins(
         await finish()
     else:
         await canceller.execute("begin")
-        assert [r["id"] for r in await canceller.fetch(Q["cancel"], x)] == [x]
+        assert [r["id"] for r in await canceller.fetch(Q["cancel"], [x])] == [x]
         pending = asyncio.ensure_future(finish())
         await blocked_or_done(test, finisher.get_server_pid(), pending)
         await canceller.execute("commit")

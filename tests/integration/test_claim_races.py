@@ -221,8 +221,8 @@ async def canceller(conn: asyncpg.Connection, r: Round, seed: int) -> None:
                 # already finished).
                 hit = [
                     row["id"]
-                    for row in await conn.fetch(Q["cancel"], target)
-                    if row["status"] in ("running", "cancelled")
+                    for row in await conn.fetch(Q["cancel"], [target])
+                    if not row["already_finished"]
                 ]
                 xid: int = await conn.fetchval(
                     "insert into race_marks default values returning xid"
