@@ -17,6 +17,7 @@ import durable
 from durable.context import Context
 from durable.daemon import Daemon
 from durable.models import Checkpoint
+from durable.registry import registry
 from durable.store import Store
 from tests.helpers import fetchval, running_daemon, settings, wait_status
 
@@ -337,7 +338,7 @@ async def test_one_refused_checkpoint_fails_only_its_own_row(dsn: str) -> None:
             ))
     finally:
         await conn.close()
-    daemon = Daemon(settings(), durable.registry, dsn)
+    daemon = Daemon(settings(), registry, dsn)
     daemon.store = await Store.open(dsn, min_size=1, max_size=2)
     try:
         now = (await fetchval(dsn, "select now()"))
