@@ -479,10 +479,15 @@ order by id
 -- name: retry_many
 -- `durable.restart(id, 'retry')` for the tasks of $1 still in a status of $2. Locking first
 -- re-checks each row, so one retried meanwhile by someone else is skipped, not an error.
+-- A child whose parent has recorded its outcome is left alone: running it again could not
+-- change what the parent saw (retrying the parent runs again the child that ended it).
 with picked as materialized (
-    select id from durable.tasks
-    where id = any($1::bigint[]) and status = any($2::text[])
-    order by id
+    select t.id from durable.tasks t
+    where t.id = any($1::bigint[]) and t.status = any($2::text[])
+      and not (t.parent_id is not null
+               and exists (select 1 from durable.events e
+                           where e.child_id = t.id and e.status <> 'pending'))
+    order by t.id
     for update skip locked
 )
 select id, durable.restart(id, 'retry') as branch from picked

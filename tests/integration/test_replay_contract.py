@@ -352,3 +352,16 @@ async def test_one_refused_checkpoint_fails_only_its_own_row(dsn: str) -> None:
     assert results[0] is True and results[2] is True
     assert isinstance(results[1], Exception)
     assert await fetchval(dsn, "select count(*) from durable.events") == 2
+
+
+async def test_bulk_retry_leaves_a_child_whose_parent_recorded_its_failure(dsn: str) -> None:
+    k = key()
+    async with durable.connect(dsn) as client, running_daemon(dsn):
+        handle = await client.start(wf_handles_a_child, k)
+        with pytest.raises(durable.TaskFailed):
+            await handle.result(timeout=20)  # the child failed, was handled; then "late" failed
+        ids = await client.store.select_tasks(["failed"])
+        retried = await client.store.retry_many(ids, ["failed"])
+        assert retried == [handle.id]  # the child as well, before
+        assert await handle.result(timeout=20) == "compensated"
+    assert RUNS[f"{k}-child"] == 1
