@@ -3,7 +3,8 @@
 While a flush is in flight the next callers queue up; when it returns they all go in
 the next one. No timer: under load batches grow by themselves, and a lone write is
 flushed at once. With more than one flight, the writes that arrive while one flush
-commits go out on another connection instead of waiting for it.
+commits go out on another connection instead of waiting for it. A flush may return an
+exception in place of an item's result: that item alone fails with it.
 """
 
 from __future__ import annotations
@@ -100,4 +101,7 @@ class Batcher(Generic[T, R]):
                 self._busy -= 1
             for (_, fut), result in zip(batch, results, strict=True):
                 if fut is not None and not fut.done():
-                    fut.set_result(result)
+                    if isinstance(result, Exception):
+                        fut.set_exception(result)
+                    else:
+                        fut.set_result(result)

@@ -645,11 +645,32 @@ class Daemon:
                             write="complete")
         return [c.task.id in accepted for c in items]
 
-    async def _checkpoint(self, items: Any) -> list[bool]:
+    async def _checkpoint(self, items: Any) -> list[Any]:
+        """Accepted or not, for each checkpoint; an exception for one the server refused."""
         assert self.store is not None
-        accepted = await self.store.checkpoint_many(items, _idle(self._checkpointing))
+        try:
+            accepted = await self.store.checkpoint_many(items, _idle(self._checkpointing))
+        except Exception as exc:
+            if is_transient(exc) or len(items) == 1:
+                raise
+            # One row the server refuses fails the whole statement: each row again on its
+            # own, so only the guilty one fails (names and payloads are checked before
+            # they get here; this is the last line).
+            log.warning("checkpoint_batch_refused", rows=len(items), error=f"{type(exc).__name__}: {exc}")
+            return [await self._checkpoint_one(c) for c in items]
         self.metrics.checkpoints_written += len(accepted)
         return [(c.task_id, c.seq) in accepted for c in items]
+
+    async def _checkpoint_one(self, item: Checkpoint) -> Any:
+        assert self.store is not None
+        try:
+            accepted = await self.store.checkpoint_many([item])
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            return exc
+        self.metrics.checkpoints_written += len(accepted)
+        return (item.task_id, item.seq) in accepted
 
 
 def _idle(conns: list[KeptConnection]) -> KeptConnection | None:

@@ -42,7 +42,19 @@ class TaskCancelled(DurableError):
         super().__init__(f"task {task_id} was cancelled" if task_id else None)
 
 
-class NonDeterminismError(DurableError):
+class ReplayAbort(BaseException):
+    """Ends a workflow's attempt whatever the workflow catches.
+
+    A BaseException, like ``asyncio.CancelledError``: neither ``except Exception`` nor
+    ``except DurableError`` in a workflow swallows it. Once raised, every later durable
+    call of the attempt raises it again, and so does returning from the workflow.
+    """
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip().splitlines()[0])
+
+
+class NonDeterminismError(ReplayAbort):
     """The workflow's code no longer matches its event log."""
 
 
@@ -64,7 +76,7 @@ class Retry(DurableError):
         super().__init__(message or f"retry requested in {self.delay:g}s")
 
 
-class LeaseLost(DurableError):
+class LeaseLost(ReplayAbort):
     """This worker's claim on the task was taken over; the attempt is abandoned."""
 
 

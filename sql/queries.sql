@@ -89,16 +89,25 @@ returning t.id, t.cancel_requested
 -- name: retry_later
 -- A failed attempt with attempts left: back to the queue after a delay; or cancelled when
 -- a cancel was requested while it ran (its notification came too late to stop it). A
--- workflow's next attempt keeps its history but not its failures, as `durable retry`
--- does: the step or child that failed runs again instead of replaying its error.
+-- workflow's next attempt keeps its history but the failure that ended this attempt, as
+-- `durable retry` does (see durable.restart): the events its error ($4) names under
+-- `replay`, when nothing was recorded after the workflow saw them, and children that
+-- failed or were cancelled before the workflow saw them. Failures the workflow handled
+-- stay, so its next attempt takes the same branches.
 with cleared as (
     delete from durable.events e
      using durable.tasks w
      where w.id = $1 and w.claim_token = $2 and w.status = 'running' and w.kind = 'workflow'
        and not w.cancel_requested and e.task_id = w.id and e.branch = w.branch
-       and (e.status = 'failed'
-            or exists (select 1 from durable.tasks c
-                       where c.id = e.child_id and c.status in ('failed', 'cancelled')))
+       and ((e.status = 'failed'
+             and e.seq in (select p::integer from jsonb_array_elements_text(
+                               $4::jsonb -> 'replay' -> 'positions') as p)
+             and not exists (select 1 from durable.events x
+                              where x.task_id = w.id and x.branch = w.branch
+                                and x.seq >= ($4::jsonb -> 'replay' ->> 'at')::integer))
+            or (e.kind = 'child' and e.status = 'pending'
+                and exists (select 1 from durable.tasks c
+                            where c.id = e.child_id and c.status in ('failed', 'cancelled'))))
 )
 update durable.tasks
    set status = case when cancel_requested then 'cancelled' else 'queued' end,
@@ -308,6 +317,25 @@ insert into durable.events
 select $1, $2, v.seq, 'child', v.name, v.digest, 'pending', v.child_id, $3
   from unnest($4::int[], $5::text[], $6::text[], $7::bigint[]) as v(seq, name, digest, child_id)
 
+-- name: record_children
+-- The outcomes a parent saw of its children ($4 seqs, $5 statuses, $6 results, $7 errors),
+-- written into its own log under its claim: a child restarted later cannot change them.
+-- Returns whether the claim still held.
+with fence as (
+    select t.id from durable.tasks t
+    where t.id = $1 and t.claim_token = $2 and t.status = 'running'
+    for update
+), recorded as (
+    update durable.events e
+       set status = v.status, result = v.result::jsonb, error = v.error::jsonb,
+           finished_at = now()
+      from unnest($4::int[], $5::text[], $6::text[], $7::text[]) as v(seq, status, result, error)
+     where e.task_id = $1 and e.branch = $3 and e.seq = v.seq and e.kind = 'child'
+       and e.status = 'pending' and exists (select 1 from fence)
+    returning 1
+)
+select exists (select 1 from fence)
+
 -- name: suspend
 select durable.suspend($1, $2, $3, $4::bigint[], $5, $6)
 
@@ -446,10 +474,15 @@ order by id
 -- name: retry_many
 -- `durable.restart(id, 'retry')` for the tasks of $1 still in a status of $2. Locking first
 -- re-checks each row, so one retried meanwhile by someone else is skipped, not an error.
+-- A child whose parent has recorded its outcome is left alone: running it again could not
+-- change what the parent saw (retrying the parent runs again the child that ended it).
 with picked as materialized (
-    select id from durable.tasks
-    where id = any($1::bigint[]) and status = any($2::text[])
-    order by id
+    select t.id from durable.tasks t
+    where t.id = any($1::bigint[]) and t.status = any($2::text[])
+      and not (t.parent_id is not null
+               and exists (select 1 from durable.events e
+                           where e.child_id = t.id and e.status <> 'pending'))
+    order by t.id
     for update skip locked
 )
 select id, durable.restart(id, 'retry') as branch from picked

@@ -524,9 +524,11 @@ begin
 end;
 $$;
 
--- Run a finished task again: 'retry' keeps its history (events that failed, and children
--- that failed, are dropped so they run again); 'replay' starts a new, empty branch; 'fork'
--- starts a new branch holding the events before position `at`. Returns the branch.
+-- Run a finished task again: 'retry' keeps its history but the failure that ended it (the
+-- events its error names under `replay`, when nothing was recorded after the workflow saw
+-- them, and children that failed or were cancelled before it saw them: those run again);
+-- 'replay' starts a new, empty branch; 'fork' starts a new branch holding the events
+-- before position `at`. Returns the branch.
 create function durable.restart(task bigint, mode text, at integer default null)
 returns integer
 language plpgsql as $$
@@ -534,7 +536,7 @@ declare
     cur record;
     new_branch integer;
 begin
-    select t.status, t.branch into cur from durable.tasks t where t.id = task for update;
+    select t.status, t.branch, t.error into cur from durable.tasks t where t.id = task for update;
     if not found then
         raise exception 'no task %', task using errcode = 'P0002';
     end if;
@@ -546,9 +548,15 @@ begin
         new_branch := cur.branch;
         delete from durable.events e
          where e.task_id = task and e.branch = cur.branch
-           and (e.status = 'failed'
-                or exists (select 1 from durable.tasks c
-                           where c.id = e.child_id and c.status in ('failed', 'cancelled')));
+           and ((e.status = 'failed'
+                 and e.seq in (select p::integer from jsonb_array_elements_text(
+                                   cur.error -> 'replay' -> 'positions') as p)
+                 and not exists (select 1 from durable.events x
+                                  where x.task_id = task and x.branch = cur.branch
+                                    and x.seq >= (cur.error -> 'replay' ->> 'at')::integer))
+                or (e.kind = 'child' and e.status = 'pending'
+                    and exists (select 1 from durable.tasks c
+                                where c.id = e.child_id and c.status in ('failed', 'cancelled'))));
     elsif mode in ('replay', 'fork') then
         select greatest(coalesce(max(e.branch), 0), cur.branch) + 1 into new_branch
           from durable.events e where e.task_id = task;

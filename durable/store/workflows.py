@@ -183,6 +183,28 @@ class WorkflowStore(TaskStore):
             )
         return ids
 
+    async def record_children(
+        self,
+        task_id: int,
+        token: int,
+        branch: int,
+        rows: Sequence[tuple[int, str, str | None, str | None]],
+    ) -> bool:
+        """Record in the parent's log the outcomes it saw of its children (seq, status,
+        result, error); False when the claim was lost."""
+        return bool(
+            await self.pool.fetchval(
+                self.q["record_children"],
+                task_id,
+                token,
+                branch,
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                [r[2] for r in rows],
+                [r[3] for r in rows],
+            )
+        )
+
     async def resolve_wait(
         self, cp: Checkpoint, event_name: str, deadline: datetime | None, exists: bool
     ) -> tuple[str, str | None]:

@@ -70,7 +70,8 @@ async def test_migrations_build_the_schema(two_databases: tuple[str, str]) -> No
     from_schema, from_migrations = two_databases
     await admin(from_schema, schema_sql())
     applied = await migrate(from_migrations)
-    assert applied == list(range(1, latest_version() + 1))
+    # Every file in order (numbers are reserved ahead, so one may be missing for a while).
+    assert applied == [v for v, _, _ in migration_files()] and applied[-1] == latest_version()
     want, got = await catalog(from_schema), await catalog(from_migrations)
     assert want["columns"], "schema.sql created no tables"
     for part in CATALOG:
@@ -79,14 +80,14 @@ async def test_migrations_build_the_schema(two_databases: tuple[str, str]) -> No
 
 async def test_migrate_is_idempotent_and_recorded(two_databases: tuple[str, str]) -> None:
     dsn, _ = two_databases
-    assert await migrate(dsn) == list(range(1, latest_version() + 1))
+    assert await migrate(dsn) == [v for v, _, _ in migration_files()]
     assert await migrate(dsn) == []
     conn = await asyncpg.connect(dsn)
     try:
         versions = [r[0] for r in await conn.fetch("select version from durable.migrations")]
     finally:
         await conn.close()
-    assert versions == list(range(1, latest_version() + 1))
+    assert versions == [v for v, _, _ in migration_files()]
 
 
 async def test_concurrent_migrations_queue_on_the_lock(two_databases: tuple[str, str]) -> None:
@@ -101,7 +102,7 @@ async def test_concurrent_migrations_queue_on_the_lock(two_databases: tuple[str,
     async with anyio.create_task_group() as tg:
         for _ in range(3):
             tg.start_soon(one)
-    assert sorted(map(len, results)) == [0, 0, latest_version()]
+    assert sorted(map(len, results)) == [0, 0, len(migration_files())]
 
 
 async def test_a_checkpoint_travels_as_the_row_type_field_for_field(dsn: str) -> None:
@@ -202,8 +203,7 @@ async def test_0012_keeps_the_rows_and_the_claim_still_reads_its_index(
         )
     finally:
         await conn.close()
-    applied = await migrate(dsn)
-    assert applied == list(range(12, applied[-1] + 1))
+    assert await migrate(dsn) == [v for v, _, _ in migration_files() if v >= 12]
     conn = await asyncpg.connect(dsn)
     try:
         after = await conn.fetch("select *, ctid from durable.tasks order by id")

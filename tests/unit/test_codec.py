@@ -4,18 +4,21 @@ not JSON with an error naming what was being encoded."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 
-from durable.codec import dumps, loads
+from durable import codec
+from durable.codec import ERROR_LIMIT, dumps, error_text, loads, loads_as_stored
 from durable.errors import PayloadError
 
 VALUES: list[Any] = [
-    0, -1, 10**30, 1.5, -0.0, 1e300, 5e-324, True, False, None, "", "x",
+    0, -1, 10**30, 1.5, 1e15, 5e-324, True, False, None, "", "x",
     "é \u2028 \" \\ \t \x7f 🎉", [], {}, [1, [2, {"a": None, "b": [True, 2.25]}]],
     {"z": 1, "a": 2}, {1: "an int key", False: "a bool key", None: "a null key", 2.5: "a float key"}, (1, "tuple"),
 ]
+"""Values json.dumps writes as jsonb keeps them (floats from 1e16 up and -0.0 differ)."""
 
 
 @pytest.mark.parametrize("value", VALUES, ids=repr)
@@ -76,3 +79,120 @@ def test_loads_refuses_what_is_not_one_document_as_json_loads_does(
 def test_loads_refuses_the_constants_json_does_not_have(text: str) -> None:
     with pytest.raises(PayloadError, match="is not valid JSON"):
         loads(text)
+
+
+# -- what jsonb gives back ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (1e16, "10000000000000000.0"),
+        (-1.2345e17, "-123450000000000000.0"),
+        (1e300, "1" + "0" * 300 + ".0"),
+        (-0.0, "0.0"),
+        ([-0.0, 1e16], "[0.0,10000000000000000.0]"),
+        ({"e+": "1e+16", "-0.0": "-0.0"}, '{"e+":"1e+16","-0.0":"-0.0"}'),  # strings stay
+        (['"\\\\"', 1e20], '["\\"\\\\\\\\\\"",100000000000000000000.0]'),
+        (1e-7, "1e-07"),  # numeric keeps its decimal places: read back as a float
+        (-0.05, "-0.05"),
+    ],
+    ids=repr,
+)
+def test_floats_are_written_so_that_jsonb_keeps_them_floats(value: Any, text: str) -> None:
+    # jsonb stores numbers as numeric, which prints 1e16 as 10000000000000000 (an int once
+    # read) and has no negative zero: written out in full, a float comes back a float.
+    assert dumps(value) == text
+    back = loads(text)
+    assert back == value and type(back) is type(value)
+
+
+def test_loads_as_stored_orders_keys_as_jsonb_does() -> None:
+    value = {"b": 1, "aa": {"zz": [], "y": 2}, "a": 3, "é": 4, "z": 5, 1: "int key", "1": "dup"}
+    back = loads_as_stored(dumps(value))
+    # By UTF-8 length, then bytewise; of duplicate keys ("1" twice) the last one.
+    assert list(back) == ["1", "a", "b", "z", "aa", "é"]
+    assert list(back["aa"]) == ["y", "zz"] and back["1"] == "dup"
+
+
+def test_the_nul_check_runs_only_when_the_text_may_hold_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Exploding:
+        def search(self, text: str) -> None:
+            raise AssertionError("the NUL regex ran on text without \\u0000")
+
+    monkeypatch.setattr(codec, "_NUL_ESCAPE", Exploding())
+    assert dumps({"data": "x" * 100_000}) == '{"data":"' + "x" * 100_000 + '"}'
+
+
+def test_an_escaped_backslash_before_u0000_is_no_nul() -> None:
+    assert dumps("\\u0000") == '"\\\\u0000"'
+    with pytest.raises(PayloadError, match="NUL"):
+        dumps("\\\x00")
+
+
+# -- stored errors ------------------------------------------------------------------------
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def stored(exc: BaseException) -> dict[str, Any]:
+    text = error_text(exc)
+    assert len(text.encode()) <= ERROR_LIMIT
+    assert "\\u0000" not in text.replace("\\\\", "")
+    text.encode()  # no lone surrogate: UTF-8 as Postgres needs it
+    value = json.loads(text)
+    assert isinstance(value, dict)
+    return value
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("a\x00b"),
+        ValueError("lone \udc80 surrogate"),
+        Unprintable("x"),
+        Unprintable(object()),
+        KeyError({1, 2}),
+        SystemExit(3),
+    ],
+    ids=["nul", "surrogate", "unprintable", "unprintable-object-arg", "set-arg", "system-exit"],
+)
+def test_error_text_records_any_exception(exc: BaseException) -> None:
+    value = stored(exc)
+    assert value["type"].endswith(type(exc).__qualname__)
+    assert isinstance(value["message"], str) and isinstance(value["traceback"], str)
+
+
+def test_error_text_names_what_it_could_not_read() -> None:
+    value = stored(Unprintable("x"))
+    assert value["message"] == "<str() failed: RuntimeError>"
+    assert value["args"] == ["x"]
+
+
+def test_error_text_writes_nul_and_surrogates_out() -> None:
+    value = stored(ValueError("a\x00b \udc80"))
+    assert value["message"] == "a\\x00b \\udc80"
+    assert value["args"] is None  # not JSON: a replay raises TaskFailed
+
+
+def test_error_text_cuts_long_text_and_says_how_much() -> None:
+    for size in (1_000_000, 20_000_000):  # the second is no JSON argument (over MAX_PAYLOAD)
+        value = stored(ValueError("m" * size))
+        assert re.search(r"\[truncated: [\d,]+ bytes of message dropped\]$", value["message"])
+        dropped = re.findall(r"([\d,]+) bytes of message", value["message"])[0]
+        assert len(value["message"].split("\n[truncated")[0]) + int(dropped.replace(",", "")) == size
+    assert value["args"] is None and "args and attributes" in value["dropped"]
+
+
+def test_error_text_keeps_json_attributes_and_leaves_out_the_rest() -> None:
+    exc = ValueError("no")
+    exc.status = 503  # type: ignore[attr-defined]
+    exc.response = object()  # type: ignore[attr-defined]
+    value = stored(exc)
+    assert value["args"] == ["no"] and value["attrs"] == {"status": 503}

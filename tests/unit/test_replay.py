@@ -3,12 +3,15 @@ and live results shaped as replays return them."""
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from enum import IntEnum
+from pathlib import Path
 
 import pytest
 
-from durable.codec import digest, dumps, loads
+from durable.codec import digest, dumps, error_text, loads, loads_as_stored
 from durable.context import as_recorded, match, rebuild_error, unconsumed
 from durable.errors import NonDeterminismError, TaskFailed
 from durable.models import Event
@@ -124,7 +127,8 @@ def test_rebuild_error_imports_the_error_class_by_module() -> None:
         {"type": "builtins.len", "message": "m", "args": []},  # not a class
         {"type": "builtins.ValueError", "message": "m", "args": None},  # args not kept
         {"type": "ValueError", "message": "m", "args": ["m"]},  # no module
-        {"type": f"{__name__}.Unbuildable", "message": "3", "args": [3]},  # wrong arity
+        {"type": f"{__name__}.Unbuildable", "message": "3", "args": [3], "attrs": []},  # bad attrs
+        {"type": f"{__name__}.Local.<locals>.E", "message": "m", "args": []},  # not reachable
     ],
 )
 def test_rebuild_error_falls_back_to_task_failed(error: dict[str, object] | None) -> None:
@@ -220,3 +224,56 @@ def test_a_live_result_is_what_its_replay_returns(value: object) -> None:
     assert live == replayed and type(live) is type(replayed)
     if isinstance(value, (list, dict, tuple)):
         assert live is not value  # the workflow cannot mutate what it recorded
+
+
+# -- errors rebuilt faithfully ------------------------------------------------------------
+
+
+class HttpError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+class KwError(Exception):
+    def __init__(self, *, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def rebuilt(exc: Exception) -> Exception:
+    return rebuild_error(1, loads_as_stored(error_text(exc)))
+
+
+def test_an_error_whose_init_changes_its_arguments_comes_back_the_same() -> None:
+    err = rebuilt(HttpError(503))
+    assert type(err) is HttpError and err.status == 503 and err.args == ("HTTP 503",)
+
+
+def test_an_error_with_keyword_only_arguments_comes_back_its_own_class() -> None:
+    err = rebuilt(KwError(code="E42"))
+    assert type(err) is KwError and err.code == "E42" and str(err) == "E42"
+
+
+def test_a_builtin_error_keeps_its_fields() -> None:
+    err = rebuilt(FileNotFoundError(2, "gone", "/x"))
+    assert type(err) is FileNotFoundError and (err.errno, err.filename) == (2, "/x")
+
+
+def test_a_rebuilt_error_carries_the_recorded_traceback() -> None:
+    try:
+        raise HttpError(500)
+    except HttpError as exc:
+        err = rebuilt(exc)
+    assert "raise HttpError(500)" in str(err.__cause__)
+
+
+def test_rebuild_never_imports_the_module_a_row_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "planted_module_xyz.py").write_text(
+        "import os\nos.environ['PLANTED_RAN'] = '1'\nclass Boom(Exception): pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("PLANTED_RAN", raising=False)
+    err = rebuild_error(7, {"type": "planted_module_xyz.Boom", "message": "m", "args": ["m"]})
+    assert isinstance(err, TaskFailed) and err.type == "planted_module_xyz.Boom"
+    assert "planted_module_xyz" not in sys.modules and "PLANTED_RAN" not in os.environ
