@@ -31,7 +31,12 @@ begin
                                     and x.seq >= (cur.error -> 'replay' ->> 'at')::integer))
                 or (e.kind = 'child' and e.status = 'pending'
                     and exists (select 1 from durable.tasks c
-                                where c.id = e.child_id and c.status in ('failed', 'cancelled'))));
+                                where c.id = e.child_id and c.status in ('failed', 'cancelled')))
+                -- An error stored before errors named their positions: the last event,
+                -- when it failed.
+                or (cur.error -> 'replay' is null and e.status = 'failed'
+                    and e.seq = (select max(x.seq) from durable.events x
+                                  where x.task_id = task and x.branch = cur.branch)));
     elsif mode in ('replay', 'fork') then
         select greatest(coalesce(max(e.branch), 0), cur.branch) + 1 into new_branch
           from durable.events e where e.task_id = task;

@@ -365,3 +365,21 @@ async def test_bulk_retry_leaves_a_child_whose_parent_recorded_its_failure(dsn: 
         assert retried == [handle.id]  # the child as well, before
         assert await handle.result(timeout=20) == "compensated"
     assert RUNS[f"{k}-child"] == 1
+
+
+async def test_durable_retry_reruns_the_last_failed_step_of_an_error_stored_without_positions(
+    dsn: str,
+) -> None:
+    k = key()
+    async with durable.connect(dsn) as client, running_daemon(dsn):
+        handle = await client.start(wf_handles_a_child, k)
+        with pytest.raises(durable.TaskFailed):
+            await handle.result(timeout=20)
+        # As an earlier version stored it: no `replay` positions.
+        await fetchval(
+            dsn, "update durable.tasks set error = error - 'replay' where id = $1 returning id",
+            handle.id,
+        )
+        await client.retry(handle.id)
+        assert await handle.result(timeout=20) == "compensated"
+    assert RUNS[f"{k}-late"] == 2
