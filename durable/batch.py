@@ -33,10 +33,19 @@ class Batcher(Generic[T, R]):
         self._busy = 0
         self._items: list[tuple[T, asyncio.Future[R] | None]] = []
         self._pending = asyncio.Event()
+        self._flying: list[list[T]] = []
+        """The batches being flushed."""
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def pending(self) -> list[T]:
+        """What was submitted and has not been flushed yet, in flight or waiting."""
+        out = [item for item, _ in self._items]
+        for writes in self._flying:
+            out.extend(writes)
+        return out
 
     def submit(self, item: T) -> asyncio.Future[R]:
         """Queue ``item``; the future resolves once its batch has committed (or failed)."""
@@ -84,8 +93,10 @@ class Batcher(Generic[T, R]):
                 continue
             batch, self._items = self._items[: self._max], self._items[self._max :]
             self._busy += 1
+            writes = [item for item, _ in batch]
+            self._flying.append(writes)
             try:
-                results = await self._flush([item for item, _ in batch])
+                results = await self._flush(writes)
             except Exception as exc:
                 # The batch did not commit: every write in it fails, none is reported durable.
                 for _, fut in batch:
@@ -99,6 +110,7 @@ class Batcher(Generic[T, R]):
                 raise
             finally:
                 self._busy -= 1
+                self._flying.remove(writes)
             for (_, fut), result in zip(batch, results, strict=True):
                 if fut is not None and not fut.done():
                     if isinstance(result, Exception):

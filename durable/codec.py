@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import json.scanner
 import re
 import traceback as _traceback
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -118,6 +120,58 @@ def dumps(value: Any, *, what: str = "value") -> str:
     if size > MAX_PAYLOAD:
         raise PayloadError(f"{what} is {size} bytes encoded; the limit is {MAX_PAYLOAD} bytes")
     return text
+
+
+HEAVY = 256 * 1024
+"""Characters of text, or items of a container, from which an encoding takes turns with
+the rest of the event loop (see dumps_spaced)."""
+
+
+def heavy(value: Any) -> bool:
+    """Whether encoding ``value`` may take long: a long string, a large container, or a
+    container holding one, looked for two levels down. Cheap and approximate: a small
+    value costs a type check or two."""
+    kind = type(value)
+    if kind is str or kind is bytes:
+        return len(value) >= HEAVY
+    if kind is dict:
+        items = value.values()
+    elif kind is list or kind is tuple:
+        items = value
+    else:
+        return False
+    if len(items) >= 1024:
+        return True
+    for item in items:
+        t = type(item)
+        if t is str:
+            if len(item) >= HEAVY:
+                return True
+        elif (t is list or t is tuple or t is dict) and len(item) >= 1024:
+            return True
+    return False
+
+
+_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def dumps_spaced(value: Any, *, what: str = "value") -> str:
+    """:func:`dumps`, taking turns when ``value`` is :func:`heavy`: one heavy encoding per
+    turn of the event loop, with timers and I/O (heartbeats) served in between, rather
+    than many large results finishing at once encoded back to back (seconds of a stalled
+    loop). A thread would not help: CPython's encoder holds the GIL for each C call, and
+    every step of the loop would wait for it."""
+    if not heavy(value):
+        return dumps(value, what=what)
+    loop = asyncio.get_running_loop()
+    gate = _gates.get(loop)
+    if gate is None:
+        gate = _gates[loop] = asyncio.Lock()
+    async with gate:
+        await asyncio.sleep(0)  # a turn of the loop of its own
+        return dumps(value, what=what)
 
 
 def loads(text: str | None) -> Any:

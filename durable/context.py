@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from durable import tracing
 from durable.batch import Batcher
-from durable.codec import digest, dumps, error_text, loads, loads_as_stored
+from durable.codec import digest, dumps, dumps_spaced, error_text, loads, loads_as_stored
 from durable.errors import (
     EventTimeout,
     LeaseLost,
@@ -383,7 +383,7 @@ class Context:
                         self._cp(seq, "step", name, dig, status="failed", error=error, started_at=started)
                     )
                     raise self._failure([seq], loads_as_stored(error))
-                text = dumps(result, what=f"the result of step {name!r}")
+                text = await dumps_spaced(result, what=f"the result of step {name!r}")
                 await self._commit(self._cp(seq, "step", name, dig, result=text, started_at=started))
             return as_recorded(result, text)
         finally:

@@ -113,6 +113,8 @@ class Daemon:
         self._timer_wakeup = asyncio.Event()
         self._beat_now = anyio.Event()
         self._errors = {"timers": Once(), "schedules": Once()}
+        self._completions: Batcher[Completion, bool] | None = None
+        """Results waiting to be written: their leases are kept until they are."""
         self._skipped: dict[str, Any] = {}
         """Schedules whose rows this daemon cannot use, left out until they change."""
         self._schedule_wakeup = asyncio.Event()
@@ -207,7 +209,7 @@ class Daemon:
             if self.settings.http is not None:
                 await self._listen_http(store, *self.settings.http)
             await store.register_worker(self.id, queues, names)
-            completions: Batcher[Completion, bool] = Batcher(self._complete)
+            self._completions = completions = Batcher[Completion, bool](self._complete)
             # Two flights: steps go out while the previous batch commits (measured over
             # eight A/B pairs: +9% three-step workflows/s at concurrency 32, even at 128;
             # a second flight for completions measured no better).
@@ -507,10 +509,13 @@ class Daemon:
     async def _beat(self) -> None:
         assert self.store is not None
         held = list(self.attempts.values())
-        if held:
-            kept = await self.store.extend_leases(
-                [a.task.id for a in held], [a.task.token for a in held], self.settings.lease
-            )
+        # A result waits for its write after its attempt has ended (a large one, or a slow
+        # server, can keep it waiting): its lease must hold until then.
+        writing = self._completions.pending() if self._completions is not None else []
+        if held or writing:
+            ids = [a.task.id for a in held] + [c.task.id for c in writing]
+            tokens = [a.task.token for a in held] + [c.task.token for c in writing]
+            kept = await self.store.extend_leases(ids, tokens, self.settings.lease)
             for a in held:
                 if self.attempts.get(a.task.id) is not a:
                     continue
@@ -614,18 +619,23 @@ class Daemon:
     async def _complete(self, items: Sequence[Completion]) -> list[bool]:
         assert self.store is not None
         rows = [(c.task.id, c.task.token, c.result) for c in items]
-        for delay in (0.1, 0.5, 2.0, None):
-            try:
-                accepted = await self.store.complete_many(rows, _idle(self._completing))
-                break
-            except Exception as exc:
-                if not is_transient(exc) or delay is None:
-                    log.warning(
-                        "task_outcome_not_written", count=len(rows), error=redact(str(exc)),
-                        note="their leases will expire and they will run again",
+        accepted: dict[int, bool] = {}
+        for part in _by_size(rows):
+            for delay in (0.1, 0.5, 2.0, None):
+                try:
+                    accepted.update(
+                        await self.store.complete_many(part, _idle(self._completing))
                     )
-                    return [False] * len(rows)
-                await anyio.sleep(delay)
+                    break
+                except Exception as exc:
+                    if not is_transient(exc) or delay is None:
+                        log.warning(
+                            "task_outcome_not_written", count=len(part),
+                            error=redact(str(exc)),
+                            note="their leases will expire and they will run again",
+                        )
+                        break
+                    await anyio.sleep(delay)
         info = logs.enabled("info")
         for c in items:
             t = c.task
@@ -671,6 +681,26 @@ class Daemon:
             return exc
         self.metrics.checkpoints_written += len(accepted)
         return (item.task_id, item.seq) in accepted
+
+
+COMPLETION_BYTES = 4 * 1024 * 1024
+"""Result text one completion statement carries at most (a single larger result goes
+alone). The client encodes a statement's parameters on the event loop in one go: many
+large results in one statement would hold it up for as long, heartbeats included."""
+
+
+def _by_size(rows: list[tuple[int, int, str]]) -> list[list[tuple[int, int, str]]]:
+    """``rows`` in order, cut into statements of at most COMPLETION_BYTES of results."""
+    parts: list[list[tuple[int, int, str]]] = [[]]
+    size = 0
+    for row in rows:
+        n = len(row[2])
+        if parts[-1] and size + n > COMPLETION_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(row)
+        size += n
+    return parts
 
 
 def _idle(conns: list[KeptConnection]) -> KeptConnection | None:

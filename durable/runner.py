@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from durable import tracing
 from durable.batch import Batcher
-from durable.codec import describe_error, dumps, error_text, loads
+from durable.codec import describe_error, dumps_spaced, error_text, loads
 from durable.context import Context, Suspend
 from durable.errors import (
     LeaseLost,
@@ -143,7 +143,8 @@ class Runner:
                     ctx.check_consumed()
                 else:
                     result = await _call(definition, task, *args, **kwargs)
-            return ("completed", dumps(result, what=f"the result of {task.name!r}"))
+            text = await dumps_spaced(result, what=f"the result of {task.name!r}")
+            return ("completed", text)
         except Suspend as s:
             return ("suspended", s)
         except TimeoutError as exc:

@@ -33,13 +33,27 @@ select min((select t.run_at from durable.tasks t
   from levels l where l.p is not null
 
 -- name: extend_leases
--- The heartbeat. It also says which of these tasks a cancel was asked for, so a daemon
--- that missed the notification (its listener was down) stops them at the next beat.
-update durable.tasks t
-   set lease_until = now() + make_interval(secs => $3)
-  from unnest($1::bigint[], $2::bigint[]) as v(id, token)
- where t.id = any($1::bigint[]) and t.id = v.id and t.claim_token = v.token
-returning t.id, t.cancel_requested
+-- The heartbeat: the tasks of $1 whose claim ($2) still holds, each with whether a cancel
+-- was asked for (a daemon that missed the notification stops them at the next beat).
+-- Rows locked by a statement in flight (this daemon's own completion of a large result,
+-- a cancel) are reported held without waiting for them: a beat queued behind a long
+-- completion would let the leases of the rows it has not reached yet expire.
+with held as (
+    select t.id, t.cancel_requested from durable.tasks t
+      join unnest($1::bigint[], $2::bigint[]) as v(id, token) on t.id = v.id
+     where t.id = any($1::bigint[]) and t.claim_token = v.token
+), free as (
+    select t.id from durable.tasks t
+      join unnest($1::bigint[], $2::bigint[]) as v(id, token) on t.id = v.id
+     where t.id = any($1::bigint[]) and t.claim_token = v.token
+     for update of t skip locked
+), extended as (
+    update durable.tasks t
+       set lease_until = now() + make_interval(secs => $3)
+      from free
+     where t.id = free.id
+)
+select id, cancel_requested from held
 
 -- name: reap_expired
 -- Leases that expired (their daemon died or froze): requeue, or fail when the attempts

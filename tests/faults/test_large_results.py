@@ -44,6 +44,7 @@ async def test_many_large_results_at_once_keep_their_leases(dsn: str, tmp_path: 
             for h in handles:
                 assert len(await h.result(timeout=120)) == MB * 1024 * 1024
             tg.cancel_scope.cancel()
+        async with durable.connect(dsn) as client:
             attempts = [(await client.get(h.id)).attempt for h in handles]
         assert attempts == [1] * COUNT
         assert reaped == []
