@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -172,13 +173,20 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(dsn: str | None) -> AbstractAsyncContextManager[Any]:
+    """A client for a command: its sessions search the catalog alone (an administrator
+    runs these, often as a superuser; see PINNED_SESSION)."""
+    from durable.client import connect
+    from durable.store import PINNED_SESSION
+
+    return connect(dsn, server_settings=PINNED_SESSION)
+
+
 def _with_client(args: argparse.Namespace, fn: Callable[[Any], Awaitable[Any]]) -> Any:
     settings = _settings(args)
 
     async def main() -> Any:
-        from durable.client import connect
-
-        async with connect(await _dsn(settings)) as client:
+        async with _client(await _dsn(settings)) as client:
             return await fn(client)
 
     return _run(main)

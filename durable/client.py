@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -340,16 +340,20 @@ async def resolve_dsn(dsn: str | None = None) -> str | None:
 
 
 @asynccontextmanager
-async def connect(dsn: str | None = None, *, max_size: int = 5) -> AsyncIterator[Client]:
+async def connect(
+    dsn: str | None = None, *, max_size: int = 5, server_settings: Mapping[str, str] | None = None
+) -> AsyncIterator[Client]:
     """``async with durable.connect() as client:`` — a Client on a small pool
     (``max_size`` connections, and one more kept for single enqueues).
 
     ``dsn`` defaults to DURABLE_DATABASE_URL / DATABASE_URL / PG* variables, else the
-    embedded server (started if needed).
+    embedded server (started if needed). ``server_settings``: Postgres settings for
+    the session of every connection (e.g. ``{"search_path": "app, public"}``).
     """
     url = await resolve_dsn(dsn)
     store = await Store.open(
-        url, min_size=1, max_size=max_size, name="durable-client", kept_enqueue=True
+        url, min_size=1, max_size=max_size, name="durable-client", kept_enqueue=True,
+        server_settings=server_settings,
     )
     client = Client(store, url)
     try:

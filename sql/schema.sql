@@ -14,7 +14,8 @@ create table durable.migrations (
 -- a sequence: claims commit asynchronously (see durable.claim), and a sequence can hand a
 -- value out again when a crash loses the WAL that advanced it.
 create function durable.new_token() returns bigint
-language sql volatile parallel safe as $$
+language sql volatile parallel safe
+set search_path = pg_catalog, pg_temp as $$
     select ((random() * 2147483648)::bigint << 31) # (random() * 2147483648)::bigint
 $$;
 
@@ -172,7 +173,8 @@ create index signals_task_idx on durable.signals (task_id, name, id);
 -- is ready; `durable_done` (payload: the id) when a task someone awaits finishes;
 -- and wake the parents of finished children. Never on heartbeats or acknowledgements.
 create function durable.tasks_after_insert() returns trigger
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 begin
     -- One statement (no loop): a repeat of a (channel, payload) pair is delivered once.
     perform pg_notify('durable_ready', r.queue)
@@ -182,7 +184,8 @@ end;
 $$;
 
 create function durable.tasks_after_update() returns trigger
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 declare
     freed text[];
     keyed text[];
@@ -243,7 +246,8 @@ $$;
 -- running (about to suspend) has no such row lock to take: the advisory lock, which
 -- durable.suspend takes too, orders the two (see there).
 create function durable.wake_waiting(ids bigint[]) returns void
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 begin
     perform pg_advisory_xact_lock(1685418593, (p % 2147483648)::integer)
        from unnest(ids) as p order by p;
@@ -270,7 +274,8 @@ create trigger tasks_notify_update after update on durable.tasks
 
 -- A deleted task's events go with it (what the foreign key's ON DELETE CASCADE did).
 create function durable.tasks_after_delete() returns trigger
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 begin
     delete from durable.events e using old_rows o where e.task_id = o.id;
     return null;
@@ -285,7 +290,8 @@ create trigger tasks_delete_events after delete on durable.tasks
 -- checked in the executor, so claims and completions never call the function, and a
 -- repeated (channel, payload) within a transaction is delivered once.
 create function durable.notify_ready() returns trigger
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 begin
     perform pg_notify('durable_ready', new.queue);
     return null;
@@ -312,7 +318,8 @@ create function durable.start(
     concurrency_key text default null,
     key_limit integer default null
 ) returns bigint
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
 declare
     new_id bigint;
@@ -343,7 +350,8 @@ $$;
 -- task does not exist or has finished.
 create function durable.send_event(task_id bigint, name text, payload jsonb default null)
 returns boolean
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
 declare
     st text;
@@ -371,7 +379,8 @@ create function durable.suspend(
     task bigint, token bigint, br integer, children bigint[], wake timestamptz,
     event_name text
 ) returns text
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 declare
     ready boolean := false;
     cancelling boolean;
@@ -448,7 +457,8 @@ $$;
 -- starts a new branch holding the events before position `at`. Returns the branch.
 create function durable.restart(task bigint, mode text, at integer default null)
 returns integer
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 declare
     cur record;
     new_branch integer;
@@ -561,7 +571,8 @@ returns table (id bigint, queue text, name text, kind text, args text, kwargs te
                attempt integer, max_attempts integer, timeout double precision,
                claim_token bigint, branch integer, parent_id bigint, root_id bigint,
                cancel_requested boolean, fresh boolean)
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
 declare
     conc integer;
@@ -699,7 +710,8 @@ $$;
 
 -- Seconds until a rate-limited queue may start its next task (null: not rate-limited now).
 create function durable.claim_delay(q text) returns double precision
-language sql stable as $$
+language sql stable
+set search_path = pg_catalog, pg_temp as $$
     select extract(epoch from (min(l.at) + make_interval(secs => c.rate_period) - now()))
       from durable.queues c
       join durable.rate_log l on l.bucket = 'q:' || c.name

@@ -33,6 +33,11 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 """Errors after which the same call may succeed later (connection lost, server restarting)."""
 
+PINNED_SESSION = {"search_path": "pg_catalog, pg_temp"}
+"""Session settings for connections that run no user code (migrations, grants, the command
+line): with the catalog alone on the path, nothing planted in a schema such as `public`
+can stand in for a built-in function or operator in durable's statements."""
+
 DatabaseError = asyncpg.PostgresError
 Connection = asyncpg.Connection
 
@@ -92,7 +97,7 @@ async def migrate(dsn: str | None) -> list[int]:
 
     Safe to run from several processes at once: they queue on an advisory lock.
     """
-    conn = await connect(dsn)
+    conn = await connect(dsn, server_settings=PINNED_SESSION)
     applied: list[int] = []
     try:
         await conn.execute("select pg_advisory_lock($1)", MIGRATION_LOCK)
@@ -163,7 +168,7 @@ async def grant(dsn: str | None, role: str) -> list[str]:
     ``durable.migrations``), usage on the sequences, execute on the functions. Returns
     the statements run. Run it again after a migration adds objects (``durable migrate
     --grant`` does)."""
-    conn = await connect(dsn)
+    conn = await connect(dsn, server_settings=PINNED_SESSION)
     try:
         async with conn.transaction():
             try:

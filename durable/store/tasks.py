@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Self
 
@@ -154,11 +154,13 @@ class TaskStore:
         name: str = "durable",
         warm: bool = False,
         kept_enqueue: bool = False,
+        server_settings: Mapping[str, str] | None = None,
     ) -> Self:
         """A pool of ``min_size`` to ``max_size`` connections. ``warm``: each connection
         runs the hot path's statements once, with nothing to do, as it opens, so they are
         parsed and planned and the backend has loaded what they touch before real work.
-        ``kept_enqueue``: one more connection, kept for single enqueues (a client's)."""
+        ``kept_enqueue``: one more connection, kept for single enqueues (a client's).
+        ``server_settings``: session settings for every connection, besides its name."""
         q = queries()
 
         async def init(conn: asyncpg.Connection) -> None:
@@ -171,7 +173,7 @@ class TaskStore:
             max_size=max_size + kept_enqueue,
             reset=keep_session,
             init=init if warm else None,
-            server_settings={"application_name": name},
+            server_settings={**(server_settings or {}), "application_name": name},
         )
         return cls(pool, kept_enqueue=kept_enqueue)
 
