@@ -319,7 +319,12 @@ def cmd_db(args: argparse.Namespace) -> int:
     settings = _settings(None)
     server = EmbeddedServer(settings.home)
     if args.action == "url":
-        url = server.ensure_started()
+        # Only reads: a command that prints where the server is must not start one.
+        url = server.url()
+        if url is None:
+            raise CommandError(
+                "the embedded server is not running; start it with `durable db start`"
+            )
         print(url)
     elif args.action == "start":
         url = server.ensure_started()
