@@ -32,7 +32,7 @@ def _run(fn: Callable[[], Awaitable[Any]]) -> Any:
 def _settings(args: argparse.Namespace | None = None, **extra: object) -> Settings:
     overrides: dict[str, object] = dict(extra)
     if args is not None:
-        for name in ("database_url",):
+        for name in ("database_url", "database_url_file"):
             overrides[name] = getattr(args, name, None)
     try:
         return Settings.from_env(None, **overrides)
@@ -86,6 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(
         None,
         database_url=args.database_url,
+        database_url_file=args.database_url_file,
         listen_url=args.listen_url,
         queues=args.queues,
         concurrency=args.concurrency,
@@ -389,7 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def db_opt(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--database-url", help="Postgres URL (default: DURABLE_DATABASE_URL, "
-                        "DATABASE_URL, PG* variables, else the embedded server)")
+                        "DURABLE_DATABASE_URL_FILE, DATABASE_URL, PG* variables, else the "
+                        "embedded server); a password here shows in process listings: prefer "
+                        "the variable or --database-url-file")
+        sp.add_argument("--database-url-file", metavar="PATH",
+                        help="read the Postgres URL from this file (DURABLE_DATABASE_URL_FILE)")
 
     r = sub.add_parser(
         "run", help="run the daemon", epilog=_env_help(),
