@@ -15,6 +15,7 @@ import anyio
 
 from durable.errors import ConfigurationError, DurableError
 from durable.settings import ENV_VARS, Settings, SettingsError, parse_duration
+from durable.validation import InvalidValue
 
 
 class CommandError(Exception):
@@ -546,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = args.func(args)
     except CommandError as exc:
         _fail(str(exc), exc.code)
-    except SettingsError as exc:
+    except (SettingsError, InvalidValue) as exc:
         _fail(str(exc), 2)
     except (DurableError, ValueError) as exc:
         _fail(str(exc), 1)

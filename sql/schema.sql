@@ -339,6 +339,49 @@ begin
         raise exception 'durable.start: kwargs must be a JSON object, not %', jsonb_typeof(kwargs)
             using errcode = '22023';
     end if;
+    -- Refused here, in one line naming the argument, rather than by a column's check or
+    -- an index deep in the insert (or, for a NaN timeout, by nothing at all).
+    if start.name is null or length(start.name) not between 1 and 200 then
+        raise exception 'durable.start: name must be 1 to 200 characters, got %',
+            coalesce(length(start.name) || ' characters', 'null') using errcode = '22023';
+    end if;
+    if start.queue is null or length(start.queue) not between 1 and 200 then
+        raise exception 'durable.start: queue must be 1 to 200 characters, got %',
+            coalesce(length(start.queue) || ' characters', 'null') using errcode = '22023';
+    end if;
+    if start.kind is null or start.kind not in ('task', 'workflow') then
+        raise exception 'durable.start: kind must be task or workflow, got %',
+            coalesce(quote_literal(left(start.kind, 40)), 'null') using errcode = '22023';
+    end if;
+    if start.priority is null then
+        raise exception 'durable.start: priority must be a whole number, got null'
+            using errcode = '22023';
+    end if;
+    if start.max_attempts is null or start.max_attempts < 1 then
+        raise exception 'durable.start: max_attempts must be at least 1, got %',
+            coalesce(start.max_attempts::text, 'null') using errcode = '22023';
+    end if;
+    if start.timeout is not null and not (start.timeout > 0 and start.timeout < 'infinity') then
+        raise exception 'durable.start: timeout must be a positive number of seconds, got %',
+            start.timeout using errcode = '22023';
+    end if;
+    if start.key_limit is not null and start.key_limit < 1 then
+        raise exception 'durable.start: key_limit must be at least 1, got %', start.key_limit
+            using errcode = '22023';
+    end if;
+    if start.concurrency_key is not null and length(start.concurrency_key) not between 1 and 500
+    then
+        raise exception 'durable.start: concurrency_key must be 1 to 500 characters, got %',
+            length(start.concurrency_key) using errcode = '22023';
+    end if;
+    if start.key_limit is not null and start.concurrency_key is null then
+        raise exception 'durable.start: key_limit needs a concurrency_key' using errcode = '22023';
+    end if;
+    if start.idempotency_key is not null
+       and octet_length(start.idempotency_key) not between 1 and 2000 then
+        raise exception 'durable.start: idempotency_key must be 1 to 2000 bytes, got %',
+            octet_length(start.idempotency_key) using errcode = '22023';
+    end if;
     insert into durable.tasks as t
         (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
          idempotency_key, concurrency_key, key_limit)
@@ -363,6 +406,10 @@ set search_path = pg_catalog, pg_temp as $$
 declare
     st text;
 begin
+    if send_event.name is null or length(send_event.name) not between 1 and 200 then
+        raise exception 'durable.send_event: name must be 1 to 200 characters, got %',
+            coalesce(length(send_event.name) || ' characters', 'null') using errcode = '22023';
+    end if;
     select t.status into st from durable.tasks t where t.id = send_event.task_id for update;
     if st is null or st in ('completed', 'failed', 'cancelled') then
         return false;
@@ -535,7 +582,11 @@ create table durable.queues (
     constraint queues_rate_check check (
         (rate_limit is null or rate_limit >= 1)
         and ((rate_limit is null) = (rate_period is null))
-        and (rate_period is null or rate_period > 0))
+        and (rate_period is null or rate_period > 0)),
+    -- 0015: what the claim can work with. Past a year `now() - period` leaves the range of
+    -- a timestamp (and NaN compares above every number).
+    constraint queues_name_check check (length(name) between 1 and 200),
+    constraint queues_period_check check (rate_period <= 31536000)
 );
 
 -- Recent starts of rate-limited queues ('q:' || queue) and keys ('k:' || key).
@@ -558,7 +609,16 @@ create table durable.schedules (
     last_run_at  timestamptz,
     last_task_id bigint,
     created_at   timestamptz not null default now(),
-    constraint schedules_source_check check (source in ('code', 'cli'))
+    constraint schedules_source_check check (source in ('code', 'cli')),
+    -- 0015: names that fit the tasks they start; the expression and time zone are checked
+    -- where they are written (durable.validation), as the scheduler reads them.
+    constraint schedules_name_check check (
+        length(name) between 1 and 200 and length(task_name) between 1 and 200
+        and (queue is null or length(queue) between 1 and 200)),
+    constraint schedules_cron_check check (
+        length(cron) between 1 and 200 and length(timezone) between 1 and 100),
+    constraint schedules_args_check check (
+        jsonb_typeof(args) = 'array' and jsonb_typeof(kwargs) = 'object')
 );
 
 -- Claim up to n ready tasks of queue q that this daemon can run. Queues with a fleet-wide

@@ -38,6 +38,9 @@ PINNED_SESSION = {"search_path": "pg_catalog, pg_temp"}
 line): with the catalog alone on the path, nothing planted in a schema such as `public`
 can stand in for a built-in function or operator in durable's statements."""
 
+MAX_IDENTIFIER = 63
+"""Longest identifier Postgres keeps, in bytes (NAMEDATALEN - 1)."""
+
 DatabaseError = asyncpg.PostgresError
 Connection = asyncpg.Connection
 
@@ -168,6 +171,16 @@ async def grant(dsn: str | None, role: str) -> list[str]:
     ``durable.migrations``), usage on the sequences, execute on the functions. Returns
     the statements run. Run it again after a migration adds objects (``durable migrate
     --grant`` does)."""
+    from durable.validation import InvalidValue, shown, text
+
+    text(role, "ROLE")
+    if len(role.encode()) > MAX_IDENTIFIER:
+        # Postgres cuts a longer identifier to its first 63 bytes: the grants would go to
+        # whichever role has that shorter name.
+        raise InvalidValue(
+            f"ROLE must be at most {MAX_IDENTIFIER} bytes, got {len(role.encode())}: "
+            f"{shown(role)}"
+        )
     conn = await connect(dsn, server_settings=PINNED_SESSION)
     try:
         async with conn.transaction():
@@ -177,8 +190,8 @@ async def grant(dsn: str | None, role: str) -> list[str]:
                 ]
                 for statement in statements:
                     await conn.execute(statement)
-            except asyncpg.UndefinedObjectError as exc:
-                raise DurableError(f"cannot grant to {role!r}: {exc}") from None
+            except asyncpg.UndefinedObjectError:
+                raise DurableError(f"cannot grant to {shown(role)}: the role does not exist") from None
     finally:
         await conn.close()
     return statements
