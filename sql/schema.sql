@@ -351,7 +351,7 @@ begin
     end if;
     if start.kind is null or start.kind not in ('task', 'workflow') then
         raise exception 'durable.start: kind must be task or workflow, got %',
-            coalesce(quote_literal(left(start.kind, 40)), 'null') using errcode = '22023';
+            coalesce(left(to_json(start.kind)::text, 60), 'null') using errcode = '22023';
     end if;
     if start.priority is null then
         raise exception 'durable.start: priority must be a whole number, got null'
