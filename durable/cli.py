@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -14,6 +15,7 @@ import anyio
 
 from durable.errors import ConfigurationError, DurableError
 from durable.settings import ENV_VARS, Settings, SettingsError, parse_duration
+from durable.validation import InvalidValue
 
 
 class CommandError(Exception):
@@ -31,7 +33,7 @@ def _run(fn: Callable[[], Awaitable[Any]]) -> Any:
 def _settings(args: argparse.Namespace | None = None, **extra: object) -> Settings:
     overrides: dict[str, object] = dict(extra)
     if args is not None:
-        for name in ("database_url",):
+        for name in ("database_url", "database_url_file"):
             overrides[name] = getattr(args, name, None)
     try:
         return Settings.from_env(None, **overrides)
@@ -85,6 +87,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(
         None,
         database_url=args.database_url,
+        database_url_file=args.database_url_file,
         listen_url=args.listen_url,
         queues=args.queues,
         concurrency=args.concurrency,
@@ -172,13 +175,20 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(dsn: str | None) -> AbstractAsyncContextManager[Any]:
+    """A client for a command: its sessions search the catalog alone (an administrator
+    runs these, often as a superuser; see PINNED_SESSION)."""
+    from durable.client import connect
+    from durable.store import PINNED_SESSION
+
+    return connect(dsn, server_settings=PINNED_SESSION)
+
+
 def _with_client(args: argparse.Namespace, fn: Callable[[Any], Awaitable[Any]]) -> Any:
     settings = _settings(args)
 
     async def main() -> Any:
-        from durable.client import connect
-
-        async with connect(await _dsn(settings)) as client:
+        async with _client(await _dsn(settings)) as client:
             return await fn(client)
 
     return _run(main)
@@ -313,7 +323,12 @@ def cmd_db(args: argparse.Namespace) -> int:
     settings = _settings(None)
     server = EmbeddedServer(settings.home)
     if args.action == "url":
-        url = server.ensure_started()
+        # Only reads: a command that prints where the server is must not start one.
+        url = server.url()
+        if url is None:
+            raise CommandError(
+                "the embedded server is not running; start it with `durable db start`"
+            )
         print(url)
     elif args.action == "start":
         url = server.ensure_started()
@@ -378,7 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def db_opt(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--database-url", help="Postgres URL (default: DURABLE_DATABASE_URL, "
-                        "DATABASE_URL, PG* variables, else the embedded server)")
+                        "DURABLE_DATABASE_URL_FILE, DATABASE_URL, PG* variables, else the "
+                        "embedded server); a password here shows in process listings: prefer "
+                        "the variable or --database-url-file")
+        sp.add_argument("--database-url-file", metavar="PATH",
+                        help="read the Postgres URL from this file (DURABLE_DATABASE_URL_FILE)")
 
     r = sub.add_parser(
         "run", help="run the daemon", epilog=_env_help(),
@@ -530,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = args.func(args)
     except CommandError as exc:
         _fail(str(exc), exc.code)
-    except SettingsError as exc:
+    except (SettingsError, InvalidValue) as exc:
         _fail(str(exc), 2)
     except (DurableError, ValueError) as exc:
         _fail(str(exc), 1)

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 import anyio
 
-from durable import tracing
+from durable import tracing, validation
 from durable.codec import dumps
 from durable.errors import DurableError, TaskCancelled, TaskFailed
 from durable.models import TERMINAL, CancelResult, HistoryEntry, NewTask, TaskInfo
 from durable.registry import Definition, registry
 from durable.store import Connection, Store, Subscription
+from durable.validation import MAX_NAME, InvalidValue, shown
 
 
 class Handle:
@@ -80,24 +81,24 @@ class Client:
         q = _text(queue if queue is not None else (d.queue if d is not None else "default"),
                   "a queue name")
         if delay is not None and run_at is not None:
-            raise DurableError("give delay or run_at, not both")
+            raise InvalidValue("give delay or run_at, not both")
         if delay is not None:
             if not isinstance(delay, int | float) or not 0 <= delay < 10 * 365 * 86400:
-                raise DurableError(f"delay must be a number of seconds from 0 to 10 years, got {delay!r}")
+                raise InvalidValue(f"delay must be a number of seconds from 0 to 10 years, got {shown(delay)}")
             run_at = self.store.now() + timedelta(seconds=delay)
         if run_at is not None and run_at.tzinfo is None:
-            raise DurableError("run_at must be an aware datetime (with tzinfo)")
+            raise InvalidValue("run_at must be an aware datetime (with tzinfo)")
         prio = priority if priority is not None else (d.priority if d is not None else 0)
         if not isinstance(prio, int) or not -(2**31) <= prio < 2**31:
-            raise DurableError(f"priority must be a 32-bit whole number, got {prio!r}")
+            raise InvalidValue(f"priority must be a 32-bit whole number, got {shown(prio)}")
         attempts = max_attempts if max_attempts is not None else (d.max_attempts if d else 3)
         if not isinstance(attempts, int) or not 1 <= attempts < 2**31:
-            raise DurableError(f"max_attempts must be a whole number from 1 to 2**31-1, got {attempts!r}")
+            raise InvalidValue(f"max_attempts must be a whole number from 1 to 2**31-1, got {shown(attempts)}")
         limit = timeout if timeout is not None else (d.timeout if d else None)
         if limit is not None and not (
             isinstance(limit, int | float) and limit > 0 and math.isfinite(limit)
         ):
-            raise DurableError(f"timeout must be a positive number of seconds, got {limit!r}")
+            raise InvalidValue(f"timeout must be a positive number of seconds, got {shown(limit)}")
         what = f"the arguments of {name!r}"
         key = d.key_for(args, kwargs) if d is not None else None
         return NewTask(
@@ -147,7 +148,7 @@ class Client:
             _text(idempotency_key, "idempotency_key", limit=None)
             # Its unique index holds at most ~2700 bytes an entry.
             if len(idempotency_key.encode()) > MAX_KEY_BYTES:
-                raise DurableError(f"idempotency_key must be at most {MAX_KEY_BYTES} bytes")
+                raise InvalidValue(f"idempotency_key must be at most {MAX_KEY_BYTES} bytes")
         task_id, inserted = await self.store.insert_task(
             t, idempotency_key=idempotency_key, conn=conn
         )
@@ -265,7 +266,7 @@ class Client:
 
         Returns False when the task has finished or does not exist.
         """
-        _text(name, "an event name", limit=None)
+        _text(name, "an event name")
         return await self.store.send_event(
             _task_id(task_id), name, dumps(payload, what="the event payload")
         )
@@ -287,31 +288,16 @@ MAX_KEY_BYTES = 2000
 """Longest idempotency key, in UTF-8 bytes (a btree entry holds about 2700)."""
 
 
-def _text(value: object, what: str, limit: int | None = 200) -> str:
+def _text(value: object, what: str, limit: int | None = MAX_NAME) -> str:
     """``value`` if it is text Postgres can store (no NUL, no lone surrogate) of 1 to
-    ``limit`` characters; else a DurableError naming ``what``."""
-    if not isinstance(value, str) or not value or (limit is not None and len(value) > limit):
-        size = f"1 to {limit}" if limit is not None else "at least 1"
-        raise DurableError(f"{what} must be a string of {size} characters, got {_shown(value)}")
-    if "\0" in value:
-        raise DurableError(f"{what} must not contain NUL characters (Postgres text cannot hold them)")
-    if not value.isascii():
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            raise DurableError(f"{what} must be valid Unicode: it holds a lone surrogate") from None
-    return value
+    ``limit`` characters; else an InvalidValue naming ``what``."""
+    return validation.text(value, what, limit=limit)
 
 
 def _task_id(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
-        raise DurableError(f"a task id is a whole number from 1 to 2**63-1, got {_shown(value)}")
+        raise InvalidValue(f"a task id is a whole number from 1 to 2**63-1, got {shown(value)}")
     return value
-
-
-def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _outcome(task_id: int, status: str, result: Any, error: Any) -> Any:
@@ -349,16 +335,20 @@ async def resolve_dsn(dsn: str | None = None) -> str | None:
 
 
 @asynccontextmanager
-async def connect(dsn: str | None = None, *, max_size: int = 5) -> AsyncIterator[Client]:
+async def connect(
+    dsn: str | None = None, *, max_size: int = 5, server_settings: Mapping[str, str] | None = None
+) -> AsyncIterator[Client]:
     """``async with durable.connect() as client:`` — a Client on a small pool
     (``max_size`` connections, and one more kept for single enqueues).
 
     ``dsn`` defaults to DURABLE_DATABASE_URL / DATABASE_URL / PG* variables, else the
-    embedded server (started if needed).
+    embedded server (started if needed). ``server_settings``: Postgres settings for
+    the session of every connection (e.g. ``{"search_path": "app, public"}``).
     """
     url = await resolve_dsn(dsn)
     store = await Store.open(
-        url, min_size=1, max_size=max_size, name="durable-client", kept_enqueue=True
+        url, min_size=1, max_size=max_size, name="durable-client", kept_enqueue=True,
+        server_settings=server_settings,
     )
     client = Client(store, url)
     try:

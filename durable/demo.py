@@ -54,10 +54,23 @@ async def flaky(label: str) -> str:
 _FLAKY_FAILURES: dict[str, int] = {}
 
 
-async def charge_card(conn_dsn: str, order_id: str, amount: int) -> dict[str, Any]:
+# The database the demo's own tables live in. Configuration, never an argument: a task's
+# arguments are stored and shown (`durable show`), and a URL may hold a password.
+_database: str | None = None
+
+
+async def _demo_database() -> str | None:
+    if _database is not None:
+        return _database
+    from durable.client import resolve_dsn
+
+    return await resolve_dsn()  # a worker process: DURABLE_DATABASE_URL, as it was given
+
+
+async def charge_card(order_id: str, amount: int) -> dict[str, Any]:
     from durable.store import connect
 
-    conn = await connect(conn_dsn)
+    conn = await connect(await _demo_database())
     try:
         await conn.execute(
             "insert into durable_demo.charges (order_id, amount) values ($1, $2)",
@@ -82,8 +95,8 @@ async def send_email(to: str, body: str) -> str:
 
 
 @durable.workflow(name="demo.fulfill", max_attempts=5)
-async def fulfill(ctx: durable.Context, order_id: str, dsn: str) -> dict[str, Any]:
-    charge = await ctx.step("charge", charge_card, dsn, order_id, 4200)
+async def fulfill(ctx: durable.Context, order_id: str) -> dict[str, Any]:
+    charge = await ctx.step("charge", charge_card, order_id, 4200)
     if os.environ.get(CRASH_VARIABLE):
         os.kill(os.getpid(), signal.SIGKILL)  # the worker dies right after the charge
     reservation = await ctx.transaction("reserve", reserve, order_id, "sku-42")
@@ -100,6 +113,7 @@ def run_demo(settings: Settings) -> int:
 
 
 async def _demo(settings: Settings) -> int:
+    global _database
     from durable import logs
     from durable.daemon import Daemon
     from durable.registry import registry
@@ -114,6 +128,7 @@ async def _demo(settings: Settings) -> int:
         _say("starting the embedded Postgres server (the first time takes a few seconds)...")
         dsn = await anyio.to_thread.run_sync(server.ensure_started)
     await migrate(dsn)
+    _database = dsn
     conn = await connect(dsn)
     try:
         await conn.execute(SETUP)
@@ -139,7 +154,7 @@ async def _demo(settings: Settings) -> int:
         # Part two: the order workflow, its worker killed right after the charge.
         order = f"order-{os.getpid()}"
         _say("\n== workflow demo.fulfill: charge card -> reserve inventory (transaction) -> email")
-        handle = await client.start(fulfill, order, dsn)
+        handle = await client.start(fulfill, order)
         _say(f"  started workflow {handle.id}; worker 1 will be killed right after the charge")
         env = {**os.environ, CRASH_VARIABLE: "1", "DURABLE_DATABASE_URL": dsn or "",
                "DURABLE_LEASE": "2", "DURABLE_POLL_INTERVAL": "1", "DURABLE_LOG_LEVEL": "error"}

@@ -4,6 +4,16 @@ One server per home directory, shared by every process on the machine: the first
 `ensure_started()` initialises the data directory and starts a detached postmaster
 that outlives the starting process; later calls, from any process, find it running
 and return the same URL. The TCP port is chosen once and kept in `home/port`.
+
+Only its owner can reach it. Every connection, over TCP or the Unix socket, must give
+the superuser's password (scram-sha-256): a random one generated at initialisation and
+kept in `home/password`, readable by the owner alone; the URL carries it. A password,
+rather than a Unix socket with peer authentication, keeps the server reachable over TCP
+by whatever the owner runs (a proxy in front of it, a client without Unix sockets) and
+needs no mapping from OS users to roles when root starts it under another account.
+Run as root, Postgres runs as the system account `durable`, which must be able to reach
+the data directory and the binaries: durable never changes the permissions of a
+directory it did not create, and says which one is in the way.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import importlib.util
 import os
 import pwd
 import random
+import secrets
 import shlex
 import shutil
 import socket
@@ -40,6 +51,16 @@ SETTINGS = {
     "max_connections": "200",
     "fsync": "on",
 }
+# Every connection gives the password, over TCP and the Unix socket alike.
+HBA = """\
+# TYPE  DATABASE  USER  ADDRESS       METHOD
+local   all       all                 scram-sha-256
+host    all       all   127.0.0.1/32  scram-sha-256
+host    all       all   ::1/128       scram-sha-256
+local   replication all               scram-sha-256
+host    replication all 127.0.0.1/32  scram-sha-256
+host    replication all ::1/128       scram-sha-256
+"""
 START_TIMEOUT = 120  # seconds pg_ctl waits for the server to accept connections
 STOP_TIMEOUT = 120
 # sockaddr_un.sun_path holds 107 characters; the socket is "<dir>/.s.PGSQL.<port>".
@@ -53,6 +74,7 @@ class EmbeddedError(DurableError, RuntimeError):
 
 @dataclass(frozen=True)
 class _Account:
+    name: str
     uid: int
     gid: int
 
@@ -65,10 +87,13 @@ class _PidFile:
 
 
 def default_home() -> Path:
-    """`$DURABLE_HOME` if set, else the per-user data directory for durable."""
+    """`$DURABLE_HOME` if set, else the per-user data directory for durable (for root,
+    `/var/lib/durable`: the server's account cannot enter root's home directory)."""
     home = os.environ.get("DURABLE_HOME")
     if home:
         return Path(home).expanduser()
+    if os.geteuid() == 0:
+        return Path("/var/lib/durable")
     return Path(platformdirs.user_data_dir("durable"))
 
 
@@ -96,6 +121,7 @@ class EmbeddedServer:
         self.data_dir = self.home / "pg"
         self.log_file = self.home / "pg.log"
         self._port_file = self.home / "port"
+        self._password_file = self.home / "password"
         self._lock_file = self.home / "lock"
         self._account_checked = False
 
@@ -105,9 +131,9 @@ class EmbeddedServer:
     # -- state, readable from any process ---------------------------------------------
 
     def url(self) -> str | None:
-        """The server's URL if it is running, else None."""
+        """The server's URL (with its password) if it is running, else None."""
         port = self._running_port()
-        return None if port is None else _url(port)
+        return None if port is None else self._url(port)
 
     def is_running(self) -> bool:
         return self._running_port() is not None
@@ -125,14 +151,21 @@ class EmbeddedServer:
 
     def ensure_started(self) -> str:
         """Initialise the data directory if needed, start the server if it is not running."""
-        if (info := self._pid_file()) is not None and info.status == "ready" and _alive(info.pid):
-            return _url(info.port)
+        if (
+            (info := self._pid_file()) is not None
+            and info.status == "ready"
+            and _alive(info.pid)
+            and self._password() is not None
+        ):
+            return self._url(info.port)
         with self._locked():
             if not self._initialised():
                 self._init()
+            elif self._password() is None:
+                self._secure()
             if (port := self._wait_while_busy()) is not None:
-                return _url(port)
-            return _url(self._start())
+                return self._url(port)
+            return self._url(self._start())
 
     def stop(self, mode: str = "fast") -> bool:
         """Stop the server (`pg_ctl stop -m mode`); False if it was not running."""
@@ -147,7 +180,7 @@ class EmbeddedServer:
             if not self._initialised():
                 self._init()
             self._stop(mode)
-            return _url(self._start())
+            return self._url(self._start())
 
     # -- internals (callers hold the lock) ----------------------------------------------
 
@@ -163,18 +196,70 @@ class EmbeddedServer:
         scratch.mkdir(mode=0o700)
         self._own(scratch)
         options = [f"-c{name}={value}" for name, value in SETTINGS.items()]
-        self._run(
-            "initdb",
-            [
-                *("-D", str(scratch), "-U", SUPERUSER),
-                *("--auth=trust", "--encoding=UTF8", "--no-locale", "--no-instructions"),
-                *options,
-            ],
-            timeout=300,
-            what="initdb failed",
-        )
+        # initdb reads the password from a file, as the server's account: one of its own,
+        # gone once initdb has hashed it into the catalog.
+        password = self._new_password()
+        given = self.home / "pg.init.password"
+        given.unlink(missing_ok=True)
+        _write_private(given, password)
+        self._own(given)
+        try:
+            self._run(
+                "initdb",
+                [
+                    *("-D", str(scratch), "-U", SUPERUSER, f"--pwfile={given}"),
+                    *("--auth=scram-sha-256", "--encoding=UTF8", "--no-locale"),
+                    "--no-instructions",
+                    *options,
+                ],
+                timeout=300,
+                what="initdb failed",
+            )
+        finally:
+            given.unlink(missing_ok=True)
+        self._write_hba(scratch)
         scratch.rename(self.data_dir)
         self._write_port(_free_port())
+
+    def _secure(self) -> None:
+        """Give a data directory initialised without a password (by an earlier durable,
+        which trusted every local connection) one, and require it from every client."""
+        self._stop("fast")
+        password = self._new_password()
+        statement = f"alter role {SUPERUSER} password '{password}'\n"
+        self._run(
+            "postgres",
+            ["--single", "-D", str(self.data_dir), "-c", "log_min_messages=fatal", "postgres"],
+            timeout=120,
+            what="setting the server's password failed",
+            stdin=statement,
+        )
+        self._write_hba(self.data_dir)
+
+    def _write_hba(self, data_dir: Path) -> None:
+        hba = data_dir / "pg_hba.conf"
+        hba.write_text(HBA)
+        self._own(hba)
+
+    def _new_password(self) -> str:
+        """A fresh password for the superuser, kept where only the owner can read it."""
+        password = secrets.token_urlsafe(32)  # URL-safe: it goes into the URL as it is
+        scratch = self._password_file.with_suffix(".tmp")
+        scratch.unlink(missing_ok=True)
+        _write_private(scratch, password + "\n")
+        scratch.replace(self._password_file)
+        return password
+
+    def _password(self) -> str | None:
+        try:
+            return self._password_file.read_text().strip() or None
+        except (FileNotFoundError, PermissionError):
+            return None  # not initialised yet, or not ours
+
+    def _url(self, port: int) -> str:
+        password = self._password()
+        secret = f":{password}" if password is not None else ""
+        return f"postgresql://{SUPERUSER}{secret}@127.0.0.1:{port}/postgres"
 
     def _start(self) -> int:
         self._own(self.log_file, create=True)
@@ -304,7 +389,7 @@ class EmbeddedServer:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.home.mkdir(parents=True, exist_ok=True)
+        self._make_home()
         with self._lock_file.open("a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -312,8 +397,30 @@ class EmbeddedServer:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    def _make_home(self) -> None:
+        """Create the home and whatever is missing above it: private to the owner, or,
+        run as root, searchable (not readable) by others so the server's account can pass."""
+        missing = []
+        for path in (self.home, *self.home.parents):
+            if path.exists():
+                break
+            missing.append(path)
+        mode = 0o711 if os.geteuid() == 0 else 0o700
+        for path in reversed(missing):
+            try:
+                path.mkdir(mode=mode)
+            except FileExistsError:
+                continue  # made by another process meanwhile: not ours to change
+            path.chmod(mode)  # mkdir's mode passes through the umask
+
     def _run(
-        self, program: str, args: list[str], *, timeout: float, what: str | None = None
+        self,
+        program: str,
+        args: list[str],
+        *,
+        timeout: float,
+        what: str | None = None,
+        stdin: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         account = self._account()
         # PG* variables (PGPORT, PGDATA...) from the caller's shell must not steer the server.
@@ -324,7 +431,8 @@ class EmbeddedServer:
             try:
                 result = subprocess.run(
                     [str(bin_dir() / program), *args],
-                    stdin=subprocess.DEVNULL,
+                    input=stdin,
+                    stdin=None if stdin is not None else subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     text=True,
@@ -349,20 +457,23 @@ class EmbeddedServer:
             return None
         account = _system_account()
         if not self._account_checked:
-            _make_traversable(self.data_dir)
-            _make_traversable(bin_dir() / "postgres")
+            _check_reachable(self.data_dir, account)
+            _check_reachable(bin_dir() / "postgres", account)
             self._account_checked = True
         return account
 
     def _own(self, path: Path, *, create: bool = False) -> None:
         if create:
-            path.touch(exist_ok=True)
+            path.touch(mode=0o600, exist_ok=True)
         if (account := self._account()) is not None:
             os.chown(path, account.uid, account.gid)
 
 
-def _url(port: int) -> str:
-    return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/postgres"
+def _write_private(path: Path, text: str) -> None:
+    """Create `path` readable and writable by its owner only, from the first byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _alive(pid: int) -> bool:
@@ -440,12 +551,28 @@ def _system_account() -> _Account:
                 f"Postgres refuses to run as root and creating user {SYSTEM_USER!r} failed: "
                 + output
             ) from None
-    return _Account(entry.pw_uid, entry.pw_gid)
+    return _Account(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
-def _make_traversable(path: Path) -> None:
-    """Let the system account reach `path`: o+x on every directory above it."""
-    for parent in path.parents:
-        mode = parent.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            parent.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+def _check_reachable(path: Path, account: _Account) -> None:
+    """Raise unless `account` may search every existing directory above `path`."""
+    groups = set(os.getgrouplist(account.name, account.gid))
+    for parent in reversed(path.parents):
+        try:
+            info = parent.stat()
+        except FileNotFoundError:
+            return  # durable creates the rest
+        if info.st_uid == account.uid:
+            bit = stat.S_IXUSR
+        elif info.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not info.st_mode & bit:
+            raise EmbeddedError(
+                f"the embedded server runs as user {account.name!r} (Postgres refuses root), "
+                f"which cannot enter {parent}; durable does not change the permissions of "
+                "directories it did not create: set DURABLE_HOME to a directory that user "
+                f"can reach (e.g. /var/lib/durable), grant it search on {parent}, or run "
+                "durable as another user"
+            )

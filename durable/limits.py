@@ -7,10 +7,10 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+from durable import validation
 from durable.errors import ConfigurationError
 from durable.settings import parse_duration
-
-MAX_LIMIT = 1_000_000
+from durable.validation import MAX_LIMIT, MAX_PERIOD, MIN_PERIOD, PERIOD_FORM, InvalidValue
 
 
 def parse_concurrency(text: str | None) -> int | None:
@@ -41,8 +41,8 @@ def parse_rate(text: str | None) -> tuple[int, float] | None:
         raise ConfigurationError(
             f"--rate: the period in {text!r} must be a duration such as 1s, 500ms or 1m"
         ) from None
-    if not seconds > 0:
-        raise ConfigurationError(f"--rate: the period in {text!r} must be longer than zero")
+    if not MIN_PERIOD <= seconds <= MAX_PERIOD:
+        raise ConfigurationError(f"--rate: the period in {text!r} must be {PERIOD_FORM}")
     return int(count), seconds
 
 
@@ -72,12 +72,11 @@ def cmd_queues_set(args: argparse.Namespace, with_client: Any) -> int:
 
     if not args.name:
         raise CommandError("usage: durable queues set NAME [--concurrency N] [--rate N/PERIOD]", 2)
-    if not 1 <= len(args.name) <= 200:
-        raise CommandError("a queue name must have 1 to 200 characters", 2)
     try:
+        validation.text(args.name, "NAME (the queue)")
         concurrency = parse_concurrency(args.concurrency)
         rate = parse_rate(args.rate)
-    except ConfigurationError as exc:
+    except (ConfigurationError, InvalidValue) as exc:
         raise CommandError(str(exc), 2) from None
 
     async def go(client: Any) -> None:
@@ -99,10 +98,19 @@ def cmd_schedules(args: argparse.Namespace) -> int:
         if not args.name or not args.cron:
             raise CommandError("usage: durable schedules add NAME --cron EXPR [--task T]", 2)
         try:
+            validation.text(args.name, "NAME (the schedule)")
+            validation.text(args.task or args.name, "--task")
+            if args.queue is not None:
+                validation.text(args.queue, "--queue")
+            validation.text(args.cron, "--cron")
+            validation.text(args.timezone, "--timezone", limit=100)
             first = next_run(args.cron, args.timezone, datetime.now(UTC))
-        except ConfigurationError as exc:
+        except (ConfigurationError, InvalidValue) as exc:
             raise CommandError(str(exc), 2) from None
-        call_args = json.loads(args.args) if args.args else []
+        try:
+            call_args = json.loads(args.args) if args.args else []
+        except ValueError as exc:
+            raise CommandError(f"--args is not JSON: {exc}", 2) from None
         if not isinstance(call_args, list):
             raise CommandError("--args must be a JSON array", 2)
 

@@ -19,6 +19,7 @@ from durable.cli import (
     CommandError,
     _act,
     _cell,
+    _client,
     _dsn,
     _emit,
     _run,
@@ -149,7 +150,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def main() -> str:
-        from durable.store import connect, latest_version, schema_version
+        from durable.store import PINNED_SESSION, connect, latest_version, schema_version
 
         dsn = settings.database_url
         if dsn is None and not settings.use_libpq_env:
@@ -159,7 +160,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             if dsn is None:
                 raise CommandError("the embedded database is not running")
         with anyio.fail_after(args.timeout):
-            conn = await connect(dsn, timeout=args.timeout)
+            conn = await connect(dsn, timeout=args.timeout, server_settings=PINNED_SESSION)
             try:
                 version = await schema_version(conn)
             finally:
@@ -201,9 +202,7 @@ def cmd_bulk(args: argparse.Namespace, what: str) -> int:
     described = " ".join(f"{k}={v}" for k, v in given.items())
 
     async def select() -> list[int]:
-        from durable.client import connect
-
-        async with connect(await _dsn(settings)) as client:
+        async with _client(await _dsn(settings)) as client:
             ids: list[int] = await client.store.select_tasks(
                 statuses, queue=args.queue, name=args.name, since=since,
                 skip_cancel_requested=what == "cancel",
@@ -218,10 +217,8 @@ def cmd_bulk(args: argparse.Namespace, what: str) -> int:
     _confirm(args, f"{what} {len(ids)} task(s) matching {described}")
 
     async def act() -> tuple[int, int]:
-        from durable.client import connect
-
         done = extra = 0
-        async with connect(await _dsn(settings)) as client:
+        async with _client(await _dsn(settings)) as client:
             for i in range(0, len(ids), BATCH):
                 chunk = ids[i : i + BATCH]
                 if what == "retry":
@@ -308,9 +305,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not args.yes:
 
         async def count() -> int:
-            from durable.client import connect
-
-            async with connect(await _dsn(settings)) as client:
+            async with _client(await _dsn(settings)) as client:
                 n: int = await client.store.prune_count(older_than)
                 return n
 
@@ -323,9 +318,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         _progress(f"pruned {done.tasks} task(s), {done.events} event(s)")
 
     async def prune() -> PruneResult | None:
-        from durable.client import connect
-
-        async with connect(await _dsn(settings)) as client:
+        async with _client(await _dsn(settings)) as client:
             result: PruneResult | None = await client.store.prune(
                 older_than, batch=args.batch_size, progress=progress
             )

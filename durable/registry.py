@@ -12,6 +12,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from durable.errors import ConfigurationError
 from durable.retry import DEFAULT_POLICY, RetryPolicy
+from durable.validation import MAX_LIMIT, MAX_PERIOD, MIN_PERIOD
 
 ENTRY_POINT_GROUP = "durable"
 
@@ -100,9 +101,17 @@ def _validated(d: Definition[Any, Any]) -> Definition[Any, Any]:
         raise ConfigurationError(f"{d.origin}: key_limit must be a whole number >= 1")
     if d.key_rate is not None:
         n, period = d.key_rate
-        if not isinstance(n, int) or n < 1 or not period > 0:
+        if (
+            isinstance(n, bool)
+            or not isinstance(n, int)
+            or not 1 <= n <= MAX_LIMIT
+            or isinstance(period, bool)
+            or not isinstance(period, int | float)
+            or not MIN_PERIOD <= period <= MAX_PERIOD
+        ):
             raise ConfigurationError(
-                f"{d.origin}: key_rate must be (starts >= 1, period in seconds > 0)"
+                f"{d.origin}: key_rate must be (starts from 1 to {MAX_LIMIT}, period in "
+                f"seconds from {MIN_PERIOD:g} to {MAX_PERIOD:g})"
             )
     if d.concurrency_key is not None and not callable(d.concurrency_key):
         raise ConfigurationError(f"{d.origin}: concurrency_key must be a function of the arguments")

@@ -39,9 +39,18 @@ _SPEC: Final[dict[str, tuple[str, str, str, str]]] = {
         "DURABLE_DATABASE_URL",
         "--database-url",
         "(unset)",
-        "Postgres URL postgresql://user:password@host:port/dbname. Unset: DATABASE_URL, "
-        "then libpq's PGHOST/PGPORT/PGUSER/PGDATABASE/PGPASSWORD/PGSERVICE if any is set, "
-        "else an embedded Postgres under DURABLE_HOME",
+        "Postgres URL postgresql://user:password@host:port/dbname. Unset: "
+        "DURABLE_DATABASE_URL_FILE, DATABASE_URL, then libpq's PGHOST/PGPORT/PGUSER/"
+        "PGDATABASE/PGPASSWORD/PGSERVICE if any is set, else an embedded Postgres under "
+        "DURABLE_HOME. Prefer the variable or a file to the flag: a command line is "
+        "visible to every user in process listings",
+    ),
+    "database_url_file": (
+        "DURABLE_DATABASE_URL_FILE",
+        "--database-url-file",
+        "(unset)",
+        "a file holding the Postgres URL (a mounted secret, e.g. /run/secrets/database_url); "
+        "instead of DURABLE_DATABASE_URL",
     ),
     "listen_url": (
         "DURABLE_LISTEN_URL",
@@ -240,7 +249,7 @@ class Settings:
 
         database_url: str | None = None
         use_libpq_env = False
-        picked = source.pick("database_url")
+        picked = source.pick_url()
         if picked is None and source.env_value("DATABASE_URL") is not None:
             picked = ("DATABASE_URL", source.env_value("DATABASE_URL"))
         if picked is not None:
@@ -310,6 +319,27 @@ class _Source:
         value = self.env_value(variable)
         return None if value is None else (variable, value)
 
+    def pick_url(self) -> tuple[str, object] | None:
+        """The database URL given directly or in a file: a flag over a variable, and
+        never both forms at one level."""
+        for level in (self._overrides_only, self._env_only):
+            direct, in_file = level("database_url"), level("database_url_file")
+            if direct is not None and in_file is not None:
+                raise SettingsError(f"{direct[0]} and {in_file[0]} are both set: give one")
+            if in_file is not None:
+                return in_file[0], _read_url_file(*in_file)
+            if direct is not None:
+                return direct
+        return None
+
+    def _overrides_only(self, field: str) -> tuple[str, object] | None:
+        override = self._overrides.get(field)
+        return None if override is None else (_SPEC[field][1], override)
+
+    def _env_only(self, field: str) -> tuple[str, object] | None:
+        value = self.env_value(_SPEC[field][0])
+        return None if value is None else (_SPEC[field][0], value)
+
     def parse(self, field: str, parser: Callable[[str, object], _T], default: _T) -> _T:
         picked = self.pick(field)
         return default if picked is None else parser(*picked)
@@ -349,6 +379,21 @@ def _url(name: str, raw: object) -> str:
             valid = False
     if not valid:
         _fail(name, _URL_FORM, _masked_url(text))
+    return text
+
+
+def _read_url_file(name: str, raw: object) -> str:
+    path = raw if isinstance(raw, str | Path) else None
+    if path is None or "\0" in str(path):
+        _fail(name, "the path of a file holding a postgresql:// URL", _shown(raw))
+    try:
+        with open(Path(path).expanduser(), encoding="utf-8") as f:
+            text = f.read(65536).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise SettingsError(f"{name}: cannot read {str(path)!r}: {reason}") from None
+    if not text:
+        raise SettingsError(f"{name}: {str(path)!r} is empty; expected {_URL_FORM}")
     return text
 
 

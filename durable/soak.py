@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -100,7 +101,11 @@ class Soak:
 
     async def run(self) -> dict[str, Any]:
         opts = self.opts
-        home = opts.home or Path(tempfile.mkdtemp(prefix="durable-soak-"))
+        home = opts.home
+        if home is None:
+            home = Path(tempfile.mkdtemp(prefix="durable-soak-"))
+            if os.geteuid() == 0:
+                home.chmod(0o711)  # ours: let the server's account (root runs it as one) in
         home.mkdir(parents=True, exist_ok=True)
         (home / "logs").mkdir(exist_ok=True)
         self.server = server = EmbeddedServer(home)

@@ -10,7 +10,9 @@ import asyncio
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -55,19 +57,33 @@ async def migrate(dsn: str) -> None:
     await durable.store.migrate(dsn)
 
 
+@contextmanager
+def server_home() -> Iterator[Path]:
+    """A path for an embedded server's home, not created yet (durable creates it), in a
+    fresh directory removed afterwards. Run as root, the server runs as another account,
+    which must be able to enter that directory: the test grants it search, as an
+    administrator would (durable never changes directories it did not create)."""
+    base = Path(tempfile.mkdtemp(prefix="durable-test-"))
+    if os.geteuid() == 0:
+        base.chmod(0o711)
+    try:
+        yield base / "home"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+def pg_server() -> Iterator[PgServer]:
     external = os.environ.get("DURABLE_TEST_DSN")
     if external:
         yield PgServer(external, None)
         return
-    home = tmp_path_factory.mktemp("durable-home")
-    server = EmbeddedServer(home)
-    try:
-        yield PgServer(server.ensure_started(), server)
-    finally:
-        server.stop("fast")
-        shutil.rmtree(home, ignore_errors=True)
+    with server_home() as home:
+        server = EmbeddedServer(home)
+        try:
+            yield PgServer(server.ensure_started(), server)
+        finally:
+            server.stop("fast")
 
 
 @pytest.fixture(scope="session")
@@ -103,15 +119,14 @@ async def dsn(server_dsn: str, template_db: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def restartable_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
+async def restartable_server() -> AsyncIterator[EmbeddedServer]:
     """An embedded server of this test's own, with `postgres` migrated; free to restart or stop."""
-    home = tmp_path / "durable-home"
-    server = EmbeddedServer(home)
-    try:
-        url = await asyncio.to_thread(server.ensure_started)
-        await migrate(url)
-        yield server
-    finally:
-        # Throwaway data: no shutdown checkpoint needed.
-        await asyncio.to_thread(server.stop, "immediate")
-        shutil.rmtree(home, ignore_errors=True)
+    with server_home() as home:
+        server = EmbeddedServer(home)
+        try:
+            url = await asyncio.to_thread(server.ensure_started)
+            await migrate(url)
+            yield server
+        finally:
+            # Throwaway data: no shutdown checkpoint needed.
+            await asyncio.to_thread(server.stop, "immediate")

@@ -9,6 +9,7 @@ from durable.store.listen import Subscription
 from durable.store.operations import Store
 from durable.store.schema import (
     MIGRATION_LOCK,
+    PINNED_SESSION,
     PRUNE_LOCK,
     TRANSIENT_ERRORS,
     Connection,
@@ -34,6 +35,7 @@ from durable.store.tasks import KeptConnection
 
 __all__ = [
     "MIGRATION_LOCK",
+    "PINNED_SESSION",
     "PRUNE_LOCK",
     "TRANSIENT_ERRORS",
     "Connection",

@@ -7,6 +7,7 @@ from datetime import datetime
 
 import asyncpg
 
+from durable import validation
 from durable.errors import DurableError
 from durable.models import (
     NewTask,
@@ -25,6 +26,9 @@ class Store(WorkflowStore):
     async def set_queue_limits(
         self, queue: str, concurrency: int | None, rate_limit: int | None, rate_period: float | None
     ) -> None:
+        """Set a queue's fleet-wide limits (None: no limit); raises InvalidValue, writing
+        nothing, for a value the claim could not work with."""
+        validation.queue_limits(queue, concurrency, rate_limit, rate_period)
         await self.pool.execute(
             self.q["set_queue_limits"], queue, concurrency, rate_limit, rate_period
         )
@@ -41,6 +45,9 @@ class Store(WorkflowStore):
         source: str,
         next_run_at: datetime,
     ) -> None:
+        """Create or update a cron schedule; raises InvalidValue, writing nothing, for a
+        name, expression, time zone or queue the scheduler could not work with."""
+        validation.schedule(name, task_name, cron, timezone, queue)
         await self.pool.execute(
             self.q["upsert_schedule"],
             name,

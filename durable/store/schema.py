@@ -33,6 +33,14 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 """Errors after which the same call may succeed later (connection lost, server restarting)."""
 
+PINNED_SESSION = {"search_path": "pg_catalog, pg_temp"}
+"""Session settings for connections that run no user code (migrations, grants, the command
+line): with the catalog alone on the path, nothing planted in a schema such as `public`
+can stand in for a built-in function or operator in durable's statements."""
+
+MAX_IDENTIFIER = 63
+"""Longest identifier Postgres keeps, in bytes (NAMEDATALEN - 1)."""
+
 DatabaseError = asyncpg.PostgresError
 Connection = asyncpg.Connection
 
@@ -107,7 +115,7 @@ async def migrate(dsn: str | None) -> list[int]:
 
     Safe to run from several processes at once: they queue on an advisory lock.
     """
-    conn = await connect(dsn)
+    conn = await connect(dsn, server_settings=PINNED_SESSION)
     applied: list[int] = []
     try:
         await conn.execute("select pg_advisory_lock($1)", MIGRATION_LOCK)
@@ -178,7 +186,17 @@ async def grant(dsn: str | None, role: str) -> list[str]:
     ``durable.migrations``), usage on the sequences, execute on the functions. Returns
     the statements run. Run it again after a migration adds objects (``durable migrate
     --grant`` does)."""
-    conn = await connect(dsn)
+    from durable.validation import InvalidValue, shown, text
+
+    text(role, "ROLE")
+    if len(role.encode()) > MAX_IDENTIFIER:
+        # Postgres cuts a longer identifier to its first 63 bytes: the grants would go to
+        # whichever role has that shorter name.
+        raise InvalidValue(
+            f"ROLE must be at most {MAX_IDENTIFIER} bytes, got {len(role.encode())}: "
+            f"{shown(role)}"
+        )
+    conn = await connect(dsn, server_settings=PINNED_SESSION)
     try:
         async with conn.transaction():
             try:
@@ -187,8 +205,8 @@ async def grant(dsn: str | None, role: str) -> list[str]:
                 ]
                 for statement in statements:
                     await conn.execute(statement)
-            except asyncpg.UndefinedObjectError as exc:
-                raise DurableError(f"cannot grant to {role!r}: {exc}") from None
+            except asyncpg.UndefinedObjectError:
+                raise DurableError(f"cannot grant to {shown(role)}: the role does not exist") from None
     finally:
         await conn.close()
     return statements

@@ -6,7 +6,7 @@ import contextlib
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
@@ -158,11 +158,13 @@ class TaskStore:
         name: str = "durable",
         warm: bool = False,
         kept_enqueue: bool = False,
+        server_settings: Mapping[str, str] | None = None,
     ) -> Self:
         """A pool of ``min_size`` to ``max_size`` connections. ``warm``: each connection
         runs the hot path's statements once, with nothing to do, as it opens, so they are
         parsed and planned and the backend has loaded what they touch before real work.
-        ``kept_enqueue``: one more connection, kept for single enqueues (a client's)."""
+        ``kept_enqueue``: one more connection, kept for single enqueues (a client's).
+        ``server_settings``: session settings for every connection, besides its name."""
         q = queries()
 
         async def init(conn: asyncpg.Connection) -> None:
@@ -175,7 +177,7 @@ class TaskStore:
             max_size=max_size + kept_enqueue,
             reset=keep_session,
             init=init if warm else None,
-            server_settings={"application_name": name},
+            server_settings={**(server_settings or {}), "application_name": name},
         )
         store = cls(pool, kept_enqueue=kept_enqueue)
         try:

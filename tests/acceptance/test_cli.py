@@ -374,3 +374,20 @@ async def test_run_tunes_the_garbage_collector_for_a_daemon(dsn: str) -> None:
         seen = await handle.result(timeout=10)
     assert seen["threshold"][0] == GC_YOUNG
     assert seen["frozen"] > 0  # what was loaded before serving stays out of collections
+
+
+def test_the_database_url_can_come_from_a_file(dsn: str, tmp_path: Path) -> None:
+    """`--database-url-file` and DURABLE_DATABASE_URL_FILE: no password on a command line,
+    where every user on the host sees it in `ps`."""
+    secret = tmp_path / "database_url"
+    secret.write_text(dsn + "\n")
+    secret.chmod(0o600)
+    done = durable_cli("ls", "--database-url-file", str(secret), DURABLE_DATABASE_URL="")
+    assert done.returncode == 0, done.stderr
+    done = durable_cli(
+        "ls", DURABLE_DATABASE_URL="", DURABLE_DATABASE_URL_FILE=str(secret)
+    )
+    assert done.returncode == 0, done.stderr
+    helped = durable_cli("run", "--help")
+    assert "--database-url-file" in helped.stdout
+    assert "process listings" in " ".join(helped.stdout.split())

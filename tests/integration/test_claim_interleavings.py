@@ -36,12 +36,13 @@ GATE_SQL = f"""
 create table race_gate (id bigint primary key);
 create function race_gate() returns trigger language plpgsql as $$
 begin
-    if new.status = 'running' and exists (select 1 from race_gate g where g.id = new.id) then
+    if new.status = 'running' and exists (select 1 from public.race_gate g where g.id = new.id) then
         perform pg_advisory_xact_lock({GATE_KEY});
     end if;
     return new;
 end;
 $$;
+-- Qualified: it runs inside durable's functions, whose search_path holds only the catalog.
 create trigger race_gate before update on durable.tasks
     for each row execute function race_gate();
 """

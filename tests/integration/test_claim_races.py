@@ -114,7 +114,7 @@ create function race_audit_row() returns trigger language plpgsql as $$
 begin
     if new.status is distinct from old.status
        or new.claim_token is distinct from old.claim_token then
-        insert into race_audit (xid, task_id, old_status, new_status, old_token, new_token)
+        insert into public.race_audit (xid, task_id, old_status, new_status, old_token, new_token)
         values (txid_current(), new.id, old.status, new.status, old.claim_token,
                 new.claim_token);
     end if;
@@ -131,7 +131,7 @@ begin
     perform set_config('race.recorded', 'on', true);
     perform pg_advisory_xact_lock({AUDIT_LOCK});
     -- A new statement, so a new snapshot: every commit ordered before this one is seen.
-    insert into race_commits (xid, queue_running, key_running)
+    insert into public.race_commits (xid, queue_running, key_running)
     select txid_current(),
            coalesce((select jsonb_object_agg(r.queue, r.n)
                        from (select queue, count(*) as n from durable.tasks

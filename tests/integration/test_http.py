@@ -23,6 +23,7 @@ from durable.embedded import EmbeddedServer
 from durable.errors import DurableError
 from durable.registry import registry
 from durable.retry import RetryPolicy
+from durable.settings import Settings
 from tests.helpers import execute, running_daemon, settings, wait_for
 
 HTTP = "127.0.0.1:0"
@@ -387,6 +388,16 @@ async def test_unknown_paths_methods_and_garbage(dsn: str) -> None:
 async def test_no_http_unless_configured(dsn: str) -> None:
     async with running_daemon(dsn) as daemon:
         assert daemon.http is None
+    assert Settings.from_env({}).http is None  # off unless DURABLE_HTTP or --http says
+
+
+async def test_http_binds_only_where_told(dsn: str) -> None:
+    """The endpoint has no authentication: it listens on the address given, no other."""
+    async with running_daemon(dsn, http="127.0.0.1:0") as daemon:
+        assert daemon.http is not None and daemon.http._server is not None
+        bound = {s.getsockname()[0] for s in daemon.http._server.sockets}
+        assert bound == {"127.0.0.1"}
+        assert await status(daemon.http.port, "/healthz") == 200
 
 
 async def test_port_in_use_stops_the_daemon_at_startup(dsn: str) -> None:

@@ -75,6 +75,17 @@ async def test_a_granted_role_runs_the_daemon_and_clients_and_cannot_change_the_
             "create or replace function durable.ping() returns int language sql as 'select 1'",
             "insert into durable.migrations (version, name) values (999, 'evil')",
             "drop schema durable cascade",
+            # No object in a schema on anyone's search_path (PostgreSQL 15 and later keep
+            # CREATE on public from every role but the database owner)...
+            "create table public.intruder (i int)",
+            # ...so no look-alike of a built-in that a better argument match would pick.
+            "create function public.unnest(a text[]) returns setof text language sql"
+            " as 'select null::text'",
+            "create function durable.unnest(a text[]) returns setof text language sql"
+            " as 'select null::text'",
+            "create operator durable.= (leftarg = durable.label, rightarg = text,"
+            " function = pg_catalog.texteq)",
+            "alter function durable.claim_delay(text) reset search_path",
         ):
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await conn.execute(statement)

@@ -53,6 +53,9 @@ def test_sync_function_is_refused(fresh_registry: reg.Registry) -> None:
         ({"timeout": 0}, "timeout must be > 0"),
         ({"queue": ""}, "queue name"),
         ({"name": "x" * 201}, "1 to 200 characters"),
+        # A period past a year leaves the range of a timestamp in the claim.
+        ({"concurrency_key": str, "key_rate": (1, 1e12)}, "key_rate must be"),
+        ({"concurrency_key": str, "key_rate": (1, float("nan"))}, "key_rate must be"),
     ],
 )
 def test_bad_options_are_refused(

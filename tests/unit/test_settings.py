@@ -382,6 +382,7 @@ def test_env_vars_document_every_variable() -> None:
     assert set(names) == {
         "DURABLE_DATABASE_URL",
         "DATABASE_URL",
+        "DURABLE_DATABASE_URL_FILE",
         "DURABLE_LISTEN_URL",
         "DURABLE_QUEUES",
         "DURABLE_CONCURRENCY",
@@ -409,3 +410,50 @@ def test_every_documented_variable_is_read() -> None:
 def test_unknown_variables_flags_typos() -> None:
     env = {"DURABLE_CONCURENCY": "8", "DURABLE_LEASE": "30", "PATH": "/bin", "DATABASE_URL": "x"}
     assert unknown_variables(env) == ("DURABLE_CONCURENCY",)
+
+
+def test_the_database_url_comes_from_a_file(tmp_path: Path) -> None:
+    """A mounted secret (the container convention): no password in the environment of
+    every child process, nor on the command line where `ps` shows it to everyone."""
+    secret = tmp_path / "database_url"
+    secret.write_text(f"postgresql://app:{SECRET}@db:5432/shop\n")
+    env = {"DURABLE_DATABASE_URL_FILE": str(secret)}
+    assert Settings.from_env(env).database_url == f"postgresql://app:{SECRET}@db:5432/shop"
+    flag = Settings.from_env({}, database_url_file=str(secret))
+    assert flag.database_url == f"postgresql://app:{SECRET}@db:5432/shop"
+    # A flag wins over a variable, whichever form either takes.
+    assert Settings.from_env(env, database_url="postgresql://flag/db").database_url == (
+        "postgresql://flag/db"
+    )
+    assert Settings.from_env(
+        {"DURABLE_DATABASE_URL": "postgresql://env/db"}, database_url_file=str(secret)
+    ).database_url == f"postgresql://app:{SECRET}@db:5432/shop"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "DURABLE_DATABASE_URL_FILE: cannot read '{path}': No such file or directory"),
+        ("", "DURABLE_DATABASE_URL_FILE: '{path}' is empty; expected a URL"),
+        (f"mysql://app:{SECRET}@db/shop", "DURABLE_DATABASE_URL_FILE: expected a URL"),
+    ],
+)
+def test_a_bad_url_file_is_one_line_without_the_secret(
+    tmp_path: Path, content: str | None, message: str
+) -> None:
+    path = tmp_path / "database_url"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"DURABLE_DATABASE_URL_FILE": str(path)})
+    text = str(raised.value)
+    assert text.startswith(message.format(path=path)), text
+    assert "\n" not in text and SECRET not in text
+
+
+def test_a_url_and_a_url_file_together_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "database_url"
+    path.write_text("postgresql://db/shop")
+    env = {"DURABLE_DATABASE_URL": "postgresql://db/x", "DURABLE_DATABASE_URL_FILE": str(path)}
+    with pytest.raises(SettingsError, match=r"^DURABLE_DATABASE_URL and DURABLE_DATABASE_URL_FILE"):
+        Settings.from_env(env)

@@ -1,0 +1,106 @@
+"""What durable accepts as names, limits and periods, checked where a value comes in.
+
+The command line, the client, the store's writes of queues and schedules and the SQL
+functions hold the same bounds, so a value that would crash a daemon later (a 201-character
+queue, a rate period past the end of time) is refused at once, in one line that names the
+field and the allowed form.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+from durable.errors import DurableError
+
+MAX_NAME: Final = 200
+"""Longest task, queue, schedule and event name, in characters (as durable.label holds)."""
+
+MAX_LIMIT: Final = 1_000_000
+"""Largest fleet-wide concurrency or rate limit."""
+
+MIN_PERIOD: Final = 0.001
+MAX_PERIOD: Final = 365 * 86400.0
+"""Bounds of a rate limit's period, in seconds: past a year, `now() - period` leaves the
+range of a timestamp in the claim."""
+
+PERIOD_FORM: Final = "a duration from 1ms to 365d"
+
+
+class InvalidValue(DurableError, ValueError):
+    """A value given to durable is outside what it accepts; the message names the field
+    and the form it must take."""
+
+
+def shown(value: object) -> str:
+    """`value` for an error message: on one line, and short whatever it holds."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def text(value: object, field: str, *, limit: int | None = MAX_NAME) -> str:
+    """`value` if it is text Postgres can store (no NUL, no lone surrogate) of 1 to
+    `limit` characters."""
+    if not isinstance(value, str) or not value or (limit is not None and len(value) > limit):
+        size = f"1 to {limit}" if limit is not None else "at least 1"
+        got = f"{len(value)} characters" if isinstance(value, str) and value else shown(value)
+        raise InvalidValue(f"{field} must be a string of {size} characters, got {got}")
+    if "\0" in value:
+        raise InvalidValue(f"{field} must not contain NUL characters (Postgres text cannot hold them)")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise InvalidValue(f"{field} must be valid Unicode: it holds a lone surrogate") from None
+    return value
+
+
+def whole(value: object, field: str, low: int, high: int) -> int:
+    """`value` if it is an int (not a bool) from `low` to `high`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidValue(f"{field} must be a whole number from {low} to {high}, got {shown(value)}")
+    return value
+
+
+def period(value: object, field: str) -> float:
+    """`value` as seconds if it is a finite number from MIN_PERIOD to MAX_PERIOD."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not MIN_PERIOD <= value <= MAX_PERIOD
+    ):
+        raise InvalidValue(f"{field} must be {PERIOD_FORM} (in seconds), got {shown(value)}")
+    return float(value)
+
+
+def queue_limits(
+    queue: object, concurrency: object, rate_limit: object, rate_period: object
+) -> None:
+    """The arguments of a queue's fleet-wide limits (`durable queues set`)."""
+    text(queue, "queue")
+    if concurrency is not None:
+        whole(concurrency, "concurrency", 1, MAX_LIMIT)
+    if (rate_limit is None) != (rate_period is None):
+        raise InvalidValue("rate: give a limit and its period together, or neither")
+    if rate_limit is not None:
+        whole(rate_limit, "rate", 1, MAX_LIMIT)
+        period(rate_period, "rate period")
+
+
+def schedule(
+    name: object, task_name: object, cron: object, timezone: object, queue: object
+) -> None:
+    """A cron schedule's fields; the expression and time zone as the scheduler reads them."""
+    from durable.cron import CronError, parse
+
+    text(name, "schedule name")
+    text(task_name, "task name")
+    if queue is not None:
+        text(queue, "queue")
+    text(cron, "cron", limit=MAX_NAME)
+    text(timezone, "timezone", limit=100)
+    try:
+        parse(str(cron), str(timezone))
+    except CronError as exc:
+        raise InvalidValue(str(exc)) from None
