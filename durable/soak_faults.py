@@ -3,7 +3,9 @@
 ``Fleet`` runs the daemons (``python -m durable run``), kills, freezes and restarts them,
 and tells the exits it caused from those it did not. ``Proxy`` stands between one daemon
 and Postgres and can stop forwarding without closing anything: to the daemon its
-connections look alive while nothing gets through (a half-open network path).
+connections look alive while nothing gets through (a half-open network path). It can
+also cut the daemon's LISTEN connection alone, dropping what it had in flight, and turn
+its reconnects away for a while: notifications sent meanwhile never arrive.
 """
 
 from __future__ import annotations
@@ -23,18 +25,46 @@ import anyio
 
 import durable
 
+LISTENER_TAG = b"durable-listener"
+"""The listener's application_name, which its startup packet carries in clear text."""
+
+
+class _Refused(Exception):
+    """A listener connection turned away while listeners are refused."""
+
+
+@dataclass(eq=False)
+class _Link:
+    """One proxied connection: its two ends, and whether it is a daemon's listener."""
+
+    client: asyncio.StreamWriter
+    upstream: asyncio.StreamWriter | None = None
+    listener: bool = False
+    sniffed: int = 0
+
+    def cut(self) -> None:
+        """Close both ends at once, dropping whatever either side has not read."""
+        for w in (self.client, self.upstream):
+            if w is not None:
+                w.transport.abort()
+
 
 class Proxy:
-    """A TCP proxy on 127.0.0.1 to ``upstream_port``; ``stall()`` stops forwarding."""
+    """A TCP proxy on 127.0.0.1 to ``upstream_port``; ``stall()`` stops forwarding,
+    ``cut_listeners()`` drops the LISTEN connections and ``refuse_listeners()`` turns
+    new ones away."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.port = 0
         self.connections = 0
+        self.refused = 0
         self._open = asyncio.Event()
         self._open.set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._links: set[_Link] = set()
+        self._refusing = False
         self._closed = False
 
     async def start(self) -> None:
@@ -51,6 +81,17 @@ class Proxy:
     @property
     def stalled(self) -> bool:
         return not self._open.is_set()
+
+    def refuse_listeners(self, refuse: bool = True) -> None:
+        """While refusing, a listener's new connection is closed at its startup packet."""
+        self._refusing = refuse
+
+    def cut_listeners(self) -> int:
+        """Abort every LISTEN connection now; returns how many there were."""
+        cut = [link for link in self._links if link.listener]
+        for link in cut:
+            link.cut()
+        return len(cut)
 
     async def close(self) -> None:
         self._closed = True
@@ -79,14 +120,17 @@ class Proxy:
         self._tasks.discard(task)
 
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = _Link(writer)
+        self._links.add(link)
         try:
             await self._open.wait()  # a stalled path leaves the handshake hanging too
             try:
                 up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
             except OSError:
                 return
+            link.upstream = up_writer
             pumps = [
-                asyncio.create_task(self._pump(reader, up_writer)),
+                asyncio.create_task(self._pump(reader, up_writer, link)),
                 asyncio.create_task(self._pump(up_reader, writer)),
             ]
             try:
@@ -99,15 +143,28 @@ class Proxy:
                 finally:  # even when a second cancellation ends that wait
                     up_writer.close()
         finally:
+            self._links.discard(link)
             writer.close()
 
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
+    async def _pump(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, link: _Link | None = None
+    ) -> None:
+        """Move bytes from src to dst; ``link`` given for the client's side, whose first
+        packets (the SSL request, then the startup packet) tell a listener apart."""
+        with contextlib.suppress(ConnectionError, OSError, _Refused):
             while True:
                 await self._open.wait()
                 data = await src.read(65536)
                 if not data:
                     return
+                if link is not None and link.sniffed < 2:
+                    link.sniffed += 1
+                    if LISTENER_TAG in data:
+                        link.listener = True
+                        if self._refusing:
+                            self.refused += 1
+                            link.cut()
+                            raise _Refused
                 await self._open.wait()  # bytes read as the stall began are held back too
                 dst.write(data)
                 await dst.drain()
@@ -120,6 +177,8 @@ class Daemon:
     index: int
     dsn: str
     proxied: bool
+    env: dict[str, str] = field(default_factory=dict)
+    """Its own additions to the fleet's environment (a skewed clock)."""
     proc: subprocess.Popen[bytes] | None = None
     generation: int = 0
     expected_exit: bool = False
@@ -145,10 +204,14 @@ class UnexpectedExit:
 class Fleet:
     """K daemons serving the soak's queues; every exit it did not cause is recorded."""
 
-    def __init__(self, dsns: list[tuple[str, bool]], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self, dsns: list[tuple[str, bool, dict[str, str]]], env: dict[str, str], log_dir: Path
+    ) -> None:
         self.env = env
         self.log_dir = log_dir
-        self.daemons = [Daemon(i, dsn, proxied) for i, (dsn, proxied) in enumerate(dsns)]
+        self.daemons = [
+            Daemon(i, dsn, proxied, extra) for i, (dsn, proxied, extra) in enumerate(dsns)
+        ]
         self.unexpected: list[UnexpectedExit] = []
         self.exit_codes: list[tuple[int, int]] = []
         """(daemon, code) of the final, graceful stops."""
@@ -159,7 +222,7 @@ class Fleet:
         self.spawned += 1
         log = self.log_dir / f"daemon{d.index}-{d.generation}.log"
         d.logs.append(log)
-        env = {**self.env, "DURABLE_DATABASE_URL": d.dsn}
+        env = {**self.env, **d.env, "DURABLE_DATABASE_URL": d.dsn}
         out: IO[bytes]
         with open(log, "ab") as out:  # the child keeps its own descriptor
             d.proc = subprocess.Popen(
@@ -169,8 +232,10 @@ class Fleet:
         d.expected_exit = False
         d.frozen = False
 
-    def check_exits(self) -> None:
-        """Record and replace daemons that exited without being told to."""
+    def check_exits(self) -> list[Daemon]:
+        """Record the daemons that exited without being told to; returns them, for their
+        supervisor to start again."""
+        exited = []
         for d in self.daemons:
             proc = d.proc
             if proc is None or d.expected_exit or proc.poll() is None:
@@ -182,7 +247,9 @@ class Fleet:
             self.unexpected.append(
                 UnexpectedExit(d.index, proc.pid, proc.returncode, str(d.logs[-1]), tail)
             )
-            self.spawn(d)
+            d.expected_exit = True  # recorded once; spawn() clears it
+            exited.append(d)
+        return exited
 
     async def kill9(self, d: Daemon) -> int:
         """SIGKILL the daemon's process; returns its pid."""
@@ -207,18 +274,17 @@ class Fleet:
 
     async def stop_all(self, timeout: float) -> None:
         """SIGTERM every daemon (a graceful stop) and wait for their exit codes."""
+        self.check_exits()  # an exit not seen yet is not taken for the stop's
+        stopping = []
         for d in self.daemons:
             self.thaw(d)
             if d.proc is not None and d.proc.poll() is None:
                 d.expected_exit = True
                 d.proc.send_signal(signal.SIGTERM)
+                stopping.append(d)
         deadline = time.monotonic() + timeout
-        for d in self.daemons:
-            if d.proc is None:
-                continue
-            if not d.expected_exit:  # it had already exited: check_exits missed it
-                self.check_exits()
-                continue
+        for d in stopping:
+            assert d.proc is not None
             left = max(0.1, deadline - time.monotonic())
             try:
                 await asyncio.wait_for(_reaped(d.proc), left)
@@ -240,10 +306,32 @@ async def _reaped(proc: subprocess.Popen[bytes]) -> None:
     await anyio.to_thread.run_sync(proc.wait)
 
 
+def faketime_library() -> Path | None:
+    """libfaketime (Debian package ``faketime``), or None when it is not installed."""
+    for pattern in ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
+                    "/usr/local/lib/faketime/libfaketime.so.1"):
+        for found in sorted(Path("/").glob(pattern.lstrip("/"))):
+            return found
+    return None
+
+
+def skewed_clock(library: Path, offset: str) -> dict[str, str]:
+    """The environment that runs a process with its wall clock ``offset`` (e.g. -1h) off;
+    its monotonic clock stays true, as a real machine's would."""
+    return {
+        "LD_PRELOAD": str(library),
+        "FAKETIME": offset,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+
+
 def daemon_env(lease: float, queues: str) -> dict[str, str]:
     """The daemons' environment: this one without database or durable settings, plus
     short leases and the soak's queues; durable importable from where this one is."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DURABLE_", "PG"))}
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("DURABLE_", "PG", "FAKETIME")) and k != "LD_PRELOAD"
+    }  # fmt: skip
     env.pop("DATABASE_URL", None)
     root = str(Path(durable.__file__).resolve().parent.parent)
     path = env.get("PYTHONPATH")
