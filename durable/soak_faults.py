@@ -306,11 +306,15 @@ async def _reaped(proc: subprocess.Popen[bytes]) -> None:
     await anyio.to_thread.run_sync(proc.wait)
 
 
+FAKETIME_ROOT = Path("/")
+"""Where faketime_library looks (a test points it at an empty directory)."""
+
+
 def faketime_library() -> Path | None:
     """libfaketime (Debian package ``faketime``), or None when it is not installed."""
-    for pattern in ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
-                    "/usr/local/lib/faketime/libfaketime.so.1"):
-        for found in sorted(Path("/").glob(pattern.lstrip("/"))):
+    for pattern in ("usr/lib/*/faketime/libfaketime.so.1", "usr/lib/faketime/libfaketime.so.1",
+                    "usr/local/lib/faketime/libfaketime.so.1"):
+        for found in sorted(FAKETIME_ROOT.glob(pattern)):
             return found
     return None
 

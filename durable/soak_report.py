@@ -74,7 +74,7 @@ async def verdict(soak: Soak, drained: bool, elapsed: float) -> dict[str, Any]:
     await check("no_task_left_a_final_state", "check_left_final",
                 "status changes out of completed, failed or cancelled")
     await check("no_suspend_spin", "check_suspend_spin",
-                "tasks that suspended more than 100 times")
+                "tasks that suspended more than 30 times")
     await check("no_completion_twice", "check_completed_twice", "completed more than once")
     await check("completion_log", "check_completion_log",
                 "completed tasks without exactly one completion")

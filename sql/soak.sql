@@ -439,11 +439,12 @@ where old_status in ('completed', 'failed', 'cancelled')
 order by id
 
 -- name: check_suspend_spin
--- Workflow attempts that suspended far more often than the workload's waits explain: a
--- deadline the database finds already past at once, suspend after suspend.
+-- Tasks that suspended far more often than the workload's waits explain (at most five
+-- waits, each suspending again only after a fault): a deadline the database finds
+-- already past at once, suspend after suspend.
 select task_id, count(*)::int as suspends from soak.transitions
 where old_status = 'running' and new_status in ('waiting', 'queued') and error_type is null
-group by task_id having count(*) > 100
+group by task_id having count(*) > 30
 order by task_id
 
 -- name: check_completed_twice
