@@ -30,15 +30,15 @@ import contextlib
 import json
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -46,16 +46,22 @@ import anyio
 import durable
 from durable.embedded import EmbeddedServer
 from durable.errors import DurableError
-from durable.soak_faults import Daemon, Fleet, Proxy, daemon_env, faketime_library, skewed_clock
+from durable.soak_faults import (
+    Fault,
+    FaultSchedule,
+    Proxy,
+    daemon_env,
+    faketime_library,
+    retry,
+    skewed_clock,
+)  # fmt: skip
 from durable.soak_report import FAULTS, SKEW, render, verdict
-from durable.store import NamedSql, create_database, drop_database, grant, is_transient, migrate
+from durable.store import NamedSql, create_database, drop_database, grant, migrate
 
 DATABASE = "durable_soak"
 ROLE = "durable_soak"
 """The daemons' login role (sql/soak.sql creates it): not a superuser, so that the
 login_refused fault can turn its reconnects away."""
-T = TypeVar("T")
-
 if TYPE_CHECKING:
     from durable import soak_app
 
@@ -77,16 +83,6 @@ class SoakOptions:
     progress: bool = True
 
 
-@dataclass
-class Fault:
-    kind: str
-    at: datetime
-    daemon: int | None = None
-    ended: datetime | None = None
-    held: list[int] = field(default_factory=list)
-    detail: dict[str, Any] = field(default_factory=dict)
-
-
 class Soak:
     def __init__(self, opts: SoakOptions) -> None:
         self.opts = opts
@@ -96,12 +92,11 @@ class Soak:
         self.producer: soak_app.Producer | None = None
         self._stop_producing = asyncio.Event()
         self._stop_faults = asyncio.Event()
-        self._pg_busy = False
-        self._pg_up = asyncio.Event()
-        self._pg_up.set()
-        self._logins = asyncio.Event()
+        self.pg_up = asyncio.Event()
+        self.pg_up.set()
+        self.logins = asyncio.Event()
         """Set while the daemons' role may log in: a daemon is (re)started only then."""
-        self._logins.set()
+        self.logins.set()
         self._starting = 0
         """Daemons started but not registered yet: no fault-wide outage starts under them."""
         self._settled = asyncio.Event()
@@ -165,7 +160,7 @@ class Soak:
             )  # fmt: skip
             self._say(f"soak: {opts.daemons} daemons (daemon {opts.daemons - 1} at {SKEW}), "
                       f"{opts.duration:g}s, lease {opts.lease:g}s, seed {self.seed}, home {home}")
-            await asyncio.gather(*(self._start_daemon(d) for d in self.fleet.daemons))
+            await asyncio.gather(*(self.start_daemon(d) for d in self.fleet.daemons))
             report = await self._soak(db)
         finally:
             for task in self._restarts:
@@ -193,12 +188,12 @@ class Soak:
 
         async with durable.connect(db, max_size=10) as client:
             self.producer = Producer(
-                client, self.sql.pool, self.rng, opts.rate, self._stop_producing, _retry
+                client, self.sql.pool, self.rng, opts.rate, self._stop_producing, retry
             )
             monitor = asyncio.create_task(self._monitor())
             progress = asyncio.create_task(self._progress())
             producer = asyncio.create_task(self.producer.run())
-            faults = asyncio.create_task(self._fault_schedule())
+            faults = asyncio.create_task(FaultSchedule(self, self._stop_faults).run())
             t0 = time.monotonic()
             await asyncio.sleep(opts.duration)
             self._stop_faults.set()
@@ -217,75 +212,16 @@ class Soak:
             await self.fleet.stop_all(timeout=20)
         return await verdict(self, drained, elapsed)
 
-    # -- faults ----------------------------------------------------------------------------
-
-    def fault_gap(self) -> tuple[float, float]:
-        """The gap between faults: at most the configured one, and short enough that a
-        round of every kind fits in the duration."""
-        lo, hi = self.opts.fault_gap
-        scale = min(1.0, self.opts.duration / (len(FAULTS) * (lo + hi) / 2 + hi))
-        return lo * scale, hi * scale
-
-    async def _fault_schedule(self) -> None:
-        """Every kind once per round, in a random order. A kind that finds nothing to hit
-        (its daemon is under another fault) goes to the end of the round. Past the
-        duration, only the kinds that never fired are injected, until each has."""
-        kinds: list[str] = []
-        fired: set[str] = set()
-        running: set[asyncio.Task[None]] = set()
-
-        async def inject(kind: str) -> None:
-            if await self._inject(kind):
-                fired.add(kind)
-            else:
-                kinds.insert(0, kind)
-
-        lo, hi = self.fault_gap()
-        overtime = time.monotonic() + self.opts.duration + 120
-        while True:
-            with contextlib.suppress(TimeoutError):
-                if not self._stop_faults.is_set():
-                    await asyncio.wait_for(self._stop_faults.wait(), self.rng.uniform(lo, hi))
-                else:
-                    await asyncio.sleep(lo)
-            if self._stop_faults.is_set():
-                missing = [k for k in FAULTS if k not in fired]
-                if not missing or time.monotonic() > overtime:
-                    break
-                kinds = [k for k in kinds if k in missing] or missing
-            if not kinds:
-                kinds = list(FAULTS)
-                self.rng.shuffle(kinds)
-            task = asyncio.create_task(inject(kinds.pop()))
-            running.add(task)
-            task.add_done_callback(running.discard)
-        if running:
-            await asyncio.wait(list(running))
-
-    async def _pick(self, proxied: bool | None = None) -> Daemon | None:
-        """A daemon no other fault is hitting, preferably one running tasks right now."""
-        assert self.fleet is not None
-        free = [
-            d for d in self.fleet.daemons
-            if not d.busy and d.pid is not None and (proxied is None or d.proxied == proxied)
-        ]  # fmt: skip
-        holding = []
-        for d in free:
-            if d.pid is not None and await self._held(d.pid):
-                holding.append(d)
-        pool = holding or free
-        return self.rng.choice(pool) if pool else None
-
-    async def _start_daemon(self, d: Daemon) -> None:
+    async def start_daemon(self, d: Daemon) -> None:
         """Start (or restart) a daemon as its supervisor would: once Postgres is up and
         its role may log in, since `durable run` exits with an error when it cannot reach
         its server at startup (by design: systemd or Kubernetes restart it); and no outage
         of the whole fleet begins until the daemon has registered. After that, every
         outage is the daemon's to ride out."""
         assert self.fleet is not None and self.sql is not None
-        while not (self._pg_up.is_set() and self._logins.is_set()):
-            await self._pg_up.wait()
-            await self._logins.wait()
+        while not (self.pg_up.is_set() and self.logins.is_set()):
+            await self.pg_up.wait()
+            await self.logins.wait()
         self._starting += 1
         self._settled.clear()
         try:
@@ -303,144 +239,14 @@ class Soak:
             if not self._starting:
                 self._settled.set()
 
-    async def _fleet_settled(self) -> None:
+    async def fleet_settled(self) -> None:
         while self._starting:  # see _start_daemon
             await self._settled.wait()
 
-    async def _held(self, pid: int) -> list[int]:
+    async def held(self, pid: int) -> list[int]:
         assert self.sql is not None
         sql = self.sql
-        return list(await _retry(lambda: sql.value("held_by", pid), deadline=30))
-
-    async def _inject(self, kind: str) -> bool:
-        """Inject one fault; False when there was nothing to hit right now."""
-        fault = Fault(kind, datetime.now(UTC))
-        if kind in ("kill9", "zombie", "net_stall", "listener_cut"):
-            d = await self._pick(proxied=True if kind in ("net_stall", "listener_cut") else None)
-            if d is None or d.pid is None:
-                return False
-            d.busy = True
-            try:
-                fault.daemon, fault.detail["pid"] = d.index, d.pid
-                fault.held = await self._held(d.pid)
-                fault.at = datetime.now(UTC)
-                self.faults.append(fault)
-                await self._hit_daemon(kind, d, fault)
-            finally:
-                d.busy = False
-        elif kind in ("pg_restart", "login_refused"):
-            if self._pg_busy:
-                return False
-            self._pg_busy = True
-            try:
-                await self._fleet_settled()
-                fault.at = datetime.now(UTC)
-                self.faults.append(fault)
-                await (self._restart_pg(fault) if kind == "pg_restart" else self._refuse_logins(fault))
-            finally:
-                self._pg_busy = False
-        elif kind == "listener_kill":
-            self.faults.append(fault)
-            await self._kill_listeners(fault)
-        else:
-            self.faults.append(fault)
-            await self._bad_config(kind, fault)
-        fault.ended = datetime.now(UTC)
-        return True
-
-    async def _hit_daemon(self, kind: str, d: Daemon, fault: Fault) -> None:
-        assert self.fleet is not None and self.proxy is not None and d.pid is not None
-        lease = self.opts.lease
-        if kind == "kill9":
-            await self.fleet.kill9(d)
-            down = self.rng.uniform(0.5, 2.5)
-            fault.detail["down_s"] = round(down, 2)
-            await asyncio.sleep(down)
-            await self._start_daemon(d)
-        elif kind == "zombie":
-            self.fleet.freeze(d)
-            await asyncio.sleep(2 * lease + 1)  # past its lease: others take its tasks
-            self.fleet.thaw(d)
-        elif kind == "net_stall":
-            self.proxy.stall()
-            await asyncio.sleep(2 * lease + 2)
-            self.proxy.resume()
-        else:
-            await self._cut_listener(d, fault)
-
-    async def _cut_listener(self, d: Daemon, fault: Fault) -> None:
-        """Cut the daemon's LISTEN connection and turn its reconnects away for a while;
-        meanwhile cancel what it runs: those cancels reach it by other means or not at
-        all. The other connections of the daemon keep working."""
-        assert self.proxy is not None and self.producer is not None and d.pid is not None
-        refused = self.proxy.refused
-        self.proxy.refuse_listeners()
-        try:
-            fault.detail["cut"] = self.proxy.cut_listeners()
-            cancelled: set[int] = set()
-            end = time.monotonic() + self.opts.lease + 1
-            while time.monotonic() < end and d.pid is not None:
-                for task_id in await self._held(d.pid):
-                    if task_id not in cancelled and len(cancelled) < 3:
-                        cancelled.add(task_id)
-                        await self.producer.cancel(task_id)
-                await asyncio.sleep(0.3)
-            fault.detail["cancelled"] = len(cancelled)
-        finally:
-            self.proxy.refuse_listeners(False)
-            fault.detail["refused"] = self.proxy.refused - refused
-
-    async def _restart_pg(self, fault: Fault) -> None:
-        assert self.server is not None
-        self._pg_up.clear()
-        try:
-            t0 = time.monotonic()
-            await anyio.to_thread.run_sync(self.server.restart, "immediate")
-            fault.detail["restart_s"] = round(time.monotonic() - t0, 2)
-        finally:
-            self._pg_up.set()
-
-    async def _refuse_logins(self, fault: Fault) -> None:
-        """Refuse the daemons' new connections with an error no retry loop expects
-        (alternately: the role may not log in, 28000; CONNECT revoked, 42501), and
-        terminate their listeners so that each must reconnect; restore after a while."""
-        assert self.sql is not None
-        sql = self.sql
-        how = ("refuse_logins", "admit_logins") if len(self.faults) % 2 else (
-            "revoke_connect", "grant_connect")
-        fault.detail["how"] = "nologin" if how[0] == "refuse_logins" else "revoke_connect"
-        self._logins.clear()
-        try:
-            await _retry(lambda: sql.run(how[0]))
-            await self._kill_listeners(fault)
-            await asyncio.sleep(self.opts.lease + 1)
-        finally:
-            await _retry(lambda: sql.run(how[1]))
-            self._logins.set()
-
-    async def _kill_listeners(self, fault: Fault) -> None:
-        assert self.sql is not None
-        sql = self.sql
-        pids = [r["pid"] for r in await _retry(lambda: sql.rows("listener_backends"))]
-        await _retry(lambda: sql.run("terminate", pids))
-        fault.detail["connections"] = len(pids)
-
-    async def _bad_config(self, kind: str, fault: Fault) -> None:
-        """Rows that no CLI should accept, written directly; removed after a while. A
-        daemon must log them, skip them, and go on serving everything else."""
-        assert self.sql is not None
-        from durable.soak_app import BAD_RATE_QUEUE
-
-        sql = self.sql
-        put, clear, args = (
-            ("bad_schedules", "clear_bad_schedules", ()) if kind == "bad_schedule"
-            else ("bad_queue", "clear_bad_queue", (BAD_RATE_QUEUE,))
-        )  # fmt: skip
-        try:
-            await _retry(lambda: sql.run(put, *args))
-            await asyncio.sleep(max(3.0, self.opts.lease))  # a few scheduler and claim polls
-        finally:
-            await _retry(lambda: sql.run(clear, *args))
+        return list(await retry(lambda: sql.value("held_by", pid), deadline=30))
 
     # -- watching --------------------------------------------------------------------------
 
@@ -450,7 +256,7 @@ class Soak:
         assert self.fleet is not None
         while True:
             for d in self.fleet.check_exits():
-                task = asyncio.create_task(self._start_daemon(d))
+                task = asyncio.create_task(self.start_daemon(d))
                 self._restarts.add(task)
                 task.add_done_callback(self._restarts.discard)
             await asyncio.sleep(0.2)
@@ -487,21 +293,148 @@ class Soak:
             print(text, file=sys.stderr, flush=True)
 
 
+# -- the fleet --------------------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    """One daemon slot of the fleet; its process changes when it is killed and restarted."""
+
+    index: int
+    dsn: str
+    proxied: bool
+    env: dict[str, str] = field(default_factory=dict)
+    """Its own additions to the fleet's environment (a skewed clock)."""
+    proc: subprocess.Popen[bytes] | None = None
+    generation: int = 0
+    expected_exit: bool = False
+    frozen: bool = False
+    busy: bool = False
+    """Under a fault right now: no other fault picks it."""
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+
+@dataclass(frozen=True)
+class UnexpectedExit:
+    daemon: int
+    pid: int
+    returncode: int
+    log: str
+    tail: str
+
+
+class Fleet:
+    """K daemons serving the soak's queues; every exit it did not cause is recorded."""
+
+    def __init__(
+        self, dsns: list[tuple[str, bool, dict[str, str]]], env: dict[str, str], log_dir: Path
+    ) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.daemons = [
+            Daemon(i, dsn, proxied, extra) for i, (dsn, proxied, extra) in enumerate(dsns)
+        ]
+        self.unexpected: list[UnexpectedExit] = []
+        self.exit_codes: list[tuple[int, int]] = []
+        """(daemon, code) of the final, graceful stops."""
+        self.spawned = 0
+
+    def spawn(self, d: Daemon) -> None:
+        d.generation += 1
+        self.spawned += 1
+        log = self.log_dir / f"daemon{d.index}-{d.generation}.log"
+        d.logs.append(log)
+        env = {**self.env, **d.env, "DURABLE_DATABASE_URL": d.dsn}
+        out: IO[bytes]
+        with open(log, "ab") as out:  # the child keeps its own descriptor
+            d.proc = subprocess.Popen(
+                [sys.executable, "-m", "durable", "run", "--app", "durable.soak_app"],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            )
+        d.expected_exit = False
+        d.frozen = False
+
+    def check_exits(self) -> list[Daemon]:
+        """Record the daemons that exited without being told to; returns them, for their
+        supervisor to start again."""
+        exited = []
+        for d in self.daemons:
+            proc = d.proc
+            if proc is None or d.expected_exit or proc.poll() is None:
+                continue
+            assert proc.returncode is not None
+            tail = ""
+            with contextlib.suppress(OSError):
+                tail = "\n".join(d.logs[-1].read_text(errors="replace").splitlines()[-15:])
+            self.unexpected.append(
+                UnexpectedExit(d.index, proc.pid, proc.returncode, str(d.logs[-1]), tail)
+            )
+            d.expected_exit = True  # recorded once; spawn() clears it
+            exited.append(d)
+        return exited
+
+    async def kill9(self, d: Daemon) -> int:
+        """SIGKILL the daemon's process; returns its pid."""
+        assert d.proc is not None
+        d.expected_exit = True
+        if d.frozen:
+            self.thaw(d)
+        pid = d.proc.pid
+        d.proc.send_signal(signal.SIGKILL)
+        await _reaped(d.proc)
+        return pid
+
+    def freeze(self, d: Daemon) -> None:
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGSTOP)
+        d.frozen = True
+
+    def thaw(self, d: Daemon) -> None:
+        if d.proc is not None and d.frozen:
+            d.proc.send_signal(signal.SIGCONT)
+        d.frozen = False
+
+    async def stop_all(self, timeout: float) -> None:
+        """SIGTERM every daemon (a graceful stop) and wait for their exit codes."""
+        self.check_exits()  # an exit not seen yet is not taken for the stop's
+        stopping = []
+        for d in self.daemons:
+            self.thaw(d)
+            if d.proc is not None and d.proc.poll() is None:
+                d.expected_exit = True
+                d.proc.send_signal(signal.SIGTERM)
+                stopping.append(d)
+        deadline = time.monotonic() + timeout
+        for d in stopping:
+            assert d.proc is not None
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(_reaped(d.proc), left)
+            except TimeoutError:
+                d.proc.kill()
+                await _reaped(d.proc)
+            assert d.proc.returncode is not None
+            self.exit_codes.append((d.index, d.proc.returncode))
+
+    def kill_all(self) -> None:
+        for d in self.daemons:
+            if d.proc is not None and d.proc.poll() is None:
+                d.expected_exit = True
+                d.proc.kill()
+                d.proc.wait()
+
+
+async def _reaped(proc: subprocess.Popen[bytes]) -> None:
+    await anyio.to_thread.run_sync(proc.wait)
+
+
+
+
 # -- helpers ------------------------------------------------------------------------------
-
-
-async def _retry(fn: Callable[[], Awaitable[T]], deadline: float = 300.0) -> T:
-    """``fn()`` again after transient errors (a restart in progress), up to ``deadline`` s."""
-    delay = 0.05
-    end = time.monotonic() + deadline
-    while True:
-        try:
-            return await fn()
-        except Exception as exc:
-            if not is_transient(exc) or time.monotonic() > end:
-                raise
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 1.0)
 
 
 def _with(

@@ -1,11 +1,11 @@
-"""The moving parts ``durable soak`` breaks: daemon processes and a TCP proxy.
+"""What ``durable soak`` breaks, and how: the fault schedule, a TCP proxy, a skewed clock.
 
-``Fleet`` runs the daemons (``python -m durable run``), kills, freezes and restarts them,
-and tells the exits it caused from those it did not. ``Proxy`` stands between one daemon
-and Postgres and can stop forwarding without closing anything: to the daemon its
-connections look alive while nothing gets through (a half-open network path). It can
-also cut the daemon's LISTEN connection alone, dropping what it had in flight, and turn
-its reconnects away for a while: notifications sent meanwhile never arrive.
+``FaultSchedule`` injects every kind of FAULTS into the running soak, each at least once
+however short the run. ``Proxy`` stands between one daemon and Postgres and can stop
+forwarding without closing anything: to the daemon its connections look alive while
+nothing gets through (a half-open network path). It can also cut the daemon's LISTEN
+connection alone, dropping what it had in flight, and turn its reconnects away for a
+while: notifications sent meanwhile never arrive.
 """
 
 from __future__ import annotations
@@ -13,17 +13,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
-import subprocess
-import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
 import durable
+from durable.soak_report import FAULTS
+from durable.store import is_transient
+
+if TYPE_CHECKING:
+    from durable.soak import Daemon, Soak
+
+T = TypeVar("T")
 
 LISTENER_TAG = b"durable-listener"
 """The listener's application_name, which its startup packet carries in clear text."""
@@ -170,142 +176,6 @@ class Proxy:
                 await dst.drain()
 
 
-@dataclass
-class Daemon:
-    """One daemon slot of the fleet; its process changes when it is killed and restarted."""
-
-    index: int
-    dsn: str
-    proxied: bool
-    env: dict[str, str] = field(default_factory=dict)
-    """Its own additions to the fleet's environment (a skewed clock)."""
-    proc: subprocess.Popen[bytes] | None = None
-    generation: int = 0
-    expected_exit: bool = False
-    frozen: bool = False
-    busy: bool = False
-    """Under a fault right now: no other fault picks it."""
-    logs: list[Path] = field(default_factory=list)
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
-
-
-@dataclass(frozen=True)
-class UnexpectedExit:
-    daemon: int
-    pid: int
-    returncode: int
-    log: str
-    tail: str
-
-
-class Fleet:
-    """K daemons serving the soak's queues; every exit it did not cause is recorded."""
-
-    def __init__(
-        self, dsns: list[tuple[str, bool, dict[str, str]]], env: dict[str, str], log_dir: Path
-    ) -> None:
-        self.env = env
-        self.log_dir = log_dir
-        self.daemons = [
-            Daemon(i, dsn, proxied, extra) for i, (dsn, proxied, extra) in enumerate(dsns)
-        ]
-        self.unexpected: list[UnexpectedExit] = []
-        self.exit_codes: list[tuple[int, int]] = []
-        """(daemon, code) of the final, graceful stops."""
-        self.spawned = 0
-
-    def spawn(self, d: Daemon) -> None:
-        d.generation += 1
-        self.spawned += 1
-        log = self.log_dir / f"daemon{d.index}-{d.generation}.log"
-        d.logs.append(log)
-        env = {**self.env, **d.env, "DURABLE_DATABASE_URL": d.dsn}
-        out: IO[bytes]
-        with open(log, "ab") as out:  # the child keeps its own descriptor
-            d.proc = subprocess.Popen(
-                [sys.executable, "-m", "durable", "run", "--app", "durable.soak_app"],
-                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            )
-        d.expected_exit = False
-        d.frozen = False
-
-    def check_exits(self) -> list[Daemon]:
-        """Record the daemons that exited without being told to; returns them, for their
-        supervisor to start again."""
-        exited = []
-        for d in self.daemons:
-            proc = d.proc
-            if proc is None or d.expected_exit or proc.poll() is None:
-                continue
-            assert proc.returncode is not None
-            tail = ""
-            with contextlib.suppress(OSError):
-                tail = "\n".join(d.logs[-1].read_text(errors="replace").splitlines()[-15:])
-            self.unexpected.append(
-                UnexpectedExit(d.index, proc.pid, proc.returncode, str(d.logs[-1]), tail)
-            )
-            d.expected_exit = True  # recorded once; spawn() clears it
-            exited.append(d)
-        return exited
-
-    async def kill9(self, d: Daemon) -> int:
-        """SIGKILL the daemon's process; returns its pid."""
-        assert d.proc is not None
-        d.expected_exit = True
-        if d.frozen:
-            self.thaw(d)
-        pid = d.proc.pid
-        d.proc.send_signal(signal.SIGKILL)
-        await _reaped(d.proc)
-        return pid
-
-    def freeze(self, d: Daemon) -> None:
-        assert d.proc is not None
-        d.proc.send_signal(signal.SIGSTOP)
-        d.frozen = True
-
-    def thaw(self, d: Daemon) -> None:
-        if d.proc is not None and d.frozen:
-            d.proc.send_signal(signal.SIGCONT)
-        d.frozen = False
-
-    async def stop_all(self, timeout: float) -> None:
-        """SIGTERM every daemon (a graceful stop) and wait for their exit codes."""
-        self.check_exits()  # an exit not seen yet is not taken for the stop's
-        stopping = []
-        for d in self.daemons:
-            self.thaw(d)
-            if d.proc is not None and d.proc.poll() is None:
-                d.expected_exit = True
-                d.proc.send_signal(signal.SIGTERM)
-                stopping.append(d)
-        deadline = time.monotonic() + timeout
-        for d in stopping:
-            assert d.proc is not None
-            left = max(0.1, deadline - time.monotonic())
-            try:
-                await asyncio.wait_for(_reaped(d.proc), left)
-            except TimeoutError:
-                d.proc.kill()
-                await _reaped(d.proc)
-            assert d.proc.returncode is not None
-            self.exit_codes.append((d.index, d.proc.returncode))
-
-    def kill_all(self) -> None:
-        for d in self.daemons:
-            if d.proc is not None and d.proc.poll() is None:
-                d.expected_exit = True
-                d.proc.kill()
-                d.proc.wait()
-
-
-async def _reaped(proc: subprocess.Popen[bytes]) -> None:
-    await anyio.to_thread.run_sync(proc.wait)
-
-
 FAKETIME_ROOT = Path("/")
 """Where faketime_library looks (a test points it at an empty directory)."""
 
@@ -349,3 +219,222 @@ def daemon_env(lease: float, queues: str) -> dict[str, str]:
         "DURABLE_LOG_LEVEL": "info",
     })  # fmt: skip
     return env
+
+
+@dataclass
+class Fault:
+    kind: str
+    at: datetime
+    daemon: int | None = None
+    ended: datetime | None = None
+    held: list[int] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class FaultSchedule:
+    """Injects the faults of FAULTS into a running soak, one every few seconds, until
+    ``stop`` is set and every kind has fired."""
+
+    def __init__(self, soak: Soak, stop: asyncio.Event) -> None:
+        self.soak = soak
+        self.stop = stop
+        self._pg_busy = False
+
+    def fault_gap(self) -> tuple[float, float]:
+        """The gap between faults: at most the configured one, and short enough that a
+        round of every kind fits in the duration."""
+        lo, hi = self.soak.opts.fault_gap
+        scale = min(1.0, self.soak.opts.duration / (len(FAULTS) * (lo + hi) / 2 + hi))
+        return lo * scale, hi * scale
+
+    async def run(self) -> None:
+        """Every kind once per round, in a random order. A kind that finds nothing to hit
+        (its daemon is under another fault) goes to the end of the round. Past the
+        duration, only the kinds that never fired are injected, until each has."""
+        kinds: list[str] = []
+        running: set[asyncio.Task[None]] = set()
+
+        async def inject(kind: str) -> None:
+            if not await self._inject(kind):
+                kinds.insert(0, kind)
+
+        lo, hi = self.fault_gap()
+        overtime = time.monotonic() + self.soak.opts.duration + 120
+        while True:
+            with contextlib.suppress(TimeoutError):
+                if not self.stop.is_set():
+                    await asyncio.wait_for(self.stop.wait(), self.soak.rng.uniform(lo, hi))
+                else:
+                    await asyncio.sleep(lo)
+            if self.stop.is_set():
+                fired = {f.kind for f in self.soak.faults}  # as soon as one starts
+                missing = [k for k in FAULTS if k not in fired]
+                if not missing or time.monotonic() > overtime:
+                    break
+                kinds = [k for k in kinds if k in missing] or missing
+            if not kinds:
+                kinds = list(FAULTS)
+                self.soak.rng.shuffle(kinds)
+            task = asyncio.create_task(inject(kinds.pop()))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        if running:
+            await asyncio.wait(list(running))
+
+    async def _pick(self, proxied: bool | None = None) -> Daemon | None:
+        """A daemon no other fault is hitting, preferably one running tasks right now."""
+        assert self.soak.fleet is not None
+        free = [
+            d for d in self.soak.fleet.daemons
+            if not d.busy and d.pid is not None and (proxied is None or d.proxied == proxied)
+        ]  # fmt: skip
+        holding = []
+        for d in free:
+            if d.pid is not None and await self.soak.held(d.pid):
+                holding.append(d)
+        pool = holding or free
+        return self.soak.rng.choice(pool) if pool else None
+
+    async def _inject(self, kind: str) -> bool:
+        """Inject one fault; False when there was nothing to hit right now."""
+        fault = Fault(kind, datetime.now(UTC))
+        if kind in ("kill9", "zombie", "net_stall", "listener_cut"):
+            d = await self._pick(proxied=True if kind in ("net_stall", "listener_cut") else None)
+            if d is None or d.pid is None:
+                return False
+            d.busy = True
+            try:
+                fault.daemon, fault.detail["pid"] = d.index, d.pid
+                fault.held = await self.soak.held(d.pid)
+                fault.at = datetime.now(UTC)
+                self.soak.faults.append(fault)
+                await self._hit_daemon(kind, d, fault)
+            finally:
+                d.busy = False
+        elif kind in ("pg_restart", "login_refused"):
+            if self._pg_busy:
+                return False
+            self._pg_busy = True
+            try:
+                await self.soak.fleet_settled()
+                fault.at = datetime.now(UTC)
+                self.soak.faults.append(fault)
+                await (self._restart_pg(fault) if kind == "pg_restart" else self._refuse_logins(fault))
+            finally:
+                self._pg_busy = False
+        elif kind == "listener_kill":
+            self.soak.faults.append(fault)
+            await self._kill_listeners(fault)
+        else:
+            self.soak.faults.append(fault)
+            await self._bad_config(kind, fault)
+        fault.ended = datetime.now(UTC)
+        return True
+
+    async def _hit_daemon(self, kind: str, d: Daemon, fault: Fault) -> None:
+        assert self.soak.fleet is not None and self.soak.proxy is not None and d.pid is not None
+        lease = self.soak.opts.lease
+        if kind == "kill9":
+            await self.soak.fleet.kill9(d)
+            down = self.soak.rng.uniform(0.5, 2.5)
+            fault.detail["down_s"] = round(down, 2)
+            await asyncio.sleep(down)
+            await self.soak.start_daemon(d)
+        elif kind == "zombie":
+            self.soak.fleet.freeze(d)
+            await asyncio.sleep(2 * lease + 1)  # past its lease: others take its tasks
+            self.soak.fleet.thaw(d)
+        elif kind == "net_stall":
+            self.soak.proxy.stall()
+            await asyncio.sleep(2 * lease + 2)
+            self.soak.proxy.resume()
+        else:
+            await self._cut_listener(d, fault)
+
+    async def _cut_listener(self, d: Daemon, fault: Fault) -> None:
+        """Cut the daemon's LISTEN connection and turn its reconnects away for a while;
+        meanwhile cancel what it runs: those cancels reach it by other means or not at
+        all. The other connections of the daemon keep working."""
+        assert self.soak.proxy is not None and self.soak.producer is not None and d.pid is not None
+        refused = self.soak.proxy.refused
+        self.soak.proxy.refuse_listeners()
+        try:
+            fault.detail["cut"] = self.soak.proxy.cut_listeners()
+            cancelled: set[int] = set()
+            end = time.monotonic() + self.soak.opts.lease + 1
+            while time.monotonic() < end and d.pid is not None:
+                for task_id in await self.soak.held(d.pid):
+                    if task_id not in cancelled and len(cancelled) < 3:
+                        cancelled.add(task_id)
+                        await self.soak.producer.cancel(task_id)
+                await asyncio.sleep(0.3)
+            fault.detail["cancelled"] = len(cancelled)
+        finally:
+            self.soak.proxy.refuse_listeners(False)
+            fault.detail["refused"] = self.soak.proxy.refused - refused
+
+    async def _restart_pg(self, fault: Fault) -> None:
+        assert self.soak.server is not None
+        self.soak.pg_up.clear()
+        try:
+            t0 = time.monotonic()
+            await anyio.to_thread.run_sync(self.soak.server.restart, "immediate")
+            fault.detail["restart_s"] = round(time.monotonic() - t0, 2)
+        finally:
+            self.soak.pg_up.set()
+
+    async def _refuse_logins(self, fault: Fault) -> None:
+        """Refuse the daemons' new connections with an error no retry loop expects
+        (alternately: the role may not log in, 28000; CONNECT revoked, 42501), and
+        terminate their listeners so that each must reconnect; restore after a while."""
+        assert self.soak.sql is not None
+        sql = self.soak.sql
+        how = ("refuse_logins", "admit_logins") if len(self.soak.faults) % 2 else (
+            "revoke_connect", "grant_connect")
+        fault.detail["how"] = "nologin" if how[0] == "refuse_logins" else "revoke_connect"
+        self.soak.logins.clear()
+        try:
+            await retry(lambda: sql.run(how[0]))
+            await self._kill_listeners(fault)
+            await asyncio.sleep(self.soak.opts.lease + 1)
+        finally:
+            await retry(lambda: sql.run(how[1]))
+            self.soak.logins.set()
+
+    async def _kill_listeners(self, fault: Fault) -> None:
+        assert self.soak.sql is not None
+        sql = self.soak.sql
+        pids = [r["pid"] for r in await retry(lambda: sql.rows("listener_backends"))]
+        await retry(lambda: sql.run("terminate", pids))
+        fault.detail["connections"] = len(pids)
+
+    async def _bad_config(self, kind: str, fault: Fault) -> None:
+        """Rows that no CLI should accept, written directly; removed after a while. A
+        daemon must log them, skip them, and go on serving everything else."""
+        assert self.soak.sql is not None
+        from durable.soak_app import BAD_RATE_QUEUE
+
+        sql = self.soak.sql
+        put, clear, args = (
+            ("bad_schedules", "clear_bad_schedules", ()) if kind == "bad_schedule"
+            else ("bad_queue", "clear_bad_queue", (BAD_RATE_QUEUE,))
+        )  # fmt: skip
+        try:
+            await retry(lambda: sql.run(put, *args))
+            await asyncio.sleep(max(3.0, self.soak.opts.lease))  # a few scheduler and claim polls
+        finally:
+            await retry(lambda: sql.run(clear, *args))
+
+
+async def retry(fn: Callable[[], Awaitable[T]], deadline: float = 300.0) -> T:
+    """``fn()`` again after transient errors (a restart in progress), up to ``deadline`` s."""
+    delay = 0.05
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            return await fn()
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() > end:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from durable.soak import Fault, Soak
+    from durable.soak import Soak
+    from durable.soak_faults import Fault
 
 SKEW = "-1h"
 """The wall clock of the fleet's last daemon, against the database's (libfaketime)."""

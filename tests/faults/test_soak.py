@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -180,8 +182,14 @@ def soak_command(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_short_soak_still_fires_every_fault_kind_and_reports_each(tmp_path: Path) -> None:
-    done = soak_command("--duration", "10s", "--json", "--quiet", "--home", str(tmp_path))
+def test_a_short_soak_still_fires_every_fault_kind_and_reports_each() -> None:
+    # Its own scratch home (the embedded server needs one it can make traversable).
+    home = Path(tempfile.mkdtemp(prefix="durable-soak-test-"))
+    try:
+        done = soak_command("--duration", "10s", "--json", "--quiet", "--home", str(home))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    assert done.stdout, done.stderr[-2000:]
     report = json.loads(done.stdout)
     assert report["faults"].keys() == set(FAULTS)
     assert all(n >= 1 for n in report["faults"].values()), report["faults"]
