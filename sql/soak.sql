@@ -348,14 +348,13 @@ where t.status in ('completed', 'failed', 'cancelled')
           when t.name = 'soak_doomed'
               then t.status = 'failed' and t.error ->> 'type' = 'durable.errors.NonRetryable'
           when r.raises is not null
-              then (t.status = 'failed'
-                    or (t.status = 'cancelled' and r.raises = 'CancelledError'))
-                   and exists (
+              then (t.status = 'cancelled' and r.raises = 'CancelledError')
+                   or (t.status = 'failed' and exists (
                        select 1 from soak.transitions x
                        where x.task_id = t.id and x.old_status = 'running'
                          and x.new_status in ('queued', 'failed')
                          and (strpos(x.error_type, r.raises) > 0
-                              or strpos(x.error_message, r.raises) > 0))
+                              or strpos(x.error_message, r.raises) > 0)))
           else t.status = 'completed' end)
 order by t.id
 

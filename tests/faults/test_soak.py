@@ -40,10 +40,13 @@ async def soak_sql(dsn: str) -> AsyncIterator[NamedSql]:
         await sql.close()
 
 
-async def start(dsn: str, queue: str, key: str | None = None, limit: int | None = None) -> int:
+async def start(
+    dsn: str, queue: str, key: str | None = None, limit: int | None = None,
+    idempotency_key: str | None = None,
+) -> int:
     task_id = await fetchval(
-        dsn, "select durable.start('t', queue => $1, concurrency_key => $2, key_limit => $3)",
-        queue, key, limit,
+        dsn, "select durable.start('t', queue => $1, concurrency_key => $2, key_limit => $3, "
+        "idempotency_key => $4)", queue, key, limit, idempotency_key,
     )  # fmt: skip
     return int(task_id)
 
@@ -137,6 +140,29 @@ async def test_an_acknowledged_cancel_is_checked_against_the_task_s_end(
     rows = await soak_sql.rows("check_acked_cancels")
     assert [(r["id"], r["status"]) for r in rows] == [(lost, "completed")]
     assert [r["task_id"] for r in await soak_sql.rows("check_left_final")] == []
+
+
+async def fail(dsn: str, task_id: int, error_type: str, message: str) -> None:
+    await execute(
+        dsn, "update durable.tasks set status = 'failed', finished_at = now(), claim_token = null, "
+        "lease_until = null, error = jsonb_build_object('type', $2::text, 'message', $3::text) "
+        "where id = $1", task_id, error_type, message,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+async def test_a_hostile_task_must_fail_with_an_error_that_names_what_it_raised(
+    dsn: str, soak_sql: NamedSql
+) -> None:
+    contained = await start(dsn, "plain", idempotency_key="h1")
+    lost = await start(dsn, "plain", idempotency_key="h2")
+    assert sorted(await claim(dsn, "plain")) == [contained, lost]
+    await fail(dsn, contained, "builtins.SystemExit", "SystemExit: 3")
+    await fail(dsn, lost, "durable.LeaseExpired", "the lease expired")  # its outcome was lost
+    await soak_sql.run("record_started", ["h1", "h2"], ["hostile"] * 2, [None] * 2,
+                       [False] * 2, ["SystemExit"] * 2)
+    rows = await soak_sql.rows("check_outcomes")
+    assert [(r["id"], r["error_type"]) for r in rows] == [(lost, "durable.LeaseExpired")]
 
 
 @pytest.mark.timeout(60)
