@@ -243,10 +243,11 @@ class Soak:
         while self._starting:  # see _start_daemon
             await self._settled.wait()
 
-    async def held(self, pid: int) -> list[int]:
+    async def held(self, pid: int, *, roots: bool = False) -> list[int]:
+        """The tasks daemon process ``pid`` holds (only those without a parent: roots)."""
         assert self.sql is not None
-        sql = self.sql
-        return list(await retry(lambda: sql.value("held_by", pid), deadline=30))
+        sql, query = self.sql, "held_roots" if roots else "held_by"
+        return list(await retry(lambda: sql.value(query, pid), deadline=30))
 
     # -- watching --------------------------------------------------------------------------
 
@@ -468,7 +469,8 @@ def add_command(sub: Any) -> None:
         description=(__doc__ or "").split("\n\n")[1].replace("``", ""),
     )
     p.add_argument("--duration", default="60s", help="how long to produce and inject faults "
-                   "(e.g. 60s, 10m); the drain comes after")
+                   "(e.g. 60s, 10m; a short run goes on until every fault kind has fired); "
+                   "the drain comes after")
     p.add_argument("--daemons", type=int, default=3, help="daemon processes (at least 3: one "
                    "behind the proxy, one with a skewed clock)")
     p.add_argument("--lease", default="3s", help="the daemons' DURABLE_LEASE")

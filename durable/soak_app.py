@@ -301,6 +301,8 @@ class Producer:
         self.retry = retry
         self.ledger: dict[str, Started] = {}
         self.actions = Counter[str]()
+        self.asked: list[int] = []
+        """Every task a cancel was sent for."""
         self.acked: list[tuple[int, datetime]] = []
         """(task id, when) for every id a cancel returned."""
         self._pending: set[asyncio.Task[Any]] = set()
@@ -381,6 +383,7 @@ class Producer:
 
     async def cancel(self, task_id: int) -> list[int]:
         """Cancel; every id it returns is recorded as an acknowledged cancel."""
+        self.asked.append(task_id)
         hit = list(await self.retry(lambda: self.client.cancel(task_id)))
         now = datetime.now(UTC)
         self.acked += [(i, now) for i in hit]

@@ -363,7 +363,9 @@ class FaultSchedule:
             cancelled: set[int] = set()
             end = time.monotonic() + self.soak.opts.lease + 1
             while time.monotonic() < end and d.pid is not None:
-                for task_id in await self.soak.held(d.pid):
+                # Roots only: a cancelled child fails its workflow, which the soak could
+                # then not tell from a failure.
+                for task_id in await self.soak.held(d.pid, roots=True):
                     if task_id not in cancelled and len(cancelled) < 3:
                         cancelled.add(task_id)
                         await self.soak.producer.cancel(task_id)

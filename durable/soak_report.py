@@ -50,6 +50,7 @@ async def verdict(soak: Soak, drained: bool, elapsed: float) -> dict[str, Any]:
         "record_started", keys, [ledger[k].kind for k in keys], [ledger[k].event for k in keys],
         [ledger[k].cancelled for k in keys], [ledger[k].raises for k in keys],
     )
+    await sql.run("record_cancel_asked", producer.asked)
     await sql.run("record_cancels", [i for i, _ in producer.acked], [a for _, a in producer.acked])
     checks: list[Check] = []
 

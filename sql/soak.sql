@@ -43,7 +43,11 @@ create table soak.started (
     at           timestamptz not null default clock_timestamp()
 );
 
--- The cancels the soak sent and the ids each one returned (acknowledged as cancelled).
+-- The tasks the soak asked to cancel (by the producers or a fault), and the ids each
+-- cancel returned (acknowledged as cancelled).
+create table soak.cancel_asked (
+    task_id      bigint not null
+);
 create table soak.cancels (
     task_id      bigint not null,
     acked_at     timestamptz not null
@@ -114,7 +118,8 @@ create trigger soak_transitions after update on durable.tasks
 -- that set its token to the first row that changed it. A trigger's clock_timestamp()
 -- runs before its commit, but a claim can only follow a release (or count it as gone)
 -- after the release committed, so a correct engine never shows two intervals of one
--- task, or more than a limit's worth of one queue or key, overlapping.
+-- task, or more than a limit's worth of one queue or key, overlapping. (A cancel
+-- request leaves the token as it is: its row is neither a claim nor a release.)
 create table soak.claims (
     id              bigint generated always as identity primary key,
     task_id         bigint not null,
@@ -226,6 +231,9 @@ delete from durable.queues where name = $1
 insert into durable.queues (name, concurrency) values ($1, $2)
 on conflict (name) do update set concurrency = excluded.concurrency
 
+-- name: record_cancel_asked
+insert into soak.cancel_asked (task_id) select * from unnest($1::bigint[])
+
 -- name: record_cancels
 insert into soak.cancels (task_id, acked_at)
 select * from unnest($1::bigint[], $2::timestamptz[])
@@ -261,6 +269,12 @@ select pg_terminate_backend(p) from unnest($1::int[]) as p
 select coalesce(array_agg(t.id order by t.id), '{}') from durable.tasks t
 join durable.workers w on w.id = t.worker_id
 where t.status = 'running' and w.pid = $1 and w.stopped_at is null
+
+-- name: held_roots
+-- The tasks without a parent that the daemon process $1 holds right now.
+select coalesce(array_agg(t.id order by t.id), '{}') from durable.tasks t
+join durable.workers w on w.id = t.worker_id
+where t.status = 'running' and t.parent_id is null and w.pid = $1 and w.stopped_at is null
 
 -- name: released_at
 -- When each of the tasks $1 (held by a daemon a fault hit at $2) left that claim: the
@@ -311,7 +325,8 @@ select
     (select count(*) from durable.tasks where attempt > 1)::bigint as tasks_with_retries,
     (select max(attempt) from durable.tasks)::int as max_attempt,
     (select count(*) from durable.signals)::bigint as events_sent,
-    (select count(*) from soak.claims where new_token is not null)::bigint as claims,
+    (select count(*) from soak.claims
+      where new_token is not null and new_token is distinct from old_token)::bigint as claims,
     (select count(*) from soak.claims where cancel_set)::bigint as cancel_requests
 
 -- name: check_lost
@@ -333,7 +348,8 @@ order by id
 -- else completes. In the tree of a task the soak cancelled, ending cancelled is right
 -- too (or the intended outcome, when the task finished before the cancel reached it).
 with roots as (
-    select t.id, s.cancelled, s.raises
+    select t.id, s.cancelled or t.id in (select task_id from soak.cancel_asked) as cancelled,
+           s.raises
     from soak.started s join durable.tasks t on t.idempotency_key = s.key
 )
 select t.id, t.name, t.status, t.attempt, t.error ->> 'type' as error_type,
@@ -380,8 +396,10 @@ order by t.id
 with iv as (
     select s.task_id, s.new_token as token, s.at as claimed_at,
            (select min(e.at) from soak.claims e
-             where e.task_id = s.task_id and e.old_token = s.new_token) as released_at
-    from soak.claims s where s.new_token is not null
+             where e.task_id = s.task_id and e.old_token = s.new_token
+               and e.new_token is distinct from e.old_token) as released_at
+    from soak.claims s
+    where s.new_token is not null and s.new_token is distinct from s.old_token
 )
 select task_id, old_token as first_token, new_token as second_token, at,
        'claimed over a live token' as how
@@ -405,8 +423,10 @@ order by 1, 4
 with iv as (
     select s.task_id, s.queue, s.concurrency_key, s.key_limit, s.at as claimed_at,
            (select min(e.at) from soak.claims e
-             where e.task_id = s.task_id and e.old_token = s.new_token) as released_at
-    from soak.claims s where s.new_token is not null
+             where e.task_id = s.task_id and e.old_token = s.new_token
+               and e.new_token is distinct from e.old_token) as released_at
+    from soak.claims s
+    where s.new_token is not null and s.new_token is distinct from s.old_token
 ), scoped as (
     select 'queue ' || iv.queue as scope, q.concurrency as lim, iv.claimed_at, iv.released_at
     from iv join durable.queues q on q.name = iv.queue

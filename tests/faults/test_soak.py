@@ -106,6 +106,9 @@ async def test_the_claim_audit_finds_a_limit_exceeded_at_any_instant(
     assert await claim(dsn, "keys-b") == [b]
     await finish(dsn, limited[0])
     assert await claim(dsn, "limited") == limited[1:2]
+    # A cancel requested while they run changes no claim: not counted as one.
+    await execute(dsn, "update durable.tasks set cancel_requested = true where id = any($1)",
+                  [b, limited[1]])
     assert await soak_sql.rows("check_limits") == []  # the engine kept both limits
 
     await grab(dsn, limited[2])
