@@ -1,16 +1,23 @@
 """``durable soak``: run daemons, producers and faults for a while, then prove nothing broke.
 
 K daemon processes serve the workload of ``durable.soak_app`` against an embedded Postgres
-in a scratch home, one of them through a TCP proxy. Producers start tasks and workflows
-(with idempotency keys, so a start retried through a restart is still one task) and send
-the events the workflows wait for. Meanwhile a fault schedule kills daemons with SIGKILL
-(restarting them after a delay), restarts Postgres in immediate mode, terminates the
-listeners' connections, freezes a daemon with SIGSTOP past its lease (a zombie once it
-resumes) and stalls the proxied daemon's network path for longer than a lease.
+in a scratch home, logging in as a role of their own: one through a TCP proxy, one with
+its clock an hour behind (libfaketime). Producers start tasks and workflows (with
+idempotency keys, so a start retried through a restart is still one task), keyed tasks
+sharing keys across two queues, tasks of a queue under a fleet-wide limit, hostile tasks
+and results of several MB; they cancel some of it at random moments and send the events
+the workflows wait for. Meanwhile a fault schedule kills daemons with SIGKILL (restarting
+them after a delay), restarts Postgres in immediate mode, terminates the listeners'
+connections, cuts one daemon's listener and cancels its tasks while it cannot hear,
+refuses the daemons' logins for a few seconds, freezes a daemon with SIGSTOP past its
+lease (a zombie once it resumes), stalls the proxied daemon's network path for longer
+than a lease, and writes bad rows into durable.schedules and durable.queues.
 
 Then everything is let back up, the work drains, the daemons are stopped gracefully, and
-the invariants are checked against the database (``sql/soak.sql``): every task reached
-the state the workload intends, no step ran again once its checkpoint committed, every
+the invariants are checked against the database and an audit of every claim
+(``sql/soak.sql``): every task reached the state the workload intends, no task was held
+by two claims at once, no limit was exceeded at any instant, every acknowledged cancel
+ended the task cancelled, no step ran again once its checkpoint committed, every
 transaction's business row exists exactly once, no task was lost or completed twice, no
 write from an attempt that had lost its claim was accepted, and no daemon exited on its
 own. Exit status 1 on any violation.
@@ -24,27 +31,40 @@ import json
 import os
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 
 import durable
 from durable.embedded import EmbeddedServer
-from durable.soak_faults import Daemon, Fleet, Proxy, daemon_env
-from durable.soak_report import FAULTS, render, verdict
-from durable.store import NamedSql, create_database, drop_database, is_transient, migrate
+from durable.errors import DurableError
+from durable.soak_faults import (
+    Fault,
+    FaultSchedule,
+    Proxy,
+    daemon_env,
+    faketime_library,
+    retry,
+    skewed_clock,
+)  # fmt: skip
+from durable.soak_report import FAULTS, SKEW, render, verdict
+from durable.store import NamedSql, create_database, drop_database, grant, migrate
 
 DATABASE = "durable_soak"
-T = TypeVar("T")
+ROLE = "durable_soak"
+"""The daemons' login role (sql/soak.sql creates it): not a superuser, so that the
+login_refused fault can turn its reconnects away."""
+if TYPE_CHECKING:
+    from durable import soak_app
 
 
 @dataclass(frozen=True)
@@ -53,23 +73,15 @@ class SoakOptions:
     daemons: int = 3
     lease: float = 3.0
     rate: float = 10.0
-    """Starts per second (a quarter of them workflows)."""
+    """Starts per second (a fifth of them workflows)."""
     seed: int | None = None
     home: Path | None = None
     keep: bool = False
     drain_timeout: float = 180.0
     fault_gap: tuple[float, float] = (3.0, 6.0)
+    """Seconds between faults, at full length; a short run scales it down so that every
+    fault kind still fires."""
     progress: bool = True
-
-
-@dataclass
-class Fault:
-    kind: str
-    at: datetime
-    daemon: int | None = None
-    ended: datetime | None = None
-    held: list[int] = field(default_factory=list)
-    detail: dict[str, Any] = field(default_factory=dict)
 
 
 class Soak:
@@ -78,19 +90,19 @@ class Soak:
         self.seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(2**32)
         self.rng = random.Random(self.seed)
         self.faults: list[Fault] = []
-        self.ledger: dict[str, tuple[str, str | None, bool]] = {}
-        """key -> (kind, event payload sent or None, cancelled), for every start asked for."""
-        self.sends = Counter[str]()
+        self.producer: soak_app.Producer | None = None
         self._stop_producing = asyncio.Event()
         self._stop_faults = asyncio.Event()
-        self._pending: set[asyncio.Task[Any]] = set()
-        self._pg_busy = False
-        self._pg_up = asyncio.Event()
-        self._pg_up.set()
+        self.pg_up = asyncio.Event()
+        self.pg_up.set()
+        self.logins = asyncio.Event()
+        """Set while the daemons' role may log in: a daemon is (re)started only then."""
+        self.logins.set()
         self._starting = 0
-        """Daemons started but not registered yet: Postgres is not restarted under them."""
+        """Daemons started but not registered yet: no fault-wide outage starts under them."""
         self._settled = asyncio.Event()
         self._settled.set()
+        self._restarts: set[asyncio.Task[None]] = set()
         self.server: EmbeddedServer | None = None
         self.sql: NamedSql | None = None
         self.fleet: Fleet | None = None
@@ -101,6 +113,12 @@ class Soak:
 
     async def run(self) -> dict[str, Any]:
         opts = self.opts
+        faketime = faketime_library()
+        if faketime is None:
+            raise DurableError(
+                "durable soak runs one daemon with a skewed clock and needs libfaketime: "
+                "install it (Debian/Ubuntu: apt-get install faketime)"
+            )
         home = opts.home
         if home is None:
             home = Path(tempfile.mkdtemp(prefix="durable-soak-"))
@@ -116,23 +134,42 @@ class Soak:
             await create_database(url, DATABASE)
             db = _with(url, database=DATABASE)
             await migrate(db)
-            self.sql = await NamedSql.open(db, "soak.sql", max_size=4, name="durable-soak")
+            self.sql = await NamedSql.open(db, "soak.sql", max_size=6, name="durable-soak")
+            await self.sql.run("create_role")
             await self.sql.run("setup")
+            await grant(db, ROLE)
+            await self.sql.run("grant", ROLE)
+            from durable.soak_app import (  # registers the workload here, not at import
+                BAD_RATE_QUEUE,
+                CHILD_QUEUE,
+                KEYS_A,
+                KEYS_B,
+                LIMITED,
+                LIMITED_CONCURRENCY,
+                QUEUE,
+            )  # fmt: skip
+
+            await self.sql.run("set_concurrency", LIMITED, LIMITED_CONCURRENCY)
             self.proxy = Proxy(urlsplit(url).port or 5432)
             await self.proxy.start()
-            proxied = _with(db, port=self.proxy.port)
-            from durable.soak_app import CHILD_QUEUE, QUEUE  # registers the workload here
-
-            env = daemon_env(opts.lease, f"{QUEUE}=8,{CHILD_QUEUE}=16")
+            own = _with(db, user=ROLE)
+            queues = (f"{QUEUE}=8,{CHILD_QUEUE}=16,{KEYS_A}=4,{KEYS_B}=4,{LIMITED}=4,"
+                      f"{BAD_RATE_QUEUE}=1")
+            env = daemon_env(opts.lease, queues)
             env["DURABLE_APP"] = "durable.soak_app"
             self.fleet = Fleet(
-                [(proxied, True)] + [(db, False)] * (opts.daemons - 1), env, home / "logs"
-            )
-            self._say(f"soak: {opts.daemons} daemons, {opts.duration:g}s, lease {opts.lease:g}s, "
-                      f"seed {self.seed}, home {home}")
-            await asyncio.gather(*(self._start_daemon(d) for d in self.fleet.daemons))
+                [(_with(own, port=self.proxy.port), True, {})]
+                + [(own, False, {})] * (opts.daemons - 2)
+                + [(own, False, skewed_clock(faketime, SKEW))],
+                env, home / "logs",
+            )  # fmt: skip
+            self._say(f"soak: {opts.daemons} daemons (daemon {opts.daemons - 1} at {SKEW}), "
+                      f"{opts.duration:g}s, lease {opts.lease:g}s, seed {self.seed}, home {home}")
+            await asyncio.gather(*(self.start_daemon(d) for d in self.fleet.daemons))
             report = await self._soak(db)
         finally:
+            for task in self._restarts:
+                task.cancel()
             if self.fleet is not None:
                 self.fleet.kill_all()
             if self.proxy is not None:
@@ -151,128 +188,45 @@ class Soak:
 
     async def _soak(self, db: str) -> dict[str, Any]:
         opts = self.opts
-        assert self.fleet is not None
+        assert self.fleet is not None and self.sql is not None
+        from durable.soak_app import Producer
+
         async with durable.connect(db, max_size=10) as client:
+            self.producer = Producer(
+                client, self.sql.pool, self.rng, opts.rate, self._stop_producing, retry
+            )
             monitor = asyncio.create_task(self._monitor())
             progress = asyncio.create_task(self._progress())
-            producer = asyncio.create_task(self._produce(client))
-            faults = asyncio.create_task(self._fault_schedule())
+            producer = asyncio.create_task(self.producer.run())
+            faults = asyncio.create_task(FaultSchedule(self, self._stop_faults).run())
             t0 = time.monotonic()
             await asyncio.sleep(opts.duration)
-            self._stop_producing.set()
             self._stop_faults.set()
-            await faults
+            await faults  # past the duration only while a fault kind has yet to fire
+            self._stop_producing.set()
             await producer
             self._say("soak: producing stopped; faults over; draining")
             drained = await self._drain()
             elapsed = time.monotonic() - t0
             progress.cancel()
-            await self.fleet.stop_all(timeout=20)
+            for task in self._restarts:
+                task.cancel()
+            await asyncio.gather(*self._restarts, return_exceptions=True)
             monitor.cancel()
             await asyncio.gather(monitor, progress, return_exceptions=True)
-        return await self._report(drained, elapsed)
+            await self.fleet.stop_all(timeout=20)
+        return await verdict(self, drained, elapsed)
 
-    # -- producers -------------------------------------------------------------------------
-
-    async def _produce(self, client: durable.Client) -> None:
-        n = 0
-        interval = 1.0 / self.opts.rate
-        next_at = time.monotonic()
-        while not self._stop_producing.is_set():
-            n += 1
-            key = f"soak-{n}"
-            roll = self.rng.random()
-            if roll < 0.25:
-                self._spawn(self._start_workflow(client, key))
-            elif roll < 0.28:
-                self.ledger[key] = ("task", None, False)
-                self._spawn(self._start(client, "soak_doomed", key, key))
-            else:
-                self.ledger[key] = ("task", None, False)
-                slow = round(self.rng.uniform(2.0, 10.0), 2) if self.rng.random() < 0.15 else 0.0
-                self._spawn(self._start(client, "soak_task", key, key, slow))
-            next_at += self.rng.expovariate(1.0 / interval)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_producing.wait(), max(0, next_at - time.monotonic()))
-        while self._pending:
-            await asyncio.wait(list(self._pending))
-
-    def _spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _start(self, client: durable.Client, fn: Any, key: str, *args: Any) -> int:
-        handle = await _retry(lambda: client.start(fn, *args, idempotency_key=key))
-        return handle.id
-
-    async def _start_workflow(self, client: durable.Client, key: str) -> None:
-        rng = self.rng
-        wants_event = rng.random() < 0.75
-        plan = {
-            "slow": round(rng.uniform(2.0, 8.0), 2) if rng.random() < 0.15 else 0.0,
-            "sleep": round(rng.uniform(0.1, 1.5), 2),
-            "wait": 600.0 if wants_event else round(rng.uniform(0.3, 2.0), 2),
-            "fan": rng.randint(1, 4),
-            "doomed": rng.random() < 0.2,
-        }
-        payload = f"go-{key}" if wants_event else None
-        cancel = rng.random() < 0.08
-        self.ledger[key] = ("workflow", payload, cancel)
-        task_id = await self._start(client, "soak_workflow", key, key, plan)
-        if cancel:  # while it runs, sleeps, waits or has children running
-            await asyncio.sleep(rng.uniform(0.0, 3.0))
-            hit = await _retry(lambda: client.cancel(task_id))
-            self.sends["cancels"] += 1
-            self.sends["cancelled_tasks"] += len(hit.cancelled)
-        if payload is None:
-            return
-        await asyncio.sleep(rng.uniform(0.0, 2.5))  # before, during or after it waits
-        sent = await _retry(lambda: client.send_event(task_id, "go", payload))
-        self.sends["sent" if sent else "refused"] += 1
-
-    # -- faults ----------------------------------------------------------------------------
-
-    async def _fault_schedule(self) -> None:
-        kinds: list[str] = []
-        running: set[asyncio.Task[None]] = set()
-        while True:
-            lo, hi = self.opts.fault_gap
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_faults.wait(), self.rng.uniform(lo, hi))
-            if self._stop_faults.is_set():
-                break
-            if not kinds:  # every kind once per round, in a random order
-                kinds = list(FAULTS)
-                self.rng.shuffle(kinds)
-            kind = kinds.pop()
-            task = asyncio.create_task(self._inject(kind))
-            running.add(task)
-            task.add_done_callback(running.discard)
-        if running:
-            await asyncio.wait(list(running))
-
-    async def _pick(self, proxied: bool | None = None) -> Daemon | None:
-        """A daemon no other fault is hitting, preferably one running tasks right now."""
-        assert self.fleet is not None
-        free = [
-            d for d in self.fleet.daemons
-            if not d.busy and d.pid is not None and (proxied is None or d.proxied == proxied)
-        ]  # fmt: skip
-        holding = []
-        for d in free:
-            if d.pid is not None and await self._held(d.pid):
-                holding.append(d)
-        pool = holding or free
-        return self.rng.choice(pool) if pool else None
-
-    async def _start_daemon(self, d: Daemon) -> None:
-        """Start (or restart) a daemon as its supervisor would: once Postgres is up, since
-        `durable run` exits with an error when it cannot reach its server at startup (by
-        design: systemd or Kubernetes restart it); and Postgres is not restarted until the
-        daemon has registered. After that, every outage is the daemon's to ride out."""
+    async def start_daemon(self, d: Daemon) -> None:
+        """Start (or restart) a daemon as its supervisor would: once Postgres is up and
+        its role may log in, since `durable run` exits with an error when it cannot reach
+        its server at startup (by design: systemd or Kubernetes restart it); and no outage
+        of the whole fleet begins until the daemon has registered. After that, every
+        outage is the daemon's to ride out."""
         assert self.fleet is not None and self.sql is not None
-        await self._pg_up.wait()
+        while not (self.pg_up.is_set() and self.logins.is_set()):
+            await self.pg_up.wait()
+            await self.logins.wait()
         self._starting += 1
         self._settled.clear()
         try:
@@ -290,84 +244,39 @@ class Soak:
             if not self._starting:
                 self._settled.set()
 
-    async def _held(self, pid: int) -> list[int]:
-        assert self.sql is not None
-        sql = self.sql
-        return list(await _retry(lambda: sql.value("held_by", pid), deadline=30))
+    async def fleet_settled(self) -> None:
+        while self._starting:  # see _start_daemon
+            await self._settled.wait()
 
-    async def _inject(self, kind: str) -> None:
-        assert self.fleet is not None and self.sql is not None and self.server is not None
-        fleet, sql, lease = self.fleet, self.sql, self.opts.lease
-        fault = Fault(kind, datetime.now(UTC))
-        if kind in ("kill9", "zombie", "net_stall"):
-            d = await self._pick(proxied=True if kind == "net_stall" else None)
-            if d is None or d.pid is None:
-                return  # nobody to hit right now: the next round tries again
-            d.busy = True
-            try:
-                pid = d.pid
-                fault.daemon, fault.detail["pid"] = d.index, pid
-                fault.held = await self._held(pid)
-                fault.at = datetime.now(UTC)
-                self.faults.append(fault)
-                if kind == "kill9":
-                    await fleet.kill9(d)
-                    down = self.rng.uniform(0.5, 2.5)
-                    fault.detail["down_s"] = round(down, 2)
-                    await asyncio.sleep(down)
-                    await self._start_daemon(d)
-                elif kind == "zombie":
-                    fleet.freeze(d)
-                    await asyncio.sleep(2 * lease + 1)  # past its lease: others take its tasks
-                    fleet.thaw(d)
-                else:
-                    assert self.proxy is not None
-                    self.proxy.stall()
-                    await asyncio.sleep(2 * lease + 2)
-                    self.proxy.resume()
-            finally:
-                d.busy = False
-        elif kind == "pg_restart":
-            if self._pg_busy:
-                return
-            self._pg_busy = True
-            try:
-                while self._starting:  # see _start_daemon
-                    await self._settled.wait()
-                fault.at = datetime.now(UTC)
-                self.faults.append(fault)
-                self._pg_up.clear()
-                t0 = time.monotonic()
-                await anyio.to_thread.run_sync(self.server.restart, "immediate")
-                fault.detail["restart_s"] = round(time.monotonic() - t0, 2)
-            finally:
-                self._pg_up.set()
-                self._pg_busy = False
-        elif kind == "listener_kill":
-            self.faults.append(fault)
-            pids = [r["pid"] for r in await _retry(lambda: sql.rows("listener_backends"))]
-            await _retry(lambda: sql.run("terminate", pids))
-            fault.detail["connections"] = len(pids)
-        fault.ended = datetime.now(UTC)
+    async def held(self, pid: int, *, roots: bool = False) -> list[int]:
+        """The tasks daemon process ``pid`` holds (only those without a parent: roots)."""
+        assert self.sql is not None
+        sql, query = self.sql, "held_roots" if roots else "held_by"
+        return list(await retry(lambda: sql.value(query, pid), deadline=30))
 
     # -- watching --------------------------------------------------------------------------
 
     async def _monitor(self) -> None:
+        """Record every exit the soak did not cause, and start the daemon again as its
+        supervisor would."""
         assert self.fleet is not None
         while True:
-            self.fleet.check_exits()
+            for d in self.fleet.check_exits():
+                task = asyncio.create_task(self.start_daemon(d))
+                self._restarts.add(task)
+                task.add_done_callback(self._restarts.discard)
             await asyncio.sleep(0.2)
 
     async def _progress(self) -> None:
-        assert self.sql is not None
-        sql = self.sql
+        assert self.sql is not None and self.producer is not None
+        sql, producer = self.sql, self.producer
         while True:
             await asyncio.sleep(10)
             with contextlib.suppress(Exception):
                 row = (await sql.rows("progress", timeout=5))[0]
                 counts = Counter(f.kind for f in self.faults)
                 self._say(
-                    f"[{time.monotonic() - self.started_at:5.0f}s] started {len(self.ledger)} "
+                    f"[{time.monotonic() - self.started_at:5.0f}s] started {len(producer.ledger)} "
                     f"completed {row['completed']} failed {row['failed']} "
                     f"unfinished {row['unfinished']} faults "
                     + " ".join(f"{k}={counts[k]}" for k in FAULTS)
@@ -389,35 +298,163 @@ class Soak:
         if self.opts.progress:
             print(text, file=sys.stderr, flush=True)
 
-    async def _report(self, drained: bool, elapsed: float) -> dict[str, Any]:
-        return await verdict(self, drained, elapsed)
+
+# -- the fleet --------------------------------------------------------------------------
+
+
+@dataclass
+class Daemon:
+    """One daemon slot of the fleet; its process changes when it is killed and restarted."""
+
+    index: int
+    dsn: str
+    proxied: bool
+    env: dict[str, str] = field(default_factory=dict)
+    """Its own additions to the fleet's environment (a skewed clock)."""
+    proc: subprocess.Popen[bytes] | None = None
+    generation: int = 0
+    expected_exit: bool = False
+    frozen: bool = False
+    busy: bool = False
+    """Under a fault right now: no other fault picks it."""
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+
+@dataclass(frozen=True)
+class UnexpectedExit:
+    daemon: int
+    pid: int
+    returncode: int
+    log: str
+    tail: str
+
+
+class Fleet:
+    """K daemons serving the soak's queues; every exit it did not cause is recorded."""
+
+    def __init__(
+        self, dsns: list[tuple[str, bool, dict[str, str]]], env: dict[str, str], log_dir: Path
+    ) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.daemons = [
+            Daemon(i, dsn, proxied, extra) for i, (dsn, proxied, extra) in enumerate(dsns)
+        ]
+        self.unexpected: list[UnexpectedExit] = []
+        self.exit_codes: list[tuple[int, int]] = []
+        """(daemon, code) of the final, graceful stops."""
+        self.spawned = 0
+
+    def spawn(self, d: Daemon) -> None:
+        d.generation += 1
+        self.spawned += 1
+        log = self.log_dir / f"daemon{d.index}-{d.generation}.log"
+        d.logs.append(log)
+        env = {**self.env, **d.env, "DURABLE_DATABASE_URL": d.dsn}
+        out: IO[bytes]
+        with open(log, "ab") as out:  # the child keeps its own descriptor
+            d.proc = subprocess.Popen(
+                [sys.executable, "-m", "durable", "run", "--app", "durable.soak_app"],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            )
+        d.expected_exit = False
+        d.frozen = False
+
+    def check_exits(self) -> list[Daemon]:
+        """Record the daemons that exited without being told to; returns them, for their
+        supervisor to start again."""
+        exited = []
+        for d in self.daemons:
+            proc = d.proc
+            if proc is None or d.expected_exit or proc.poll() is None:
+                continue
+            assert proc.returncode is not None
+            tail = ""
+            with contextlib.suppress(OSError):
+                tail = "\n".join(d.logs[-1].read_text(errors="replace").splitlines()[-15:])
+            self.unexpected.append(
+                UnexpectedExit(d.index, proc.pid, proc.returncode, str(d.logs[-1]), tail)
+            )
+            d.expected_exit = True  # recorded once; spawn() clears it
+            exited.append(d)
+        return exited
+
+    async def kill9(self, d: Daemon) -> int:
+        """SIGKILL the daemon's process; returns its pid."""
+        assert d.proc is not None
+        d.expected_exit = True
+        if d.frozen:
+            self.thaw(d)
+        pid = d.proc.pid
+        d.proc.send_signal(signal.SIGKILL)
+        await _reaped(d.proc)
+        return pid
+
+    def freeze(self, d: Daemon) -> None:
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGSTOP)
+        d.frozen = True
+
+    def thaw(self, d: Daemon) -> None:
+        if d.proc is not None and d.frozen:
+            d.proc.send_signal(signal.SIGCONT)
+        d.frozen = False
+
+    async def stop_all(self, timeout: float) -> None:
+        """SIGTERM every daemon (a graceful stop) and wait for their exit codes."""
+        self.check_exits()  # an exit not seen yet is not taken for the stop's
+        stopping = []
+        for d in self.daemons:
+            self.thaw(d)
+            if d.proc is not None and d.proc.poll() is None:
+                d.expected_exit = True
+                d.proc.send_signal(signal.SIGTERM)
+                stopping.append(d)
+        deadline = time.monotonic() + timeout
+        for d in stopping:
+            assert d.proc is not None
+            left = max(0.1, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(_reaped(d.proc), left)
+            except TimeoutError:
+                d.proc.kill()
+                await _reaped(d.proc)
+            assert d.proc.returncode is not None
+            self.exit_codes.append((d.index, d.proc.returncode))
+
+    def kill_all(self) -> None:
+        for d in self.daemons:
+            if d.proc is not None and d.proc.poll() is None:
+                d.expected_exit = True
+                d.proc.kill()
+                d.proc.wait()
+
+
+async def _reaped(proc: subprocess.Popen[bytes]) -> None:
+    await anyio.to_thread.run_sync(proc.wait)
+
+
 
 
 # -- helpers ------------------------------------------------------------------------------
 
 
-async def _retry(fn: Callable[[], Awaitable[T]], deadline: float = 300.0) -> T:
-    """``fn()`` again after transient errors (a restart in progress), up to ``deadline`` s."""
-    delay = 0.05
-    end = time.monotonic() + deadline
-    while True:
-        try:
-            return await fn()
-        except Exception as exc:
-            if not is_transient(exc) or time.monotonic() > end:
-                raise
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 1.0)
-
-
-def _with(url: str, *, database: str | None = None, port: int | None = None) -> str:
+def _with(
+    url: str, *, database: str | None = None, port: int | None = None, user: str | None = None
+) -> str:
     parts = urlsplit(url)
     if database is not None:
         parts = parts._replace(path="/" + database)
-    if port is not None:
+    if port is not None or user is not None:
         host = parts.hostname or "127.0.0.1"
-        user = parts.netloc.rpartition("@")[0]
-        parts = parts._replace(netloc=f"{user}@{host}:{port}" if user else f"{host}:{port}")
+        port = port if port is not None else parts.port
+        login = user if user is not None else parts.netloc.rpartition("@")[0]
+        where = f"{host}:{port}" if port else host
+        parts = parts._replace(netloc=f"{login}@{where}" if login else where)
     return urlunsplit(parts)
 
 
@@ -437,8 +474,10 @@ def add_command(sub: Any) -> None:
         description=(__doc__ or "").split("\n\n")[1].replace("``", ""),
     )
     p.add_argument("--duration", default="60s", help="how long to produce and inject faults "
-                   "(e.g. 60s, 10m); the drain comes after")
-    p.add_argument("--daemons", type=int, default=3, help="daemon processes (at least 2)")
+                   "(e.g. 60s, 10m; a short run goes on until every fault kind has fired); "
+                   "the drain comes after")
+    p.add_argument("--daemons", type=int, default=3, help="daemon processes (at least 3: one "
+                   "behind the proxy, one with a skewed clock)")
     p.add_argument("--lease", default="3s", help="the daemons' DURABLE_LEASE")
     p.add_argument("--rate", type=float, default=10.0, help="starts per second")
     p.add_argument("--seed", type=int, help="random seed (printed; the timing is not replayed)")
@@ -461,8 +500,12 @@ def cmd_soak(args: Any) -> int:
         drain = parse_duration(args.drain_timeout)
     except ValueError as exc:
         raise CommandError(str(exc), 2) from None
-    if args.daemons < 2:
-        raise CommandError("--daemons must be at least 2 (one of them runs behind the proxy)", 2)
+    if args.daemons < 3:
+        raise CommandError("--daemons must be at least 3 (one runs behind the proxy, one with "
+                           "a skewed clock)", 2)
+    if faketime_library() is None:
+        raise CommandError("durable soak runs one daemon with a skewed clock and needs "
+                           "libfaketime: install it (Debian/Ubuntu: apt-get install faketime)")
     if lease < 1 or not 0 < args.rate <= 1000:
         raise CommandError("--lease must be at least 1s and --rate from 0 to 1000", 2)
     opts = SoakOptions(

@@ -12,15 +12,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from durable.soak import Fault, Soak
+    from durable.soak import Soak
+    from durable.soak_faults import Fault
 
-FAULTS = ("kill9", "pg_restart", "listener_kill", "zombie", "net_stall")
+SKEW = "-1h"
+"""The wall clock of the fleet's last daemon, against the database's (libfaketime)."""
+
+FAULTS = (
+    "kill9", "pg_restart", "listener_kill", "zombie", "net_stall", "listener_cut",
+    "login_refused", "bad_schedule", "bad_queue",
+)  # fmt: skip
 ENGINE_FAULT_EVENTS = ("runner_error", "daemon_failed")
 """Log events that mean durable itself went wrong (a violation whatever happened)."""
 NOTED_EVENTS = (
     "lease_lost", "task_abandoned", "task_write_rejected", "leases_reclaimed",
     "listener_reconnected", "listener_ping_failed", "heartbeat_failed", "claim_failed",
     "task_outcome_not_written", "tasks_released", "task_retrying", "library_log",
+    "listener_connect_failed", "task_cancel_requested", "task_cancelled", "schedule_invalid",
 )  # fmt: skip
 
 
@@ -34,13 +42,16 @@ class Check:
 
 async def verdict(soak: Soak, drained: bool, elapsed: float) -> dict[str, Any]:
     """Check every invariant against the database and gather the figures."""
-    assert soak.sql is not None and soak.fleet is not None
-    sql, fleet = soak.sql, soak.fleet
-    keys = sorted(soak.ledger)
+    assert soak.sql is not None and soak.fleet is not None and soak.producer is not None
+    sql, fleet, producer = soak.sql, soak.fleet, soak.producer
+    ledger = producer.ledger
+    keys = sorted(ledger)
     await sql.run(
-        "record_started", keys, [soak.ledger[k][0] for k in keys],
-        [soak.ledger[k][1] for k in keys], [soak.ledger[k][2] for k in keys],
+        "record_started", keys, [ledger[k].kind for k in keys], [ledger[k].event for k in keys],
+        [ledger[k].cancelled for k in keys], [ledger[k].raises for k in keys],
     )
+    await sql.run("record_cancel_asked", producer.asked)
+    await sql.run("record_cancels", [i for i, _ in producer.acked], [a for _, a in producer.acked])
     checks: list[Check] = []
 
     async def check(name: str, query: str, what: str) -> None:
@@ -56,6 +67,16 @@ async def verdict(soak: Soak, drained: bool, elapsed: float) -> dict[str, Any]:
         [_plain(r) for r in unfinished[:5]],
     ))  # fmt: skip
     await check("outcomes_as_intended", "check_outcomes", "ended otherwise than intended")
+    await check("no_double_claim", "check_double_claims",
+                "times a task was held by two live claims at once")
+    await check("limits_held", "check_limits",
+                "queues or keys ran more tasks at once than their limit")
+    await check("acknowledged_cancels_honoured", "check_acked_cancels",
+                "tasks not cancelled although a cancel was acknowledged while they were unfinished")
+    await check("no_task_left_a_final_state", "check_left_final",
+                "status changes out of completed, failed or cancelled")
+    await check("no_suspend_spin", "check_suspend_spin",
+                "tasks that suspended more than 30 times")
     await check("no_completion_twice", "check_completed_twice", "completed more than once")
     await check("completion_log", "check_completion_log",
                 "completed tasks without exactly one completion")
@@ -99,8 +120,9 @@ async def verdict(soak: Soak, drained: bool, elapsed: float) -> dict[str, Any]:
         "elapsed_s": round(elapsed, 1),
         "daemons": soak.opts.daemons,
         "lease_s": soak.opts.lease,
-        "started": dict(Counter(kind for kind, _, _ in soak.ledger.values())),
-        "actions": dict(soak.sends),
+        "skewed_daemon": {"daemon": fleet.daemons[-1].index, "clock": SKEW},
+        "started": dict(Counter(s.kind for s in ledger.values())),
+        "actions": dict(producer.actions),
         "faults": {k: counts[k] for k in FAULTS},
         "fault_log": [_fault_row(f) for f in soak.faults],
         "recovery": await _recovery(soak),
@@ -201,7 +223,8 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"durable soak: {report['daemons']} daemons for {report['duration_s']:g}s "
         f"(elapsed {report['elapsed_s']:g}s with the drain), lease {report['lease_s']:g}s, "
-        f"seed {report['seed']}",
+        f"seed {report['seed']}, daemon {report['skewed_daemon']['daemon']} "
+        f"at {report['skewed_daemon']['clock']}",
         "",
         "workload  " + "  ".join(f"{k}={v}" for k, v in sorted(report["started"].items()))
         + "  actions " + "  ".join(f"{k}={v}" for k, v in sorted(report["actions"].items())),
