@@ -233,11 +233,33 @@ async def _transaction(ctx: durable.Context, name: str) -> Any:
     return await ctx.transaction(name, write, ctx.task_id, ctx.position)
 
 
+def _prices(key: str) -> dict[str, float]:
+    return {"zucchini": 1e16, "fig": 2.5, "apple": float(len(key))}
+
+
+def _priced(item: str, price: float) -> str:
+    if type(price) is not float:
+        raise TypeError(f"the price of {item} came back as {type(price).__name__}")
+    return item
+
+
+def _refuse(key: str) -> None:
+    raise ValueError(f"no stock for {key}")
+
+
 @durable.workflow(queue=QUEUE, max_attempts=ATTEMPTS, retry=FAST)
 async def soak_workflow(ctx: durable.Context, key: str, plan: dict[str, Any]) -> dict[str, Any]:
     """``plan``: slow (seconds of the first step), sleep (seconds), wait (event timeout),
     fan (children), doomed (bool)."""
     runs = [await _step(ctx, "first", float(plan.get("slow", 0.0)))]
+    # What replay must see as the first run saw it: a dict whose keys jsonb reorders, one
+    # durable call per key, a float jsonb would print as an integer, and a step failure the
+    # workflow handles (a retry must keep it).
+    prices = await ctx.step("prices", _prices, key)
+    for item in prices:
+        await ctx.step(f"price-{item}", _priced, item, prices[item])
+    with contextlib.suppress(ValueError):
+        await ctx.step("refused", _refuse, key)
     await _transaction(ctx, "reserve")
     await ctx.sleep(float(plan["sleep"]))
     try:

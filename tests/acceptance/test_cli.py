@@ -45,12 +45,15 @@ def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
-def with_password(dsn: str) -> str:
-    """``dsn`` with a password in it (trust authentication ignores it)."""
+def with_password(dsn: str) -> tuple[str, str]:
+    """``dsn`` with a password in it, and that password: the server's own where the URL
+    carries one (the embedded server), else one that trust authentication ignores."""
     parts = urlsplit(dsn)
+    if parts.password:
+        return dsn, parts.password
     user, _, host = parts.netloc.rpartition("@")
-    assert user and ":" not in user
-    return urlunsplit(parts._replace(netloc=f"{user}:{PASSWORD}@{host}"))
+    assert user
+    return urlunsplit(parts._replace(netloc=f"{user}:{PASSWORD}@{host}")), PASSWORD
 
 
 def subcommands() -> list[str]:
@@ -309,17 +312,17 @@ async def test_password_of_an_unreachable_server_is_never_printed_by_run(tmp_pat
 async def test_password_of_a_reachable_server_is_never_printed_by_check_and_migrate(
     dsn: str,
 ) -> None:
-    secret = with_password(dsn)
+    secret, password = with_password(dsn)
     for command in ("check", "migrate"):
         proc = await cli(command, dsn=secret)
         assert proc.returncode == 0, proc.stderr
-        assert PASSWORD not in proc.stdout + proc.stderr
+        assert password not in proc.stdout + proc.stderr
 
 
 @pytest.mark.timeout(60)
 async def test_password_never_reaches_the_daemon_logs(dsn: str, tmp_path: Path) -> None:
     log = tmp_path / "daemon.log"
-    secret = with_password(dsn)
+    secret, password = with_password(dsn)
     daemon = spawn_daemon(dsn, APP, log=log, DURABLE_DATABASE_URL=secret, DURABLE_LOG_LEVEL="debug")
     try:
         async with durable.connect(dsn) as client:
@@ -336,7 +339,7 @@ async def test_password_never_reaches_the_daemon_logs(dsn: str, tmp_path: Path) 
     text = log.read_text()
     events = {json.loads(line).get("event") for line in text.splitlines() if line.startswith("{")}
     assert {"daemon_started", "task_completed", "task_failed", "daemon_stopped"} <= events
-    assert PASSWORD not in text
+    assert password not in text
     assert "cannot reach postgresql://postgres:***@" in text
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
+import pytest
 from structlog.testing import capture_logs
 
 import durable
@@ -17,7 +19,7 @@ from tests.helpers import execute, fetchval, run_burst
 BAD_SCHEDULES = {
     "br_bad_zone": ("* * * * *", "Mars/Olympus_Mons", None),
     "br_bad_cron": ("not a cron", "UTC", None),
-    "br_bad_queue": ("* * * * *", "UTC", "q" * 201),
+    "br_bad_minute": ("61 * * * *", "UTC", None),
 }
 
 
@@ -67,15 +69,15 @@ async def test_bad_schedules_are_skipped_and_logged_once(dsn: str) -> None:
         await store.close()
 
 
-async def test_a_daemon_serves_on_with_bad_schedules_and_a_rate_past_any_timestamp(
+async def test_a_daemon_serves_on_with_bad_schedules_and_a_rate_of_one_a_year(
     dsn: str,
 ) -> None:
     for name, (cron, zone, queue) in BAD_SCHEDULES.items():
         await _insert_schedule(dsn, name, cron, zone, queue)
-    # A rate of one per 100,000,000 days: its window's start is before any timestamp.
+    # The longest period the table takes.
     await execute(
         dsn, "insert into durable.queues (name, rate_limit, rate_period) values ($1, 1, $2)",
-        "br_rows", 8.64e12,
+        "br_rows", 365 * 86400,
     )  # fmt: skip
     async with durable.connect(dsn) as client:
         limited = [await client.start(br_tick) for _ in range(2)]
@@ -90,7 +92,22 @@ async def test_a_daemon_serves_on_with_bad_schedules_and_a_rate_past_any_timesta
                 and e["event"] != "schedule_skipped"]
 
 
-async def test_a_rate_period_past_any_timestamp_means_one_per_forever(dsn: str) -> None:
+@pytest.mark.parametrize("period", [365 * 86400 + 1, 8.64e12, float("inf")])
+async def test_the_queues_table_refuses_a_rate_period_past_a_year(dsn: str, period: float) -> None:
+    """The claim's window start, ``now() - period``, must stay a timestamp."""
+    with pytest.raises(asyncpg.CheckViolationError, match="queues_period_check"):
+        await execute(
+            dsn, "insert into durable.queues (name, rate_limit, rate_period) values ($1, 1, $2)",
+            "br_rows", period,
+        )  # fmt: skip
+
+
+async def test_a_rate_period_past_any_timestamp_in_a_claim_means_one_per_forever(
+    dsn: str,
+) -> None:
+    """Rows older than the table's check (or a check dropped by hand) still cannot make a
+    claim fail: the claim clamps the period."""
+    await execute(dsn, "alter table durable.queues drop constraint queues_period_check")
     await execute(
         dsn, "insert into durable.queues (name, rate_limit, rate_period) values ($1, 1, $2)",
         "br_rows", float("inf"),
