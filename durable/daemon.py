@@ -18,6 +18,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from durable import logs, sdnotify
 from durable.batch import Batcher
+from durable.codec import describe_error
 from durable.errors import DurableError
 from durable.http import HttpServer, Probes
 from durable.listener import Listener
@@ -345,10 +346,15 @@ class Daemon:
             async def go() -> None:
                 try:
                     await runner.run(attempt)
-                except Exception:
-                    # A fault in durable itself must not take the daemon down with it; the
-                    # task's lease expires and another attempt runs it.
-                    log.exception("runner_error", task_id=task.id, name=task.name)
+                except Exception as exc:
+                    # The task's lease expires and another attempt runs it. A fault in
+                    # durable itself must not take the daemon down with it; a database
+                    # that kept refusing the outcome is the environment's, not a bug.
+                    if is_fatal(exc):
+                        log.exception("runner_error", task_id=task.id, name=task.name)
+                    else:
+                        log.warning("task_outcome_not_written", task_id=task.id,
+                                    name=task.name, error=describe_error(exc))
                 finally:
                     self._forget(attempt)
                     release_once()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from durable import tracing
 from durable.batch import Batcher
@@ -26,9 +26,16 @@ from durable.metrics import Metrics
 from durable.models import Checkpoint, Claimed
 from durable.registry import Definition, Registry
 from durable.retry import after_failure
-from durable.store import Store, is_transient
+from durable.store import Store, is_fatal, is_transient
 
 log = get_logger("durable.runner")
+
+T = TypeVar("T")
+
+WRITE_RETRIES = (0.2, 1.0, 2.0, 5.0, None)
+"""Pauses between tries of a finishing write that the database refused for a reason of the
+moment (a restart, a login refused, a privilege briefly revoked): an outcome is worth a few
+seconds, and the attempt's lease is kept meanwhile. Then the lease is left to expire."""
 
 
 class Completion(NamedTuple):
@@ -193,8 +200,11 @@ class Runner:
         fields = {"task_id": task.id, "name": task.name, "queue": task.queue}
         if kind == "suspended":
             s: Suspend = value
-            status = await self.store.suspend(
-                task.id, task.token, task.branch, s.waiting_on, s.wake_at, s.event
+            status = await written(
+                lambda: self.store.suspend(
+                    task.id, task.token, task.branch, s.waiting_on, s.wake_at, s.event
+                ),
+                **fields,
             )
             if status is None:
                 log.warning("task_write_rejected", **fields, write="suspend")
@@ -214,7 +224,7 @@ class Runner:
                 waiting_event=s.event,
             )
         elif kind == "cancelled":
-            if await self.store.mark_cancelled(task.id, task.token):
+            if await written(lambda: self.store.mark_cancelled(task.id, task.token), **fields):
                 series.cancelled += 1
                 log.info("task_cancelled", **fields)
             else:
@@ -234,7 +244,10 @@ class Runner:
             error = error_text(exc)
             err = describe_error(exc)
             if decision.retry:
-                ok = await self.store.retry_later(task.id, task.token, decision.delay, error)
+                delay = decision.delay
+                ok = await written(
+                    lambda: self.store.retry_later(task.id, task.token, delay, error), **fields
+                )
                 if ok:
                     series.retried += 1
                     log.warning(
@@ -242,12 +255,26 @@ class Runner:
                         delay=round(decision.delay, 3), error=err,
                     )
             else:
-                ok = await self.store.fail(task.id, task.token, error)
+                ok = await written(lambda: self.store.fail(task.id, task.token, error), **fields)
                 if ok:
                     series.failed += 1
                     log.error("task_failed", **fields, attempt=task.attempt, error=err)
             if not ok:
                 log.warning("task_write_rejected", **fields, write="fail")
+
+
+async def written(write: Callable[[], Awaitable[T]], **fields: Any) -> T:
+    """``await write()``, tried again after errors a later try can get past."""
+    for delay in WRITE_RETRIES:
+        try:
+            return await write()
+        except Exception as exc:
+            if is_fatal(exc) or delay is None:
+                raise
+            if delay == WRITE_RETRIES[0]:
+                log.warning("outcome_write_retrying", **fields, error=describe_error(exc))
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def _default_policy() -> Any:

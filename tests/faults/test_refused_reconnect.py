@@ -16,7 +16,7 @@ import pytest
 
 import durable
 from durable.store import grant, quote_ident
-from tests.apps.secret_tasks import QUEUE, sec_echo
+from tests.apps.secret_tasks import QUEUE, sec_echo, sec_fail_once_told
 from tests.helpers import execute, fetchval, kill, spawn_daemon_logged, wait_for
 from tests.roles import as_app, literal
 
@@ -102,5 +102,65 @@ async def test_a_refused_reconnect_is_retried_and_the_daemon_serves_on(
         kill(proc)
         proc.wait(timeout=30)
         await execute(dsn, allow)
+        await execute(dsn, f"drop owned by {ident}")
+        await execute(dsn, f"drop role if exists {ident}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_an_outcome_refused_for_a_moment_is_written_once_logins_return(
+    dsn: str, tmp_path: Path
+) -> None:
+    """The failure of an attempt is written through a refusal of logins, rather than lost
+    to an error log and a lease left to expire."""
+    role = f"durable_ow_{secrets.token_hex(4)}"
+    ident = quote_ident(role)
+    await execute(dsn, f"create role {ident} login password {literal(PASSWORD)}")
+    await grant(dsn, role)
+    log = tmp_path / "daemon.log"
+    signal = tmp_path / "fail-now"
+    proc = spawn_daemon_logged(
+        as_role(dsn, role), "tests.apps.secret_tasks", log, DURABLE_QUEUES=QUEUE,
+    )  # fmt: skip
+    try:
+        async with durable.connect(dsn) as client:
+            handle = await client.start(sec_fail_once_told, str(signal))
+
+            async def running() -> bool:
+                return (await client.get(handle.id)).status == "running"
+
+            await wait_for(running, timeout=30)
+            await execute(dsn, f"alter role {ident} nologin")
+            await execute(
+                dsn, "select pg_terminate_backend(pid) from pg_stat_activity where usename = $1",
+                role,
+            )  # fmt: skip
+            signal.touch()
+
+            async def refused() -> bool:
+                return "outcome_write_retrying" in log.read_text()
+
+            await wait_for(refused, timeout=30)
+            await execute(dsn, f"alter role {ident} login")
+
+            async def ended() -> bool:
+                return (await client.get(handle.id)).status == "failed"
+
+            await wait_for(ended, timeout=60)
+            task = await client.get(handle.id)
+            assert task.attempt == 2
+            assert proc.poll() is None
+        events = [json.loads(line) for line in log.read_text().splitlines()
+                  if line.startswith("{")]  # fmt: skip
+        names = [e["event"] for e in events]
+        assert "runner_error" not in names
+        assert "task_outcome_not_written" not in names
+        retrying = [e for e in events if e["event"] == "task_retrying"]
+        assert [e["attempt"] for e in retrying] == [1]
+        assert "RuntimeError" in retrying[0]["error"]
+    finally:
+        kill(proc)
+        proc.wait(timeout=30)
+        await execute(dsn, f"alter role {ident} login")
         await execute(dsn, f"drop owned by {ident}")
         await execute(dsn, f"drop role if exists {ident}")
