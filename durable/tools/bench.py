@@ -276,8 +276,8 @@ def _latency_figures(n: int, rate: float, seconds: list[float]) -> dict[str, Any
 
 
 async def floor(server: str, n: int, rate: float) -> Result:
-    """The `latency` schedule on a minimal queue with no guarantees (durable.floor)."""
-    from durable import floor as minimal
+    """The `latency` schedule on a minimal queue with no guarantees (durable.tools.floor)."""
+    from durable.tools import floor as minimal
 
     async with scratch_database(server) as dsn:
         seconds, done = await minimal.measure(dsn, n, rate)
@@ -384,12 +384,12 @@ async def backlog(
 def _daemon(env: dict[str, str]) -> subprocess.Popen[bytes]:
     """A `durable run` process serving the bench queue (started at once; not waited on)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "durable", "run", "--app", "durable.bench"],
+        [sys.executable, "-m", "durable", "run", "--app", "durable.tools.bench"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
 
-async def _drain_once_all_serve(dsn: str, k: int, n: int) -> float | None:
+async def drain_once_all_serve(dsn: str, k: int, n: int) -> float | None:
     """Tasks/s from the moment the last of ``k`` daemons made its first claim to the last
     completion, read from the database's own timestamps (no polling interval in it); None
     if fewer than ``k`` daemons claimed anything, or none was left to drain by then."""
@@ -446,7 +446,7 @@ async def scale(server: str, n: int, concurrency: int, daemons: list[int], progr
             ok = ok and await _count_finished(dsn) == n
             # Daemons start in parallel with the clock: startup is part of this figure.
             figures[f"daemons_{k}_per_s"] = round(n / (t1 - t0))
-            drains[k] = await _drain_once_all_serve(dsn, k, n)
+            drains[k] = await drain_once_all_serve(dsn, k, n)
     if "daemons_1_per_s" in figures and "daemons_2_per_s" in figures:
         figures["ratio_2_to_1"] = round(figures["daemons_2_per_s"] / figures["daemons_1_per_s"], 2)
     # The drain alone, as `throughput` times it: from the moment every daemon serves.
