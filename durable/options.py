@@ -335,8 +335,9 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "claim_ahead", "DURABLE_CLAIM_AHEAD", "--claim-ahead", claim_ahead, None, "auto",
         "tasks a queue may claim beyond its free slots, so a freed slot starts its next "
-        "task without a round trip: auto (sized to how fast slots free up) or a whole "
-        "number (0: claim only for free slots)", metavar="N",
+        "task without a round trip: auto (the slots that free up during two claims' round "
+        "trips or 20 ms, whichever is longer; none for slow tasks) or a whole number (0: "
+        "claim only for free slots)", metavar="N",
     ),
     Option(
         "shutdown_grace", "DURABLE_SHUTDOWN_GRACE", "--shutdown-grace", shutdown_grace, 30.0,
@@ -360,7 +361,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "http", "DURABLE_HTTP", "--http", http, None, "(off)",
         "serve /healthz, /readyz and /metrics (Prometheus) on host:port, e.g. 0.0.0.0:9090 "
-        "(port 0 picks a free port)", metavar="HOST:PORT",
+        "(:9090: every interface; port 0 picks a free port)", metavar="HOST:PORT",
     ),
     Option(
         "retention", "DURABLE_RETENTION", "--retention", retention, None, "(keep forever)",
@@ -368,8 +369,10 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "(one daemon at a time prunes, every few minutes)", metavar="DURATION",
     ),
     Option(
-        "home", "DURABLE_HOME", "--home", home, None, "(per-user data directory)",
-        "directory of the embedded Postgres server used when no database is configured",
+        "home", "DURABLE_HOME", "--home", home, None,
+        "(per-user data directory; /var/lib/durable for root)",
+        "directory of the embedded Postgres server used when no database is configured, "
+        "with its data and its generated password",
         metavar="DIR",
     ),
 )  # fmt: skip

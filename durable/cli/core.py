@@ -82,17 +82,21 @@ async def target(s: Settings, *, announce: bool = True) -> Target:
 
     server = EmbeddedServer(s.home)
     if announce:
-        # A user who meant to reach their own database must not act on another unawares.
-        print(
-            f"durable: no database URL set (--database-url, DURABLE_DATABASE_URL, "
-            f"DATABASE_URL, PG*): using the embedded server in {server.home}",
-            file=sys.stderr,
-        )
+        announce_embedded(server.home)
     url = await anyio.to_thread.run_sync(server.ensure_started)
     where = Target(url, f"the embedded server in {server.home}")
     with connecting(where):
         await migrate(url)
     return where
+
+
+def announce_embedded(home: Path) -> None:
+    # A user who meant to reach their own database must not act on another unawares.
+    print(
+        f"durable: no database URL set (--database-url, DURABLE_DATABASE_URL, DATABASE_URL, "
+        f"PG*): using the embedded server in {home}",
+        file=sys.stderr,
+    )
 
 
 @contextmanager

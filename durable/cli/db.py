@@ -12,6 +12,7 @@ from durable.cli.core import (
     CommandError,
     Session,
     Target,
+    announce_embedded,
     confirm,
     connecting,
     database_options,
@@ -91,7 +92,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     async def main() -> list[int]:
         from durable.store import grant, migrate
 
-        where = await target(s, announce=False)
+        where = await target(s)
         with connecting(where):
             applied = await migrate(where.url)
         for role in args.grant or ():
@@ -122,6 +123,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             from durable.embedded import EmbeddedServer
 
             server = EmbeddedServer(s.home)
+            announce_embedded(server.home)
             url = server.url()
             if url is None:
                 raise CommandError("the embedded database is not running")
