@@ -20,6 +20,7 @@ import pytest
 import durable
 from durable.listener import Listener
 from durable.store import NamedSql
+from durable.tools.soak import SQL
 from durable.tools.soak.faults import Proxy
 from durable.tools.soak.report import FAULTS
 from tests.conftest import server_home
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 async def soak_sql(dsn: str) -> AsyncIterator[NamedSql]:
     """The test's database with the soak's audit installed, and its statements."""
-    sql = await NamedSql.open(dsn, "soak.sql", max_size=2)
+    sql = await NamedSql.open(dsn, SQL, max_size=2)
     try:
         await sql.run("setup")
         yield sql

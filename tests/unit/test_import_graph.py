@@ -154,3 +154,20 @@ def test_the_graph_sees_lazy_imports() -> None:
     # The tools are imported only inside handlers: the graph must still see those arrows.
     assert "durable.tools.bench" in GRAPH["durable.cli.tools"]
     assert "durable.tools.demo" in GRAPH["durable.cli.tools"]
+
+
+def is_cli(name: str) -> bool:
+    return name == "durable.cli" or name.startswith("durable.cli.")
+
+
+def test_command_modules_import_only_the_core() -> None:
+    commands = [n for n in GRAPH if is_cli(n) and n not in ("durable.cli", "durable.cli.core")]
+    assert len(commands) >= 6
+    for name in commands:
+        assert {t for t in GRAPH[name] if is_cli(t)} <= {"durable.cli.core"}, name
+    assert not any(map(is_cli, GRAPH["durable.cli.core"]))
+
+
+def test_only_the_cli_imports_the_cli() -> None:
+    outside = {n for n, targets in GRAPH.items() if not is_cli(n) and any(map(is_cli, targets))}
+    assert outside <= {"durable.__main__"}
