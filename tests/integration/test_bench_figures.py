@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import uuid
 
-from durable.tools.bench import QUEUE, drain_once_all_serve
+from durable.tools.bench import drain_once_all_serve
+from durable.tools.bench_app import QUEUE
 from tests.support.helpers import execute
 
 
