@@ -16,6 +16,7 @@ from durable.errors import (
 from durable.models import CancelResult
 from durable.registry import Definition, task, workflow
 from durable.retry import RetryPolicy
+from durable.version import __version__ as __version__
 
 __all__ = [
     "CancelResult",
@@ -37,4 +38,3 @@ __all__ = [
     "task",
     "workflow",
 ]
-__version__ = "0.1.0"

@@ -178,3 +178,86 @@ class PruneResult:
     events: int = 0
     signals: int = 0
     workers: int = 0
+
+
+# -- what operators read (durable.admin) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """One row of ``durable ls``."""
+
+    id: int
+    queue: str
+    name: str
+    kind: str
+    status: str
+    priority: int
+    attempt: int
+    max_attempts: int
+    parent_id: int | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    run_at: datetime
+
+
+@dataclass(frozen=True)
+class QueueCount:
+    """How many tasks of a queue are in one status, and the oldest ready one's due time."""
+
+    queue: str
+    status: str
+    count: int
+    oldest_ready: datetime | None
+
+
+@dataclass(frozen=True)
+class QueueLimit:
+    """A queue's fleet-wide limits (None: no limit)."""
+
+    name: str
+    concurrency: int | None
+    rate_limit: int | None
+    rate_period: float | None
+
+
+@dataclass(frozen=True)
+class Unserved:
+    """Queued task names of a queue that no live daemon has the code for."""
+
+    queue: str
+    names: tuple[str, ...]
+    tasks: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A daemon as it registered itself, and how long since it was last heard from."""
+
+    id: UUID
+    host: str
+    pid: int
+    queues: dict[str, int]
+    names: tuple[str, ...]
+    started_at: datetime
+    heartbeat_at: datetime
+    stopped_at: datetime | None
+    silence: float
+    """Seconds since its last heartbeat, by the database's clock."""
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    """A cron schedule and when it runs next."""
+
+    name: str
+    task: str
+    cron: str
+    timezone: str
+    args: Any
+    queue: str | None
+    source: str
+    next_run_at: datetime
+    last_run_at: datetime | None
+    last_task_id: int | None

@@ -76,9 +76,10 @@ _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
 
 @cache
-def named_queries(filename: str) -> dict[str, str]:
-    """sql/FILENAME parsed into {name: statement} (sections start with `-- name: x`)."""
-    text = (sql_dir() / filename).read_text()
+def named_queries(filename: str | Path) -> dict[str, str]:
+    """A file of named statements parsed into {name: statement} (sections start with
+    `-- name: x`): a bare name is a file of sql/, a Path is read where it points."""
+    text = (filename if isinstance(filename, Path) else sql_dir() / filename).read_text()
     parts = _NAME.split(text)
     out: dict[str, str] = {}
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
@@ -213,16 +214,16 @@ async def grant(dsn: str | None, role: str) -> list[str]:
 
 
 class NamedSql:
-    """A small pool running the named statements of one file of ``sql/`` (tools such as
-    ``durable soak`` keep their own statements apart from queries.sql)."""
+    """A small pool running the named statements of one file, for code that keeps its
+    statements apart from queries.sql."""
 
-    def __init__(self, pool: asyncpg.Pool, filename: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, filename: str | Path) -> None:
         self.pool = pool
         self.q = named_queries(filename)
 
     @classmethod
     async def open(
-        cls, dsn: str | None, filename: str, *, max_size: int = 4, name: str = "durable-tool"
+        cls, dsn: str | None, filename: str | Path, *, max_size: int = 4, name: str = "durable-tool"
     ) -> NamedSql:
         pool = await asyncpg.create_pool(
             dsn, min_size=0, max_size=max_size, server_settings={"application_name": name}

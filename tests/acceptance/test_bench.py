@@ -10,7 +10,7 @@ from functools import partial
 import anyio
 import pytest
 
-from tests.helpers import durable_cli, fetchval
+from tests.support.helpers import durable_cli, fetchval
 
 WORKLOADS = ["throughput", "latency", "floor", "workflows", "backlog", "scale"]
 

@@ -21,7 +21,7 @@ from durable.settings import ENV_VARS
 from durable.store import migration_files, schema_sql
 from tests.apps.queue_tasks import q_cli_add, q_cli_fail
 from tests.conftest import admin, database_dsn, quote_ident
-from tests.helpers import durable_cli, kill, run_burst, spawn_daemon, wait_for
+from tests.support.helpers import durable_cli, kill, run_burst, spawn_daemon, wait_for
 
 APP = "tests.apps.queue_tasks"
 PASSWORD = "s3cretpw"

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 import anyio
 import pytest
 
-from tests.helpers import durable_cli, fetchval
+from tests.support.helpers import durable_cli, fetchval
 
 
 @pytest.mark.timeout(120)

@@ -24,7 +24,7 @@ import yaml
 
 from durable.cli import build_parser
 from durable.settings import Settings, parse_duration, unknown_variables
-from tests.helpers import ROOT
+from tests.support.helpers import ROOT
 
 DEPLOY = ROOT / "deploy"
 UNITS = [DEPLOY / "systemd" / "durable.service", DEPLOY / "systemd" / "durable@.service"]

@@ -25,7 +25,7 @@ import pytest
 
 from durable.embedded import EmbeddedServer
 from durable.store import PRUNE_LOCK
-from tests.helpers import ROOT, durable_cli, kill, spawn_daemon_logged, wait_for
+from tests.support.helpers import ROOT, durable_cli, kill, spawn_daemon_logged, wait_for
 
 APP = "tests.apps.queue_tasks"
 

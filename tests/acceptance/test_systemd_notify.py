@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.helpers import kill, spawn_daemon_logged
+from tests.support.helpers import kill, spawn_daemon_logged
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import durable
 from durable.models import Checkpoint
 from durable.store import Store
 from tests.apps import flow_app
-from tests.helpers import execute, fetchval, kill, spawn_daemon, wait_for
+from tests.support.helpers import execute, fetchval, kill, spawn_daemon, wait_for
 
 CONCURRENCY = 16
 

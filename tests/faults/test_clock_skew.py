@@ -12,7 +12,7 @@ import pytest
 
 import durable
 from tests.apps.clock_app import QUEUE, skew_sleep_then_wait
-from tests.helpers import fetchval, kill, spawn_daemon_logged, wait_for
+from tests.support.helpers import fetchval, kill, spawn_daemon_logged, wait_for
 
 LIBFAKETIME = next(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"), Path("/nonexistent"))
 SLEEP = 2.0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.apps.secret_tasks import QUEUE
-from tests.helpers import execute, kill, spawn_daemon_logged, wait_for
+from tests.support.helpers import execute, kill, spawn_daemon_logged, wait_for
 
 
 def records(path: Path) -> list[dict[str, object]]:

@@ -15,9 +15,9 @@ import durable
 from durable.daemon import FINAL_WRITES, Daemon
 from durable.listener import Listener
 from durable.registry import registry
-from durable.soak_faults import Proxy
+from durable.tools.soak.faults import Proxy
 from durable.worker import CLAIM_STOP_TIMEOUT
-from tests.helpers import execute, running_daemon, settings, wait_for
+from tests.support.helpers import execute, running_daemon, settings, wait_for
 
 QUEUE = "half-open"
 _forever = asyncio.Event()  # never set: the task runs until it is stopped

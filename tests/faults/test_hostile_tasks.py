@@ -20,7 +20,7 @@ from tests.apps.hostile_tasks import (
     hostile_message,
     hostile_step_exit,
 )
-from tests.helpers import kill, spawn_daemon_logged
+from tests.support.helpers import kill, spawn_daemon_logged
 
 EXPECTED_TYPES = {
     "hostile_exit": "builtins.SystemExit",

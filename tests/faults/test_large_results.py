@@ -11,7 +11,7 @@ import pytest
 import durable
 from durable.store import Store
 from tests.apps.hostile_tasks import QUEUE, hostile_big_result
-from tests.helpers import kill, spawn_daemon_logged
+from tests.support.helpers import kill, spawn_daemon_logged
 
 MB = 15
 """Each result's size in MiB: just under the 16 MiB payload limit."""

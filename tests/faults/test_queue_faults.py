@@ -20,7 +20,7 @@ import pytest
 import durable
 from durable.store import Store
 from tests.apps.queue_tasks import create_tables, open_gate
-from tests.helpers import fetchval, kill, spawn_daemon, wait_for
+from tests.support.helpers import fetchval, kill, spawn_daemon, wait_for
 
 APP = "tests.apps.queue_tasks"
 

@@ -17,8 +17,8 @@ import pytest
 import durable
 from durable.store import grant, quote_ident
 from tests.apps.secret_tasks import QUEUE, sec_echo, sec_fail_once_told
-from tests.helpers import execute, fetchval, kill, spawn_daemon_logged, wait_for
-from tests.roles import as_app, literal
+from tests.support.helpers import execute, fetchval, kill, spawn_daemon_logged, wait_for
+from tests.support.roles import as_app, literal
 
 PASSWORD = "reconnect-pw"
 

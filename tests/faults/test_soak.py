@@ -19,11 +19,12 @@ import pytest
 
 import durable
 from durable.listener import Listener
-from durable.soak_faults import Proxy
-from durable.soak_report import FAULTS
 from durable.store import NamedSql
+from durable.tools.soak import SQL
+from durable.tools.soak.faults import Proxy
+from durable.tools.soak.report import FAULTS
 from tests.conftest import server_home
-from tests.helpers import execute, fetchval, wait_for
+from tests.support.helpers import execute, fetchval, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 async def soak_sql(dsn: str) -> AsyncIterator[NamedSql]:
     """The test's database with the soak's audit installed, and its statements."""
-    sql = await NamedSql.open(dsn, "soak.sql", max_size=2)
+    sql = await NamedSql.open(dsn, SQL, max_size=2)
     try:
         await sql.run("setup")
         yield sql
@@ -226,7 +227,7 @@ def test_a_short_soak_still_fires_every_fault_kind_and_reports_each() -> None:
 def test_without_libfaketime_the_soak_says_so_and_fails(tmp_path: Path) -> None:
     # A root that holds no libfaketime: the lookup sees an empty machine.
     code = (
-        "import sys, durable.soak_faults as f, pathlib\n"
+        "import sys, durable.tools.soak.faults as f, pathlib\n"
         "f.FAKETIME_ROOT = pathlib.Path(sys.argv[1])\n"
         "from durable.cli import main\n"
         "main(['soak', '--duration', '1s'])\n"

@@ -19,7 +19,7 @@ from tests.apps.workflow_app import (
     TRANSACTIONAL,
     wf_fault_twenty_steps,
 )
-from tests.helpers import ROOT, daemon_env, execute, kill, wait_for
+from tests.support.helpers import ROOT, daemon_env, execute, kill, wait_for
 
 APP = "tests.apps.workflow_app"
 KILLS = 6

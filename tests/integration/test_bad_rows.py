@@ -14,7 +14,7 @@ import durable
 from durable.registry import registry
 from durable.scheduler import run_schedules
 from durable.store import Store
-from tests.helpers import execute, fetchval, run_burst
+from tests.support.helpers import execute, fetchval, run_burst
 
 BAD_SCHEDULES = {
     "br_bad_zone": ("* * * * *", "Mars/Olympus_Mons", None),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from durable.bench import QUEUE, _drain_once_all_serve
-from tests.helpers import execute
+from durable.tools.bench import drain_once_all_serve
+from durable.tools.bench_app import QUEUE
+from tests.support.helpers import execute
 
 
 async def _finished(dsn: str, rows: list[tuple[uuid.UUID, float, float]]) -> None:
@@ -29,9 +30,9 @@ async def test_scale_times_the_drain_from_the_moment_every_daemon_serves(dsn: st
     rows = [(a, 0, 0.5), (a, 0, 1.0), (a, 1.5, 2.0), (a, 2, 3.0),
             (b, 1, 1.5), (b, 1, 2.5), (b, 1.5, 2.0), (b, 2, 2.8)]
     await _finished(dsn, rows)
-    assert await _drain_once_all_serve(dsn, 2, len(rows)) == 3.0
+    assert await drain_once_all_serve(dsn, 2, len(rows)) == 3.0
     # Only two daemons ever claimed: there is no moment when four served.
-    assert await _drain_once_all_serve(dsn, 4, len(rows)) is None
+    assert await drain_once_all_serve(dsn, 4, len(rows)) is None
 
 
 async def test_scale_has_no_drain_figure_when_all_was_done_before_the_last_daemon_served(
@@ -39,4 +40,4 @@ async def test_scale_has_no_drain_figure_when_all_was_done_before_the_last_daemo
 ) -> None:
     a, b = uuid.uuid4(), uuid.uuid4()
     await _finished(dsn, [(a, 0, 1.0), (a, 0, 1.5), (b, 2, 2.0)])
-    assert await _drain_once_all_serve(dsn, 2, 3) is None
+    assert await drain_once_all_serve(dsn, 2, 3) is None

@@ -12,7 +12,7 @@ import pytest
 
 import durable
 from durable.store import Store
-from tests.helpers import execute, fetchval, running_daemon, wait_status
+from tests.support.helpers import execute, fetchval, running_daemon, wait_status
 
 UNSERVED = "cw_nobody"
 """A queue no daemon of these tests serves: a child started there stays queued until a

@@ -21,7 +21,7 @@ from durable.registry import registry
 from durable.runner import Attempt, Runner
 from durable.store import Store
 from durable.worker import ahead
-from tests.helpers import fetchval, running_daemon, wait_for
+from tests.support.helpers import fetchval, running_daemon, wait_for
 
 RAN: Counter[str] = Counter()
 GATE = asyncio.Event()

@@ -26,7 +26,7 @@ import pytest
 
 import durable
 from durable.store import queries
-from tests.helpers import blocked_or_done
+from tests.support.helpers import blocked_or_done
 
 Q = queries()
 WORKER = uuid.UUID(int=20)

@@ -76,7 +76,7 @@ import asyncpg
 import pytest
 
 from durable.store import queries
-from tests.helpers import wait_for
+from tests.support.helpers import wait_for
 
 Q = queries()
 AUDIT_LOCK = 2020_0002

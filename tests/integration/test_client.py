@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 import durable
-from tests.helpers import fetchval, run_burst, running_daemon, wait_for
+from tests.support.helpers import fetchval, run_burst, running_daemon, wait_for
 
 RAN: Counter[str] = Counter()
 

@@ -20,7 +20,7 @@ import pytest
 from durable.embedded import EmbeddedError, EmbeddedServer, default_home
 from durable.logs import redact
 from tests.conftest import server_home
-from tests.helpers import durable_cli
+from tests.support.helpers import durable_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 

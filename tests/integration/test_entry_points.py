@@ -24,7 +24,7 @@ from durable.registry import Registry
 from durable.scheduler import run_schedules
 from durable.store import DatabaseError, Store, grant
 from durable.validation import InvalidValue
-from tests.helpers import durable_cli
+from tests.support.helpers import durable_cli
 
 SETTINGS = settings(
     max_examples=25,

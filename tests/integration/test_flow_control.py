@@ -18,7 +18,7 @@ from durable.daemon import Daemon
 from durable.registry import Definition, Registry, registry
 from durable.store import Store
 from tests.apps import flow_app
-from tests.helpers import (
+from tests.support.helpers import (
     durable_cli,
     execute,
     fetchval,

@@ -14,7 +14,7 @@ from durable.daemon import WARM_CONNECTIONS
 from durable.models import Claimed
 from durable.store import Store, queries
 from durable.store.tasks import WARM_UP
-from tests.helpers import execute, running_daemon
+from tests.support.helpers import execute, running_daemon
 
 
 async def test_a_daemon_starts_with_its_hot_statements_prepared(dsn: str) -> None:

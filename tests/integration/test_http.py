@@ -24,7 +24,7 @@ from durable.errors import DurableError
 from durable.registry import registry
 from durable.retry import RetryPolicy
 from durable.settings import Settings
-from tests.helpers import execute, running_daemon, settings, wait_for
+from tests.support.helpers import execute, running_daemon, settings, wait_for
 
 HTTP = "127.0.0.1:0"
 QUEUE = "h_queue"

@@ -14,7 +14,7 @@ import anyio
 
 import durable
 from durable.store.tasks import KeptConnection
-from tests.helpers import execute, fetchval, running_daemon, wait_status
+from tests.support.helpers import execute, fetchval, running_daemon, wait_status
 
 STARTED: list[int] = []
 

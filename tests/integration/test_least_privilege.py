@@ -7,8 +7,8 @@ import asyncpg
 import pytest
 
 import durable
-from tests.helpers import durable_cli, running_daemon, wait_for
-from tests.roles import APP_ROLE, app_role, as_app
+from tests.support.helpers import durable_cli, running_daemon, wait_for
+from tests.support.roles import APP_ROLE, app_role, as_app
 
 QUEUE = "least-privilege"
 

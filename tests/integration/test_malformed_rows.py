@@ -7,7 +7,7 @@ import asyncpg
 import pytest
 
 import durable
-from tests.helpers import running_daemon, wait_for
+from tests.support.helpers import running_daemon, wait_for
 
 QUEUE = "malformed"
 

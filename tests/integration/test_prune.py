@@ -16,7 +16,7 @@ from durable.daemon import Daemon
 from durable.models import PruneResult
 from durable.registry import registry
 from durable.store import PRUNE_LOCK, Store
-from tests.helpers import running_daemon, settings, wait_for
+from tests.support.helpers import running_daemon, settings, wait_for
 
 DAY = 86400.0
 

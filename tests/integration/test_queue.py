@@ -21,7 +21,14 @@ import pytest
 
 import durable
 from durable.retry import RetryPolicy
-from tests.helpers import execute, fetchval, run_burst, running_daemon, wait_for, wait_status
+from tests.support.helpers import (
+    execute,
+    fetchval,
+    run_burst,
+    running_daemon,
+    wait_for,
+    wait_status,
+)
 
 CALLS: Counter[str] = Counter()
 """How many times each test's task body ran, by a key the test passes."""

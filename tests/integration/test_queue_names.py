@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 import durable
-from tests.helpers import running_daemon
+from tests.support.helpers import running_daemon
 
 NAMES = [
     "we'ird \"q\"",

@@ -19,7 +19,7 @@ from durable.daemon import Daemon
 from durable.models import Checkpoint
 from durable.registry import registry
 from durable.store import Store
-from tests.helpers import fetchval, running_daemon, settings, wait_status
+from tests.support.helpers import fetchval, running_daemon, settings, wait_status
 
 RUNS: Counter[str] = Counter()
 SEEN: dict[str, list[Any]] = {}

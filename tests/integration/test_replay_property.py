@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import durable
 from durable.context import Context
-from tests.helpers import running_daemon
+from tests.support.helpers import running_daemon
 
 EXAMPLES = int(os.environ.get("DURABLE_REPLAY_EXAMPLES", "8"))
 

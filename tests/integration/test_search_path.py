@@ -16,8 +16,8 @@ import asyncpg
 import pytest
 
 from durable.store import grant
-from tests.helpers import durable_cli, execute, fetchval
-from tests.roles import APP_ROLE, app_role, as_app
+from tests.support.helpers import durable_cli, execute, fetchval
+from tests.support.roles import APP_ROLE, app_role, as_app
 
 # Every planted routine records its name and the user it ran as, then behaves as the
 # catalog's would, so that the superuser's statements go on as if nothing happened.

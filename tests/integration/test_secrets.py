@@ -14,8 +14,8 @@ import pytest
 import durable
 from durable.store import grant
 from tests.apps.secret_tasks import QUEUE
-from tests.helpers import durable_cli, execute, kill, spawn_daemon_logged, wait_for
-from tests.roles import APP_ROLE, PASSWORD, app_role, as_app
+from tests.support.helpers import durable_cli, execute, kill, spawn_daemon_logged, wait_for
+from tests.support.roles import APP_ROLE, PASSWORD, app_role, as_app
 
 
 def logged(path: Path, event: str) -> list[dict[str, object]]:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import durable
-from tests.helpers import running_daemon
+from tests.support.helpers import running_daemon
 
 
 @durable.task

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import durable
 from durable import tracing
-from tests.helpers import fetchval, running_daemon
+from tests.support.helpers import fetchval, running_daemon
 
 QUEUE = "traced"
 

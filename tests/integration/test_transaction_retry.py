@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 import durable
-from tests.helpers import execute, fetchval, running_daemon
+from tests.support.helpers import execute, fetchval, running_daemon
 
 QUEUE = "tx-retry"
 _runs: dict[int, int] = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.helpers import running_daemon, wait_for
+from tests.support.helpers import running_daemon, wait_for
 
 
 async def next_message(sock: socket.socket, timeout: float = 10) -> str:

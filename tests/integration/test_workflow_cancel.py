@@ -8,7 +8,7 @@ import time
 import pytest
 
 import durable
-from tests.helpers import execute, fetchval, running_daemon, wait_status
+from tests.support.helpers import execute, fetchval, running_daemon, wait_status
 
 STARTED: dict[str, asyncio.Event] = {}
 CANCELLED: set[str] = set()

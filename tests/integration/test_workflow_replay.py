@@ -15,7 +15,7 @@ import pytest
 import durable
 from durable.models import Checkpoint
 from durable.store import Store
-from tests.helpers import execute, fetchval, running_daemon, wait_status
+from tests.support.helpers import execute, fetchval, running_daemon, wait_status
 
 RUNS: Counter[str] = Counter()
 """How many times each step or child body ran, by a key unique to the test."""

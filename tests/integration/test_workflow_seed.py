@@ -11,7 +11,7 @@ from collections import Counter
 import asyncpg
 
 import durable
-from tests.helpers import durable_cli, execute, fetchval, running_daemon
+from tests.support.helpers import durable_cli, execute, fetchval, running_daemon
 
 EMAILS: Counter[str] = Counter()
 CHARGES_TABLE = "create table wf_charges (order_id text not null, at timestamptz default now())"

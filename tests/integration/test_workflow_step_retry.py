@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import durable
-from tests.helpers import running_daemon
+from tests.support.helpers import running_daemon
 
 calls: dict[str, int] = {"flaky": 0, "before": 0}
 

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 import durable
-from tests.helpers import fetchval, running_daemon, wait_status
+from tests.support.helpers import fetchval, running_daemon, wait_status
 
 # -- sleeping ----------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.helpers import ROOT
+from tests.support.helpers import ROOT
 
 
 def python(code: str) -> str:

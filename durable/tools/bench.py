@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import resource
 import secrets
 import statistics
@@ -26,39 +25,7 @@ import anyio
 
 import durable
 from durable.settings import Settings
-
-QUEUE = "bench"
-
-_ran: set[int] = set()
-_latencies: list[float] = []
-_step_sleep: tuple[float, float] = (0.0, 0.0)
-
-
-@durable.task(name="bench.noop", queue=QUEUE)
-async def noop(i: int) -> None:
-    _ran.add(i)
-
-
-@durable.task(name="bench.probe", queue=QUEUE)
-async def probe(i: int, enqueued: float) -> None:
-    _latencies.append(time.time() - enqueued)
-    _ran.add(i)
-
-
-async def _work(i: int, s: int) -> int:
-    lo, hi = _step_sleep
-    if hi > 0:
-        await anyio.sleep(random.uniform(lo, hi))
-    return i * 100 + s
-
-
-@durable.workflow(name="bench.steps", queue=QUEUE)
-async def steps(ctx: durable.Context, i: int, n: int) -> int:
-    total = 0
-    for s in range(n):
-        total += await ctx.step(f"s{s}", _work, i, s)
-    _ran.add(i)
-    return total
+from durable.tools.bench_app import QUEUE, latencies, noop, probe, ran, step_sleep, steps
 
 
 @dataclass
@@ -209,7 +176,7 @@ async def throughput(
     from durable.daemon import Daemon
     from durable.registry import registry
 
-    _ran.clear()
+    ran.clear()
     async with scratch_database(server) as dsn:
         async with durable.connect(dsn) as client:
             enqueue_s = await _bulk_enqueue(client, noop, [[i] for i in range(n)])
@@ -232,7 +199,7 @@ async def throughput(
             "startup_ms": round(d.startup * 1000),
             "rss_mb": round(_rss_mb(), 1),
         },
-        verified=len(_ran) == n and db_count == n,
+        verified=len(ran) == n and db_count == n,
     )
 
 
@@ -240,8 +207,8 @@ async def latency(server: str, n: int, rate: float, concurrency: int, progress: 
     from durable.daemon import Daemon
     from durable.registry import registry
 
-    _ran.clear()
-    _latencies.clear()
+    ran.clear()
+    latencies.clear()
     async with scratch_database(server) as dsn:
         bar = Progress("latency", n, progress)
         daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=4)
@@ -259,8 +226,8 @@ async def latency(server: str, n: int, rate: float, concurrency: int, progress: 
         bar.close()
         db_count = await _count_finished(dsn)
     return Result(
-        "latency", _latency_figures(n, rate, _latencies),
-        verified=len(_ran) == n and db_count == n,
+        "latency", _latency_figures(n, rate, latencies),
+        verified=len(ran) == n and db_count == n,
     )
 
 
@@ -276,8 +243,8 @@ def _latency_figures(n: int, rate: float, seconds: list[float]) -> dict[str, Any
 
 
 async def floor(server: str, n: int, rate: float) -> Result:
-    """The `latency` schedule on a minimal queue with no guarantees (durable.floor)."""
-    from durable import floor as minimal
+    """The `latency` schedule on a minimal queue with no guarantees (durable.tools.floor)."""
+    from durable.tools import floor as minimal
 
     async with scratch_database(server) as dsn:
         seconds, done = await minimal.measure(dsn, n, rate)
@@ -295,9 +262,8 @@ async def workflows(
     from durable.daemon import Daemon
     from durable.registry import registry
 
-    global _step_sleep
-    _ran.clear()
-    _step_sleep = (0.0, 0.002) if uneven else (0.0, 0.0)
+    ran.clear()
+    step_sleep[:] = (0.0, 0.002) if uneven else (0.0, 0.0)
     async with scratch_database(server) as dsn:
         async with durable.connect(dsn) as client:
             await _bulk_enqueue(client, steps, [[i, step_count] for i in range(n)])
@@ -319,7 +285,7 @@ async def workflows(
          "workflows_per_s": round(n / d.elapsed), "steps_per_s": round(n * step_count / d.elapsed),
          "daemon_cpu_us_per_workflow": round(d.cpu / n * 1e6, 1),
          "startup_ms": round(d.startup * 1000)},
-        verified=len(_ran) == n and db_count == n and events == n * step_count,
+        verified=len(ran) == n and db_count == n and events == n * step_count,
     )
 
 
@@ -333,7 +299,7 @@ async def backlog(
     from durable.registry import registry
     from durable.store import connect
 
-    _ran.clear()
+    ran.clear()
     async with scratch_database(server) as dsn:
         conn = await connect(dsn)
         try:
@@ -377,19 +343,19 @@ async def backlog(
         {"history": history, "queued": queued, **({"scheduled": scheduled} if scheduled else {}),
          "concurrency": concurrency, "drain_per_s": round(queued / d.elapsed),
          "startup_ms": round(d.startup * 1000)},
-        verified=len(_ran) == queued and db_count == history + queued and waiting == scheduled,
+        verified=len(ran) == queued and db_count == history + queued and waiting == scheduled,
     )
 
 
 def _daemon(env: dict[str, str]) -> subprocess.Popen[bytes]:
     """A `durable run` process serving the bench queue (started at once; not waited on)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "durable", "run", "--app", "durable.bench"],
+        [sys.executable, "-m", "durable", "run", "--app", "durable.tools.bench_app"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
 
-async def _drain_once_all_serve(dsn: str, k: int, n: int) -> float | None:
+async def drain_once_all_serve(dsn: str, k: int, n: int) -> float | None:
     """Tasks/s from the moment the last of ``k`` daemons made its first claim to the last
     completion, read from the database's own timestamps (no polling interval in it); None
     if fewer than ``k`` daemons claimed anything, or none was left to drain by then."""
@@ -446,7 +412,7 @@ async def scale(server: str, n: int, concurrency: int, daemons: list[int], progr
             ok = ok and await _count_finished(dsn) == n
             # Daemons start in parallel with the clock: startup is part of this figure.
             figures[f"daemons_{k}_per_s"] = round(n / (t1 - t0))
-            drains[k] = await _drain_once_all_serve(dsn, k, n)
+            drains[k] = await drain_once_all_serve(dsn, k, n)
     if "daemons_1_per_s" in figures and "daemons_2_per_s" in figures:
         figures["ratio_2_to_1"] = round(figures["daemons_2_per_s"] / figures["daemons_1_per_s"], 2)
     # The drain alone, as `throughput` times it: from the moment every daemon serves.

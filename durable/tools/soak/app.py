@@ -1,4 +1,4 @@
-"""The workload of ``durable soak``, served by its daemons (``--app durable.soak_app``).
+"""The workload of ``durable soak``, served by its daemons (``--app durable.tools.soak.app``).
 
 Plain tasks, children on a queue whose name needs quoting, a task that fails on purpose,
 and a workflow using every durable call: steps, transactions, a durable sleep, an event
@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import durable
@@ -50,6 +51,9 @@ BAD_RATE_QUEUE = "soak-bad-rate"
 EFFECT_DEADLINE = 120.0
 """Seconds a body keeps retrying its own record through a database restart."""
 
+SQL = Path(__file__).with_name("soak.sql")
+"""The soak's own statements and audit tables; they ship with the tool, not the runtime."""
+
 _db: NamedSql | None = None
 _db_lock: asyncio.Lock | None = None
 
@@ -62,7 +66,7 @@ async def _sql() -> NamedSql:
         async with _db_lock:
             if _db is None:
                 _db = await NamedSql.open(
-                    os.environ.get("DURABLE_DATABASE_URL"), "soak.sql", max_size=4,
+                    os.environ.get("DURABLE_DATABASE_URL"), SQL, max_size=4,
                     name="durable-soak-app",
                 )
     return _db
@@ -205,7 +209,7 @@ async def soak_doomed(key: str) -> None:
 
 
 async def _business(conn: Any, task_id: int, seq: int, attempt: int) -> int:
-    await conn.execute(named_queries("soak.sql")["business"], task_id, seq, attempt, os.getpid())
+    await conn.execute(named_queries(SQL)["business"], task_id, seq, attempt, os.getpid())
     await _work(0.0, 0.03)  # a kill may land inside the transaction
     return seq
 

@@ -1,6 +1,6 @@
 """``durable soak``: run daemons, producers and faults for a while, then prove nothing broke.
 
-K daemon processes serve the workload of ``durable.soak_app`` against an embedded Postgres
+K daemon processes serve the workload of ``durable.tools.soak.app`` against an embedded Postgres
 in a scratch home, logging in as a role of their own: one through a TCP proxy, one with
 its clock an hour behind (libfaketime). Producers start tasks and workflows (with
 idempotency keys, so a start retried through a restart is still one task), keyed tasks
@@ -15,7 +15,7 @@ than a lease, and writes bad rows into durable.schedules and durable.queues.
 
 Then everything is let back up, the work drains, the daemons are stopped gracefully, and
 the invariants are checked against the database and an audit of every claim
-(``sql/soak.sql``): every task reached the state the workload intends, no task was held
+(``soak.sql``): every task reached the state the workload intends, no task was held
 by two claims at once, no limit was exceeded at any instant, every acknowledged cancel
 ended the task cancelled, no step ran again once its checkpoint committed, every
 transaction's business row exists exactly once, no task was lost or completed twice, no
@@ -47,7 +47,8 @@ import anyio
 import durable
 from durable.embedded import EmbeddedServer
 from durable.errors import DurableError
-from durable.soak_faults import (
+from durable.store import NamedSql, create_database, drop_database, grant, migrate
+from durable.tools.soak.faults import (
     Fault,
     FaultSchedule,
     Proxy,
@@ -56,15 +57,15 @@ from durable.soak_faults import (
     retry,
     skewed_clock,
 )  # fmt: skip
-from durable.soak_report import FAULTS, SKEW, render, verdict
-from durable.store import NamedSql, create_database, drop_database, grant, migrate
+from durable.tools.soak.report import FAULTS, SKEW, render, verdict
 
+SQL = Path(__file__).with_name("soak.sql")
 DATABASE = "durable_soak"
 ROLE = "durable_soak"
-"""The daemons' login role (sql/soak.sql creates it): not a superuser, so that the
+"""The daemons' login role (soak.sql creates it): not a superuser, so that the
 login_refused fault can turn its reconnects away."""
 if TYPE_CHECKING:
-    from durable import soak_app
+    from durable.tools.soak import app as soak_app
 
 
 @dataclass(frozen=True)
@@ -134,12 +135,12 @@ class Soak:
             await create_database(url, DATABASE)
             db = _with(url, database=DATABASE)
             await migrate(db)
-            self.sql = await NamedSql.open(db, "soak.sql", max_size=6, name="durable-soak")
+            self.sql = await NamedSql.open(db, SQL, max_size=6, name="durable-soak")
             await self.sql.run("create_role")
             await self.sql.run("setup")
             await grant(db, ROLE)
             await self.sql.run("grant", ROLE)
-            from durable.soak_app import (  # registers the workload here, not at import
+            from durable.tools.soak.app import (  # registers the workload here, not at import
                 BAD_RATE_QUEUE,
                 CHILD_QUEUE,
                 KEYS_A,
@@ -156,7 +157,7 @@ class Soak:
             queues = (f"{QUEUE}=8,{CHILD_QUEUE}=16,{KEYS_A}=4,{KEYS_B}=4,{LIMITED}=4,"
                       f"{BAD_RATE_QUEUE}=1")
             env = daemon_env(opts.lease, queues)
-            env["DURABLE_APP"] = "durable.soak_app"
+            env["DURABLE_APP"] = "durable.tools.soak.app"
             self.fleet = Fleet(
                 [(_with(own, port=self.proxy.port), True, {})]
                 + [(own, False, {})] * (opts.daemons - 2)
@@ -189,7 +190,7 @@ class Soak:
     async def _soak(self, db: str) -> dict[str, Any]:
         opts = self.opts
         assert self.fleet is not None and self.sql is not None
-        from durable.soak_app import Producer
+        from durable.tools.soak.app import Producer
 
         async with durable.connect(db, max_size=10) as client:
             self.producer = Producer(
@@ -358,7 +359,7 @@ class Fleet:
         out: IO[bytes]
         with open(log, "ab") as out:  # the child keeps its own descriptor
             d.proc = subprocess.Popen(
-                [sys.executable, "-m", "durable", "run", "--app", "durable.soak_app"],
+                [sys.executable, "-m", "durable", "run", "--app", "durable.tools.soak.app"],
                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )
         d.expected_exit = False
@@ -465,60 +466,3 @@ async def run(opts: SoakOptions, *, as_json: bool = False) -> int:
     else:
         print(render(report))
     return 0 if report.get("ok") else 1
-
-
-def add_command(sub: Any) -> None:
-    """``durable soak`` on the CLI's subparsers."""
-    p = sub.add_parser(
-        "soak", help="run daemons, producers and faults for a while, then check invariants",
-        description=(__doc__ or "").split("\n\n")[1].replace("``", ""),
-    )
-    p.add_argument("--duration", default="60s", help="how long to produce and inject faults "
-                   "(e.g. 60s, 10m; a short run goes on until every fault kind has fired); "
-                   "the drain comes after")
-    p.add_argument("--daemons", type=int, default=3, help="daemon processes (at least 3: one "
-                   "behind the proxy, one with a skewed clock)")
-    p.add_argument("--lease", default="3s", help="the daemons' DURABLE_LEASE")
-    p.add_argument("--rate", type=float, default=10.0, help="starts per second")
-    p.add_argument("--seed", type=int, help="random seed (printed; the timing is not replayed)")
-    p.add_argument("--home", help="embedded server directory (default: a fresh temporary one)")
-    p.add_argument("--keep", action="store_true", help="keep the server, data and logs")
-    p.add_argument("--drain-timeout", default="180s", help="how long the work may take to "
-                   "finish once producing stops")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cmd_soak)
-
-
-def cmd_soak(args: Any) -> int:
-    from durable.cli import CommandError, _run
-    from durable.settings import parse_duration
-
-    try:
-        duration = parse_duration(args.duration)
-        lease = parse_duration(args.lease)
-        drain = parse_duration(args.drain_timeout)
-    except ValueError as exc:
-        raise CommandError(str(exc), 2) from None
-    if args.daemons < 3:
-        raise CommandError("--daemons must be at least 3 (one runs behind the proxy, one with "
-                           "a skewed clock)", 2)
-    if faketime_library() is None:
-        raise CommandError("durable soak runs one daemon with a skewed clock and needs "
-                           "libfaketime: install it (Debian/Ubuntu: apt-get install faketime)")
-    if lease < 1 or not 0 < args.rate <= 1000:
-        raise CommandError("--lease must be at least 1s and --rate from 0 to 1000", 2)
-    opts = SoakOptions(
-        duration=duration, daemons=args.daemons, lease=lease, rate=args.rate, seed=args.seed,
-        home=Path(args.home) if args.home else None, keep=args.keep, drain_timeout=drain,
-        progress=not args.quiet,
-    )
-
-    async def main() -> int:
-        from durable import logs
-
-        # Library warnings of this process (its client pool during a restart) as one line.
-        logs.configure("error", "console")
-        return await run(opts, as_json=args.json)
-
-    return int(_run(main))

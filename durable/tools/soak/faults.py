@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 
 import durable
-from durable.soak_report import FAULTS
 from durable.store import is_transient
+from durable.tools.soak.report import FAULTS
 
 if TYPE_CHECKING:
-    from durable.soak import Daemon, Soak
+    from durable.tools.soak import Daemon, Soak
 
 T = TypeVar("T")
 
@@ -414,7 +414,7 @@ class FaultSchedule:
         """Rows that no CLI should accept, written directly; removed after a while. A
         daemon must log them, skip them, and go on serving everything else."""
         assert self.soak.sql is not None
-        from durable.soak_app import BAD_RATE_QUEUE
+        from durable.tools.soak.app import BAD_RATE_QUEUE
 
         sql = self.soak.sql
         put, clear, args = (

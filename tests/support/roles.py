@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from durable.store import quote_ident
-from tests.helpers import execute
+from tests.support.helpers import execute
 
 APP_ROLE = "durable_app"
 PASSWORD = "s3cr3t-pw"

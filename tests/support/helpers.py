@@ -19,7 +19,7 @@ from durable.daemon import Daemon
 from durable.registry import Registry, registry
 from durable.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def settings(**overrides: object) -> Settings:

@@ -1,5 +1,5 @@
 """The verdict of ``durable soak``: the invariants, checked against the database and the
-audit tables of ``sql/soak.sql``; the figures; and the report, for people or as JSON."""
+audit tables of ``soak.sql``; the figures; and the report, for people or as JSON."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from durable.soak import Soak
-    from durable.soak_faults import Fault
+    from durable.tools.soak import Soak
+    from durable.tools.soak.faults import Fault
 
 SKEW = "-1h"
 """The wall clock of the fleet's last daemon, against the database's (libfaketime)."""

@@ -46,7 +46,7 @@ async def flaky(label: str) -> str:
     raise_count = _FLAKY_FAILURES.setdefault(label, 0)
     if raise_count < 2:
         _FLAKY_FAILURES[label] = raise_count + 1
-        get_logger("durable.demo").info("demo_flaky_failing", label=label)
+        get_logger("durable.tools.demo").info("demo_flaky_failing", label=label)
         raise ConnectionError(f"{label}: the payment gateway timed out (on purpose)")
     return f"{label} succeeded after {raise_count} failures"
 
@@ -159,7 +159,7 @@ async def _demo(settings: Settings) -> int:
         env = {**os.environ, CRASH_VARIABLE: "1", "DURABLE_DATABASE_URL": dsn or "",
                "DURABLE_LEASE": "2", "DURABLE_POLL_INTERVAL": "1", "DURABLE_LOG_LEVEL": "error"}
         worker = await anyio.run_process(
-            [sys.executable, "-m", "durable", "run", "--app", "durable.demo"],
+            [sys.executable, "-m", "durable", "run", "--app", "durable.tools.demo"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
         )
         _say(f"  worker 1 died with signal {-worker.returncode}")

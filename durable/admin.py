@@ -1,0 +1,154 @@
+"""Operator actions on a durable database: listing, bulk retry and cancel, limits,
+schedules, pruning. What `durable ls`, `queues`, `workers`, `schedules` and `prune` do,
+for programs too.
+
+    async with durable.connect() as client:
+        admin = Admin(client.store)
+        for w in await admin.workers():
+            ...
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from durable.models import (
+    PruneResult,
+    QueueCount,
+    QueueLimit,
+    ScheduleInfo,
+    TaskSummary,
+    Unserved,
+    WorkerInfo,
+)
+from durable.store import Store
+
+
+class Admin:
+    """Typed operator actions over a `Store`; every method is one or two statements."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def tasks(
+        self,
+        *,
+        status: str | None = None,
+        queue: str | None = None,
+        name: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[TaskSummary]:
+        """The newest tasks matching the filters, newest first."""
+        rows = await self._store.list_tasks(
+            status=status, queue=queue, name=name, since=since, limit=limit
+        )
+        return [TaskSummary(**dict(r)) for r in rows]
+
+    async def queue_counts(self) -> list[QueueCount]:
+        return [QueueCount(**dict(r)) for r in await self._store.queue_stats()]
+
+    async def queue_limits(self) -> list[QueueLimit]:
+        return [
+            QueueLimit(r["name"], r["concurrency"], r["rate_limit"], r["rate_period"])
+            for r in await self._store.queue_limits()
+        ]
+
+    async def set_queue_limits(
+        self, queue: str, concurrency: int | None, rate: tuple[int, float] | None
+    ) -> None:
+        """Set a queue's fleet-wide limits; None removes one."""
+        limit, period = rate if rate is not None else (None, None)
+        await self._store.set_queue_limits(queue, concurrency, limit, period)
+
+    async def unserved(self, live_within: float) -> list[Unserved]:
+        """Per queue, queued names that no daemon heard from within ``live_within``
+        seconds has the code for."""
+        return [
+            Unserved(r["queue"], tuple(r["names"]), r["tasks"])
+            for r in await self._store.unserved_names(live_within)
+        ]
+
+    async def workers(self, limit: int = 100) -> list[WorkerInfo]:
+        """Registered daemons, the most recently started first."""
+        return [
+            WorkerInfo(
+                id=r["id"], host=r["host"], pid=r["pid"], queues=json.loads(r["queues"]),
+                names=tuple(r["names"]), started_at=r["started_at"],
+                heartbeat_at=r["heartbeat_at"], stopped_at=r["stopped_at"],
+                silence=r["silence"].total_seconds(),
+            )
+            for r in await self._store.list_workers(limit)
+        ]
+
+    async def select(
+        self,
+        statuses: Sequence[str],
+        *,
+        queue: str | None = None,
+        name: str | None = None,
+        since: datetime | None = None,
+        skip_cancel_requested: bool = False,
+    ) -> list[int]:
+        """Ids of the tasks matching the filters, for a bulk action."""
+        return await self._store.select_tasks(
+            statuses, queue=queue, name=name, since=since,
+            skip_cancel_requested=skip_cancel_requested,
+        )  # fmt: skip
+
+    async def retry_many(self, ids: Sequence[int], statuses: Sequence[str]) -> int:
+        """Retry those of ``ids`` still in one of ``statuses``; how many were."""
+        return len(await self._store.retry_many(ids, statuses))
+
+    async def cancel_many(self, ids: Sequence[int]) -> tuple[int, int]:
+        """Cancel ``ids`` and their unfinished descendants: (of ``ids`` cancelled now,
+        descendants outside ``ids`` reached)."""
+        hit = await self._store.cancel(ids)
+        mine = set(ids)
+        done = sum(1 for task_id, _, finished in hit if task_id in mine and not finished)
+        return done, sum(1 for task_id, _, _ in hit if task_id not in mine)
+
+    async def prune_count(self, older_than: float) -> int:
+        return await self._store.prune_count(older_than)
+
+    async def prune(
+        self,
+        older_than: float,
+        *,
+        batch: int = 1000,
+        progress: Callable[[PruneResult], None] | None = None,
+    ) -> PruneResult | None:
+        """See `Store.prune`: None when another process is pruning."""
+        return await self._store.prune(older_than, batch=batch, progress=progress)
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        return [
+            ScheduleInfo(
+                name=r["name"], task=r["task_name"], cron=r["cron"], timezone=r["timezone"],
+                args=json.loads(r["args"]), queue=r["queue"], source=r["source"],
+                next_run_at=r["next_run_at"], last_run_at=r["last_run_at"],
+                last_task_id=r["last_task_id"],
+            )
+            for r in await self._store.list_schedules()
+        ]
+
+    async def add_schedule(
+        self,
+        name: str,
+        task: str,
+        cron: str,
+        timezone: str,
+        args: Sequence[Any],
+        queue: str | None,
+        first: datetime,
+        source: str = "cli",
+    ) -> None:
+        await self._store.upsert_schedule(
+            name, task, cron, timezone, json.dumps(list(args)), "{}", queue, source, first
+        )
+
+    async def remove_schedule(self, name: str) -> bool:
+        return await self._store.delete_schedule(name)

@@ -1,0 +1,125 @@
+"""The fleet: queue depths and limits (`queues`, `queues set`) and daemons (`workers`)."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from typing import Any
+
+from durable import validation
+from durable.cli.core import (
+    CommandError,
+    Session,
+    database_options,
+    emit,
+    live_within,
+    settings,
+    whole,
+    with_session,
+)
+from durable.errors import ConfigurationError
+from durable.limits import describe_rate, parse_concurrency, parse_rate
+from durable.validation import InvalidValue
+
+
+def add_commands(sub: Any) -> None:
+    q = sub.add_parser(
+        "queues", help="queue depths, limits and serving daemons; `queues set` sets limits"
+    )
+    database_options(q)
+    q.add_argument("action", nargs="?", choices=["list", "set"], default="list")
+    q.add_argument("name", nargs="?", help="with set: the queue")
+    q.add_argument("--concurrency", help="with set: most tasks running at once across all "
+                   "daemons, or 'none'")  # fmt: skip
+    q.add_argument("--rate", help="with set: most starts per period across all daemons, e.g. "
+                   "20/1s, or 'none'")  # fmt: skip
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_queues)
+
+    w = sub.add_parser(
+        "workers", help="live, stopped and lost daemons",
+        description="A daemon is lost once it has not heartbeaten for DURABLE_LEASE (three "
+        "of its heartbeats, which come every third of its lease): give this command the "
+        "lease the daemons run with.",
+    )  # fmt: skip
+    database_options(w)
+    w.add_argument("--state", choices=["live", "lost", "stopped"])
+    w.add_argument("--limit", type=whole(1), default=50)
+    w.add_argument("--json", action="store_true")
+    w.set_defaults(func=cmd_workers)
+
+
+def cmd_queues(args: argparse.Namespace) -> int:
+    if args.action == "set":
+        return cmd_queues_set(args)
+    within = live_within(settings(args))
+
+    async def go(s: Session) -> Any:
+        a = s.admin
+        return (await a.queue_counts(), await a.workers(1000), await a.queue_limits(),
+                await a.unserved(within))  # fmt: skip
+
+    counts, workers, limits, unserved = with_session(args, go)
+    now = datetime.now(UTC)
+    by_queue: dict[str, dict[str, Any]] = {}
+
+    def entry(queue: str) -> dict[str, Any]:
+        return by_queue.setdefault(queue, {"queue": queue, "oldest_ready_s": None})
+
+    for c in counts:
+        entry(c.queue)[c.status] = c.count
+        if c.oldest_ready is not None:
+            entry(c.queue)["oldest_ready_s"] = round((now - c.oldest_ready).total_seconds(), 1)
+    for w in workers:
+        if w.stopped_at is None and w.silence < within:
+            for queue in w.queues:
+                entry(queue)["daemons"] = entry(queue).get("daemons", 0) + 1
+    for lim in limits:
+        entry(lim.name)["limit"] = lim.concurrency
+        entry(lim.name)["rate"] = describe_rate(lim.rate_limit, lim.rate_period)
+    for u in unserved:  # queued names that no live daemon has the code for
+        entry(u.queue)["unserved"] = list(u.names)
+    rows = sorted(by_queue.values(), key=lambda r: r["queue"])
+    emit(args, rows, ["queue", "queued", "running", "waiting", "completed", "failed",
+                      "cancelled", "oldest_ready_s", "daemons", "limit", "rate", "unserved"])  # fmt: skip
+    return 0
+
+
+def cmd_queues_set(args: argparse.Namespace) -> int:
+    if not args.name:
+        raise CommandError("usage: durable queues set NAME [--concurrency N] [--rate N/PERIOD]", 2)
+    try:
+        validation.text(args.name, "NAME (the queue)")
+        concurrency = parse_concurrency(args.concurrency)
+        rate = parse_rate(args.rate)
+    except (ConfigurationError, InvalidValue) as exc:
+        raise CommandError(str(exc), 2) from None
+
+    async def go(s: Session) -> None:
+        await s.admin.set_queue_limits(args.name, concurrency, rate)
+
+    with_session(args, go)
+    shown = describe_rate(*rate) if rate else "none"
+    print(f"queue {args.name}: concurrency {concurrency or 'unlimited'}, rate {shown}")
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    within = live_within(settings(args))
+
+    async def go(s: Session) -> Any:
+        return await s.admin.workers(args.limit)
+
+    rows = []
+    for w in with_session(args, go):
+        state = "stopped" if w.stopped_at else ("live" if w.silence < within else "lost")
+        if args.state and state != args.state:
+            continue
+        rows.append({
+            "id": str(w.id), "host": w.host, "pid": w.pid, "state": state,
+            "queues": w.queues, "names": len(w.names), "started_at": w.started_at,
+            "heartbeat_s": round(w.silence, 1),
+        })  # fmt: skip
+    emit(args, rows, ["id", "host", "pid", "state", "queues", "names", "started_at",
+                      "heartbeat_s"])  # fmt: skip
+    return 0

@@ -1,0 +1,80 @@
+"""`durable schedules`: cron schedules, listed, added and removed."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from typing import Any
+
+from durable import validation
+from durable.cli.core import CommandError, Session, database_options, emit, json_value, with_session
+from durable.cron import next_run
+from durable.errors import ConfigurationError
+from durable.validation import InvalidValue
+
+COLUMNS = ["name", "task", "cron", "timezone", "next_run_at", "last_run_at", "last_task_id", "source"]
+
+
+def add_commands(sub: Any) -> None:
+    s = sub.add_parser("schedules", help="cron schedules and their next run")
+    database_options(s)
+    s.add_argument("action", nargs="?", choices=["list", "add", "remove"], default="list")
+    s.add_argument("name", nargs="?", help="the schedule's name (add, remove)")
+    s.add_argument("--task", help="add: the task or workflow to start (default: the name)")
+    s.add_argument("--cron", help="add: five-field cron expression, e.g. '*/5 * * * *'")
+    s.add_argument("--timezone", default="UTC", help="add: IANA time zone (default UTC)")
+    s.add_argument("--args", help="add: JSON array of arguments")
+    s.add_argument("--queue", help="add: queue (default: the task's)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_schedules)
+
+
+def cmd_schedules(args: argparse.Namespace) -> int:
+    if args.action == "add":
+        return _add(args)
+    if args.action == "remove":
+        return _remove(args)
+
+    async def rows(s: Session) -> list[dict[str, Any]]:
+        return [{c: getattr(info, c) for c in COLUMNS} for info in await s.admin.schedules()]
+
+    emit(args, with_session(args, rows), COLUMNS)
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    if not args.name or not args.cron:
+        raise CommandError("usage: durable schedules add NAME --cron EXPR [--task T]", 2)
+    try:
+        validation.text(args.name, "NAME (the schedule)")
+        validation.text(args.task or args.name, "--task")
+        if args.queue is not None:
+            validation.text(args.queue, "--queue")
+        validation.text(args.cron, "--cron")
+        validation.text(args.timezone, "--timezone", limit=100)
+        first = next_run(args.cron, args.timezone, datetime.now(UTC))
+    except (ConfigurationError, InvalidValue) as exc:
+        raise CommandError(str(exc), 2) from None
+    call_args = json_value("--args", args.args) if args.args else []
+    if not isinstance(call_args, list):
+        raise CommandError("--args must be a JSON array", 2)
+
+    async def add(s: Session) -> None:
+        await s.admin.add_schedule(
+            args.name, args.task or args.name, args.cron, args.timezone, call_args, args.queue,
+            first,
+        )  # fmt: skip
+
+    with_session(args, add)
+    print(f"schedule {args.name}: next run {first.isoformat()}")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    async def remove(s: Session) -> bool:
+        return await s.admin.remove_schedule(args.name)
+
+    if not with_session(args, remove):
+        raise CommandError(f"no schedule named {args.name!r}")
+    print(f"schedule {args.name} removed")
+    return 0

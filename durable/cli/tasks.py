@@ -1,0 +1,388 @@
+"""Commands on tasks: start, ls, show, retry, cancel, replay, fork, event."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from durable.cli.core import (
+    CommandError,
+    Session,
+    cell,
+    confirm,
+    database_options,
+    duration,
+    duration_text,
+    emit,
+    json_value,
+    progress,
+    read_text,
+    report,
+    run,
+    session,
+    table,
+    whole,
+    with_session,
+)
+from durable.models import STATUSES, HistoryEntry
+
+BATCH = 1000
+"""Tasks per statement (and per transaction) of bulk retry and cancel."""
+
+UNFINISHED = ("queued", "running", "waiting")
+RETRYABLE = ("failed", "cancelled")
+SHOWN = 2000
+"""Characters of an argument, result or traceback `show` prints before cutting."""
+
+
+def add_commands(sub: Any) -> None:
+    st = sub.add_parser("start", help="start a task or workflow by name")
+    database_options(st)
+    st.add_argument("name")
+    st.add_argument("args", nargs="?", help="JSON array of arguments (or one JSON value)")
+    st.add_argument("--args-file", metavar="PATH", help="read ARGS from this file ('-': stdin), "
+                    "for arguments too large for a command line")  # fmt: skip
+    st.add_argument("--kwargs", help="JSON object of keyword arguments")
+    st.add_argument("--queue")
+    st.add_argument("--priority", type=whole(-(2**31), 2**31 - 1))
+    st.add_argument("--delay", type=duration, help="start after this long, e.g. 30s")
+    st.add_argument("--idempotency-key")
+    st.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    st.add_argument("--timeout", type=duration, help="with --wait: give up after this long")
+    st.set_defaults(func=cmd_start)
+
+    ls = sub.add_parser("ls", help="list tasks")
+    database_options(ls)
+    ls.add_argument("--status", choices=list(STATUSES))
+    ls.add_argument("--queue")
+    ls.add_argument("--name")
+    ls.add_argument("--since", type=duration_text, help="created within this long, e.g. 1h")
+    ls.add_argument("--limit", type=whole(1), default=50)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+
+    sh = sub.add_parser("show", help="a task's status, error and event log (a timeline)")
+    database_options(sh)
+    sh.add_argument("id", type=int)
+    sh.add_argument("--branch", type=whole(0), help="show this branch of the event log")
+    sh.add_argument("--full", action="store_true",
+                    help=f"print arguments, results and tracebacks whole (else cut at {SHOWN} "
+                    "characters)")  # fmt: skip
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(func=cmd_show)
+
+    for what, helptext, statuses, default in (
+        ("retry", "run a finished task again keeping its history, or every task matching "
+         "filters", RETRYABLE, "failed"),
+        ("cancel", "cancel a task and its unfinished children, or every task matching "
+         "filters", UNFINISHED, "queued, running and waiting"),
+    ):  # fmt: skip
+        a = sub.add_parser(
+            what, help=helptext,
+            description=f"`durable {what} ID` acts on one task. With filters instead of an "
+            f"ID it acts on every matching task: it prints how many and asks first (--yes "
+            f"skips the question; without a terminal, --yes is required).",
+        )  # fmt: skip
+        database_options(a)
+        a.add_argument("id", type=int, nargs="?", help="the task (leave out to use filters)")
+        a.add_argument("--status", choices=statuses, help=f"filter (default: {default})")
+        a.add_argument("--queue", help="filter: this queue only")
+        a.add_argument("--name", help="filter: this task or workflow name only")
+        a.add_argument("--since", type=duration_text, help="filter: created within this long, e.g. 1h")
+        a.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+        a.add_argument("--json", action="store_true")
+        a.set_defaults(func=cmd_retry if what == "retry" else cmd_cancel)
+
+    r = sub.add_parser("replay", help="run a finished workflow again from nothing, on a new branch")
+    database_options(r)
+    r.add_argument("id", type=int)
+    r.set_defaults(func=cmd_replay)
+
+    f = sub.add_parser("fork", help="run a finished workflow again from position N on a new branch")
+    database_options(f)
+    f.add_argument("id", type=int)
+    f.add_argument("--at", type=whole(0), required=True, help="keep events 0..N-1, re-run from N")
+    f.set_defaults(func=cmd_fork)
+
+    e = sub.add_parser("event", help="send an event to a workflow")
+    database_options(e)
+    e.add_argument("id", type=int)
+    e.add_argument("name")
+    e.add_argument("payload", nargs="?", help="JSON payload")
+    e.set_defaults(func=cmd_event)
+
+
+# -- start, ls, event -----------------------------------------------------------------------
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    if args.args is not None and args.args_file is not None:
+        raise CommandError("give ARGS or --args-file, not both", 2)
+    if args.args_file is not None:
+        call_args = json_value("--args-file", read_text("--args-file", args.args_file))
+    else:
+        call_args = [] if args.args is None else json_value("ARGS", args.args)
+    if not isinstance(call_args, list):
+        call_args = [call_args]
+    kwargs = {} if args.kwargs is None else json_value("--kwargs", args.kwargs)
+    if not isinstance(kwargs, dict):
+        raise CommandError("--kwargs must be a JSON object", 2)
+
+    async def go(s: Session) -> None:
+        handle = await s.client.start(
+            args.name, *call_args, queue=args.queue, priority=args.priority, delay=args.delay,
+            idempotency_key=args.idempotency_key, **kwargs,
+        )  # fmt: skip
+        print(handle.id, flush=True)
+        if args.wait:
+            print(json.dumps(await handle.result(timeout=args.timeout)))
+
+    with_session(args, go)
+    return 0
+
+
+def _since(text: str | None) -> datetime | None:
+    return None if text is None else datetime.now(UTC) - timedelta(seconds=duration(text))
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    async def go(s: Session) -> list[dict[str, Any]]:
+        found = await s.admin.tasks(
+            status=args.status, queue=args.queue, name=args.name, since=_since(args.since),
+            limit=args.limit,
+        )  # fmt: skip
+        return [vars(t) for t in found]
+
+    rows = with_session(args, go)
+    emit(args, rows, ["id", "queue", "name", "kind", "status", "attempt", "created_at", "finished_at"])
+    return 0
+
+
+def cmd_event(args: argparse.Namespace) -> int:
+    payload = None if args.payload is None else json_value("PAYLOAD", args.payload)
+
+    async def go(s: Session) -> bool:
+        return await s.client.send_event(args.id, args.name, payload)
+
+    if not with_session(args, go):
+        raise CommandError(f"task {args.id} does not exist or has finished; event not sent")
+    print(f"event {args.name!r} sent to task {args.id}")
+    return 0
+
+
+# -- show -----------------------------------------------------------------------------------
+
+
+def cut(text: str, full: bool) -> str:
+    """``text``, or its first SHOWN characters and how much was left out."""
+    if full or len(text) <= SHOWN:
+        return text
+    return f"{text[:SHOWN]}... ({len(text) - SHOWN:,} more characters; --full prints all)"
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    async def go(s: Session) -> Any:
+        info = await s.client.get(args.id)
+        branch = args.branch if args.branch is not None else info.branch
+        history = await s.client.history(args.id, branch)
+        return info, history, await s.client.branches(args.id), branch
+
+    info, history, branches, branch = with_session(args, go)
+    if args.json:
+        out = {k: getattr(info, k) for k in info.__dataclass_fields__}
+        out["branch_shown"] = branch
+        out["branches"] = branches
+        out["events"] = [vars(e) for e in history]
+        print(json.dumps(out, default=str, indent=2))
+        return 0
+    full = args.full
+    cancel = "  (cancel requested)" if info.cancel_requested and info.status == "running" else ""
+    kwargs = json.dumps(info.kwargs) if info.kwargs else ""
+    print(f"task {info.id}  {info.kind} {info.name!r}  queue {info.queue}")
+    print(f"status     {info.status}{cancel}")
+    print(f"attempt    {info.attempt} of {info.max_attempts}")
+    print(f"arguments  {cut(f'{json.dumps(info.args)} {kwargs}'.rstrip(), full)}")
+    print(f"created    {cell(info.created_at)}   started {cell(info.started_at)}   "
+          f"finished {cell(info.finished_at)}")  # fmt: skip
+    if info.parent_id:
+        print(f"parent     {info.parent_id}")
+    if info.status == "waiting":
+        what = []
+        if info.waiting_on:
+            what.append(f"children {', '.join(map(str, info.waiting_on))}")
+        if info.waiting_event:
+            what.append(f"event {info.waiting_event!r}")
+        if info.wake_at:
+            what.append(f"until {cell(info.wake_at)}")
+        print(f"waiting    {'; '.join(what)}")
+    if info.status == "completed":
+        print(f"result     {cut(json.dumps(info.result), full)}")
+    if info.error:
+        label = "error     " if info.status == "failed" else "last error"
+        print(f"{label} {info.error.get('type')}: {cut(str(info.error.get('message')), full)}")
+        if info.error.get("traceback"):
+            print("traceback")
+            for line in cut(str(info.error["traceback"]), full).rstrip().splitlines():
+                print(f"  {line}")
+    if info.kind == "workflow" or history:
+        others = [b for b in branches if b != branch]
+        extra = f" (other branches: {', '.join(map(str, others))})" if others else ""
+        print(f"\nevent log, branch {branch}{extra}")
+        print(table(timeline(info.started_at or info.created_at, history),
+                    ["seq", "at", "took", "kind", "name", "attempt", "outcome"]))  # fmt: skip
+    return 0
+
+
+def timeline(start: datetime, history: Sequence[HistoryEntry]) -> list[dict[str, Any]]:
+    """The event log as rows: when each event began (from ``start``) and how long it took."""
+    rows = []
+    for e in history:
+        outcome = e.status
+        if e.kind == "child":
+            outcome = f"child {e.child_id}: {e.child_status}"
+        elif e.status == "failed" and e.error:
+            outcome = f"failed: {e.error.get('type')}: {e.error.get('message')}"
+        elif e.kind == "sleep" and e.wake_at:
+            outcome = f"until {cell(e.wake_at)}"
+        elif e.status == "completed":
+            outcome = f"-> {json.dumps(e.result)}"[:60]
+        took = (e.finished_at - e.started_at).total_seconds() if e.finished_at else None
+        rows.append({
+            "seq": e.seq, "kind": e.kind, "name": e.name, "attempt": e.attempt,
+            "at": f"+{_seconds((e.started_at - start).total_seconds())}",
+            "took": _seconds(took) if took is not None else "...",
+            "outcome": outcome,
+        })  # fmt: skip
+    return rows
+
+
+def _seconds(s: float) -> str:
+    if s < 1:
+        return f"{max(s, 0) * 1000:.1f}ms"
+    if s < 120:
+        return f"{s:.2f}s"
+    return str(timedelta(seconds=round(s)))
+
+
+# -- retry, cancel, replay, fork -------------------------------------------------------------
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    async def go(s: Session) -> int:
+        return await s.client.replay(args.id)
+
+    print(f"task {args.id} queued again (replay), branch {with_session(args, go)}")
+    return 0
+
+
+def cmd_fork(args: argparse.Namespace) -> int:
+    async def go(s: Session) -> int:
+        info = await s.client.get(args.id)
+        if info.kind != "workflow":
+            raise CommandError(
+                f"task {args.id} is a plain task, not a workflow: it has no event log to fork "
+                "(`durable retry` runs it again)"
+            )
+        events = len(await s.client.history(args.id, info.branch))
+        if args.at > events:
+            raise CommandError(
+                f"--at {args.at} is past the end of task {args.id}'s event log (branch "
+                f"{info.branch} has {events} event(s)): give 0 to {events}", 2,
+            )  # fmt: skip
+        return await s.client.fork(args.id, args.at)
+
+    print(f"task {args.id} queued again (fork), branch {with_session(args, go)}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    if args.id is None:
+        return _bulk(args, "retry")
+    _no_filters(args)
+
+    async def go(s: Session) -> int:
+        return await s.client.retry(args.id)
+
+    print(f"task {args.id} queued again (retry), branch {with_session(args, go)}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    if args.id is None:
+        return _bulk(args, "cancel")
+    _no_filters(args)
+
+    async def go(s: Session) -> Any:
+        return await s.client.cancel(args.id)
+
+    out = with_session(args, go)
+    if out.finished is not None:
+        raise CommandError(f"task {args.id} had already finished ({out.finished})")
+    if not out:
+        raise CommandError(f"task {args.id} does not exist")
+    print(f"cancelled {len(out.cancelled)} task(s): {', '.join(map(str, out.cancelled))}")
+    return 0
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    filters = {k: getattr(args, k) for k in ("status", "queue", "name", "since")}
+    return {k: v for k, v in filters.items() if v is not None}
+
+
+def _no_filters(args: argparse.Namespace) -> None:
+    given = _filters(args)
+    if given:
+        raise CommandError(f"give a task id or filters ({', '.join(given)}), not both", 2)
+
+
+def _bulk(args: argparse.Namespace, what: str) -> int:
+    """`retry`/`cancel` every task matching the filters, counted and confirmed first."""
+    given = _filters(args)
+    if not given:
+        raise CommandError(
+            f"give a task id, or filters (--status, --queue, --name, --since) to {what} "
+            "every task that matches", 2,
+        )  # fmt: skip
+    statuses = [args.status] if args.status else (["failed"] if what == "retry" else UNFINISHED)
+    described = " ".join(f"{k}={v}" for k, v in given.items())
+
+    async def select(s: Session) -> list[int]:
+        return await s.admin.select(
+            statuses, queue=args.queue, name=args.name, since=_since(args.since),
+            skip_cancel_requested=what == "cancel",
+        )  # fmt: skip
+
+    ids = with_session(args, select)
+    if not ids:
+        done_key = "retried" if what == "retry" else "cancelled"
+        report(args, {"matched": 0, done_key: 0}, f"no task matches {described}")
+        return 0
+    confirm(args, f"{what} {len(ids)} task(s) matching {described}")
+
+    async def act() -> tuple[int, int]:
+        done = extra = 0
+        async with session(args) as s:
+            for i in range(0, len(ids), BATCH):
+                chunk = ids[i : i + BATCH]
+                if what == "retry":
+                    done += await s.admin.retry_many(chunk, statuses)
+                else:
+                    cancelled, children = await s.admin.cancel_many(chunk)
+                    done += cancelled
+                    extra += children
+                progress(f"{what}: {min(i + BATCH, len(ids))}/{len(ids)}")
+        return done, extra
+
+    done, children = run(act)
+    progress(None)
+    if what == "retry":
+        report(args, {"matched": len(ids), "retried": done},
+               f"retried {done} of {len(ids)} matching task(s)")  # fmt: skip
+    else:
+        report(args, {"matched": len(ids), "cancelled": done, "children_cancelled": children},
+               f"cancelled {done} of {len(ids)} matching task(s)"
+               + (f" and {children} unfinished child task(s)" if children else ""))  # fmt: skip
+    return 0
