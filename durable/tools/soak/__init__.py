@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -91,6 +92,8 @@ class Soak:
         self.seed = opts.seed if opts.seed is not None else random.SystemRandom().randrange(2**32)
         self.rng = random.Random(self.seed)
         self.faults: list[Fault] = []
+        self.fault_errors: list[str] = []
+        """Faults that could not be injected (an error of the apparatus itself)."""
         self.producer: soak_app.Producer | None = None
         self._stop_producing = asyncio.Event()
         self._stop_faults = asyncio.Event()
@@ -140,6 +143,8 @@ class Soak:
             await self.sql.run("setup")
             await grant(db, ROLE)
             await self.sql.run("grant", ROLE)
+            password = secrets.token_urlsafe(24)
+            await self.sql.run("set_password", ROLE, password)
             from durable.tools.soak.app import (  # registers the workload here, not at import
                 BAD_RATE_QUEUE,
                 CHILD_QUEUE,
@@ -153,7 +158,7 @@ class Soak:
             await self.sql.run("set_concurrency", LIMITED, LIMITED_CONCURRENCY)
             self.proxy = Proxy(urlsplit(url).port or 5432)
             await self.proxy.start()
-            own = _with(db, user=ROLE)
+            own = _with(db, user=f"{ROLE}:{password}")
             queues = (f"{QUEUE}=8,{CHILD_QUEUE}=16,{KEYS_A}=4,{KEYS_B}=4,{LIMITED}=4,"
                       f"{BAD_RATE_QUEUE}=1")
             env = daemon_env(opts.lease, queues)
@@ -361,6 +366,11 @@ class Fleet:
             d.proc = subprocess.Popen(
                 [sys.executable, "-m", "durable", "run", "--app", "durable.tools.soak.app"],
                 env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                # A session of its own, as under a supervisor: a daemon frozen by the
+                # zombie fault must not get the SIGHUP the kernel sends to stopped members
+                # of a process group that becomes orphaned (the soak's launching shell
+                # exiting).
+                start_new_session=True,
             )
         d.expected_exit = False
         d.frozen = False

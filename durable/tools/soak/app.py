@@ -2,7 +2,8 @@
 
 Plain tasks, children on a queue whose name needs quoting, a task that fails on purpose,
 and a workflow using every durable call: steps, transactions, a durable sleep, an event
-wait (with and without a sender), a child, a fan-out and a failing child it catches.
+wait (with and without a sender), a child (a third of them fail their first run and are
+retried while the parent waits), a fan-out and a failing child it catches.
 Keyed tasks on two queues share their concurrency keys (``key_limit``); a queue has a
 fleet-wide concurrency limit; some tasks return results of several MB; and hostile tasks
 raise what task code should never raise: ``SystemExit``, ``KeyboardInterrupt``, a
@@ -20,6 +21,7 @@ import os
 import random
 import time
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -194,11 +196,22 @@ async def soak_hostile(key: str, how: str) -> None:
     raise _hostile(how)
 
 
+class ChildRestart(Exception):
+    """A child's first run fails on purpose: its parent must wait through the retry."""
+
+
 @durable.task(queue=CHILD_QUEUE, max_attempts=ATTEMPTS, retry=FAST)
 async def soak_child(key: str, i: int) -> dict[str, Any]:
     run = await record("child", f"{key}/{i}")
+    if i == 0 and zlib.crc32(key.encode()) % 3 == 0 and await _runs_of("child", f"{key}/{i}") == 1:
+        raise ChildRestart(f"child {key}/{i} fails its first run")
     await _work(0.0, 0.1)
     return {"pid": os.getpid(), "run": run, "i": i}
+
+
+async def _runs_of(kind: str, key: str) -> int:
+    db = await _sql()
+    return int(await db.value("runs_of", kind, key, timeout=10))
 
 
 @durable.task(queue=CHILD_QUEUE, max_attempts=ATTEMPTS, retry=FAST)

@@ -255,8 +255,11 @@ class FaultSchedule:
         running: set[asyncio.Task[None]] = set()
 
         async def inject(kind: str) -> None:
-            if not await self._inject(kind):
-                kinds.insert(0, kind)
+            try:
+                if not await self._inject(kind):
+                    kinds.insert(0, kind)
+            except Exception as exc:  # the apparatus failed, not the engine: the soak fails
+                self.soak.fault_errors.append(f"{kind}: {type(exc).__name__}: {exc}")
 
         lo, hi = self.fault_gap()
         overtime = time.monotonic() + self.soak.opts.duration + 120
@@ -411,21 +414,20 @@ class FaultSchedule:
         fault.detail["connections"] = len(pids)
 
     async def _bad_config(self, kind: str, fault: Fault) -> None:
-        """Rows that no CLI should accept, written directly; removed after a while. A
-        daemon must log them, skip them, and go on serving everything else."""
+        """Rows that no CLI should accept, written directly (the rate period past the
+        table's check, as an older schema's row); removed after a while. A daemon must log
+        them, skip them, and go on serving everything else."""
         assert self.soak.sql is not None
-        from durable.tools.soak.app import BAD_RATE_QUEUE
-
         sql = self.soak.sql
-        put, clear, args = (
-            ("bad_schedules", "clear_bad_schedules", ()) if kind == "bad_schedule"
-            else ("bad_queue", "clear_bad_queue", (BAD_RATE_QUEUE,))
+        put, clear = (
+            ("bad_schedules", "clear_bad_schedules") if kind == "bad_schedule"
+            else ("bad_queue", "clear_bad_queue")  # the queue is soak_app.BAD_RATE_QUEUE
         )  # fmt: skip
         try:
-            await retry(lambda: sql.run(put, *args))
+            await retry(lambda: sql.run(put))
             await asyncio.sleep(max(3.0, self.soak.opts.lease))  # a few scheduler and claim polls
         finally:
-            await retry(lambda: sql.run(clear, *args))
+            await retry(lambda: sql.run(clear))
 
 
 async def retry(fn: Callable[[], Awaitable[T]], deadline: float = 300.0) -> T:

@@ -92,6 +92,11 @@ async def verdict(soak: Soak, drained: bool, elapsed: float) -> dict[str, Any]:
                 "completions accepted from a process or attempt without the claim")
     await check("events_delivered", "check_events_delivered",
                 "workflows that did not get the event sent to them")
+    checks.append(Check(
+        "faults_injected", not soak.fault_errors,
+        "ok" if not soak.fault_errors else f"{len(soak.fault_errors)} faults failed to inject",
+        [{"error": e} for e in soak.fault_errors[:5]],
+    ))  # fmt: skip
     bad_exits = [(i, c) for i, c in fleet.exit_codes if c != 0]
     checks.append(Check(
         "no_daemon_exited_on_its_own", not fleet.unexpected and not bad_exits,

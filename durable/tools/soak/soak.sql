@@ -169,6 +169,15 @@ $$;
 create trigger soak_event_writes after insert or update on durable.events
     for each row execute function soak.on_event_write();
 
+-- The daemons' role logs in with a password (the embedded server takes no other way in);
+-- a fresh one each soak, never written anywhere but into the daemons' environment.
+create function soak.set_password(role text, password text) returns void
+language plpgsql as $$
+begin
+    execute format('alter role %I password %L', role, password);
+end;
+$$;
+
 -- Grant the daemons' own role (a non-superuser, so that its logins can be refused) what
 -- the workload and the triggers above write.
 create function soak.grant_to(role text) returns void
@@ -193,6 +202,9 @@ $$
 -- name: grant
 select soak.grant_to($1)
 
+-- name: set_password
+select soak.set_password($1, $2)
+
 -- name: refuse_logins
 -- A reconnect refused for good, as far as the daemon can tell: SQLSTATE 28000 (the
 -- role may not log in) or 42501 (CONNECT revoked). Existing sessions stay.
@@ -208,24 +220,36 @@ revoke connect on database durable_soak from public, durable_soak
 grant connect on database durable_soak to public
 
 -- name: bad_schedules
--- Rows no CLI would write: an unknown time zone, a queue name of 201 characters, a cron
--- that does not parse. All due now. A daemon must skip them and serve everything else.
+-- Rows the tables take but no CLI would write: an unknown time zone, a minute past 59, a
+-- cron that does not parse. All due now. A daemon must skip them and serve the rest.
 insert into durable.schedules (name, task_name, cron, timezone, queue, next_run_at)
 values ('soak-bad-tz', 'soak_never', '* * * * *', 'Mars/Olympus_Mons', 'soak', now()),
-       ('soak-bad-queue', 'soak_never', '* * * * *', 'UTC', repeat('q', 201), now()),
+       ('soak-bad-minute', 'soak_never', '61 * * * *', 'UTC', 'soak', now()),
        ('soak-bad-cron', 'soak_never', 'every full moon', 'UTC', 'soak', now())
-on conflict (name) do nothing
+on conflict do nothing
 
 -- name: clear_bad_schedules
 delete from durable.schedules where name like 'soak-bad-%'
 
 -- name: bad_queue
--- A rate period of 100 million days: now() minus it is out of the timestamp range.
-insert into durable.queues (name, rate_limit, rate_period) values ($1, 5, 8.64e12)
-on conflict (name) do update set rate_limit = 5, rate_period = 8.64e12
+-- A rate period of 100 million days, as a row from before the table's check (or written
+-- with the check dropped by hand) can hold: now() minus it is out of the timestamp range.
+do $$
+begin
+    alter table durable.queues drop constraint if exists queues_period_check;
+    insert into durable.queues (name, rate_limit, rate_period) values ('soak-bad-rate', 5, 8.64e12)
+    on conflict (name) do update set rate_limit = 5, rate_period = 8.64e12;
+end
+$$
 
 -- name: clear_bad_queue
-delete from durable.queues where name = $1
+do $$
+begin
+    delete from durable.queues where name = 'soak-bad-rate';
+    alter table durable.queues
+        add constraint queues_period_check check (rate_period <= 31536000);
+end
+$$
 
 -- name: set_concurrency
 insert into durable.queues (name, concurrency) values ($1, $2)
@@ -247,6 +271,10 @@ values ($1::uuid, $2, $3, $4, $5, $6,
                           where e.task_id = $4 and e.branch = 0 and e.seq = $5) end,
         $7)
 on conflict (run_id) do nothing
+
+-- name: runs_of
+-- How many runs of this body have started, this one included.
+select count(*)::bigint from soak.effects where kind = $1 and key = $2
 
 -- name: business
 insert into soak.business (task_id, seq, attempt, pid) values ($1, $2, $3, $4)
@@ -305,6 +333,8 @@ select
     (select count(*) from durable.tasks where kind = 'task')::bigint as tasks,
     (select count(*) from durable.tasks where kind = 'workflow')::bigint as workflows,
     (select count(*) from durable.tasks where parent_id is not null)::bigint as children,
+    (select count(*) from durable.tasks
+      where parent_id is not null and attempt > 1)::bigint as children_restarted,
     (select count(*) from durable.tasks where status = 'completed')::bigint as completed,
     (select count(*) from durable.tasks where status = 'failed')::bigint as failed,
     (select count(*) from durable.tasks where status = 'cancelled')::bigint as cancelled,
@@ -500,6 +530,7 @@ where e.kind = 'step' and e.checkpoint_existed and e.attempt < ev.attempt
 -- A step's recorded result must come from one of its runs.
 select ev.task_id, ev.seq from durable.events ev
 where ev.kind = 'step' and ev.status = 'completed'
+  and ev.name in ('first', 'last')  -- the steps whose bodies record their runs
   and not exists (select 1 from soak.effects e
                   where e.run_id::text = ev.result ->> 'run' and e.task_id = ev.task_id
                     and e.seq = ev.seq)
