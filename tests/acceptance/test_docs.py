@@ -200,3 +200,13 @@ def test_links_lead_somewhere(path: Path) -> None:
         assert dest.exists(), f"{path.name}: {target} leads nowhere"
         if anchor and dest.suffix == ".md":
             assert anchor in _anchors(dest), f"{path.name}: no heading for #{anchor} in {dest.name}"
+
+
+def test_the_modules_the_architecture_names_exist() -> None:
+    """The table of who owns what names real files, so that moving code moves the table."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    table = text.split("## Who owns what", 1)[1].split("\n\n")[2]
+    named = re.findall(r"`([\w/*]+(?:\.py|/))`", table)
+    assert len(named) > 15, named
+    for name in named:
+        assert list((ROOT / "durable").glob(name)), f"docs/architecture.md names durable/{name}"
