@@ -1,4 +1,5 @@
--- Named queries, loaded once by durable/store.py. Each section starts with `-- name: x`.
+-- Every statement the store runs, by name: each section starts with `-- name: x`, and the
+-- store parses the file once into a dict (durable.store.named_queries).
 
 -- name: claim
 -- Claim up to $3 ready tasks of queue $1 whose code this daemon has ($2), in priority

@@ -1,6 +1,6 @@
--- The durable schema, as the migrations in sql/migrations/ build it.
--- `durable sql` prints this file; `durable migrate` applies the migrations.
--- tests/integration/test_migrations.py proves both give the same catalog.
+-- The durable schema as it stands: what the migrations in sql/migrations/ build, in one
+-- file to read. `durable sql` prints it; `durable migrate` applies the migrations.
+-- tests/integration/test_migrations.py holds both to the same catalog.
 
 create schema if not exists durable;
 
@@ -14,9 +14,9 @@ create table durable.migrations (
 -- a sequence: claims commit asynchronously (see durable.claim), and a sequence can hand a
 -- value out again when a crash loses the WAL that advanced it.
 --
--- The one function that does not pin its search_path (0015): it runs once per claimed
--- row, and a SET clause would stop the planner from inlining it (2 µs a call instead of
--- 0.14). Instead its body names every function and operator with its schema, so that no
+-- The one function that does not pin its search_path: it runs once per claimed row, and
+-- a SET clause would stop the planner from inlining it (about fifteen times slower).
+-- Instead its body names every function and operator with its schema, so that no
 -- search_path can change what it calls (tests/integration/test_search_path.py checks).
 create function durable.new_token() returns bigint
 language sql volatile parallel safe as $$
@@ -26,7 +26,7 @@ language sql volatile parallel safe as $$
            (pg_catalog.random() operator(pg_catalog.*) 2147483648::double precision)::bigint
 $$;
 
--- 0012: the checks on one column of durable.tasks. A table's CHECK constraints are all
+-- The checks on one column of durable.tasks are domains, not table constraints. A table's CHECK constraints are all
 -- evaluated on every row an UPDATE writes, and compiled for every statement; a domain's
 -- check only where a value of its type is written, compiled with the statement's plan.
 create domain durable.task_status as text
@@ -75,24 +75,24 @@ create table durable.tasks (
     created_at      timestamptz not null default now(),
     started_at      timestamptz,
     finished_at     timestamptz,
-    -- 0002: the starter's trace context ({"traceparent": ...}).
+    -- The starter's trace context ({"traceparent": ...}).
     trace_context   jsonb,
-    -- 0006: the attempts the task was started with, kept by its first restart (until
+    -- The attempts the task was started with, kept by its first restart (until
     -- then max_attempts holds it); each restart grants that many again. Keep new columns
     -- last, as the migrations add them.
     attempt_budget  integer,
-    -- 0012: a rate limit and its period come together. The checks on one column are the
+    -- A rate limit and its period come together. The checks on one column are the
     -- domains' (above): they run only where a value is written.
     constraint tasks_key_check check ((key_rate_limit is null) = (key_rate_period is null)),
     constraint tasks_running_check
         check (status <> 'running' or (claim_token is not null and lease_until is not null)),
-    -- 0004: a claim token is held exactly while the task runs; batch writes fence on it.
+    -- A claim token is held exactly while the task runs; batch writes fence on it.
     constraint tasks_claim_check check ((status = 'running') = (claim_token is not null))
 );
 
 -- Queued work by priority, then due time. Finished history does not slow the claim, nor
 -- do tasks scheduled for later (within a level they follow the due ones). Priorities
--- ascend (0011): a claim finds the highest level reading backwards from the newest entry,
+-- ascend: a claim finds the highest level reading backwards from the newest entry,
 -- not past the dead entries of claimed tasks that gather at the start of each level
 -- until VACUUM removes them.
 create index tasks_ready_idx on durable.tasks (queue, priority, run_at, id)
@@ -119,7 +119,7 @@ create table durable.workers (
 );
 
 -- The event log of workflows: one row per durable operation, by (task, branch, seq).
--- No foreign key to durable.tasks (0010): every statement that writes events holds the
+-- No foreign key to durable.tasks: every statement that writes events holds the
 -- task's row locked, so the row cannot go away first, and a per-row check of the key
 -- cost close to half of a checkpoint statement's server time; a deleted task's events go
 -- with it (tasks_delete_events).
@@ -227,7 +227,7 @@ begin
       from new_rows n where n.status not in ('running', 'queued');
     if ended is not null and current_setting('durable.cascading', true) is distinct from 'on'
     then
-        -- 0013: whatever path ended a task cancelled (a cancel, or an attempt that ended
+        -- Whatever path ended a task cancelled (a cancel, or an attempt that ended
         -- after one was requested), its descendants go with it, including children
         -- started after the cancel's own cascade ran.
         perform durable.cancel_descendants(ended);
@@ -280,7 +280,7 @@ begin
 end;
 $$;
 
--- 0013: the cascade of a cancel, written once. Every unfinished descendant of `parents`
+-- The cascade of a cancel, written once. Every unfinished descendant of `parents`
 -- is cancelled: queued and waiting ones end now; a running one is asked to stop (its
 -- daemon hears of it on `durable_control`, or from its next heartbeat) and ends cancelled
 -- whatever its attempt's outcome. Returns each task reached, with its status after.
@@ -322,7 +322,7 @@ begin
 end;
 $$;
 
--- 0013: cancel tasks and their unfinished descendants. Returns a row for each task
+-- Cancel tasks and their unfinished descendants. Returns a row for each task
 -- reached: `status` is 'cancelled' for one that ended now, 'running' for one asked to
 -- stop (it ends cancelled, whatever its attempt's outcome: every statement that writes an
 -- outcome reads cancel_requested), and for a task of `ids` that had already finished, its
@@ -679,7 +679,7 @@ create table durable.queues (
         (rate_limit is null or rate_limit >= 1)
         and ((rate_limit is null) = (rate_period is null))
         and (rate_period is null or rate_period > 0)),
-    -- 0015: what the claim can work with. Past a year `now() - period` leaves the range of
+    -- What the claim can work with. Past a year `now() - period` leaves the range of
     -- a timestamp (and NaN compares above every number).
     constraint queues_name_check check (length(name) between 1 and 200),
     constraint queues_period_check check (rate_period <= 31536000)
@@ -706,7 +706,7 @@ create table durable.schedules (
     last_task_id bigint,
     created_at   timestamptz not null default now(),
     constraint schedules_source_check check (source in ('code', 'cli')),
-    -- 0015: names that fit the tasks they start; the expression and time zone are checked
+    -- Names that fit the tasks they start; the expression and time zone are checked
     -- where they are written (durable.validation), as the scheduler reads them.
     constraint schedules_name_check check (
         length(name) between 1 and 200 and length(task_name) between 1 and 200
@@ -725,7 +725,7 @@ create table durable.schedules (
 -- taken: a task is claimed once. `fresh`: never claimed before, so a workflow has no
 -- events to load.
 --
--- A claim commits asynchronously (0005): its commit does not wait for the WAL flush. A
+-- A claim commits asynchronously: its commit does not wait for the WAL flush. A
 -- claim lost in a server crash leaves its tasks queued, and they run again, as after any
 -- crash. Whatever makes an attempt's work durable (a checkpoint, a completion, a
 -- transactional step) commits synchronously, fenced on the claim token, and flushes the
@@ -757,7 +757,7 @@ begin
       into conc, rate, period, keyed
       from (values (1)) as one left join durable.queues c on c.name = q;
     -- A period past any timestamp's range (a row written by hand) means "per forever":
-    -- clamped to 30 years rather than failing every claim of the queue (0013).
+    -- clamped to 30 years rather than failing every claim of the queue.
     period := least(period, 946080000);
     -- A transaction-level advisory lock: it serialises this queue's claimers without
     -- writing to any row.
@@ -765,7 +765,7 @@ begin
         perform pg_advisory_xact_lock(hashtextextended('durable.queue:' || q, 0));
     end if;
     if keyed then
-        -- 0013: a key's limits count its running tasks in every queue, so the claimers of
+        -- A key's limits count its running tasks in every queue, so the claimers of
         -- keyed tasks serialise across queues: one lock for all of them, always taken
         -- after the queue's own (the order rules out a deadlock between the two).
         perform pg_advisory_xact_lock(hashtextextended('durable.keys', 0));
@@ -794,7 +794,7 @@ begin
         while level is not null loop
             return query
             with ready as (
-                -- Keyed tasks only under the keys' lock, by the branch below (0013): one
+                -- Keyed tasks only under the keys' lock, by the branch below: one
                 -- committed after the first statement looked would escape its limits.
                 select t.id, t.started_at from durable.tasks t
                 where t.queue = q and t.status = 'queued' and t.priority = level
@@ -861,7 +861,7 @@ begin
          order by r.priority desc, r.run_at, r.id
          limit n
     ), ready as (
-        -- The status again, on the locked row (0013): a row that another claim or a
+        -- The status again, on the locked row: a row that another claim or a
         -- cancel changed after this statement's snapshot is re-checked by these conditions
         -- once its lock is granted, and the join's alone would let it through.
         select t.id, t.started_at from durable.tasks t join chosen using (id)
@@ -894,7 +894,7 @@ $$;
 create function durable.claim_delay(q text) returns double precision
 language sql stable
 set search_path = pg_catalog, pg_temp as $$
-    -- The period clamped as durable.claim clamps it (0013).
+    -- The period clamped as durable.claim clamps it.
     select extract(epoch from (min(l.at) + make_interval(secs => least(c.rate_period, 946080000))
                                - now()))
       from durable.queues c

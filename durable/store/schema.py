@@ -111,10 +111,61 @@ async def connect(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:
     return await asyncpg.connect(dsn, **kwargs)
 
 
+PRE_RELEASE_MIGRATIONS = (
+    "initial",
+    "trace_context",
+    "prune_index",
+    "trigger_one_pass",
+    "async_claim",
+    "restart_budget",
+    "lean_hot_triggers",
+    "due_order",
+    "checkpoint_rows",
+    "events_without_fk",
+    "ready_index_ascending",
+    "column_domains",
+    "claims_and_cancels",
+    "retry_keeps_handled_failures",
+    "search_path_and_entry_checks",
+)
+"""The names of migrations 1..15 before 0.1.0 folded them into one 0001: all fifteen
+applied give exactly the schema of the folded 0001."""
+
+PRE_RELEASE_REVISION = "4d90691"
+"""The last git revision with the fifteen separate migrations."""
+
+
+async def _adopt_pre_release(conn: asyncpg.Connection, done: dict[int, str]) -> dict[int, str]:
+    """A database migrated before 0.1.0 records versions 1..15 under their old names. With all
+    fifteen applied its schema is the folded 0001's: record just that one (and so leave the
+    numbers 2..15 free for later migrations). A part of them cannot be finished from here."""
+    old = {v for v, name in done.items() if PRE_RELEASE_MIGRATIONS[v - 1 : v] == (name,)}
+    # Version 1 alone is the folded 0001, or the old one that 0002 never extended: the
+    # column 0002 added tells them apart.
+    if not old - {1} and (
+        1 not in old
+        or await conn.fetchval(
+            "select exists (select from pg_attribute where attrelid = 'durable.tasks'::regclass"
+            " and attname = 'trace_context' and not attisdropped)"
+        )
+    ):
+        return done
+    if old == set(range(1, len(PRE_RELEASE_MIGRATIONS) + 1)):
+        await conn.execute("delete from durable.migrations where version between 2 and 15")
+        return {1: done[1]}
+    raise DurableError(
+        f"this database holds pre-0.1.0 migrations {', '.join(map(str, sorted(old)))} of 1-15:"
+        f" run `durable migrate` with durable at git revision {PRE_RELEASE_REVISION} to"
+        " apply the rest, then again with this version"
+    )
+
+
 async def migrate(dsn: str | None) -> list[int]:
     """Apply the numbered migrations not applied yet; returns the versions applied.
 
-    Safe to run from several processes at once: they queue on an advisory lock.
+    Safe to run from several processes at once: they queue on an advisory lock. A database
+    that applied all of the pre-0.1.0 migrations is recorded as at 0001; one that applied
+    only some of them is refused with a line saying how to finish them.
     """
     conn = await connect(dsn, server_settings=PINNED_SESSION)
     applied: list[int] = []
@@ -127,7 +178,8 @@ async def migrate(dsn: str | None) -> list[int]:
                 " version integer primary key, name text not null,"
                 " applied_at timestamptz not null default now())"
             )
-            done = {r[0] for r in await conn.fetch("select version from durable.migrations")}
+            rows = await conn.fetch("select version, name from durable.migrations")
+            done = await _adopt_pre_release(conn, {r[0]: r[1] for r in rows})
             for version, name, path in migration_files():
                 if version in done:
                     continue

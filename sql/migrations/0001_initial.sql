@@ -1,22 +1,52 @@
--- 0001: tasks, workers, the event log, signals, triggers and SQL functions.
--- durable migrate creates the schema and durable.migrations before the first migration.
+-- 0001: the schema of durable 0.1.0 — tasks, workers, the event log, signals, queues and
+-- their limits, schedules, the triggers that notify daemons and the SQL functions they call.
+-- `durable migrate` creates the schema `durable` and durable.migrations before it runs this.
+-- sql/schema.sql holds the same schema in one file to read; a test holds them equal.
 
--- Every claim draws a fresh token from here; writes for a task are fenced on it.
-create sequence durable.claim_tokens as bigint;
+-- Every claim draws a fresh token; writes for a task are fenced on it. 62 random bits, not
+-- a sequence: claims commit asynchronously (see durable.claim), and a sequence can hand a
+-- value out again when a crash loses the WAL that advanced it.
+--
+-- The one function that does not pin its search_path: it runs once per claimed row, and
+-- a SET clause would stop the planner from inlining it (about fifteen times slower).
+-- Instead its body names every function and operator with its schema, so that no
+-- search_path can change what it calls (tests/integration/test_search_path.py checks).
+create function durable.new_token() returns bigint
+language sql volatile parallel safe as $$
+    select ((pg_catalog.random() operator(pg_catalog.*) 2147483648::double precision)::bigint
+            operator(pg_catalog.<<) 31)
+           operator(pg_catalog.#)
+           (pg_catalog.random() operator(pg_catalog.*) 2147483648::double precision)::bigint
+$$;
+
+-- The checks on one column of durable.tasks are domains, not table constraints. A table's CHECK constraints are all
+-- evaluated on every row an UPDATE writes, and compiled for every statement; a domain's
+-- check only where a value of its type is written, compiled with the statement's plan.
+create domain durable.task_status as text
+    constraint task_status_check
+    check (value in ('queued', 'running', 'waiting', 'completed', 'failed', 'cancelled'));
+create domain durable.task_kind as text
+    constraint task_kind_check check (value in ('task', 'workflow'));
+create domain durable.label as text
+    constraint label_check check (length(value) between 1 and 200);
+create domain durable.positive_int as integer
+    constraint positive_int_check check (value >= 1);
+create domain durable.positive_seconds as double precision
+    constraint positive_seconds_check check (value > 0);
 
 create table durable.tasks (
     id              bigint generated always as identity primary key,
-    queue           text not null,
-    name            text not null,
-    kind            text not null default 'task',
+    queue           durable.label not null,
+    name            durable.label not null,
+    kind            durable.task_kind not null default 'task',
     args            jsonb not null default '[]',
     kwargs          jsonb not null default '{}',
-    status          text not null default 'queued',
+    status          durable.task_status not null default 'queued',
     priority        integer not null default 0,
     run_at          timestamptz not null default now(),
-    attempt         integer not null default 1,
-    max_attempts    integer not null default 3,
-    timeout         double precision,
+    attempt         durable.positive_int not null default 1,
+    max_attempts    durable.positive_int not null default 3,
+    timeout         durable.positive_seconds,
     lease_until     timestamptz,
     claim_token     bigint,
     worker_id       uuid,
@@ -32,36 +62,41 @@ create table durable.tasks (
     cancel_requested boolean not null default false,
     notify_finish   boolean not null default false,
     concurrency_key text,
-    key_limit       integer,
-    key_rate_limit  integer,
-    key_rate_period double precision,
+    key_limit       durable.positive_int,
+    key_rate_limit  durable.positive_int,
+    key_rate_period durable.positive_seconds,
     created_at      timestamptz not null default now(),
     started_at      timestamptz,
     finished_at     timestamptz,
-    constraint tasks_key_check check (
-        (key_limit is null or key_limit >= 1)
-        and (key_rate_limit is null or key_rate_limit >= 1)
-        and ((key_rate_limit is null) = (key_rate_period is null))
-        and (key_rate_period is null or key_rate_period > 0)),
-    constraint tasks_kind_check check (kind in ('task', 'workflow')),
-    constraint tasks_status_check
-        check (status in ('queued', 'running', 'waiting', 'completed', 'failed', 'cancelled')),
-    constraint tasks_queue_check check (length(queue) between 1 and 200),
-    constraint tasks_name_check check (length(name) between 1 and 200),
-    constraint tasks_attempts_check check (max_attempts >= 1 and attempt >= 1),
-    constraint tasks_timeout_check check (timeout is null or timeout > 0),
+    -- The starter's trace context ({"traceparent": ...}).
+    trace_context   jsonb,
+    -- The attempts the task was started with, kept by its first restart (until
+    -- then max_attempts holds it); each restart grants that many again. Keep new columns
+    -- last, as the migrations add them.
+    attempt_budget  integer,
+    -- A rate limit and its period come together. The checks on one column are the
+    -- domains' (above): they run only where a value is written.
+    constraint tasks_key_check check ((key_rate_limit is null) = (key_rate_period is null)),
     constraint tasks_running_check
-        check (status <> 'running' or (claim_token is not null and lease_until is not null))
+        check (status <> 'running' or (claim_token is not null and lease_until is not null)),
+    -- A claim token is held exactly while the task runs; batch writes fence on it.
+    constraint tasks_claim_check check ((status = 'running') = (claim_token is not null))
 );
 
--- Ready work, in claim order; finished history does not slow the claim.
-create index tasks_ready_idx on durable.tasks (queue, priority desc, id)
+-- Queued work by priority, then due time. Finished history does not slow the claim, nor
+-- do tasks scheduled for later (within a level they follow the due ones). Priorities
+-- ascend: a claim finds the highest level reading backwards from the newest entry,
+-- not past the dead entries of claimed tasks that gather at the start of each level
+-- until VACUUM removes them.
+create index tasks_ready_idx on durable.tasks (queue, priority, run_at, id)
     where status = 'queued';
 -- Running tasks: counted per queue under a fleet-wide limit; expired leases for the reaper.
 create index tasks_running_idx on durable.tasks (queue, lease_until) where status = 'running';
 -- Suspended workflows with a timer (sleep or event timeout).
 create index tasks_wake_idx on durable.tasks (wake_at) where status = 'waiting';
 create index tasks_parent_idx on durable.tasks (parent_id) where parent_id is not null;
+-- A workflow tree by its root: prune deletes a tree only once all of it has finished.
+create index tasks_root_idx on durable.tasks (root_id) where root_id is not null;
 create unique index tasks_idempotency_idx on durable.tasks (idempotency_key)
     where idempotency_key is not null;
 
@@ -77,8 +112,12 @@ create table durable.workers (
 );
 
 -- The event log of workflows: one row per durable operation, by (task, branch, seq).
+-- No foreign key to durable.tasks: every statement that writes events holds the
+-- task's row locked, so the row cannot go away first, and a per-row check of the key
+-- cost close to half of a checkpoint statement's server time; a deleted task's events go
+-- with it (tasks_delete_events).
 create table durable.events (
-    task_id     bigint not null references durable.tasks (id) on delete cascade,
+    task_id     bigint not null,
     branch      integer not null,
     seq         integer not null,
     kind        text not null,
@@ -101,6 +140,24 @@ create table durable.events (
 
 create index events_child_idx on durable.events (child_id) where child_id is not null;
 
+-- One step's checkpoint as the daemon sends it: a flush passes an array of these (in the
+-- field order of durable.models.Checkpoint), one parameter instead of one per column.
+create type durable.checkpoint_row as (
+    task_id     bigint,
+    token       bigint,
+    branch      integer,
+    seq         integer,
+    kind        text,
+    name        text,
+    digest      text,
+    status      text,
+    result      text,
+    error       text,
+    attempt     integer,
+    started_at  timestamptz,
+    wake_at     timestamptz
+);
+
 -- Events sent to workflows (client.send_event / durable.send_event), kept until consumed.
 create table durable.signals (
     id          bigint generated always as identity primary key,
@@ -113,57 +170,77 @@ create table durable.signals (
 create index signals_task_idx on durable.signals (task_id, name, id);
 
 -- NOTIFY `durable_ready` (payload: the queue) once per queue per statement when work
--- becomes ready; `durable_done` (payload: the id) when a task someone awaits finishes;
+-- is ready; `durable_done` (payload: the id) when a task someone awaits finishes;
 -- and wake the parents of finished children. Never on heartbeats or acknowledgements.
 create function durable.tasks_after_insert() returns trigger
-language plpgsql as $$
-declare
-    q text;
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 begin
-    for q in select distinct n.queue from new_rows n where n.status = 'queued' loop
-        perform pg_notify('durable_ready', q);
-    end loop;
+    -- One statement (no loop): a repeat of a (channel, payload) pair is delivered once.
+    perform pg_notify('durable_ready', r.queue)
+       from (select distinct n.queue from new_rows n where n.status = 'queued') r;
     return null;
 end;
 $$;
 
 create function durable.tasks_after_update() returns trigger
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 declare
+    freed text[];
+    keyed text[];
+    done bigint[];
+    parents bigint[];
+    ended bigint[];
     q text;
     t bigint;
-    parents bigint[];
 begin
-    for q in
-        select distinct n.queue from new_rows n join old_rows o on o.id = n.id
-        where n.status = 'queued' and (o.status <> 'queued' or o.run_at <> n.run_at)
-    loop
-        perform pg_notify('durable_ready', q);
-    end loop;
-
-    -- A slot under a fleet-wide or per-key limit came free: claimers may be waiting for it.
-    for q in
-        select distinct n.queue from new_rows n join old_rows o on o.id = n.id
-        where o.status = 'running' and n.status <> 'running'
-          and (n.concurrency_key is not null
-               or exists (select 1 from durable.queues c
-                          where c.name = n.queue and c.concurrency is not null))
-    loop
-        perform pg_notify('durable_ready', q);
-    end loop;
-
-    for t in
-        select n.id from new_rows n join old_rows o on o.id = n.id
-        where n.notify_finish and n.status in ('completed', 'failed', 'cancelled')
-          and o.status not in ('completed', 'failed', 'cancelled')
-    loop
-        perform pg_notify('durable_done', t::text);
-    end loop;
-
-    select array_agg(distinct n.parent_id order by n.parent_id) into parents
-    from new_rows n join old_rows o on o.id = n.id
-    where n.parent_id is not null and n.status in ('completed', 'failed', 'cancelled')
-      and o.status not in ('completed', 'failed', 'cancelled');
+    if current_setting('durable.claiming', true) = 'on' then
+        -- A claim's update (durable.claim flags it): its rows are all running, which
+        -- none of the conditions below looks for. Skipping the pass spares the claim a
+        -- query.
+        return null;
+    end if;
+    -- One pass over the new rows, never a join with the old ones: a join of two
+    -- transition tables is planned blind (the planner takes each for one row) and turns
+    -- quadratic in the batch. So each condition reads the row's new state only: a row
+    -- updated again in a state it was already in (rare) sends a spare, harmless notice.
+    -- Work becoming ready is announced by tasks_notify_ready, row by row.
+    select array_agg(distinct n.queue) filter (
+               where n.status not in ('running', 'queued')),
+           array_agg(distinct n.queue) filter (
+               where n.status not in ('running', 'queued') and n.concurrency_key is not null),
+           array_agg(n.id) filter (
+               where n.notify_finish and n.status in ('completed', 'failed', 'cancelled')),
+           array_agg(distinct n.parent_id order by n.parent_id) filter (
+               where n.parent_id is not null
+                 and n.status in ('completed', 'failed', 'cancelled')),
+           array_agg(n.id) filter (where n.status = 'cancelled')
+      into freed, keyed, done, parents, ended
+      from new_rows n where n.status not in ('running', 'queued');
+    if ended is not null and current_setting('durable.cascading', true) is distinct from 'on'
+    then
+        -- Whatever path ended a task cancelled (a cancel, or an attempt that ended
+        -- after one was requested), its descendants go with it, including children
+        -- started after the cancel's own cascade ran.
+        perform durable.cancel_descendants(ended);
+    end if;
+    if freed is not null then
+        -- A slot under a fleet-wide or per-key limit came free: claimers may wait for it.
+        for q in
+            select k from unnest(keyed) k
+            union
+            select c.name from durable.queues c
+             where c.name = any(freed) and c.concurrency is not null
+        loop
+            perform pg_notify('durable_ready', q);  -- a repeat within a transaction is dropped
+        end loop;
+    end if;
+    if done is not null then
+        foreach t in array done loop
+            perform pg_notify('durable_done', t::text);
+        end loop;
+    end if;
     if parents is not null then
         perform durable.wake_waiting(parents);
     end if;
@@ -178,7 +255,8 @@ $$;
 -- running (about to suspend) has no such row lock to take: the advisory lock, which
 -- durable.suspend takes too, orders the two (see there).
 create function durable.wake_waiting(ids bigint[]) returns void
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 begin
     perform pg_advisory_xact_lock(1685418593, (p % 2147483648)::integer)
        from unnest(ids) as p order by p;
@@ -195,13 +273,135 @@ begin
 end;
 $$;
 
+-- The cascade of a cancel, written once. Every unfinished descendant of `parents`
+-- is cancelled: queued and waiting ones end now; a running one is asked to stop (its
+-- daemon hears of it on `durable_control`, or from its next heartbeat) and ends cancelled
+-- whatever its attempt's outcome. Returns each task reached, with its status after.
+create function durable.cancel_descendants(parents bigint[])
+returns table (id bigint, status text)
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_column
+declare
+    outer_cascade text := current_setting('durable.cascading', true);
+    r record;
+begin
+    -- The updates below end tasks cancelled: their own trigger pass must not cascade
+    -- again, this statement already reaches the whole tree.
+    perform set_config('durable.cascading', 'on', true);
+    for r in
+        with recursive tree as (
+            select c.id from durable.tasks c where c.parent_id = any(parents)
+            union
+            select c.id from durable.tasks c join tree on c.parent_id = tree.id
+        )
+        update durable.tasks t
+           set cancel_requested = true,
+               status = case when t.status = 'running' then 'running' else 'cancelled' end,
+               finished_at = case when t.status = 'running' then null else now() end,
+               wake_at = null, waiting_on = null, waiting_event = null
+          from tree
+         where t.id = tree.id and t.status in ('queued', 'running', 'waiting')
+        returning t.id, t.status::text as status
+    loop
+        if r.status = 'running' then
+            perform pg_notify('durable_control', 'cancel:' || r.id);
+        end if;
+        id := r.id;
+        status := r.status;
+        return next;
+    end loop;
+    perform set_config('durable.cascading', coalesce(outer_cascade, ''), true);
+end;
+$$;
+
+-- Cancel tasks and their unfinished descendants. Returns a row for each task
+-- reached: `status` is 'cancelled' for one that ended now, 'running' for one asked to
+-- stop (it ends cancelled, whatever its attempt's outcome: every statement that writes an
+-- outcome reads cancel_requested), and for a task of `ids` that had already finished, its
+-- final status with `already_finished`.
+create function durable.cancel(ids bigint[])
+returns table (id bigint, status text, already_finished boolean)
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_column
+declare
+    outer_cascade text := current_setting('durable.cascading', true);
+    asked bigint[] := '{}';
+    r record;
+begin
+    -- Lock first, read in a later statement: its snapshot sees an outcome that committed
+    -- before the lock was granted, and an outcome written after this commits sees the
+    -- request. Id order: two cancels of overlapping sets cannot deadlock.
+    perform 1 from durable.tasks t where t.id = any(ids) order by t.id for update;
+    perform set_config('durable.cascading', 'on', true);  -- the cascade is below
+    for r in
+        update durable.tasks t
+           set cancel_requested = true,
+               status = case when t.status = 'running' then 'running' else 'cancelled' end,
+               finished_at = case when t.status = 'running' then null else now() end,
+               wake_at = null, waiting_on = null, waiting_event = null
+         where t.id = any(ids) and t.status in ('queued', 'running', 'waiting')
+        returning t.id, t.status::text as status
+    loop
+        if r.status = 'running' then
+            perform pg_notify('durable_control', 'cancel:' || r.id);
+        end if;
+        asked := asked || r.id;
+        id := r.id;
+        status := r.status;
+        already_finished := false;
+        return next;
+    end loop;
+    perform set_config('durable.cascading', coalesce(outer_cascade, ''), true);
+    return query
+        select t.id, t.status::text, true from durable.tasks t
+         where t.id = any(ids) and t.status in ('completed', 'failed', 'cancelled')
+           and not t.id = any(asked);
+    if asked <> '{}' then
+        return query select d.id, d.status, false from durable.cancel_descendants(asked) d;
+    end if;
+end;
+$$;
+
 create trigger tasks_notify_insert after insert on durable.tasks
     referencing new table as new_rows
     for each statement execute function durable.tasks_after_insert();
 
 create trigger tasks_notify_update after update on durable.tasks
-    referencing old table as old_rows new table as new_rows
+    referencing new table as new_rows
     for each statement execute function durable.tasks_after_update();
+
+-- A deleted task's events go with it (what the foreign key's ON DELETE CASCADE did).
+create function durable.tasks_after_delete() returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
+begin
+    delete from durable.events e using old_rows o where e.task_id = o.id;
+    return null;
+end;
+$$;
+
+create trigger tasks_delete_events after delete on durable.tasks
+    referencing old table as old_rows
+    for each statement execute function durable.tasks_after_delete();
+
+-- Work that becomes ready (requeued, woken, retried, rescheduled): the WHEN clause is
+-- checked in the executor, so claims and completions never call the function, and a
+-- repeated (channel, payload) within a transaction is delivered once.
+create function durable.notify_ready() returns trigger
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
+begin
+    perform pg_notify('durable_ready', new.queue);
+    return null;
+end;
+$$;
+
+create trigger tasks_notify_ready after update on durable.tasks
+    for each row
+    when (new.status = 'queued' and (old.status <> 'queued' or old.run_at <> new.run_at))
+    execute function durable.notify_ready();
 
 -- Enqueue from SQL, inside the caller's transaction (a transactional outbox).
 create function durable.start(
@@ -218,7 +418,8 @@ create function durable.start(
     concurrency_key text default null,
     key_limit integer default null
 ) returns bigint
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
 declare
     new_id bigint;
@@ -230,6 +431,49 @@ begin
     if jsonb_typeof(kwargs) is distinct from 'object' then
         raise exception 'durable.start: kwargs must be a JSON object, not %', jsonb_typeof(kwargs)
             using errcode = '22023';
+    end if;
+    -- Refused here, in one line naming the argument, rather than by a column's check or
+    -- an index deep in the insert (or, for a NaN timeout, by nothing at all).
+    if start.name is null or length(start.name) not between 1 and 200 then
+        raise exception 'durable.start: name must be 1 to 200 characters, got %',
+            coalesce(length(start.name) || ' characters', 'null') using errcode = '22023';
+    end if;
+    if start.queue is null or length(start.queue) not between 1 and 200 then
+        raise exception 'durable.start: queue must be 1 to 200 characters, got %',
+            coalesce(length(start.queue) || ' characters', 'null') using errcode = '22023';
+    end if;
+    if start.kind is null or start.kind not in ('task', 'workflow') then
+        raise exception 'durable.start: kind must be task or workflow, got %',
+            coalesce(left(to_json(start.kind)::text, 60), 'null') using errcode = '22023';
+    end if;
+    if start.priority is null then
+        raise exception 'durable.start: priority must be a whole number, got null'
+            using errcode = '22023';
+    end if;
+    if start.max_attempts is null or start.max_attempts < 1 then
+        raise exception 'durable.start: max_attempts must be at least 1, got %',
+            coalesce(start.max_attempts::text, 'null') using errcode = '22023';
+    end if;
+    if start.timeout is not null and not (start.timeout > 0 and start.timeout < 'infinity') then
+        raise exception 'durable.start: timeout must be a positive number of seconds, got %',
+            start.timeout using errcode = '22023';
+    end if;
+    if start.key_limit is not null and start.key_limit < 1 then
+        raise exception 'durable.start: key_limit must be at least 1, got %', start.key_limit
+            using errcode = '22023';
+    end if;
+    if start.concurrency_key is not null and length(start.concurrency_key) not between 1 and 500
+    then
+        raise exception 'durable.start: concurrency_key must be 1 to 500 characters, got %',
+            length(start.concurrency_key) using errcode = '22023';
+    end if;
+    if start.key_limit is not null and start.concurrency_key is null then
+        raise exception 'durable.start: key_limit needs a concurrency_key' using errcode = '22023';
+    end if;
+    if start.idempotency_key is not null
+       and octet_length(start.idempotency_key) not between 1 and 2000 then
+        raise exception 'durable.start: idempotency_key must be 1 to 2000 bytes, got %',
+            octet_length(start.idempotency_key) using errcode = '22023';
     end if;
     insert into durable.tasks as t
         (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
@@ -249,11 +493,16 @@ $$;
 -- task does not exist or has finished.
 create function durable.send_event(task_id bigint, name text, payload jsonb default null)
 returns boolean
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
 declare
     st text;
 begin
+    if send_event.name is null or length(send_event.name) not between 1 and 200 then
+        raise exception 'durable.send_event: name must be 1 to 200 characters, got %',
+            coalesce(length(send_event.name) || ' characters', 'null') using errcode = '22023';
+    end if;
     select t.status into st from durable.tasks t where t.id = send_event.task_id for update;
     if st is null or st in ('completed', 'failed', 'cancelled') then
         return false;
@@ -277,11 +526,11 @@ create function durable.suspend(
     task bigint, token bigint, br integer, children bigint[], wake timestamptz,
     event_name text
 ) returns text
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 declare
     ready boolean := false;
     cancelling boolean;
-    notified bigint;
 begin
     select t.cancel_requested into cancelling from durable.tasks t
      where t.id = task and t.claim_token = token and t.status = 'running' for update;
@@ -289,27 +538,11 @@ begin
         return null;
     end if;
     if cancelling then
+        -- Its descendants are cancelled by tasks_after_update (durable.cancel_descendants).
         update durable.tasks t
            set status = 'cancelled', finished_at = now(), wake_at = null, waiting_on = null,
                waiting_event = null, claim_token = null, lease_until = null, worker_id = null
          where t.id = task;
-        -- Cascade as the cancel did, now reaching the children started after it.
-        with recursive tree as (
-            select c.id from durable.tasks c where c.parent_id = task
-            union all
-            select c.id from durable.tasks c join tree on c.parent_id = tree.id
-        ), hit as (
-            update durable.tasks t
-               set cancel_requested = true,
-                   status = case when t.status = 'running' then 'running' else 'cancelled' end,
-                   finished_at = case when t.status = 'running' then null else now() end,
-                   wake_at = null, waiting_on = null, waiting_event = null
-              from tree
-             where t.id = tree.id and t.status in ('queued', 'running', 'waiting')
-            returning t.id, t.status
-        )
-        select count(pg_notify('durable_control', 'cancel:' || hit.id)) into notified
-          from hit where hit.status = 'running';
         return 'cancelled';
     end if;
     if children is not null then
@@ -349,17 +582,20 @@ begin
 end;
 $$;
 
--- Run a finished task again: 'retry' keeps its history (events that failed, and children
--- that failed, are dropped so they run again); 'replay' starts a new, empty branch; 'fork'
--- starts a new branch holding the events before position `at`. Returns the branch.
+-- Run a finished task again: 'retry' keeps its history but the failure that ended it (the
+-- events its error names under `replay`, when nothing was recorded after the workflow saw
+-- them, and children that failed or were cancelled before it saw them: those run again);
+-- 'replay' starts a new, empty branch; 'fork' starts a new branch holding the events
+-- before position `at`. Returns the branch.
 create function durable.restart(task bigint, mode text, at integer default null)
 returns integer
-language plpgsql as $$
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 declare
     cur record;
     new_branch integer;
 begin
-    select t.status, t.branch into cur from durable.tasks t where t.id = task for update;
+    select t.status, t.branch, t.error into cur from durable.tasks t where t.id = task for update;
     if not found then
         raise exception 'no task %', task using errcode = 'P0002';
     end if;
@@ -371,9 +607,20 @@ begin
         new_branch := cur.branch;
         delete from durable.events e
          where e.task_id = task and e.branch = cur.branch
-           and (e.status = 'failed'
-                or exists (select 1 from durable.tasks c
-                           where c.id = e.child_id and c.status in ('failed', 'cancelled')));
+           and ((e.status = 'failed'
+                 and e.seq in (select p::integer from jsonb_array_elements_text(
+                                   cur.error -> 'replay' -> 'positions') as p)
+                 and not exists (select 1 from durable.events x
+                                  where x.task_id = task and x.branch = cur.branch
+                                    and x.seq >= (cur.error -> 'replay' ->> 'at')::integer))
+                or (e.kind = 'child' and e.status = 'pending'
+                    and exists (select 1 from durable.tasks c
+                                where c.id = e.child_id and c.status in ('failed', 'cancelled')))
+                -- An error stored before errors named their positions: the last event,
+                -- when it failed.
+                or (cur.error -> 'replay' is null and e.status = 'failed'
+                    and e.seq = (select max(x.seq) from durable.events x
+                                  where x.task_id = task and x.branch = cur.branch)));
     elsif mode in ('replay', 'fork') then
         select greatest(coalesce(max(e.branch), 0), cur.branch) + 1 into new_branch
           from durable.events e where e.task_id = task;
@@ -395,7 +642,9 @@ begin
     end if;
     update durable.tasks t
        set status = 'queued', run_at = now(), attempt = t.attempt + 1,
-           max_attempts = t.attempt + t.max_attempts, result = null, error = null,
+           attempt_budget = coalesce(t.attempt_budget, t.max_attempts),
+           max_attempts = t.attempt + coalesce(t.attempt_budget, t.max_attempts),
+           result = null, error = null,
            finished_at = null, branch = new_branch, cancel_requested = false,
            wake_at = null, waiting_on = null, waiting_event = null, worker_id = null,
            claim_token = null, lease_until = null
@@ -422,7 +671,11 @@ create table durable.queues (
     constraint queues_rate_check check (
         (rate_limit is null or rate_limit >= 1)
         and ((rate_limit is null) = (rate_period is null))
-        and (rate_period is null or rate_period > 0))
+        and (rate_period is null or rate_period > 0)),
+    -- What the claim can work with. Past a year `now() - period` leaves the range of
+    -- a timestamp (and NaN compares above every number).
+    constraint queues_name_check check (length(name) between 1 and 200),
+    constraint queues_period_check check (rate_period <= 31536000)
 );
 
 -- Recent starts of rate-limited queues ('q:' || queue) and keys ('k:' || key).
@@ -445,20 +698,39 @@ create table durable.schedules (
     last_run_at  timestamptz,
     last_task_id bigint,
     created_at   timestamptz not null default now(),
-    constraint schedules_source_check check (source in ('code', 'cli'))
+    constraint schedules_source_check check (source in ('code', 'cli')),
+    -- Names that fit the tasks they start; the expression and time zone are checked
+    -- where they are written (durable.validation), as the scheduler reads them.
+    constraint schedules_name_check check (
+        length(name) between 1 and 200 and length(task_name) between 1 and 200
+        and (queue is null or length(queue) between 1 and 200)),
+    constraint schedules_cron_check check (
+        length(cron) between 1 and 200 and length(timezone) between 1 and 100),
+    constraint schedules_args_check check (
+        jsonb_typeof(args) = 'array' and jsonb_typeof(kwargs) = 'object')
 );
 
 -- Claim up to n ready tasks of queue q that this daemon can run. Queues with a fleet-wide
--- limit, and queues holding keyed tasks, serialise their claimers on an advisory lock: the
--- counts below are read after the lock is granted (each statement of this function takes
--- a new snapshot), so concurrent claimers can never overshoot a limit.
+-- limit serialise their claimers on an advisory lock, and claimers of keyed tasks on
+-- another, shared by every queue: the counts below are read after the lock is granted
+-- (each statement of this function takes a new snapshot), so concurrent claimers can
+-- never overshoot a limit. Every row is locked and its status checked again before it is
+-- taken: a task is claimed once. `fresh`: never claimed before, so a workflow has no
+-- events to load.
+--
+-- A claim commits asynchronously: its commit does not wait for the WAL flush. A
+-- claim lost in a server crash leaves its tasks queued, and they run again, as after any
+-- crash. Whatever makes an attempt's work durable (a checkpoint, a completion, a
+-- transactional step) commits synchronously, fenced on the claim token, and flushes the
+-- WAL before it, the claim's included.
 create function durable.claim(q text, names text[], n integer, lease double precision,
                               worker uuid)
 returns table (id bigint, queue text, name text, kind text, args text, kwargs text,
                attempt integer, max_attempts integer, timeout double precision,
                claim_token bigint, branch integer, parent_id bigint, root_id bigint,
-               cancel_requested boolean)
-language plpgsql as $$
+               cancel_requested boolean, fresh boolean)
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
 declare
     conc integer;
@@ -466,16 +738,30 @@ declare
     period double precision;
     keyed boolean;
     busy integer;
+    claimed integer := 0;
+    level integer;
 begin
+    perform set_config('synchronous_commit', 'off', true);  -- for this transaction only
     -- Scalars, not a record: a record with a null field is neither null nor not null.
-    select c.concurrency, c.rate_limit, c.rate_period into conc, rate, period
-      from durable.queues c where c.name = q;
-    keyed := exists (select 1 from durable.tasks t
-                     where t.queue = q and t.status = 'queued' and t.concurrency_key is not null);
+    -- One statement reads the queue's limits and whether keyed tasks wait in it.
+    select c.concurrency, c.rate_limit, c.rate_period,
+           exists (select 1 from durable.tasks t
+                    where t.queue = q and t.status = 'queued' and t.concurrency_key is not null)
+      into conc, rate, period, keyed
+      from (values (1)) as one left join durable.queues c on c.name = q;
+    -- A period past any timestamp's range (a row written by hand) means "per forever":
+    -- clamped to 30 years rather than failing every claim of the queue.
+    period := least(period, 946080000);
     -- A transaction-level advisory lock: it serialises this queue's claimers without
     -- writing to any row.
-    if keyed or conc is not null or rate is not null then
+    if conc is not null or rate is not null then
         perform pg_advisory_xact_lock(hashtextextended('durable.queue:' || q, 0));
+    end if;
+    if keyed then
+        -- A key's limits count its running tasks in every queue, so the claimers of
+        -- keyed tasks serialise across queues: one lock for all of them, always taken
+        -- after the queue's own (the order rules out a deadlock between the two).
+        perform pg_advisory_xact_lock(hashtextextended('durable.keys', 0));
     end if;
     if conc is not null then
         select count(*) into busy from durable.tasks t where t.queue = q and t.status = 'running';
@@ -491,33 +777,53 @@ begin
         return;
     end if;
     if not keyed then
-        -- The plain claim (unlimited queues take no lock), within any count above.
-        return query
-        with ready as (
-            select t.id from durable.tasks t
-            where t.queue = q and t.status = 'queued' and t.run_at <= now()
-              and t.name = any(names)
-            order by t.priority desc, t.id
-            limit n
-            for update skip locked
-        )
-        update durable.tasks t
-           set status = 'running', claim_token = nextval('durable.claim_tokens'),
-               lease_until = now() + make_interval(secs => lease), worker_id = worker,
-               started_at = coalesce(t.started_at, now())
-          from ready
-         where t.id = ready.id
-        returning t.id, t.queue, t.name, t.kind, t.args::text, t.kwargs::text, t.attempt,
-                  t.max_attempts, t.timeout, t.claim_token, t.branch, t.parent_id, t.root_id,
-                  t.cancel_requested;
-        get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
-        if rate is not null and busy > 0 then
+        -- The plain claim (unlimited queues take no lock), within any count above: one
+        -- priority level at a time, highest first. Within a level tasks_ready_idx holds
+        -- them in due order, so the scan ends at the first task not yet due, and tasks
+        -- scheduled for later cost nothing however many wait.
+        perform set_config('durable.claiming', 'on', true);  -- see tasks_after_update
+        level := (select max(t.priority) from durable.tasks t
+                   where t.queue = q and t.status = 'queued');
+        while level is not null loop
+            return query
+            with ready as (
+                -- Keyed tasks only under the keys' lock, by the branch below: one
+                -- committed after the first statement looked would escape its limits.
+                select t.id, t.started_at from durable.tasks t
+                where t.queue = q and t.status = 'queued' and t.priority = level
+                  and t.run_at <= now() and t.name = any(names)
+                  and t.concurrency_key is null
+                order by t.run_at, t.id
+                limit n - claimed
+                for update skip locked
+            )
+            update durable.tasks t
+               set status = 'running', claim_token = durable.new_token(),
+                   lease_until = now() + make_interval(secs => lease), worker_id = worker,
+                   started_at = coalesce(t.started_at, now())
+              from ready
+             where t.id = ready.id
+            -- The domains' values go out as their base types (RETURN QUERY wants exactly
+            -- the declared types).
+            returning t.id, t.queue::text, t.name::text, t.kind::text, t.args::text,
+                      t.kwargs::text, t.attempt::integer, t.max_attempts::integer,
+                      t.timeout::double precision, t.claim_token, t.branch, t.parent_id,
+                      t.root_id, t.cancel_requested, ready.started_at is null;
+            get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
+            claimed := claimed + busy;
+            exit when claimed >= n;
+            level := (select max(t.priority) from durable.tasks t
+                       where t.queue = q and t.status = 'queued' and t.priority < level);
+        end loop;
+        perform set_config('durable.claiming', '', true);
+        if rate is not null and claimed > 0 then
             insert into durable.rate_log (bucket, at)
-                select 'q:' || q, now() from generate_series(1, busy);
+                select 'q:' || q, now() from generate_series(1, claimed);
         end if;
         return;
     end if;
 
+    perform set_config('durable.claiming', 'on', true);
     return query
     with keys as (
         select k.concurrency_key as key,
@@ -525,7 +831,8 @@ begin
                  where r.status = 'running' and r.concurrency_key = k.concurrency_key) as running,
                (select count(*) from durable.rate_log l
                  where l.bucket = 'k:' || k.concurrency_key
-                   and l.at > now() - make_interval(secs => k.key_rate_period)) as recent,
+                   and l.at > now() - make_interval(
+                                         secs => least(k.key_rate_period, 946080000))) as recent,
                k.key_limit, k.key_rate_limit
           from (select distinct on (t.concurrency_key) t.concurrency_key, t.key_limit,
                        t.key_rate_limit, t.key_rate_period
@@ -533,9 +840,9 @@ begin
                  where t.queue = q and t.status = 'queued' and t.concurrency_key is not null
                  order by t.concurrency_key, t.id desc) k
     ), ranked as (
-        select t.id, t.priority, t.concurrency_key,
+        select t.id, t.priority, t.run_at, t.concurrency_key,
                row_number() over (partition by t.concurrency_key
-                                  order by t.priority desc, t.id) as rn
+                                  order by t.priority desc, t.run_at, t.id) as rn
           from durable.tasks t
          where t.queue = q and t.status = 'queued' and t.run_at <= now()
            and t.name = any(names)
@@ -544,19 +851,23 @@ begin
          where r.concurrency_key is null
             or (r.rn + k.running <= coalesce(k.key_limit, 2147483647)
                 and r.rn + k.recent <= coalesce(k.key_rate_limit, 2147483647))
-         order by r.priority desc, r.id
+         order by r.priority desc, r.run_at, r.id
          limit n
     ), ready as (
-        select t.id from durable.tasks t join chosen using (id)
+        -- The status again, on the locked row: a row that another claim or a
+        -- cancel changed after this statement's snapshot is re-checked by these conditions
+        -- once its lock is granted, and the join's alone would let it through.
+        select t.id, t.started_at from durable.tasks t join chosen using (id)
+         where t.status = 'queued'
          for update of t skip locked
     ), started as (
         update durable.tasks t
-           set status = 'running', claim_token = nextval('durable.claim_tokens'),
+           set status = 'running', claim_token = durable.new_token(),
                lease_until = now() + make_interval(secs => lease), worker_id = worker,
                started_at = coalesce(t.started_at, now())
           from ready
          where t.id = ready.id
-        returning t.*
+        returning t.*, ready.started_at is null as fresh
     ), logged as (
         insert into durable.rate_log (bucket, at)
         select 'q:' || q, now() from started where rate is not null
@@ -564,21 +875,25 @@ begin
         select 'k:' || s.concurrency_key, now() from started s
          where s.concurrency_key is not null and s.key_rate_limit is not null
     )
-    select s.id, s.queue, s.name, s.kind, s.args::text, s.kwargs::text, s.attempt,
-           s.max_attempts, s.timeout, s.claim_token, s.branch, s.parent_id, s.root_id,
-           s.cancel_requested
+    select s.id, s.queue::text, s.name::text, s.kind::text, s.args::text, s.kwargs::text,
+           s.attempt::integer, s.max_attempts::integer, s.timeout::double precision,
+           s.claim_token, s.branch, s.parent_id, s.root_id, s.cancel_requested, s.fresh
       from started s;
+    perform set_config('durable.claiming', '', true);
 end;
 $$;
 
 -- Seconds until a rate-limited queue may start its next task (null: not rate-limited now).
 create function durable.claim_delay(q text) returns double precision
-language sql stable as $$
-    select extract(epoch from (min(l.at) + make_interval(secs => c.rate_period) - now()))
+language sql stable
+set search_path = pg_catalog, pg_temp as $$
+    -- The period clamped as durable.claim clamps it.
+    select extract(epoch from (min(l.at) + make_interval(secs => least(c.rate_period, 946080000))
+                               - now()))
       from durable.queues c
       join durable.rate_log l on l.bucket = 'q:' || c.name
      where c.name = q and c.rate_limit is not null
-       and l.at > now() - make_interval(secs => c.rate_period)
+       and l.at > now() - make_interval(secs => least(c.rate_period, 946080000))
      group by c.rate_period, c.rate_limit
     having count(*) >= c.rate_limit
 $$;

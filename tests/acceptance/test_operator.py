@@ -357,10 +357,13 @@ async def test_check_exits_1_against_a_stopped_database(
 
 
 def readme_commands() -> list[str]:
-    """Every `durable COMMAND` the README names, and the commands of its CLI table."""
+    """Every `durable COMMAND` the README and docs/ name, and the commands of the README's
+    CLI table."""
     text = (ROOT / "README.md").read_text()
-    found = set(re.findall(r"`durable ([a-z]+)", text))
-    found |= set(re.findall(r"^\s*durable ([a-z]+)", text, re.MULTILINE))  # code blocks
+    everywhere = "\n".join([text, *(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))])
+    found = set(re.findall(r"`durable ([a-z]+)", everywhere))
+    code = "\n".join(re.findall(r"^```\w*\n(.*?)^```", everywhere, re.MULTILINE | re.DOTALL))
+    found |= set(re.findall(r"^\s*durable ([a-z]+)", code, re.MULTILINE))
     table = text.split("## The command line", 1)[1].split("\n\n", 2)[1]
     for row in table.splitlines()[2:]:
         for span in re.findall(r"`([^`]+)`", row.split("|")[1]):

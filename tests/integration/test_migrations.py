@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
+from functools import partial
 
+import anyio
 import asyncpg
 import pytest
 
+from durable.errors import DurableError
 from durable.models import Checkpoint
 from durable.store import migrate, schema_sql
-from durable.store.schema import migration_files, named_queries
+from durable.store.schema import (
+    PRE_RELEASE_MIGRATIONS,
+    PRE_RELEASE_REVISION,
+    migration_files,
+    named_queries,
+)
 from tests.conftest import admin, database_dsn, quote_ident
+from tests.helpers import durable_cli
 
 CATALOG = {
     "columns": """
@@ -124,7 +133,7 @@ async def test_a_checkpoint_travels_as_the_row_type_field_for_field(dsn: str) ->
 
 
 async def test_the_task_columns_refuse_what_their_checks_refuse(dsn: str) -> None:
-    """The checks on one column live in domains (0012), the ones relating columns on the
+    """The checks on one column live in domains, the ones relating columns on the
     table: each still refuses its bad value, whatever writes it."""
     conn = await asyncpg.connect(dsn)
     try:
@@ -179,52 +188,79 @@ async def test_statements_take_base_types_so_a_client_looks_nothing_up(dsn: str)
     assert not found, [(r["typname"], r["statement"][:80]) for r in found]
 
 
-async def test_0012_keeps_the_rows_and_the_claim_still_reads_its_index(
+async def pre_release(dsn: str, versions: range, *, drop: str | None = None) -> None:
+    """A database as durable before 0.1.0 left it: the schema (which the fifteen old
+    migrations built, catalog for catalog), versions recorded under their old names, a task."""
+    statements = [
+        schema_sql(),
+        "insert into durable.tasks (queue, name) values ('q', 'kept')",
+        *(
+            f"insert into durable.migrations (version, name) values ({v}, '{PRE_RELEASE_MIGRATIONS[v - 1]}')"
+            for v in versions
+        ),
+    ]
+    if drop:
+        statements.append(f"alter table durable.tasks drop column {drop}")
+    await admin(dsn, *statements)
+
+
+async def recorded(dsn: str) -> list[tuple[int, str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return [
+            tuple(r)
+            for r in await conn.fetch("select version, name from durable.migrations order by 1")
+        ]
+    finally:
+        await conn.close()
+
+
+async def test_a_database_with_every_pre_release_migration_is_recorded_at_0001(
     two_databases: tuple[str, str],
 ) -> None:
-    """Moving the checks into domains changes column types on a table with rows in it: no
-    row is lost or rewritten, the partial indexes still serve the claim."""
+    old, fresh = two_databases
+    await pre_release(old, range(1, 16))
+    before = await catalog(old)
+    assert await migrate(old) == []
+    assert await recorded(old) == [(1, "initial")]  # 2..15 free for later migrations
+    assert await catalog(old) == before
+    await migrate(fresh)
+    assert before == await catalog(fresh)
+    conn = await asyncpg.connect(old)
+    try:
+        assert await conn.fetchval("select name from durable.tasks") == "kept"
+    finally:
+        await conn.close()
+    assert await migrate(old) == []
+
+
+@pytest.mark.parametrize(
+    ("versions", "drop", "shown"),
+    [
+        (range(1, 8), None, "1, 2, 3, 4, 5, 6, 7"),
+        (range(2, 16), None, "2, 3"),
+        (range(1, 2), "trace_context", "1 of"),
+    ],
+)
+async def test_a_partial_pre_release_set_is_refused_with_the_way_out(
+    two_databases: tuple[str, str], versions: range, drop: str | None, shown: str
+) -> None:
     dsn, _ = two_databases
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("create schema durable")
-        for version, _name, path in migration_files():
-            if version < 12:
-                await conn.execute(path.read_text())
-        await conn.execute(
-            "insert into durable.tasks (queue, name, status, claim_token, lease_until,"
-            " key_rate_limit, key_rate_period, finished_at)"
-            " select 'q', 'n' || g, s, case when s = 'running' then g end,"
-            " case when s = 'running' then now() end, 3, 1.5, now()"
-            " from generate_series(1, 600) g,"
-            " lateral (select (array['queued', 'running', 'completed'])[g % 3 + 1] as s) x"
-        )
-        before = await conn.fetch("select *, ctid from durable.tasks order by id")
-        await conn.execute(
-            "create table durable.migrations (version integer primary key, name text not null,"
-            " applied_at timestamptz not null default now());"
-            " insert into durable.migrations (version, name) select g, 'm' from generate_series(1, 11) g"
-        )
-    finally:
-        await conn.close()
-    assert await migrate(dsn) == [v for v in all_versions() if v >= 12]
-    conn = await asyncpg.connect(dsn)
-    try:
-        after = await conn.fetch("select *, ctid from durable.tasks order by id")
-        assert [tuple(r) for r in after] == [tuple(r) for r in before]  # same rows, same places
-        await conn.execute("analyze durable.tasks")
-        await conn.execute("set enable_seqscan = off")
-        plan = "\n".join(
-            r[0]
-            for r in await conn.fetch(
-                "explain select id from durable.tasks where queue = 'q' and status = 'queued'"
-                " order by priority, run_at, id"
-            )
-        )
-        assert "tasks_ready_idx" in plan, plan
-        claimed = await conn.fetch(
-            "select * from durable.claim('q', array['n3', 'n6'], 5, 30, gen_random_uuid())"
-        )
-        assert sorted(r["name"] for r in claimed) == ["n3", "n6"]
-    finally:
-        await conn.close()
+    await pre_release(dsn, versions, drop=drop)
+    before = await recorded(dsn)
+    with pytest.raises(DurableError, match=r"pre-0\.1\.0 migrations") as caught:
+        await migrate(dsn)
+    message = str(caught.value)
+    assert shown in message and PRE_RELEASE_REVISION in message and "\n" not in message
+    assert await recorded(dsn) == before
+
+
+async def test_migrate_refuses_a_partial_pre_release_set_in_one_line(
+    two_databases: tuple[str, str],
+) -> None:
+    dsn, _ = two_databases
+    await pre_release(dsn, range(1, 5))
+    proc = await anyio.to_thread.run_sync(partial(durable_cli, "migrate", dsn=dsn))
+    assert proc.returncode == 1
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("durable: this database holds pre-0.1.0 migrations 1, 2, 3, 4 of 1-15")
