@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import anyio
 
-from durable.errors import ConfigurationError
+from durable.errors import ConfigurationError, DurableError
 from durable.settings import Settings, masked_url, parse_duration
 
 if TYPE_CHECKING:
@@ -104,8 +104,8 @@ def connecting(where: Target, prefix: str = "") -> Iterator[None]:
     """Turn a failure to connect into one line naming the URL (masked) and its source."""
     try:
         yield
-    except (CommandError, ConfigurationError):
-        raise
+    except (CommandError, ConfigurationError, DurableError):
+        raise  # reached the database: what it said is the message
     except Exception as exc:
         from durable.logs import redact
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.helpers import ROOT
+from tests.support.helpers import ROOT
 
 BIN = ROOT / "bin"
 

@@ -20,7 +20,7 @@ from durable.store.schema import (
     named_queries,
 )
 from tests.conftest import admin, database_dsn, quote_ident
-from tests.helpers import durable_cli
+from tests.support.helpers import durable_cli
 
 CATALOG = {
     "columns": """
