@@ -367,7 +367,9 @@ def readme_commands() -> list[str]:
     table = text.split("## The command line", 1)[1].split("\n\n", 2)[1]
     for row in table.splitlines()[2:]:
         for span in re.findall(r"`([^`]+)`", row.split("|")[1]):
-            found.add(span.removeprefix("durable ").split()[0])
+            word = span.removeprefix("durable ").split()[0]
+            if not word.startswith("-"):  # `durable --version` is an option, tested apart
+                found.add(word)
     return sorted(found)
 
 
