@@ -59,7 +59,7 @@ def tracer() -> Tracer | None:
             return None  # imported, but no provider set: spans would go nowhere
     if _cache is not None and _cache[0] is provider:
         return _cache[1]
-    from durable import __version__
+    from durable.version import __version__
 
     t = provider.get_tracer("durable", __version__)
     _cache = (provider, t)

@@ -13,7 +13,6 @@ from typing import Any, Self
 import anyio
 import asyncpg
 
-from durable import tracing
 from durable.codec import dumps, loads
 from durable.models import (
     Claimed,
@@ -293,16 +292,7 @@ class TaskStore:
             self.q["claim"], queue, list(names), limit, lease, worker_id
         )
         # Positional: durable.claim returns Claimed's columns in its order (a test pins it).
-        claimed = [Claimed(*r) for r in rows]
-        if claimed and tracing.tracer() is not None:
-            try:
-                contexts = await self.trace_contexts([c.id for c in claimed])
-            except Exception:
-                # These tasks are claimed now: run them untraced rather than lose them
-                # until their leases expire.
-                contexts = {}
-            claimed = [c._replace(trace_context=contexts.get(c.id)) for c in claimed]
-        return claimed
+        return [Claimed(*r) for r in rows]
 
     async def trace_contexts(self, ids: Sequence[int]) -> dict[int, str]:
         """Task id -> its stored trace context (JSON), for the tasks that have one."""

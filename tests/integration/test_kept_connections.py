@@ -150,7 +150,8 @@ async def test_completions_and_checkpoints_commit_on_kept_connections(dsn: str) 
         assert len(completes) == 1 and len(checkpoints) == 1 and completes != checkpoints
         assert len(used) == 9  # three completions, six checkpoints: none took the pool's path
 
-        for kept in (daemon._completing[0], daemon._checkpointing[0]):
+        assert daemon.acks is not None
+        for kept in (daemon.acks.completing[0], daemon.acks.checkpointing[0]):
             lost = anyio.Event()
             assert kept._conn is not None
             kept._conn.add_termination_listener(lambda *_, lost=lost: lost.set())
@@ -160,4 +161,5 @@ async def test_completions_and_checkpoints_commit_on_kept_connections(dsn: str) 
         assert await (await client.start(kept_flow, 10)).result(timeout=20) == 11
         after = {pid for _, pid in used[9:]}
         assert not after & (completes | checkpoints)
-    assert all(k._conn is None for k in daemon._completing + daemon._checkpointing)
+    assert daemon.acks is not None
+    assert all(k._conn is None for k in daemon.acks.completing + daemon.acks.checkpointing)
