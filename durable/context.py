@@ -232,29 +232,10 @@ class Context:
                 assert event.child_id is not None
                 handles.append(ChildHandle(self, seq, event.child_id, event))
                 continue
-            what = f"the arguments of child {d.name!r}"
-            new.append(
-                (
-                    seq,
-                    dig,
-                    NewTask(
-                        name=d.name,
-                        args=dumps(list(call.args), what=what),
-                        kwargs=dumps(call.kwargs, what=what),
-                        queue=d.queue,
-                        kind=d.kind,
-                        priority=d.priority,
-                        max_attempts=d.max_attempts,
-                        timeout=d.timeout,
-                        concurrency_key=(key := d.key_for(call.args, call.kwargs)),
-                        key_limit=d.key_limit if key is not None else None,
-                        key_rate_limit=d.key_rate[0] if d.key_rate and key else None,
-                        key_rate_period=d.key_rate[1] if d.key_rate and key else None,
-                        # The child's attempts join this workflow's trace.
-                        trace_context=self._tracer.inject() or self._task.trace_context,
-                    ),
-                )
-            )
+            # The child's attempts join this workflow's trace.
+            trace = self._tracer.inject() or self._task.trace_context
+            task = NewTask.from_definition(d, call.args, call.kwargs, trace_context=trace)
+            new.append((seq, dig, task))
             handles.append(None)
         if new:
             try:
@@ -281,7 +262,7 @@ class Context:
         d = self._registry_get(target)
         if d is None:
             # A child defined elsewhere (another service's daemon runs it).
-            return Definition(name=target, fn=_remote, kind="task")
+            return Definition.elsewhere(target)
         return d
 
     async def gather(self, *aws: ChildCall | ChildHandle) -> list[Any]:
@@ -457,7 +438,3 @@ class Context:
     async def random(self) -> float:
         """A random float in [0, 1), recorded."""
         return float(await self._memo("random", _random.random))
-
-
-async def _remote(*_args: Any, **_kwargs: Any) -> Any:  # pragma: no cover - never called
-    raise RuntimeError("a task defined in another service runs there")
