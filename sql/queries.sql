@@ -1,4 +1,4 @@
--- Named queries, loaded once by durable/store.py. Each section starts with `-- name: x`.
+-- Named queries, loaded once by durable/store/schema.py. Each section starts with `-- name: x`.
 
 -- name: claim
 -- Claim up to $3 ready tasks of queue $1 whose code this daemon has ($2), in priority
@@ -622,3 +622,12 @@ union all
    from pg_proc p
   where p.pronamespace = 'durable'::regnamespace
   order by p.proname, p.oid)
+
+-- name: now
+-- The database's clock, within the statement's transaction.
+select now()
+
+-- name: settle_wait
+-- A wait_for_event recorded earlier, settled: the signal's payload, or a timeout.
+update durable.events set status = $4, result = $5::jsonb, signal_id = $6, finished_at = now()
+ where task_id = $1 and branch = $2 and seq = $3

@@ -214,16 +214,14 @@ class WorkflowStore(TaskStore):
             sig = await conn.fetchrow(self.q["take_signal"], cp.task_id, cp.branch, event_name)
             if sig is not None:
                 outcome, payload, signal_id = "completed", sig["payload"], sig["id"]
-            elif deadline is not None and deadline <= await conn.fetchval("select now()"):
+            elif deadline is not None and deadline <= await conn.fetchval(self.q["now"]):
                 outcome, payload, signal_id = "failed", None, None
             else:
                 outcome, payload, signal_id = "pending", None, None
             if exists:
                 if outcome != "pending":
                     await conn.execute(
-                        "update durable.events set status = $4, result = $5::jsonb,"
-                        " signal_id = $6, finished_at = now()"
-                        " where task_id = $1 and branch = $2 and seq = $3",
+                        self.q["settle_wait"],
                         cp.task_id,
                         cp.branch,
                         cp.seq,

@@ -8,6 +8,7 @@ The daemon only composes; no engine module grows past what a reader takes in at 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "durable"
@@ -109,3 +110,19 @@ def test_no_import_cycle_among_the_engine_modules() -> None:
             visit(start, [start])
     assert cycles == []
 
+
+SQL = re.compile(r"^\s*(select\s|insert\s+into\s|update\s+\S+\s+set\s|delete\s+from\s|with\s+\w+\s+as\s*\()")
+
+
+def test_sql_lives_in_sql_files() -> None:
+    """Statements are named queries in sql/*.sql; the loader (store/schema.py) alone holds
+    the few that bootstrap it (migrations, databases)."""
+    inline: dict[str, list[str]] = {}
+    for m, path in MODULES.items():
+        if not _own(m) or m == "durable.store.schema":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                    and SQL.match(node.value)):
+                inline.setdefault(m, []).append(node.value[:40])
+    assert inline == {}
