@@ -188,6 +188,21 @@ class NewTask(NamedTuple):
 
 
 @dataclass(frozen=True)
+class DueSchedule:
+    """A cron schedule whose next run has come (its row as the scheduler reads it; the
+    text columns as stored, which the scheduler checks)."""
+
+    name: str
+    task_name: str
+    cron: str
+    timezone: str
+    args: str
+    kwargs: str
+    queue: str | None
+    next_run_at: datetime
+
+
+@dataclass(frozen=True)
 class CancelResult:
     """What ``client.cancel`` did.
 

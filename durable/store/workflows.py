@@ -18,10 +18,10 @@ from durable.models import (
     HistoryEntry,
     NewTask,
 )
-from durable.store.tasks import KeptConnection, TaskStore, reset_session
+from durable.store.database import KeptConnection, Part, reset_session
 
 
-class WorkflowStore(TaskStore):
+class Workflows(Part):
     """The event log, children, timers and events of workflows."""
 
     async def wake_timers(self) -> int:
@@ -102,7 +102,7 @@ class WorkflowStore(TaskStore):
             await self._insert_event(conn, cp, status="completed", result=text)
         return result
 
-    async def record_event(self, cp: Checkpoint, **fields: Any) -> None:
+    async def record_event(self, cp: Checkpoint, /, **fields: Any) -> None:
         async with self.fenced(cp.task_id, cp.token) as conn:
             await self._insert_event(conn, cp, **fields)
 

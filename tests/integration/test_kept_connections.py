@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 
 import durable
-from durable.store.tasks import KeptConnection
+from durable.store.database import KeptConnection
 from tests.helpers import execute, fetchval, running_daemon, wait_status
 
 STARTED: list[int] = []
@@ -115,7 +115,7 @@ async def test_a_launched_task_starts_before_its_loop_runs_its_next_statement(ds
                 seen[-1].append(len(STARTED))
             return await next_due(*args, **kwargs)
 
-        store.claim, store.next_due = claiming, looking  # type: ignore[method-assign]
+        store.claim, store.next_due = claiming, looking
         handle = await client.start(kept_task, 7)
         await wait_status(dsn, handle.id, "completed")
     # The idle loop's look for due work came after the claimed task had started.
@@ -141,8 +141,8 @@ async def test_completions_and_checkpoints_commit_on_kept_connections(dsn: str) 
             used.append(("checkpoint", _pid(via)))
             return accepted
 
-        store.complete_many = completing  # type: ignore[method-assign]
-        store.checkpoint_many = checkpointing  # type: ignore[method-assign]
+        store.complete_many = completing
+        store.checkpoint_many = checkpointing
         for i in range(3):  # one at a time: each flush finds the first kept connection idle
             assert await (await client.start(kept_flow, i)).result(timeout=20) == i + 1
         completes = {pid for kind, pid in used if kind == "complete"}
