@@ -16,6 +16,7 @@ from durable.errors import (
 from durable.models import CancelResult
 from durable.registry import Definition, task, workflow
 from durable.retry import RetryPolicy
+from durable.service import Service, serve
 from durable.version import __version__ as __version__
 
 __all__ = [
@@ -32,9 +33,11 @@ __all__ = [
     "PayloadError",
     "Retry",
     "RetryPolicy",
+    "Service",
     "TaskCancelled",
     "TaskFailed",
     "connect",
+    "serve",
     "task",
     "workflow",
 ]

@@ -99,22 +99,15 @@ class Client:
             isinstance(limit, int | float) and limit > 0 and math.isfinite(limit)
         ):
             raise InvalidValue(f"timeout must be a positive number of seconds, got {shown(limit)}")
-        what = f"the arguments of {name!r}"
-        key = d.key_for(args, kwargs) if d is not None else None
-        return NewTask(
-            name=name,
-            args=dumps(list(args), what=what),
-            kwargs=dumps(kwargs, what=what),
+        return NewTask.from_definition(
+            d if d is not None else Definition.elsewhere(name),
+            args,
+            kwargs,
             queue=q,
-            kind=d.kind if d is not None else "task",
             priority=prio,
             run_at=run_at,
             max_attempts=attempts,
             timeout=float(limit) if limit is not None else None,
-            concurrency_key=key,
-            key_limit=d.key_limit if d is not None and key is not None else None,
-            key_rate_limit=d.key_rate[0] if d and d.key_rate and key is not None else None,
-            key_rate_period=d.key_rate[1] if d and d.key_rate and key is not None else None,
             trace_context=tracing.inject(),  # the caller's span becomes the task's parent
         )
 

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus
 
+from durable.errors import DurableError
 from durable.logs import get_logger, redact
 from durable.store import latest_version
 
 if TYPE_CHECKING:
-    from durable.listener import Listener
-    from durable.metrics import Metrics
+    from durable.metrics import ListenerState, Metrics
     from durable.store import Store
 
 log = get_logger("durable.http")
@@ -140,7 +140,7 @@ class Probes:
     """The handlers: liveness, readiness and metrics of one daemon."""
 
     def __init__(
-        self, store: Store, metrics: Metrics, listener: Callable[[], Listener | None]
+        self, store: Store, metrics: Metrics, listener: Callable[[], ListenerState | None]
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -187,3 +187,24 @@ class Probes:
     async def scrape(self) -> Response:
         await self.metrics.refresh_depth(self.store)
         return 200, PROMETHEUS, self.metrics.render()
+
+
+async def endpoint(
+    host: str,
+    port: int,
+    store: Store,
+    metrics: Metrics,
+    listener: Callable[[], ListenerState | None],
+) -> HttpServer:
+    """DURABLE_HTTP's server, its socket bound now so that a port in use stops the start
+    cleanly, with one line saying why."""
+    server = HttpServer(host, port, Probes(store, metrics, listener).routes())
+    try:
+        await server.listen()
+    except OSError as exc:
+        # asyncio's bind error reads "error while attempting to bind on ...: <reason>".
+        reason = (exc.strerror or str(exc)).rpartition(": ")[2] or repr(exc)
+        raise DurableError(
+            f"DURABLE_HTTP: cannot listen on {host or '*'}:{port}: {reason}"
+        ) from None
+    return server

@@ -12,7 +12,7 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -26,9 +26,33 @@ from prometheus_client.registry import Collector
 from durable.logs import get_logger, redact
 
 if TYPE_CHECKING:
-    from durable.listener import Listener
     from durable.store import Store
-    from durable.worker import QueueWorker
+
+
+class QueueLoad(Protocol):
+    """What the metrics read of one queue's loop."""
+
+    @property
+    def limit(self) -> int: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def wakeups(self) -> Mapping[str, int]: ...
+
+
+class ListenerState(Protocol):
+    """What the metrics and the readiness probe read of the LISTEN connection."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def reconnects(self) -> int: ...
+
+    @property
+    def last_error(self) -> str | None: ...
 
 log = get_logger("durable.metrics")
 
@@ -70,8 +94,8 @@ class Metrics:
         self.leases_reclaimed = 0
         self.checkpoints_written = 0
         self.tasks_pruned = 0
-        self.workers: Mapping[str, QueueWorker] = {}
-        self.listener: Callable[[], Listener | None] = lambda: None
+        self.workers: Mapping[str, QueueLoad] = {}
+        self.listener: Callable[[], ListenerState | None] = lambda: None
         self.depth: list[tuple[str, int, int, int, float | None]] | None = None
         """(queue, queued, running, waiting, oldest ready age) per queue; None: unknown."""
         self.table: tuple[int, float | None] | None = None
@@ -88,7 +112,7 @@ class Metrics:
         return series
 
     def watch(
-        self, workers: Mapping[str, QueueWorker], listener: Callable[[], Listener | None]
+        self, workers: Mapping[str, QueueLoad], listener: Callable[[], ListenerState | None]
     ) -> None:
         """Read slots, wakeups and the listener's state from these at scrape time."""
         self.workers = workers

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from uuid import UUID
+
+from durable.codec import dumps
+
+if TYPE_CHECKING:
+    from durable.registry import Definition
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 STATUSES = ("queued", "running", "waiting", "completed", "failed", "cancelled")
@@ -147,6 +153,53 @@ class NewTask(NamedTuple):
     key_limit: int | None = None
     key_rate_limit: int | None = None
     key_rate_period: float | None = None
+
+    @classmethod
+    def from_definition(
+        cls,
+        definition: Definition[Any, Any],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        **overrides: Any,
+    ) -> NewTask:
+        """The row that starts ``definition`` with these arguments: its queue, kind,
+        priority, attempts, timeout and, when the call has a concurrency key, its per-key
+        limits; ``overrides`` (any field) win. The one way client, workflow and scheduler
+        build a task."""
+        kwargs = {} if kwargs is None else dict(kwargs)
+        what = f"the arguments of {definition.name!r}"
+        key = definition.key_for(args, kwargs)
+        rate = definition.key_rate if key is not None else None
+        task = cls(
+            name=definition.name,
+            args=dumps(list(args), what=what),
+            kwargs=dumps(kwargs, what=what),
+            queue=definition.queue,
+            kind=definition.kind,
+            priority=definition.priority,
+            max_attempts=definition.max_attempts,
+            timeout=definition.timeout,
+            concurrency_key=key,
+            key_limit=definition.key_limit if key is not None else None,
+            key_rate_limit=rate[0] if rate else None,
+            key_rate_period=rate[1] if rate else None,
+        )
+        return task._replace(**overrides) if overrides else task
+
+
+@dataclass(frozen=True)
+class DueSchedule:
+    """A cron schedule whose next run has come (its row as the scheduler reads it; the
+    text columns as stored, which the scheduler checks)."""
+
+    name: str
+    task_name: str
+    cron: str
+    timezone: str
+    args: str
+    kwargs: str
+    queue: str | None
+    next_run_at: datetime
 
 
 @dataclass(frozen=True)

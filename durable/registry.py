@@ -56,6 +56,12 @@ class Definition(Generic[P, R]):
             raise ConfigurationError(f"{self.name}: a concurrency key must have 1 to 500 characters")
         return text
 
+    @staticmethod
+    def elsewhere(name: str) -> Definition[..., Any]:
+        """A task known here only by its name (another service defines and runs it),
+        with the default options."""
+        return Definition(name=name, fn=_elsewhere)
+
     @property
     def origin(self) -> str:
         return f"{self.fn.__module__}:{self.fn.__qualname__}"
@@ -318,3 +324,7 @@ def load(apps: Iterable[str] = (), *, use_entry_points: bool = True) -> Registry
             ) from exc
     registry.check()
     return registry
+
+
+async def _elsewhere(*_args: Any, **_kwargs: Any) -> Any:  # pragma: no cover - never called
+    raise RuntimeError("a task defined in another service runs there")

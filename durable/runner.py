@@ -1,4 +1,8 @@
-"""Run one claimed attempt of a task or workflow, and record how it ended."""
+"""Run one claimed attempt of a task or workflow, and record how it ended.
+
+Completions go to the acknowledgements' group commit (acks.py); the other outcomes
+(suspend, retry, fail, cancel) are written here, one statement each.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,14 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from durable import tracing
+from durable.acks import Completion
+from durable.attempts import Attempt
 from durable.batch import Batcher
 from durable.codec import describe_error, dumps_spaced, error_text, loads
-from durable.context import Context, Suspend
+from durable.context import Context
 from durable.errors import (
     LeaseLost,
     NonDeterminismError,
@@ -23,10 +29,11 @@ from durable.errors import (
 )
 from durable.logs import get_logger
 from durable.metrics import Metrics
-from durable.models import Checkpoint, Claimed
+from durable.models import Claimed
 from durable.registry import Definition, Registry
+from durable.replay import CheckpointWriter, StepTracer, Suspend
 from durable.retry import after_failure
-from durable.store import Store, is_fatal, is_transient
+from durable.store import Store, is_fatal
 
 log = get_logger("durable.runner")
 
@@ -38,50 +45,17 @@ moment (a restart, a login refused, a privilege briefly revoked): an outcome is 
 seconds, and the attempt's lease is kept meanwhile. Then the lease is left to expire."""
 
 
-class Completion(NamedTuple):
-    task: Claimed
-    result: str
-    elapsed: float
-
-
-class Attempt:
-    """A running attempt, as the daemon tracks it: its claim and how to stop it."""
-
-    __slots__ = ("finishing", "job", "reason", "release_slot", "running", "task")
-
-    def __init__(self, task: Claimed, release_slot: Callable[[], None] = lambda: None) -> None:
-        self.task = task
-        self.release_slot = release_slot
-        """Gives the queue's slot back; called once the task's code has returned (set when
-        the attempt is launched into a slot)."""
-        self.job: asyncio.Task[None] | None = None
-        self.reason: str | None = None
-        """Why the daemon stopped it: 'cancelled' (asked by a user), 'lease_lost', 'shutdown'."""
-        self.running = False
-        """The task's code has started: a stop from now on cancels it."""
-        self.finishing = False
-
-    def stop(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-        # Only while the code runs. Before, the job may not have taken its first step,
-        # and a task cancelled then never runs a line (nor its finally): the runner sees
-        # the reason when it starts. After, its outcome is being written: that write is
-        # not interrupted (it would leave the task to wait for its lease to expire).
-        if self.running and not self.finishing and self.job is not None:
-            self.job.cancel()
-
-
 class Runner:
     def __init__(
         self,
         store: Store,
         registry: Registry,
         completions: Batcher[Completion, bool],
-        checkpoints: Batcher[Checkpoint, bool],
+        checkpoints: CheckpointWriter,
         on_timer: Callable[[datetime], None],
         *,
         metrics: Metrics | None = None,
+        tracer: StepTracer = tracing,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -89,6 +63,7 @@ class Runner:
         self.checkpoints = checkpoints
         self.on_timer = on_timer
         self.metrics = metrics or Metrics()
+        self.tracer = tracer
 
     async def run(self, attempt: Attempt) -> None:
         """Run the attempt; every outcome but 'shutdown' is written before returning."""
@@ -124,12 +99,14 @@ class Runner:
         try:
             await self._finish(task, definition, outcome, time.monotonic() - started)
         except Exception as exc:
-            if not is_transient(exc):
+            # A database that kept refusing the outcome is the environment's, not a bug
+            # (those are runner_error): the lease expires and the task runs again.
+            if is_fatal(exc):
                 raise
             log.warning(
                 "task_outcome_not_written",
                 task_id=task.id,
-                error=f"{type(exc).__name__}: {exc}",
+                error=describe_error(exc),
                 note="the lease will expire and the task will run again",
             )
 
@@ -145,7 +122,9 @@ class Runner:
                     events = (
                         [] if task.fresh else await self.store.load_events(task.id, task.branch)
                     )
-                    ctx = Context(self.store, task, events, self.checkpoints, self.registry.get)
+                    ctx = Context(
+                        self.store, task, events, self.checkpoints, self.registry.get, self.tracer
+                    )
                     result = await _call(definition, task, ctx, *args, **kwargs)
                     ctx.check_consumed()
                 else:

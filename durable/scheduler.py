@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from durable.codec import loads
 from durable.cron import parse
 from durable.errors import DurableError
 from durable.logs import get_logger
-from durable.models import NewTask
-from durable.registry import Registry
+from durable.models import DueSchedule, NewTask
+from durable.registry import Definition, Registry
 from durable.store import Store, is_fatal, is_transient
 
 log = get_logger("durable.scheduler")
@@ -46,9 +47,8 @@ async def run_schedules(
     """
     skipped = {} if skipped is None else skipped
     for row in await store.due_schedules(now):
-        name = row["name"]
-        shape = (row["task_name"], row["cron"], row["timezone"], row["queue"], row["args"],
-                 row["kwargs"], row["next_run_at"])
+        name = row.name
+        shape = row
         if skipped.get(name) == shape:
             continue
         skipped.pop(name, None)
@@ -63,21 +63,20 @@ async def run_schedules(
     return await store.next_schedule(list(skipped))
 
 
-async def _fire(store: Store, registry: Registry, now: datetime, row: Any) -> None:
+async def _fire(store: Store, registry: Registry, now: datetime, row: DueSchedule) -> None:
     """Start the tick of one due schedule (unless another daemon did)."""
-    cron = parse(row["cron"], row["timezone"])
-    expected = row["next_run_at"]
+    cron = parse(row.cron, row.timezone)
+    expected = row.next_run_at
     tick = cron.latest_at_or_before(now, expected - timedelta(microseconds=1)) or expected
-    d = registry.get(row["task_name"])
-    task = NewTask(
-        name=row["task_name"],
-        args=row["args"],
-        kwargs=row["kwargs"],
-        queue=row["queue"] or (d.queue if d is not None else "default"),
-        kind=d.kind if d is not None else "task",
-        max_attempts=d.max_attempts if d is not None else 3,
-        timeout=d.timeout if d is not None else None,
-    )
-    task_id = await store.fire_schedule(row["name"], expected, cron.next_after(now), tick, task)
+    name = row.task_name
+    d = registry.get(name) or Definition.elsewhere(name)
+    args, kwargs = loads(row.args), loads(row.kwargs)
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise DurableError(f"schedule {row.name!r}: args must be a JSON array and kwargs "
+                           "a JSON object")
+    task = NewTask.from_definition(d, args, kwargs)
+    if row.queue:
+        task = task._replace(queue=row.queue)
+    task_id = await store.fire_schedule(row.name, expected, cron.next_after(now), tick, task)
     if task_id is not None:
-        log.info("schedule_fired", schedule=row["name"], tick=tick.isoformat(), task_id=task_id)
+        log.info("schedule_fired", schedule=row.name, tick=tick.isoformat(), task_id=task_id)

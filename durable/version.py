@@ -1,3 +1,4 @@
-"""The version of durable, apart from the package so any module can read it without importing the package."""
+"""The package's version, in a module of its own so that any module can read it without
+importing the package's public API."""
 
 __version__ = "0.1.0"

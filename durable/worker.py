@@ -21,10 +21,10 @@ from datetime import datetime
 import anyio
 from anyio.abc import TaskGroup
 
-from durable import logs
+from durable import logs, tracing
+from durable.attempts import Attempt
 from durable.logs import Once, get_logger, redact
 from durable.models import Claimed
-from durable.runner import Attempt
 from durable.store import Store, is_fatal, is_transient
 
 log = get_logger("durable.worker")
@@ -209,6 +209,8 @@ class QueueWorker:
                     tasks = await self.store.claim(
                         self.queue, self.names, room, self.lease, self.worker_id, self._conn
                     )
+                    if tasks and tracing.tracer() is not None:
+                        tasks = await self._traced(tasks)
             except Exception as exc:
                 self._claiming = None
                 if is_fatal(exc):
@@ -263,6 +265,17 @@ class QueueWorker:
                 continue
             await self._idle()
         await self._give_back_waiting()
+
+    async def _traced(self, tasks: list[Claimed]) -> list[Claimed]:
+        """The claimed tasks with their stored trace contexts, which the claim leaves out
+        (reading them costs a statement, paid only while tracing is on)."""
+        try:
+            contexts = await self.store.trace_contexts([t.id for t in tasks])
+        except Exception:
+            # These tasks are claimed now: run them untraced rather than lose them until
+            # their leases expire.
+            return tasks
+        return [t._replace(trace_context=contexts.get(t.id)) for t in tasks]
 
     async def _wait_for_slot(self) -> None:
         """Wait for a slot to come free; tasks claimed ahead that waited too long for

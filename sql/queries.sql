@@ -623,3 +623,12 @@ union all
    from pg_proc p
   where p.pronamespace = 'durable'::regnamespace
   order by p.proname, p.oid)
+
+-- name: now
+-- The database's clock, within the statement's transaction.
+select now()
+
+-- name: settle_wait
+-- A wait_for_event recorded earlier, settled: the signal's payload, or a timeout.
+update durable.events set status = $4, result = $5::jsonb, signal_id = $6, finished_at = now()
+ where task_id = $1 and branch = $2 and seq = $3

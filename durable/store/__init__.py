@@ -1,12 +1,14 @@
 """The one package that talks to Postgres: every read and write durable makes.
 
-``schema`` finds the SQL and applies migrations, ``tasks`` enqueues, claims and finishes,
-``workflows`` keeps the event log, ``operations`` runs limits, schedules and upkeep, and
-``listen`` holds the LISTEN connection. Nothing outside this package imports asyncpg.
+``schema`` finds the SQL and applies migrations; ``database`` holds the pool, the kept
+connections and the clock; the Store (``store``) is composed of parts on it: ``tasks``
+enqueues, claims and finishes, ``workflows`` keeps the event log, ``operations`` runs
+limits, schedules and upkeep; ``listen`` holds the LISTEN connection. Nothing outside
+this package imports asyncpg.
 """
 
+from durable.store.database import KeptConnection
 from durable.store.listen import Subscription
-from durable.store.operations import Store
 from durable.store.schema import (
     MIGRATION_LOCK,
     PINNED_SESSION,
@@ -31,7 +33,7 @@ from durable.store.schema import (
     schema_version,
     sql_dir,
 )
-from durable.store.tasks import KeptConnection
+from durable.store.store import Store
 
 __all__ = [
     "MIGRATION_LOCK",

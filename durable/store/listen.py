@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from durable.store.schema import connect
+from durable.store.schema import connect, queries
 
 
 class Subscription:
@@ -38,7 +38,7 @@ class Subscription:
 
     async def ping(self, timeout: float) -> None:
         """A round trip; raises if the server does not answer within ``timeout``."""
-        await self._conn.fetchval("select 1", timeout=timeout)
+        await self._conn.fetchval(queries()["ping"], timeout=timeout)
 
     @property
     def backend_pid(self) -> int:

@@ -10,15 +10,21 @@ import asyncpg
 from durable import validation
 from durable.errors import DurableError
 from durable.models import (
+    DueSchedule,
     NewTask,
     PruneResult,
 )
+from durable.store.database import Database, Part
 from durable.store.schema import PRUNE_LOCK, is_transient
-from durable.store.workflows import WorkflowStore
+from durable.store.tasks import Tasks
 
 
-class Store(WorkflowStore):
-    """Everything durable reads and writes: tasks, workflows, and operating them."""
+class Operations(Part):
+    """Operating the fleet: limits, schedules, restarts, probes, bulk actions, pruning."""
+
+    def __init__(self, db: Database, tasks: Tasks) -> None:
+        super().__init__(db)
+        self.tasks = tasks
 
     async def queue_limits(self) -> list[asyncpg.Record]:
         return await self.pool.fetch(self.q["queue_limits"])
@@ -67,8 +73,8 @@ class Store(WorkflowStore):
     async def list_schedules(self) -> list[asyncpg.Record]:
         return await self.pool.fetch(self.q["list_schedules"])
 
-    async def due_schedules(self, now: datetime) -> list[asyncpg.Record]:
-        return await self.pool.fetch(self.q["due_schedules"], now)
+    async def due_schedules(self, now: datetime) -> list[DueSchedule]:
+        return [DueSchedule(*r) for r in await self.pool.fetch(self.q["due_schedules"], now)]
 
     async def next_schedule(self, skip: Sequence[str] = ()) -> datetime | None:
         """When the next schedule is due, leaving out the schedules named in ``skip``."""
@@ -85,7 +91,7 @@ class Store(WorkflowStore):
                 is None
             ):
                 return None
-            task_id, _ = await self.insert_task(
+            task_id, _ = await self.tasks.insert_task(
                 task, idempotency_key=f"schedule:{name}:{tick.isoformat()}", conn=conn
             )
             await conn.execute(self.q["schedule_task_started"], name, task_id)

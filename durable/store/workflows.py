@@ -18,10 +18,10 @@ from durable.models import (
     HistoryEntry,
     NewTask,
 )
-from durable.store.tasks import KeptConnection, TaskStore, reset_session
+from durable.store.database import KeptConnection, Part, reset_session
 
 
-class WorkflowStore(TaskStore):
+class Workflows(Part):
     """The event log, children, timers and events of workflows."""
 
     async def wake_timers(self) -> int:
@@ -102,7 +102,7 @@ class WorkflowStore(TaskStore):
             await self._insert_event(conn, cp, status="completed", result=text)
         return result
 
-    async def record_event(self, cp: Checkpoint, **fields: Any) -> None:
+    async def record_event(self, cp: Checkpoint, /, **fields: Any) -> None:
         async with self.fenced(cp.task_id, cp.token) as conn:
             await self._insert_event(conn, cp, **fields)
 
@@ -214,16 +214,14 @@ class WorkflowStore(TaskStore):
             sig = await conn.fetchrow(self.q["take_signal"], cp.task_id, cp.branch, event_name)
             if sig is not None:
                 outcome, payload, signal_id = "completed", sig["payload"], sig["id"]
-            elif deadline is not None and deadline <= await conn.fetchval("select now()"):
+            elif deadline is not None and deadline <= await conn.fetchval(self.q["now"]):
                 outcome, payload, signal_id = "failed", None, None
             else:
                 outcome, payload, signal_id = "pending", None, None
             if exists:
                 if outcome != "pending":
                     await conn.execute(
-                        "update durable.events set status = $4, result = $5::jsonb,"
-                        " signal_id = $6, finished_at = now()"
-                        " where task_id = $1 and branch = $2 and seq = $3",
+                        self.q["settle_wait"],
                         cp.task_id,
                         cp.branch,
                         cp.seq,

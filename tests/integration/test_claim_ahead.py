@@ -16,9 +16,10 @@ from typing import Any
 import anyio
 
 import durable
+from durable.attempts import Attempt
 from durable.batch import Batcher
 from durable.registry import registry
-from durable.runner import Attempt, Runner
+from durable.runner import Runner
 from durable.store import Store
 from durable.worker import ahead
 from tests.support.helpers import fetchval, running_daemon, wait_for

@@ -13,7 +13,7 @@ import pytest
 from durable.daemon import WARM_CONNECTIONS
 from durable.models import Claimed
 from durable.store import Store, queries
-from durable.store.tasks import WARM_UP
+from durable.store.database import WARM_UP
 from tests.support.helpers import execute, running_daemon
 
 

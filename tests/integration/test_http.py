@@ -348,7 +348,7 @@ async def test_healthz_fails_while_the_database_is_down(
         assert json.loads(body)["database"] is False
         assert await status(port, "/readyz") == 503
         assert await status(port, "/metrics") == 200  # the daemon's own counters still
-        assert not daemon._stop.is_set()
+        assert not daemon.stopping
 
         await anyio.to_thread.run_sync(restartable_server.ensure_started)
 

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 
 import durable
-from durable.store.tasks import KeptConnection
+from durable.store.database import KeptConnection
 from tests.support.helpers import execute, fetchval, running_daemon, wait_status
 
 STARTED: list[int] = []
@@ -115,7 +115,7 @@ async def test_a_launched_task_starts_before_its_loop_runs_its_next_statement(ds
                 seen[-1].append(len(STARTED))
             return await next_due(*args, **kwargs)
 
-        store.claim, store.next_due = claiming, looking  # type: ignore[method-assign]
+        store.claim, store.next_due = claiming, looking
         handle = await client.start(kept_task, 7)
         await wait_status(dsn, handle.id, "completed")
     # The idle loop's look for due work came after the claimed task had started.
@@ -141,8 +141,8 @@ async def test_completions_and_checkpoints_commit_on_kept_connections(dsn: str) 
             used.append(("checkpoint", _pid(via)))
             return accepted
 
-        store.complete_many = completing  # type: ignore[method-assign]
-        store.checkpoint_many = checkpointing  # type: ignore[method-assign]
+        store.complete_many = completing
+        store.checkpoint_many = checkpointing
         for i in range(3):  # one at a time: each flush finds the first kept connection idle
             assert await (await client.start(kept_flow, i)).result(timeout=20) == i + 1
         completes = {pid for kind, pid in used if kind == "complete"}
@@ -150,7 +150,8 @@ async def test_completions_and_checkpoints_commit_on_kept_connections(dsn: str) 
         assert len(completes) == 1 and len(checkpoints) == 1 and completes != checkpoints
         assert len(used) == 9  # three completions, six checkpoints: none took the pool's path
 
-        for kept in (daemon._completing[0], daemon._checkpointing[0]):
+        assert daemon.acks is not None
+        for kept in (daemon.acks.completing[0], daemon.acks.checkpointing[0]):
             lost = anyio.Event()
             assert kept._conn is not None
             kept._conn.add_termination_listener(lambda *_, lost=lost: lost.set())
@@ -160,4 +161,5 @@ async def test_completions_and_checkpoints_commit_on_kept_connections(dsn: str) 
         assert await (await client.start(kept_flow, 10)).result(timeout=20) == 11
         after = {pid for _, pid in used[9:]}
         assert not after & (completes | checkpoints)
-    assert all(k._conn is None for k in daemon._completing + daemon._checkpointing)
+    assert daemon.acks is not None
+    assert all(k._conn is None for k in daemon.acks.completing + daemon.acks.checkpointing)

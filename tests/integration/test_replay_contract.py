@@ -14,12 +14,12 @@ import asyncpg
 import pytest
 
 import durable
+from durable.acks import Acks
 from durable.context import Context
-from durable.daemon import Daemon
+from durable.metrics import Metrics
 from durable.models import Checkpoint
-from durable.registry import registry
 from durable.store import Store
-from tests.support.helpers import fetchval, running_daemon, settings, wait_status
+from tests.support.helpers import fetchval, running_daemon, wait_status
 
 RUNS: Counter[str] = Counter()
 SEEN: dict[str, list[Any]] = {}
@@ -338,17 +338,16 @@ async def test_one_refused_checkpoint_fails_only_its_own_row(dsn: str) -> None:
             ))
     finally:
         await conn.close()
-    daemon = Daemon(settings(), registry, dsn)
-    daemon.store = await Store.open(dsn, min_size=1, max_size=2)
+    store = await Store.open(dsn, min_size=1, max_size=2)
     try:
         now = (await fetchval(dsn, "select now()"))
         rows = [
             Checkpoint(t, 7, 0, 0, "step", name, "d", "completed", "1", None, 1, now)
             for t, name in zip(ids, ["good", "bad\x00", "good too"], strict=True)
         ]
-        results = await daemon._checkpoint(rows)
+        results = await Acks(store, Metrics()).checkpoint(rows)
     finally:
-        await daemon.store.close()
+        await store.close()
     assert results[0] is True and results[2] is True
     assert isinstance(results[1], Exception)
     assert await fetchval(dsn, "select count(*) from durable.events") == 2

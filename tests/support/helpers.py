@@ -15,17 +15,20 @@ from typing import Any
 import anyio
 import asyncpg
 
+import durable
 from durable.daemon import Daemon
-from durable.registry import Registry, registry
+from durable.registry import Registry
 from durable.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+BASE = {"poll_interval": "1", "lease": "5", "shutdown_grace": "5"}
+"""What the tests' daemons run with unless told otherwise: short polls, leases and grace."""
+
+
 def settings(**overrides: object) -> Settings:
-    base: dict[str, object] = {"poll_interval": "1", "lease": "5", "shutdown_grace": "5"}
-    base.update(overrides)
-    return Settings.from_env({}, **base)
+    return Settings.from_env({}, **{**BASE, **overrides})
 
 
 @asynccontextmanager
@@ -36,20 +39,17 @@ async def running_daemon(
     **overrides: object,
 ) -> AsyncIterator[Daemon]:
     """A daemon serving in this event loop until the block ends (then stopped gracefully)."""
-    daemon = Daemon(settings(**overrides), reg or registry, dsn)
-    async with anyio.create_task_group() as tg:
-        await tg.start(daemon.run)
-        try:
-            yield daemon
-        finally:
-            daemon.stop()
+    options: dict[str, Any] = {**BASE, **overrides}
+    async with durable.serve(dsn, registry=reg, env={}, **options) as service:
+        yield service.daemon
 
 
 async def run_burst(dsn: str, *, reg: Registry | None = None, **overrides: object) -> Daemon:
     """Run a daemon until no work is ready and nothing is running."""
-    daemon = Daemon(settings(**overrides), reg or registry, dsn, burst=True)
-    await daemon.run()
-    return daemon
+    options: dict[str, Any] = {**BASE, **overrides}
+    async with durable.serve(dsn, registry=reg, env={}, burst=True, **options) as service:
+        await service.wait()
+    return service.daemon
 
 
 async def wait_for(

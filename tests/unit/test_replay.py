@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from durable.codec import digest, dumps, error_text, loads, loads_as_stored
-from durable.context import as_recorded, match, rebuild_error, unconsumed
 from durable.errors import NonDeterminismError, TaskFailed
 from durable.models import Event
+from durable.replay import as_recorded, match, rebuild_error, unconsumed
 
 
 def event(seq: int, kind: str = "step", name: str = "charge", dig: str | None = None) -> Event:

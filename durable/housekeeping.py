@@ -1,0 +1,171 @@
+"""Housekeeping: due timers, cron schedules, retention and the reaping of expired leases.
+
+None of it is on a task's path; each loop's failures are logged and the daemon goes on
+serving unless retrying cannot help (is_fatal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from durable.logs import Once, get_logger, redact
+from durable.metrics import Metrics
+from durable.registry import Registry
+from durable.scheduler import declare_schedules, run_schedules
+from durable.store import Store, is_fatal, is_transient
+
+log = get_logger("durable.housekeeping")
+
+RETENTION_INTERVAL = 300.0
+"""Seconds between prune passes when DURABLE_RETENTION is set."""
+
+
+class Housekeeping:
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        metrics: Metrics,
+        clock: Callable[[], datetime],
+        *,
+        poll_interval: float,
+        lease: float,
+        retention: float | None = None,
+        retention_interval: float = RETENTION_INTERVAL,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.metrics = metrics
+        self.clock = clock
+        """The scheduler's clock (tests drive it)."""
+        self.poll_interval = poll_interval
+        self.lease = lease
+        self.retention = retention
+        self.retention_interval = retention_interval
+        self.prune_runs = 0
+        """Prune passes attempted under DURABLE_RETENTION (done, skipped or failed)."""
+        self._timer_wakeup = asyncio.Event()
+        self._schedule_wakeup = asyncio.Event()
+        self._skipped: dict[str, Any] = {}
+        """Schedules whose rows this daemon cannot use, left out until they change."""
+        self._errors = {"timers": Once(), "schedules": Once(), "reaping": Once()}
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Record the schedules declared in code, then run every loop until cancelled."""
+        await self.declare_schedules()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._timers)
+            tg.start_soon(self._schedules)
+            tg.start_soon(self._reaping)
+            if self.retention is not None:
+                tg.start_soon(self._retention, self.retention)
+            task_status.started()
+
+    def wake_timers(self, when: datetime | None = None) -> None:
+        """A timer was set (or may have been missed): look for due ones now."""
+        self._timer_wakeup.set()
+
+    # -- timers ---------------------------------------------------------------------
+
+    async def _timers(self) -> None:
+        """Wake suspended workflows when their timers are due, without busy polling."""
+        while True:
+            self._timer_wakeup.clear()
+            timeout = self.poll_interval
+            try:
+                await self.store.wake_timers()
+                nxt = await self.store.next_timer()
+                if nxt is not None:
+                    until = (nxt - self.store.now()).total_seconds()
+                    timeout = max(0.005, min(timeout, until))
+                self._errors["timers"].clear()
+            except Exception as exc:
+                self._failed("timers", exc)
+            with anyio.move_on_after(timeout):
+                await self._timer_wakeup.wait()
+
+    # -- cron schedules -------------------------------------------------------------
+
+    async def declare_schedules(self) -> None:
+        """Record the schedules declared in code (``schedule=`` on a definition)."""
+        await declare_schedules(self.store, self.registry, self.clock())
+
+    async def run_schedules(self) -> datetime | None:
+        """Start every schedule whose tick has come; returns when the next one is due."""
+        return await run_schedules(self.store, self.registry, self.clock(), self._skipped)
+
+    async def _schedules(self) -> None:
+        while True:
+            self._schedule_wakeup.clear()
+            timeout = self.poll_interval
+            try:
+                nxt = await self.run_schedules()
+                if nxt is not None:
+                    until = (nxt - self.clock()).total_seconds()
+                    timeout = max(0.01, min(timeout, until))
+                self._errors["schedules"].clear()
+            except Exception as exc:
+                self._failed("schedules", exc)
+            with anyio.move_on_after(timeout):
+                await self._schedule_wakeup.wait()
+
+    # -- expired leases ---------------------------------------------------------------
+
+    async def _reaping(self) -> None:
+        """Hand back or fail the tasks of any daemon whose leases have expired, every
+        lease/3 seconds (as often as leases are extended)."""
+        interval = self.lease / 3
+        while True:
+            await anyio.sleep(interval)
+            try:
+                # Bounded like the heartbeat: a half-open connection never answers.
+                with anyio.fail_after(interval):
+                    reaped = await self.store.reap_expired()
+                self._errors["reaping"].clear()
+            except Exception as exc:
+                self._failed("reaping", exc)
+                continue
+            self.metrics.leases_reclaimed += len(reaped)
+            if reaped:
+                log.warning("leases_reclaimed", count=len(reaped), ids=[i for i, _ in reaped])
+
+    # -- retention --------------------------------------------------------------------
+
+    async def _retention(self, older_than: float) -> None:
+        """Prune finished task trees older than ``older_than`` now and every few minutes.
+
+        Every daemon tries; an advisory lock lets one of them prune at a time.
+        """
+        while True:
+            try:
+                done = await self.store.prune(older_than)
+            except Exception as exc:
+                # Retention is housekeeping: whatever goes wrong, serving tasks goes on.
+                log.warning("prune_failed", error=redact(f"{type(exc).__name__}: {exc}"))
+            else:
+                if done is None:
+                    log.debug("prune_skipped", reason="another process is pruning")
+                else:
+                    self.metrics.tasks_pruned += done.tasks
+                    if done.tasks or done.workers:
+                        log.info("tasks_pruned", tasks=done.tasks, events=done.events,
+                                 signals=done.signals, workers=done.workers)
+            self.prune_runs += 1
+            await anyio.sleep(self.retention_interval)
+
+    def _failed(self, loop: str, exc: Exception) -> None:
+        """A loop's pass failed: logged as a warning if it is a blip, once as an error if
+        not; raised if retrying cannot help."""
+        if is_fatal(exc):
+            raise exc
+        error = redact(f"{type(exc).__name__}: {exc}")
+        if is_transient(exc):
+            log.warning(f"{loop}_failed", error=error)
+        elif self._errors[loop].new(error):
+            log.error(f"{loop}_failed", error=error, note="retried every poll interval")

@@ -1,0 +1,137 @@
+"""``durable.serve``: a daemon running inside an application's own event loop."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import TaskStatus
+
+from durable.errors import ConfigurationError
+from durable.registry import Registry
+from durable.settings import Settings
+
+if TYPE_CHECKING:
+    from durable.daemon import Daemon
+
+
+class Service:
+    """The handle ``durable.serve`` yields: the running daemon, and ways to wait on it."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._ended = anyio.Event()
+
+    @property
+    def settings(self) -> Settings:
+        return self.daemon.settings
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (a second call skips the grace period)."""
+        self.daemon.stop()
+
+    async def wait(self) -> None:
+        """Wait until the daemon has stopped: after ``stop()``, or, with ``burst=True``,
+        once no work is ready and nothing is running."""
+        await self._ended.wait()
+
+    async def ready(self) -> None:
+        """Wait until LISTEN is live and every queue has been claimed from once."""
+        await self.daemon.ready.wait()
+
+    async def idle(self, *, interval: float = 0.02) -> None:
+        """Wait until this daemon holds no task and none of its queues has ready work
+        (others may still be running tasks of its queues)."""
+        # Polled: tasks become ready by time (retries, timers) as well as by writes.
+        while not await self._idle():
+            with anyio.move_on_after(interval):
+                await self._ended.wait()
+            if self._ended.is_set():
+                return
+
+    async def _idle(self) -> bool:
+        d = self.daemon
+        if d.attempts or d.store is None or (d.acks is not None and d.acks.pending()):
+            return False
+        now = d.store.now()
+        names = d.registry.names()
+        for queue in d.workers:
+            due = await d.store.next_due(queue, names)
+            if due is not None and due <= now:
+                return False
+        return True
+
+    async def _run(self, handle_signals: bool, *, task_status: TaskStatus[None]) -> None:
+        try:
+            await self.daemon.run(handle_signals=handle_signals, task_status=task_status)
+        finally:
+            self._ended.set()
+
+
+@asynccontextmanager
+async def serve(
+    database_url: str | None = None,
+    *,
+    queues: str | Mapping[str, int] | Sequence[str] | None = None,
+    registry: Registry | None = None,
+    env: Mapping[str, str] | None = None,
+    burst: bool = False,
+    handle_signals: bool = False,
+    pool_size: int = 10,
+    **overrides: object,
+) -> AsyncIterator[Service]:
+    """Run a daemon in this event loop for the duration of the ``async with`` block.
+
+    ::
+
+        async with durable.serve("postgresql://...", queues={"email": 8}) as service:
+            ...  # tasks of the queue "email" run here meanwhile
+
+    Settings are read as ``durable run`` reads them, from the ``DURABLE_*`` variables of
+    ``env`` (default ``os.environ``; pass ``{}`` to ignore the environment), and keyword
+    ``overrides`` win over them (``lease="10s"``, ``shutdown_grace=5``, ``http=":9090"``:
+    any field of ``durable.settings.Settings``, in the form its variable takes).
+    ``queues`` is ``"orders=8,email"``, a mapping of name to concurrency, or a list of
+    names. The tasks served are those of ``registry`` (by default, every task and
+    workflow defined with the decorators). The database is ``database_url``, else the
+    settings' URL, else libpq's variables; ``durable.serve`` never starts the embedded
+    Postgres. The schema must be migrated (``durable migrate``).
+
+    The block starts once the daemon serves (LISTEN live, its queues claimed from). On
+    leaving it the daemon stops gracefully: running tasks get ``shutdown_grace`` seconds.
+    ``burst=True`` serves until no work is ready and nothing runs (``await
+    service.wait()``). ``handle_signals=True`` stops on SIGTERM and SIGINT; leave it off
+    when the application handles signals itself.
+    """
+    from durable.daemon import Daemon
+    from durable.registry import registry as defined
+
+    if queues is not None:
+        overrides["queues"] = _queues(queues)
+    settings = Settings.from_env(env, **overrides)
+    url = database_url if database_url is not None else settings.database_url
+    if url is None and not settings.use_libpq_env:
+        raise ConfigurationError(
+            "durable.serve: no database URL (pass one, or set DURABLE_DATABASE_URL)"
+        )
+    daemon = Daemon(
+        settings, registry if registry is not None else defined, url,
+        listen_dsn=settings.listen_url, burst=burst, pool_size=pool_size,
+    )
+    service = Service(daemon)
+    async with anyio.create_task_group() as tg:
+        await tg.start(service._run, handle_signals)
+        try:
+            yield service
+        finally:
+            daemon.stop()
+
+
+def _queues(queues: str | Mapping[str, int] | Sequence[str]) -> str:
+    if isinstance(queues, str):
+        return queues
+    if isinstance(queues, Mapping):
+        return ",".join(f"{name}={limit}" for name, limit in queues.items())
+    return ",".join(queues)

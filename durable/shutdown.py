@@ -1,0 +1,58 @@
+"""A daemon's shutdown: a stop flag, a bounded grace period, then bounded last writes."""
+
+from __future__ import annotations
+
+import math
+
+import anyio
+
+FINAL_WRITES = 5.0
+"""Seconds a shutdown gives its last writes once the grace period is over: outcomes still
+being written, the hand-back of unfinished tasks, flushes in flight, the daemon's row and
+the pool's close. A network path that stops answering never errors, so without a bound
+those writes would hold the daemon until it is killed; a server that has not answered by
+then is taken for unreachable, and the tasks' leases hand them over when they expire."""
+
+
+class Shutdown:
+    """When a stop was asked for, how long running tasks may still take, and the scope
+    every write that must survive the stop runs in."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.requested = anyio.Event()
+        self.forced = anyio.Event()
+        """A second stop: the grace period is skipped."""
+        self.grace_deadline = math.inf
+        self.final_deadline = math.inf
+
+    def request(self) -> bool:
+        """Record a stop; True for the first one (which starts the grace period)."""
+        now = anyio.current_time()
+        first = not self.requested.is_set()
+        if first:
+            # The grace period counts from the stop, and the last writes get FINAL_WRITES
+            # after it: the whole shutdown is bounded, whatever the network does.
+            self.grace_deadline = now + self.grace
+            self.final_deadline = self.grace_deadline + FINAL_WRITES
+        else:
+            self.forced.set()
+            self.final_deadline = min(self.final_deadline, now + FINAL_WRITES)
+        self.requested.set()
+        return first
+
+    def grace_scope(self) -> anyio.CancelScope:
+        """The grace period, from the stop (or from now: a burst that ran dry)."""
+        grace = self.grace_deadline
+        if grace == math.inf:
+            grace = anyio.current_time() + self.grace
+        return anyio.CancelScope(deadline=grace)
+
+    def last_writes(self) -> anyio.CancelScope:
+        """A scope for a write that must be made even while shutting down: shielded from
+        cancellation, and bounded: by the shutdown's deadline for its last writes, or
+        FINAL_WRITES from now outside a shutdown."""
+        deadline = self.final_deadline
+        if deadline == math.inf:
+            deadline = anyio.current_time() + FINAL_WRITES
+        return anyio.CancelScope(shield=True, deadline=deadline)
