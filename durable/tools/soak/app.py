@@ -31,7 +31,7 @@ from typing import Any
 
 import durable
 from durable.errors import EventTimeout, NonRetryable, TaskFailed
-from durable.store import NamedSql, is_transient, named_queries
+from durable.store import NamedSql, is_fatal, named_queries
 
 QUEUE = "soak"
 CHILD_QUEUE = 'soak "kids" ü'
@@ -76,7 +76,8 @@ async def _sql() -> NamedSql:
 
 async def record(kind: str, key: str, task_id: int | None = None, seq: int | None = None,
                  attempt: int | None = None) -> str:
-    """Record that a body starts; retried through restarts (a run id makes it idempotent)."""
+    """Record that a body starts; retried through restarts and refused logins (a run id makes
+    it idempotent), so that a fault of the moment costs no attempt of a task."""
     run_id = str(uuid.uuid4())
     delay = 0.05
     loop = asyncio.get_running_loop()
@@ -88,7 +89,7 @@ async def record(kind: str, key: str, task_id: int | None = None, seq: int | Non
                          os.getpid(), timeout=10)
             return run_id
         except Exception as exc:
-            if not is_transient(exc) or loop.time() > deadline:
+            if is_fatal(exc) or loop.time() > deadline:  # a refused login passes too
                 raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
