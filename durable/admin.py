@@ -43,19 +43,15 @@ class Admin:
         limit: int = 100,
     ) -> list[TaskSummary]:
         """The newest tasks matching the filters, newest first."""
-        rows = await self._store.list_tasks(
+        return await self._store.list_tasks(
             status=status, queue=queue, name=name, since=since, limit=limit
         )
-        return [TaskSummary(**dict(r)) for r in rows]
 
     async def queue_counts(self) -> list[QueueCount]:
-        return [QueueCount(**dict(r)) for r in await self._store.queue_stats()]
+        return await self._store.queue_stats()
 
     async def queue_limits(self) -> list[QueueLimit]:
-        return [
-            QueueLimit(r["name"], r["concurrency"], r["rate_limit"], r["rate_period"])
-            for r in await self._store.queue_limits()
-        ]
+        return await self._store.queue_limits()
 
     async def set_queue_limits(
         self, queue: str, concurrency: int | None, rate: tuple[int, float] | None
@@ -67,22 +63,11 @@ class Admin:
     async def unserved(self, live_within: float) -> list[Unserved]:
         """Per queue, queued names that no daemon heard from within ``live_within``
         seconds has the code for."""
-        return [
-            Unserved(r["queue"], tuple(r["names"]), r["tasks"])
-            for r in await self._store.unserved_names(live_within)
-        ]
+        return await self._store.unserved_names(live_within)
 
     async def workers(self, limit: int = 100) -> list[WorkerInfo]:
         """Registered daemons, the most recently started first."""
-        return [
-            WorkerInfo(
-                id=r["id"], host=r["host"], pid=r["pid"], queues=json.loads(r["queues"]),
-                names=tuple(r["names"]), started_at=r["started_at"],
-                heartbeat_at=r["heartbeat_at"], stopped_at=r["stopped_at"],
-                silence=r["silence"].total_seconds(),
-            )
-            for r in await self._store.list_workers(limit)
-        ]
+        return await self._store.list_workers(limit)
 
     async def select(
         self,
@@ -125,15 +110,7 @@ class Admin:
         return await self._store.prune(older_than, batch=batch, progress=progress)
 
     async def schedules(self) -> list[ScheduleInfo]:
-        return [
-            ScheduleInfo(
-                name=r["name"], task=r["task_name"], cron=r["cron"], timezone=r["timezone"],
-                args=json.loads(r["args"]), queue=r["queue"], source=r["source"],
-                next_run_at=r["next_run_at"], last_run_at=r["last_run_at"],
-                last_task_id=r["last_task_id"],
-            )
-            for r in await self._store.list_schedules()
-        ]
+        return await self._store.list_schedules()
 
     async def add_schedule(
         self,

@@ -134,10 +134,7 @@ class Metrics:
                 self.depth = self.table = None
                 return
             self.table = table
-            self.depth = [
-                (r["queue"], r["queued"], r["running"], r["waiting"], r["oldest_ready"])
-                for r in rows
-            ]
+            self.depth = rows
             self._depth_at = time.monotonic()
 
     def render(self) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
@@ -13,6 +14,9 @@ from durable.models import (
     DueSchedule,
     NewTask,
     PruneResult,
+    QueueLimit,
+    ScheduleInfo,
+    Unserved,
 )
 from durable.store.database import Database, Part
 from durable.store.schema import PRUNE_LOCK, is_transient
@@ -26,8 +30,11 @@ class Operations(Part):
         super().__init__(db)
         self.tasks = tasks
 
-    async def queue_limits(self) -> list[asyncpg.Record]:
-        return await self.pool.fetch(self.q["queue_limits"])
+    async def queue_limits(self) -> list[QueueLimit]:
+        return [
+            QueueLimit(r["name"], r["concurrency"], r["rate_limit"], r["rate_period"])
+            for r in await self.pool.fetch(self.q["queue_limits"])
+        ]
 
     async def set_queue_limits(
         self, queue: str, concurrency: int | None, rate_limit: int | None, rate_period: float | None
@@ -70,8 +77,16 @@ class Operations(Part):
     async def delete_schedule(self, name: str) -> bool:
         return await self.pool.fetchval(self.q["delete_schedule"], name) is not None
 
-    async def list_schedules(self) -> list[asyncpg.Record]:
-        return await self.pool.fetch(self.q["list_schedules"])
+    async def list_schedules(self) -> list[ScheduleInfo]:
+        return [
+            ScheduleInfo(
+                name=r["name"], task=r["task_name"], cron=r["cron"], timezone=r["timezone"],
+                args=json.loads(r["args"]), queue=r["queue"], source=r["source"],
+                next_run_at=r["next_run_at"], last_run_at=r["last_run_at"],
+                last_task_id=r["last_task_id"],
+            )
+            for r in await self.pool.fetch(self.q["list_schedules"])
+        ]
 
     async def due_schedules(self, now: datetime) -> list[DueSchedule]:
         return [DueSchedule(*r) for r in await self.pool.fetch(self.q["due_schedules"], now)]
@@ -123,18 +138,24 @@ class Operations(Part):
 
     async def queue_depth(
         self,
-    ) -> tuple[list[asyncpg.Record], tuple[int, float | None] | None]:
+    ) -> tuple[list[tuple[str, int, int, int, float | None]], tuple[int, float | None] | None]:
         """(queue, queued, running, waiting, oldest_ready seconds) for every busy queue,
         and durable.tasks's (dead row versions, seconds since the last vacuum): what a
         scrape reads, on one pool connection."""
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(self.q["queue_depth"])
             health = await conn.fetchrow(self.q["table_health"])
-        return rows, None if health is None else (health["dead"], health["vacuum_age"])
+        depth = [
+            (r["queue"], r["queued"], r["running"], r["waiting"], r["oldest_ready"]) for r in rows
+        ]
+        return depth, None if health is None else (health["dead"], health["vacuum_age"])
 
-    async def unserved_names(self, live_within: float) -> list[asyncpg.Record]:
-        """(queue, names, tasks): queued names that no daemon heard from lately can run."""
-        return await self.pool.fetch(self.q["unserved_names"], live_within)
+    async def unserved_names(self, live_within: float) -> list[Unserved]:
+        """Per queue, queued names that no daemon heard from lately can run."""
+        return [
+            Unserved(r["queue"], tuple(r["names"]), r["tasks"])
+            for r in await self.pool.fetch(self.q["unserved_names"], live_within)
+        ]
 
     async def select_tasks(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import uuid
@@ -15,7 +16,10 @@ from durable.codec import dumps, loads
 from durable.models import (
     Claimed,
     NewTask,
+    QueueCount,
     TaskInfo,
+    TaskSummary,
+    WorkerInfo,
 )
 from durable.store.database import KeptConnection, Part
 
@@ -203,8 +207,9 @@ class Tasks(Part):
         name: str | None = None,
         since: datetime | None = None,
         limit: int = 100,
-    ) -> list[asyncpg.Record]:
-        return await self.pool.fetch(self.q["list_tasks"], status, queue, name, since, limit)
+    ) -> list[TaskSummary]:
+        rows = await self.pool.fetch(self.q["list_tasks"], status, queue, name, since, limit)
+        return [TaskSummary(**dict(r)) for r in rows]
 
     async def watch_finish(self, task_id: int) -> tuple[str, Any, Any] | None:
         row = await self.pool.fetchrow(self.q["watch_finish"], task_id)
@@ -218,11 +223,20 @@ class Tasks(Part):
         rows = await self.pool.fetch(self.q["cancel"], list(ids))
         return [(r[0], r[1], r[2]) for r in rows]
 
-    async def queue_stats(self) -> list[asyncpg.Record]:
-        return await self.pool.fetch(self.q["queue_stats"])
+    async def queue_stats(self) -> list[QueueCount]:
+        return [QueueCount(**dict(r)) for r in await self.pool.fetch(self.q["queue_stats"])]
 
-    async def list_workers(self, limit: int = 100) -> list[asyncpg.Record]:
-        return await self.pool.fetch(self.q["list_workers"], limit)
+    async def list_workers(self, limit: int = 100) -> list[WorkerInfo]:
+        """Registered daemons, the most recently started first."""
+        return [
+            WorkerInfo(
+                id=r["id"], host=r["host"], pid=r["pid"], queues=json.loads(r["queues"]),
+                names=tuple(r["names"]), started_at=r["started_at"],
+                heartbeat_at=r["heartbeat_at"], stopped_at=r["stopped_at"],
+                silence=r["silence"].total_seconds(),
+            )
+            for r in await self.pool.fetch(self.q["list_workers"], limit)
+        ]
 
     # -- workers ------------------------------------------------------------------------
 
