@@ -39,7 +39,7 @@ log = get_logger("durable.runner")
 
 T = TypeVar("T")
 
-WRITE_RETRIES = (0.2, 1.0, 2.0, 5.0, None)
+WRITE_RETRIES = (0.2, 1.0, 2.0, 5.0)
 """Pauses between tries of a finishing write that the database refused for a reason of the
 moment (a restart, a login refused, a privilege briefly revoked): an outcome is worth a few
 seconds, and the attempt's lease is kept meanwhile. Then the lease is left to expire."""
@@ -244,16 +244,16 @@ class Runner:
 
 async def written(write: Callable[[], Awaitable[T]], **fields: Any) -> T:
     """``await write()``, tried again after errors a later try can get past."""
-    for delay in WRITE_RETRIES:
+    for i, pause in enumerate(WRITE_RETRIES):
         try:
             return await write()
         except Exception as exc:
-            if is_fatal(exc) or delay is None:
+            if is_fatal(exc):
                 raise
-            if delay == WRITE_RETRIES[0]:
+            if i == 0:
                 log.warning("outcome_write_retrying", **fields, error=describe_error(exc))
-        await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
+        await asyncio.sleep(pause)
+    return await write()  # the last try: what it raises ends the attempt's outcome
 
 
 def _default_policy() -> Any:
