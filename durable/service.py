@@ -68,6 +68,10 @@ class Service:
             await self.daemon.run(handle_signals=handle_signals, task_status=task_status)
         finally:
             self._ended.set()
+        if not self.daemon.started.is_set():
+            # Stopped (by a signal) before it ever served: the block still runs, and finds
+            # the daemon ended.
+            task_status.started()
 
 
 @asynccontextmanager
@@ -80,6 +84,7 @@ async def serve(
     burst: bool = False,
     handle_signals: bool = False,
     pool_size: int = 10,
+    settings: Settings | None = None,
     **overrides: object,
 ) -> AsyncIterator[Service]:
     """Run a daemon in this event loop for the duration of the ``async with`` block.
@@ -97,7 +102,9 @@ async def serve(
     names. The tasks served are those of ``registry`` (by default, every task and
     workflow defined with the decorators). The database is ``database_url``, else the
     settings' URL, else libpq's variables; ``durable.serve`` never starts the embedded
-    Postgres. The schema must be migrated (``durable migrate``).
+    Postgres. The schema must be migrated (``durable migrate``). A ``settings`` object
+    built beforehand (``Settings.from_env(...)``) is used as it is, instead of ``env``,
+    ``queues`` and ``overrides``.
 
     The block starts once the daemon serves (LISTEN live, its queues claimed from). On
     leaving it the daemon stops gracefully: running tasks get ``shutdown_grace`` seconds.
@@ -108,9 +115,12 @@ async def serve(
     from durable.daemon import Daemon
     from durable.registry import registry as defined
 
-    if queues is not None:
-        overrides["queues"] = _queues(queues)
-    settings = Settings.from_env(env, **overrides)
+    if settings is None:
+        if queues is not None:
+            overrides["queues"] = _queues(queues)
+        settings = Settings.from_env(env, **overrides)
+    elif queues is not None or env is not None or overrides:
+        raise TypeError("durable.serve: pass settings, or env, queues and overrides; not both")
     url = database_url if database_url is not None else settings.database_url
     if url is None and not settings.use_libpq_env:
         raise ConfigurationError(

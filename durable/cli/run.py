@@ -52,7 +52,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
 
     async def main() -> None:
-        from durable.daemon import Daemon, tune_gc
+        from durable.daemon import tune_gc
+        from durable.service import serve
         from durable.store import connect, latest_version, schema_version
 
         tune_gc()
@@ -68,10 +69,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"the database schema is at version {version or 'none'}, this durable needs "
                 f"{latest_version()}: run `durable migrate`"
             )
-        listen = s.listen_url or where.url
-        daemon = Daemon(s, registry, where.url, listen_dsn=listen, burst=args.burst)
         try:
-            await daemon.run(handle_signals=True)
+            async with serve(
+                where.url, settings=s, registry=registry, burst=args.burst, handle_signals=True
+            ) as service:
+                await service.wait()
         except Exception:
             # The one-line error on stderr says what; the log keeps the traceback (of every
             # task of the group that failed) for whoever has to find out why.

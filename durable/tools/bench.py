@@ -146,16 +146,17 @@ class Drain:
     """CPU seconds this process (the daemon) spent meanwhile, user and system."""
 
 
-async def _serve(daemon: Any, n: int, bar: Progress) -> Drain:
-    """Start ``daemon`` and wait for its n-th committed completion. The drain is timed from
-    the moment the daemon serves; its startup is reported on its own."""
-    async with anyio.create_task_group() as tg:
-        t0 = time.monotonic()
-        await tg.start(daemon.run)
+async def _serve(settings: Settings, dsn: str, pool_size: int, n: int, bar: Progress) -> Drain:
+    """Serve the bench's queue with ``durable.serve`` and wait for the n-th committed
+    completion. The drain is timed from the moment the daemon serves; its startup is
+    reported on its own."""
+    from durable.registry import registry
+
+    t0 = time.monotonic()
+    async with durable.serve(dsn, settings=settings, registry=registry, pool_size=pool_size) as svc:
         t1, c1 = time.monotonic(), time.process_time()
-        t2 = await _wait_committed(daemon, n, bar)
+        t2 = await _wait_committed(svc.daemon, n, bar)
         c2 = time.process_time()
-        daemon.stop()
     return Drain(t1 - t0, t2 - t1, c2 - c1)
 
 
@@ -173,8 +174,6 @@ async def _bulk_enqueue(client: Any, fn: Any, calls: list[list[Any]]) -> float:
 async def throughput(
     server: str, n: int, concurrency: int, progress: bool, queue_limit: int | None = None
 ) -> Result:
-    from durable.daemon import Daemon
-    from durable.registry import registry
 
     ran.clear()
     async with scratch_database(server) as dsn:
@@ -183,8 +182,7 @@ async def throughput(
             if queue_limit is not None:  # a fleet-wide limit, binding or not
                 await client.store.set_queue_limits(QUEUE, queue_limit, None, None)
         bar = Progress("throughput", n, progress)
-        daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=4)
-        d = await _serve(daemon, n, bar)
+        d = await _serve(_settings(concurrency), dsn, 4, n, bar)
         bar.close()
         db_count = await _count_finished(dsn)
     return Result(
@@ -204,16 +202,15 @@ async def throughput(
 
 
 async def latency(server: str, n: int, rate: float, concurrency: int, progress: bool) -> Result:
-    from durable.daemon import Daemon
     from durable.registry import registry
 
     ran.clear()
     latencies.clear()
     async with scratch_database(server) as dsn:
         bar = Progress("latency", n, progress)
-        daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=4)
-        async with anyio.create_task_group() as tg:
-            await tg.start(daemon.run)
+        async with durable.serve(
+            dsn, settings=_settings(concurrency), registry=registry, pool_size=4
+        ):
             async with durable.connect(dsn, max_size=2) as client:
                 start = time.monotonic()
                 for i in range(n):
@@ -222,7 +219,6 @@ async def latency(server: str, n: int, rate: float, concurrency: int, progress: 
                     await client.start(probe, i, time.time())
                     bar.update(i + 1)
             await _wait_finished(dsn, n, Progress("", n, False))
-            daemon.stop()
         bar.close()
         db_count = await _count_finished(dsn)
     return Result(
@@ -259,8 +255,6 @@ async def floor(server: str, n: int, rate: float) -> Result:
 async def workflows(
     server: str, n: int, step_count: int, concurrency: int, uneven: bool, progress: bool
 ) -> Result:
-    from durable.daemon import Daemon
-    from durable.registry import registry
 
     ran.clear()
     step_sleep[:] = (0.0, 0.002) if uneven else (0.0, 0.0)
@@ -268,8 +262,7 @@ async def workflows(
         async with durable.connect(dsn) as client:
             await _bulk_enqueue(client, steps, [[i, step_count] for i in range(n)])
         bar = Progress("workflows", n, progress)
-        daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=6)
-        d = await _serve(daemon, n, bar)
+        d = await _serve(_settings(concurrency), dsn, 6, n, bar)
         bar.close()
         db_count = await _count_finished(dsn)
         from durable.store import connect
@@ -295,8 +288,6 @@ async def backlog(
 ) -> Result:
     """Drain ``queued`` tasks with ``history`` finished ones in the table and, ahead of them
     in claim order, ``scheduled`` ones not due until tomorrow (they stay queued)."""
-    from durable.daemon import Daemon
-    from durable.registry import registry
     from durable.store import connect
 
     ran.clear()
@@ -323,8 +314,7 @@ async def backlog(
         async with durable.connect(dsn) as client:
             await _bulk_enqueue(client, noop, [[i] for i in range(queued)])
         bar = Progress("backlog", queued, progress)
-        daemon = Daemon(_settings(concurrency), registry, dsn, pool_size=4)
-        d = await _serve(daemon, queued, bar)
+        d = await _serve(_settings(concurrency), dsn, 4, queued, bar)
         bar.close()
         conn = await connect(dsn)
         try:

@@ -41,3 +41,4 @@ async def test_serve_needs_a_database_url() -> None:
     with pytest.raises(durable.ConfigurationError, match="no database URL"):
         async with durable.serve(env={}):
             pass  # pragma: no cover
+
