@@ -274,11 +274,11 @@ async def test_the_newest_daemon_wins_and_the_disagreement_is_shown(dsn: str) ->
 
 
 async def _version_one(ctx: durable.Context) -> str:
-    return await ctx.step("v", _tag, "one")
+    return str(await ctx.step("v", _tag, "one"))
 
 
 async def _version_two(ctx: durable.Context) -> str:
-    return await ctx.step("v", _tag, "two")
+    return str(await ctx.step("v", _tag, "two"))
 
 
 async def _tag(tag: str) -> str:
