@@ -25,7 +25,9 @@ from durable.registry import Definition
 from durable.retry import RetryPolicy
 
 VERSION_SEPARATOR = "\x1f"
-"""Joins a name and its version in the names a daemon claims (chr(31) in durable.claim)."""
+"""Joins a name and its version in the names a daemon claims (chr(31) in durable.claim).
+Versions cannot hold it (control characters are refused); a name holding it could meet
+another name and version that spell the same text."""
 
 SPEC_FIELDS = (
     "kind", "queue", "max_attempts", "timeout", "priority", "retry", "keyed", "key_limit",

@@ -150,7 +150,14 @@ def cmd_definitions(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row, default=str))
         return 0
-    shown = [
+    emit(args, table_rows(rows), ["name", "kind", "queue", "version", "served", "daemons",
+                                  "in_flight", "problems"])  # fmt: skip
+    return 0
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`durable definitions` on a terminal: one short line per name."""
+    return [
         {
             "name": r["name"], "kind": r["kind"], "queue": r["queue"],
             "version": r["version"], "served": r["versions"],
@@ -162,6 +169,3 @@ def cmd_definitions(args: argparse.Namespace) -> int:
         }
         for r in rows
     ]  # fmt: skip
-    emit(args, shown, ["name", "kind", "queue", "version", "served", "daemons", "in_flight",
-                       "problems"])  # fmt: skip
-    return 0

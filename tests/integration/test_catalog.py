@@ -177,6 +177,11 @@ async def test_a_name_nobody_published_is_refused_on_every_path(dsn: str) -> Non
         queues = [(await task_row(dsn, i))["queue"] for i in
                   (a.id, b.id, c, d, int(e.stdout), int(f.stdout))]  # fmt: skip
         assert queues == ["later", "default", "later", "default", "default", "later"]
+        # Waiting on it says which task did not finish, and how it stands.
+        waited = durable_cli("start", "nosuchtask", "--allow-unknown", "--wait", "--timeout",
+                             "0.2s", dsn=dsn)  # fmt: skip
+        assert waited.returncode == 1
+        assert waited.stderr.strip().endswith("did not finish within 0.2s (it is queued)")
 
 
 async def test_a_name_stays_known_after_its_daemons_are_gone(dsn: str) -> None:
