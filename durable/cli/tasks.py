@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from durable.catalog import unknown
 from durable.cli.core import (
     CommandError,
     Session,
@@ -144,11 +145,9 @@ def cmd_start(args: argparse.Namespace) -> int:
                 delay=args.delay, idempotency_key=args.idempotency_key,
                 allow_unknown=args.allow_unknown, **kwargs,
             )  # fmt: skip
-        except UnknownDefinition as exc:
-            raise CommandError(
-                str(exc).replace("pass queue=... or allow_unknown=True",
-                                 "pass --queue or --allow-unknown"), 2,
-            ) from None  # fmt: skip
+        except UnknownDefinition:
+            refused = unknown(args.name, "pass --queue or --allow-unknown")
+            raise CommandError(str(refused), 2) from None
         print(handle.id, flush=True)
         if args.wait:
             try:

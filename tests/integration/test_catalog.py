@@ -336,3 +336,46 @@ async def test_a_versioned_run_goes_only_to_a_daemon_with_its_version(dsn: str) 
         assert [d["id"] for d in entry["daemons"]] == [str(one.id)]
         table = durable_cli("definitions", dsn=dsn)
         assert table.returncode == 0 and "cat_flow" in table.stdout
+
+
+async def _child(n: int) -> int:
+    return n * 2
+
+
+CHILD: Definition[Any, Any] = Definition(
+    name="cat_child", fn=_child, queue="flows", version="3", digest=code_digest(_child)
+)
+
+
+async def _parent(ctx: durable.Context, n: int) -> int:
+    return int(await ctx.run(CHILD, n))
+
+
+PARENT: Definition[Any, Any] = Definition(
+    name="cat_parent", fn=_parent, kind="workflow", queue="flows", digest=code_digest(_parent)
+)
+
+
+async def test_a_child_records_the_version_of_the_code_that_started_it(dsn: str) -> None:
+    async with durable.connect(dsn) as client, running_daemon(
+        dsn, reg=registry_of(PARENT, CHILD), queues="flows"
+    ):
+        handle = await client.start("cat_parent", 21)
+        assert await handle.result(timeout=20) == 42
+        child = await fetchval(dsn, "select id from durable.tasks where parent_id = $1", handle.id)
+        assert (await task_row(dsn, child))["version"] == "3"
+        assert (await task_row(dsn, handle.id))["version"] is None
+
+
+async def test_a_task_of_another_version_is_not_due_for_a_daemon(dsn: str) -> None:
+    """An idle queue loop sleeps until the next task it can claim is due: a task of a
+    version it lacks must not keep it polling."""
+    from durable.catalog import claim_names
+
+    async with durable.connect(dsn) as client:
+        await client.start(V2)
+        store = client.store
+        assert await store.next_due("flows", claim_names([V1])) is None
+        assert await store.next_due("flows", claim_names([V2])) is not None
+        await client.start(dataclasses.replace(V1, version=None))  # runs on any version
+        assert await store.next_due("flows", claim_names([V1])) is not None
