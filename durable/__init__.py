@@ -12,6 +12,7 @@ from durable.errors import (
     Retry,
     TaskCancelled,
     TaskFailed,
+    UnknownDefinition,
 )
 from durable.models import CancelResult
 from durable.registry import Definition, task, workflow
@@ -36,6 +37,7 @@ __all__ = [
     "Service",
     "TaskCancelled",
     "TaskFailed",
+    "UnknownDefinition",
     "connect",
     "serve",
     "task",

@@ -1,5 +1,6 @@
 """Operator actions on a durable database: listing, bulk retry and cancel, limits,
-schedules, pruning. What `durable ls`, `queues`, `workers`, `schedules` and `prune` do,
+schedules, pruning, the catalog. What `durable ls`, `queues`, `workers`, `schedules`,
+`definitions` and `prune` do,
 for programs too.
 
     async with durable.connect() as client:
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+from durable.catalog import describe
 from durable.models import (
     PruneResult,
     QueueCount,
@@ -64,6 +66,20 @@ class Admin:
         """Per queue, queued names that no daemon heard from within ``live_within``
         seconds has the code for."""
         return await self._store.unserved_names(live_within)
+
+    async def definitions(self, live_within: float) -> list[dict[str, Any]]:
+        """The catalog (`durable definitions`): per name its kind, queue, options and
+        version, the live daemons serving it, its unfinished tasks per version, and what
+        is wrong (see ``durable.catalog.describe``)."""
+        return describe(
+            await self._store.list_definitions(),
+            await self._store.served_definitions(live_within),
+            await self._store.in_flight_versions(),
+        )
+
+    async def live_versions(self, live_within: float) -> set[tuple[str, str | None]]:
+        """The (name, version) pairs a daemon heard from within ``live_within`` serves."""
+        return await self._store.live_versions(live_within)
 
     async def workers(self, limit: int = 100) -> list[WorkerInfo]:
         """Registered daemons, the most recently started first."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 
-from durable import tracing, validation
+from durable import catalog, tracing, validation
 from durable.codec import dumps
 from durable.errors import DurableError, TaskCancelled, TaskFailed
 from durable.models import TERMINAL, CancelResult, HistoryEntry, NewTask, TaskInfo
@@ -124,15 +124,22 @@ class Client:
         max_attempts: int | None = None,
         timeout: float | None = None,
         conn: Connection | None = None,
+        allow_unknown: bool = False,
         **kwargs: Any,
     ) -> Handle:
         """Enqueue ``fn(*args, **kwargs)``; returns a Handle at once.
 
-        ``fn`` is a registered definition or a name (a task that another service's daemon
-        runs). ``delay`` (seconds) or ``run_at`` schedule it; ``idempotency_key`` returns
-        the task already started with that key; ``conn`` enqueues inside the caller's
-        asyncpg transaction, so the task exists only if that transaction commits.
+        ``fn`` is a registered definition or a name. A name this process has no code for
+        is resolved through the catalog the daemons publish: the task gets that
+        definition's kind, queue, defaults and version, and the options given here win.
+        A name no daemon ever published raises ``UnknownDefinition`` (a DurableError)
+        unless ``queue`` is given or ``allow_unknown=True`` (the task then waits for a
+        daemon with its code). ``delay`` (seconds) or ``run_at`` schedule it;
+        ``idempotency_key`` returns the task already started with that key; ``conn``
+        enqueues inside the caller's asyncpg transaction, so the task exists only if that
+        transaction commits.
         """
+        fn = await self._definition(fn, queue, allow_unknown, conn)
         t = self._new_task(
             fn, args, kwargs, queue=queue, priority=priority, delay=delay, run_at=run_at,
             max_attempts=max_attempts, timeout=timeout,
@@ -156,11 +163,14 @@ class Client:
         priority: int | None = None,
         delay: float | None = None,
         conn: Connection | None = None,
+        allow_unknown: bool = False,
     ) -> list[Handle]:
         """Enqueue many calls of ``fn`` in one statement.
 
-        ``calls`` holds one argument list per task, or ``(args, kwargs)`` pairs.
+        ``calls`` holds one argument list per task, or ``(args, kwargs)`` pairs. A name is
+        resolved as by ``start``.
         """
+        fn = await self._definition(fn, queue, allow_unknown, conn)
         tasks = []
         for call in calls:
             if isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], dict):
@@ -175,6 +185,27 @@ class Client:
             )
         ids = await self.store.insert_many(tasks, conn=conn) if tasks else []
         return [Handle(self, i) for i in ids]
+
+    async def _definition(
+        self,
+        fn: Definition[Any, Any] | str,
+        queue: str | None,
+        allow_unknown: bool,
+        conn: Connection | None,
+    ) -> Definition[Any, Any] | str:
+        """``fn``'s definition: its own, the registry's, else the catalog's."""
+        if not isinstance(fn, str):
+            return fn
+        local = registry.get(fn)
+        if local is not None:
+            return local
+        name = _text(fn, "a task name")
+        entry = await self.store.resolve_definition(name, conn)
+        if entry is not None:
+            return entry.definition()
+        if queue is None and not allow_unknown:
+            raise catalog.unknown(name, "pass queue=... or allow_unknown=True")
+        return name
 
     # -- reading ------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from durable.http import HttpServer, endpoint
 from durable.listener import Listener
 from durable.logs import get_logger
 from durable.metrics import Metrics
+from durable.publisher import Publisher
 from durable.registry import Registry
 from durable.runner import Runner
 from durable.settings import Settings
@@ -153,7 +154,6 @@ class Daemon:
         handle_signals: bool = False,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        names = self.registry.names()
         queues = self.settings.queue_limits
         # The hot path's connections (claims, completions, two checkpoint flights, the
         # heartbeat) open now, so the first tasks wait for no connect and no cold backend.
@@ -161,17 +161,16 @@ class Daemon:
         # group commits keep theirs, on top of the pool's size.
         kept = min(len(queues), KEPT_CONNECTIONS)
         self.store = store = await Store.open(
-            self.dsn,
-            min_size=min(WARM_CONNECTIONS, self.pool_size) + kept,
-            max_size=self.pool_size + kept + FLUSH_CONNECTIONS,
-            warm=True,
+            self.dsn, min_size=min(WARM_CONNECTIONS, self.pool_size) + kept,
+            max_size=self.pool_size + kept + FLUSH_CONNECTIONS, warm=True,
         )
         self.acks = acks = Acks(store, self.metrics)
         try:
             if self.settings.http is not None:
                 host, port = self.settings.http
                 self.http = await endpoint(host, port, store, self.metrics, lambda: self.listener)
-            await store.register_worker(self.id, queues, names)
+            publisher = Publisher(store, self.id, self.registry.definitions(), self.settings.lease)
+            await publisher.start(queues)  # registers this daemon, before its first claim
             self.housekeeping = housekeeping = Housekeeping(
                 store, self.registry, self.metrics, self.clock,
                 poll_interval=self.settings.poll_interval, lease=self.settings.lease,
@@ -202,11 +201,12 @@ class Daemon:
                 await root.start(self.listener.run)
                 await root.start(acks.run)
                 root.start_soon(attempts.heartbeats)
+                root.start_soon(publisher.run)
                 await root.start(housekeeping.run)
                 for i, (queue, limit) in enumerate(queues.items()):
                     self.workers[queue] = QueueWorker(
                         queue=queue, limit=limit, store=store,
-                    names=[d.name for d in self.registry.definitions()],
+                        names=publisher.claim_names,
                         worker_id=self.id, lease=self.settings.lease,
                         poll_interval=self.settings.poll_interval,
                         hold=attempts.hold, launch=attempts.launch,
@@ -215,7 +215,7 @@ class Daemon:
                     )
                 root.start_soon(self._systemd)
                 log.info("daemon_started", worker_id=str(self.id), queues=queues,
-                         names=names, pid=os.getpid())
+                         names=publisher.names, pid=os.getpid())
                 self.started.set()
                 task_status.started()
                 async with anyio.create_task_group() as loops:

@@ -14,6 +14,10 @@ class ConfigurationError(DurableError):
     """The configuration or the registered code is invalid."""
 
 
+class UnknownDefinition(DurableError):
+    """No daemon has ever published a definition of this name (see durable.catalog)."""
+
+
 class TaskFailed(DurableError):
     """A task failed; carries the remote error's type, message and traceback."""
 

@@ -73,6 +73,8 @@ class TaskInfo:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    version: str | None = None
+    """The version of the code the task started on (None: unversioned)."""
 
     @property
     def finished(self) -> bool:
@@ -153,6 +155,7 @@ class NewTask(NamedTuple):
     key_limit: int | None = None
     key_rate_limit: int | None = None
     key_rate_period: float | None = None
+    version: str | None = None
 
     @classmethod
     def from_definition(
@@ -183,6 +186,7 @@ class NewTask(NamedTuple):
             key_limit=definition.key_limit if key is not None else None,
             key_rate_limit=rate[0] if rate else None,
             key_rate_period=rate[1] if rate else None,
+            version=definition.version,
         )
         if overrides:
             fields.update(overrides)  # one construction: a _replace costs a second
@@ -255,6 +259,7 @@ class TaskSummary:
     started_at: datetime | None
     finished_at: datetime | None
     run_at: datetime
+    version: str | None = None
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import inspect
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -15,6 +16,8 @@ from durable.retry import DEFAULT_POLICY, RetryPolicy
 from durable.validation import MAX_LIMIT, MAX_PERIOD, MIN_PERIOD
 
 ENTRY_POINT_GROUP = "durable"
+MAX_VERSION = 100
+"""Longest version string (durable.definitions holds it, and the claim compares it)."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -37,6 +40,11 @@ class Definition(Generic[P, R]):
     key_rate: tuple[int, float] | None = None
     schedule: str | None = None
     timezone: str = "UTC"
+    version: str | None = None
+    """The version of this code (``@workflow(version="2")``): a run records the version it
+    started on, and only daemons with that version's code claim it. None: unversioned."""
+    digest: str = ""
+    """A digest of the function's source, for information (``durable definitions``)."""
 
     def key_for(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
         """The concurrency key of a call, from ``concurrency_key(*args, **kwargs)``."""
@@ -121,6 +129,15 @@ def _validated(d: Definition[Any, Any]) -> Definition[Any, Any]:
             )
     if d.concurrency_key is not None and not callable(d.concurrency_key):
         raise ConfigurationError(f"{d.origin}: concurrency_key must be a function of the arguments")
+    if d.version is not None and (
+        not isinstance(d.version, str)
+        or not 1 <= len(d.version) <= MAX_VERSION
+        or any(ord(c) < 32 or c == "\x7f" for c in d.version)
+    ):
+        raise ConfigurationError(
+            f"{d.origin}: version must be text of 1 to {MAX_VERSION} printable characters, "
+            f"got {d.version!r}"
+        )
     if d.schedule is not None:
         from durable.cron import parse
 
@@ -179,6 +196,7 @@ def _make(
     key_rate: tuple[int, float] | None = None,
     schedule: str | None = None,
     timezone: str = "UTC",
+    version: str | None = None,
 ) -> Definition[Any, Any]:
     if not inspect.iscoroutinefunction(fn):
         raise ConfigurationError(
@@ -199,6 +217,8 @@ def _make(
             key_rate=(int(key_rate[0]), float(key_rate[1])) if key_rate else None,
             schedule=schedule,
             timezone=timezone,
+            version=version,
+            digest=code_digest(fn),
         )
     )
     registry.add(d)
@@ -221,6 +241,7 @@ def task(
     key_rate: tuple[int, float] | None = None,
     schedule: str | None = None,
     timezone: str = "UTC",
+    version: str | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]: ...
 def task(
     fn: Callable[P, Awaitable[R]] | None = None,
@@ -237,6 +258,7 @@ def task(
     key_rate: tuple[int, float] | None = None,
     schedule: str | None = None,
     timezone: str = "UTC",
+    version: str | None = None,
 ) -> Definition[P, R] | Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]:
     """Register an ``async def`` function as a task that daemons run.
 
@@ -250,12 +272,13 @@ def task(
     ``key_limit=1`` runs at most one task per customer at a time across every daemon, and
     ``key_rate=(10, 60)`` starts at most 10 per key per minute; a saturated key does not hold
     back other keys. ``schedule="*/5 * * * *"`` (with ``timezone=``) starts the task on a
-    cron schedule, once per tick however many daemons run.
+    cron schedule, once per tick however many daemons run. ``version=`` as for
+    ``durable.workflow``.
     """
 
     def wrap(f: Callable[P, Awaitable[R]]) -> Definition[P, R]:
         return _make(f, "task", name, queue, max_attempts, timeout, priority, retry,
-                     concurrency_key, key_limit, key_rate, schedule, timezone)
+                     concurrency_key, key_limit, key_rate, schedule, timezone, version)
 
     return wrap(fn) if fn is not None else wrap
 
@@ -276,6 +299,7 @@ def workflow(
     key_rate: tuple[int, float] | None = None,
     schedule: str | None = None,
     timezone: str = "UTC",
+    version: str | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]: ...
 def workflow(
     fn: Callable[P, Awaitable[R]] | None = None,
@@ -292,6 +316,7 @@ def workflow(
     key_rate: tuple[int, float] | None = None,
     schedule: str | None = None,
     timezone: str = "UTC",
+    version: str | None = None,
 ) -> Definition[P, R] | Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]:
     """Register an ``async def fn(ctx: durable.Context, ...)`` as a durable workflow.
 
@@ -300,11 +325,16 @@ def workflow(
     again from the top and each recorded call returns its recorded result instead of
     running again. The code between durable calls must be deterministic. Options are
     those of ``durable.task``; ``timeout`` bounds each run between two suspensions.
+
+    ``version="2"``: each run records the version it started on, and only a daemon that
+    has that version's code claims it, so during a rolling deploy runs started on the old
+    code finish on daemons that still have it while new runs start on the new code. Give
+    a new version when a change would break the replay of runs in flight.
     """
 
     def wrap(f: Callable[P, Awaitable[R]]) -> Definition[P, R]:
         return _make(f, "workflow", name, queue, max_attempts, timeout, priority, retry,
-                     concurrency_key, key_limit, key_rate, schedule, timezone)
+                     concurrency_key, key_limit, key_rate, schedule, timezone, version)
 
     return wrap(fn) if fn is not None else wrap
 
@@ -324,6 +354,17 @@ def load(apps: Iterable[str] = (), *, use_entry_points: bool = True) -> Registry
             ) from exc
     registry.check()
     return registry
+
+
+def code_digest(fn: Callable[..., Any]) -> str:
+    """A short digest of a function's source (its bytecode when the source is not at
+    hand): it tells two builds of one version apart in ``durable definitions``."""
+    try:
+        text = inspect.getsource(fn).encode()
+    except (OSError, TypeError):
+        code = getattr(fn, "__code__", None)
+        text = code.co_code if code is not None else repr(fn).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
 
 
 async def _elsewhere(*_args: Any, **_kwargs: Any) -> Any:  # pragma: no cover - never called

@@ -30,6 +30,7 @@ with recursive levels (p) as (
 select min((select t.run_at from durable.tasks t
              where t.queue = $1 and t.status = 'queued' and t.priority = l.p
                and t.name = any($2::text[])
+               and (t.version is null or t.name || chr(31) || t.version = any($2::text[]))
              order by t.run_at limit 1))
   from levels l where l.p is not null
 
@@ -166,19 +167,21 @@ returning t.id
 -- first have to look up.
 insert into durable.tasks
     (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
-     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context)
+     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context, version)
 values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now()),
-        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb)
+        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb,
+        $15::text)
 returning id
 
 -- name: insert_task_keyed
--- The same with an idempotency key ($15): the task already started with it, if any.
+-- The same with an idempotency key ($16): the task already started with it, if any.
 insert into durable.tasks as t
     (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
-     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context,
+     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context, version,
      idempotency_key)
 values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now()),
-        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb, $15)
+        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb,
+        $15::text, $16)
 on conflict (idempotency_key) where idempotency_key is not null
     do update set idempotency_key = excluded.idempotency_key
 returning t.id, (t.xmax = 0) as inserted
@@ -186,15 +189,16 @@ returning t.id, (t.xmax = 0) as inserted
 -- name: insert_many
 insert into durable.tasks (queue, name, kind, args, kwargs, priority, run_at, max_attempts,
                            timeout, concurrency_key, key_limit, key_rate_limit,
-                           key_rate_period, trace_context)
+                           key_rate_period, trace_context, version)
 select v.queue, v.name, v.kind, v.args::jsonb, v.kwargs::jsonb, v.priority,
        coalesce(v.run_at, now()), v.max_attempts, v.timeout, v.ckey, v.klimit, v.krate,
-       v.kperiod, v.trace_context::jsonb
+       v.kperiod, v.trace_context::jsonb, v.version
   from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
               $7::timestamptz[], $8::int[], $9::float8[], $10::text[], $11::int[],
-              $12::int[], $13::float8[], $14::text[])
+              $12::int[], $13::float8[], $14::text[], $15::text[])
        with ordinality as v(queue, name, kind, args, kwargs, priority, run_at, max_attempts,
-                            timeout, ckey, klimit, krate, kperiod, trace_context, ord)
+                            timeout, ckey, klimit, krate, kperiod, trace_context, version,
+                            ord)
  order by v.ord
 returning id
 
@@ -202,12 +206,12 @@ returning id
 select id, queue, name, kind, args::text, kwargs::text, status, priority, run_at, attempt,
        max_attempts, timeout, lease_until, worker_id, result::text, error::text,
        idempotency_key, parent_id, root_id, branch, wake_at, waiting_on, waiting_event,
-       cancel_requested, created_at, started_at, finished_at
+       cancel_requested, created_at, started_at, finished_at, version
 from durable.tasks where id = $1
 
 -- name: list_tasks
 select id, queue, name, kind, status, priority, attempt, max_attempts, parent_id,
-       created_at, started_at, finished_at, run_at
+       created_at, started_at, finished_at, run_at, version
 from durable.tasks
 where ($1::text is null or status = $1)
   and ($2::text is null or queue = $2)
@@ -315,14 +319,15 @@ values ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11, $12, $13, $1
 -- name: insert_children
 insert into durable.tasks (queue, name, kind, args, kwargs, priority, max_attempts, timeout,
                            parent_id, root_id, concurrency_key, key_limit, key_rate_limit,
-                           key_rate_period, trace_context)
+                           key_rate_period, trace_context, version)
 select v.queue, v.name, v.kind, v.args::jsonb, v.kwargs::jsonb, v.priority, v.max_attempts,
-       v.timeout, $10, $11, v.ckey, v.klimit, v.krate, v.kperiod, v.trace_context::jsonb
+       v.timeout, $10, $11, v.ckey, v.klimit, v.krate, v.kperiod, v.trace_context::jsonb,
+       v.version
   from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
               $7::int[], $8::float8[], $9::int[], $12::text[], $13::int[], $14::int[],
-              $15::float8[], $16::text[])
+              $15::float8[], $16::text[], $17::text[])
        as v(queue, name, kind, args, kwargs, priority, max_attempts, timeout, ord, ckey,
-            klimit, krate, kperiod, trace_context)
+            klimit, krate, kperiod, trace_context, version)
  order by v.ord
 returning id
 
@@ -461,17 +466,23 @@ from pg_stat_user_tables where schemaname = 'durable' and relname = 'tasks'
 
 -- name: unserved_names
 -- Per queue, the names of queued tasks that no live daemon ($1: heard from within this
--- many seconds) serves: it must list the queue and have the code for the name.
+-- many seconds) serves: it must list the queue and have the code for the name, and for a
+-- versioned task that version's (shown as name@version).
 with pending as (
-    select queue, name, count(*)::bigint as tasks
-    from durable.tasks where status = 'queued' group by queue, name
+    select queue, name, version, count(*)::bigint as tasks
+    from durable.tasks where status = 'queued' group by queue, name, version
 )
-select p.queue, array_agg(p.name order by p.name) as names, sum(p.tasks)::bigint as tasks
+select p.queue,
+       array_agg(p.name || coalesce('@' || p.version, '') order by p.name, p.version) as names,
+       sum(p.tasks)::bigint as tasks
 from pending p
 where not exists (
     select 1 from durable.workers w
     where w.stopped_at is null and w.heartbeat_at > now() - make_interval(secs => $1)
-      and w.queues ? p.queue and p.name = any(w.names))
+      and w.queues ? p.queue and p.name = any(w.names)
+      and (p.version is null or exists (
+              select 1 from durable.worker_definitions d
+               where d.worker_id = w.id and d.name = p.name and d.version = p.version)))
 group by p.queue
 order by p.queue
 
@@ -632,3 +643,93 @@ select now()
 -- A wait_for_event recorded earlier, settled: the signal's payload, or a timeout.
 update durable.events set status = $4, result = $5::jsonb, signal_id = $6, finished_at = now()
  where task_id = $1 and branch = $2 and seq = $3
+
+-- The catalog of definitions (durable/catalog.py) ---------------------------------------
+
+-- name: register_definitions
+-- What daemon $1 serves ($2: durable.catalog.publication), once, as it starts.
+insert into durable.worker_definitions (worker_id, name, version, digest, spec)
+select $1, e ->> 'name', e ->> 'version', e ->> 'digest', e - 'name' - 'version' - 'digest'
+  from jsonb_array_elements($2::jsonb) as e
+on conflict (worker_id, name) do nothing
+
+-- name: publish_definitions
+-- Daemon $1 publishes its definitions ($2) at startup and with each heartbeat. A
+-- definition is written only when its row differs, so a fleet re-publishing unchanged
+-- code writes nothing (not even a row lock: the identical rows never reach the insert);
+-- and only by the newest live daemon (heard from within $3 seconds) that serves the
+-- name, so two daemons with different options do not take turns: the one started last
+-- wins, and when it dies the next newest takes the row back at its next beat.
+with v as (
+    select * from jsonb_to_recordset($2::jsonb) as v(
+        name text, kind text, queue text, max_attempts integer, timeout float8,
+        priority integer, retry jsonb, keyed boolean, key_limit integer,
+        key_rate_limit integer, key_rate_period float8, version text, digest text)
+), me as (
+    select w.started_at from durable.workers w where w.id = $1
+)
+insert into durable.definitions as d
+    (name, kind, queue, max_attempts, timeout, priority, retry, keyed, key_limit,
+     key_rate_limit, key_rate_period, version, digest, published_by, published_at)
+select v.name, v.kind, v.queue, v.max_attempts, v.timeout, v.priority, v.retry, v.keyed,
+       v.key_limit, v.key_rate_limit, v.key_rate_period, v.version, v.digest, $1, now()
+  from v, me
+ where not exists (
+           select 1 from durable.definitions x
+            where x.name = v.name
+              and (x.kind, x.queue, x.max_attempts, x.timeout, x.priority, x.retry, x.keyed,
+                   x.key_limit, x.key_rate_limit, x.key_rate_period, x.version, x.digest)
+                  is not distinct from
+                  (v.kind, v.queue, v.max_attempts, v.timeout, v.priority, v.retry, v.keyed,
+                   v.key_limit, v.key_rate_limit, v.key_rate_period, v.version, v.digest))
+   and not exists (
+           select 1 from durable.worker_definitions wd
+             join durable.workers w on w.id = wd.worker_id
+            where wd.name = v.name and w.id <> $1 and w.stopped_at is null
+              and w.heartbeat_at > now() - make_interval(secs => $3)
+              and (w.started_at, w.id) > (me.started_at, $1))
+on conflict (name) do update
+   set kind = excluded.kind, queue = excluded.queue, max_attempts = excluded.max_attempts,
+       timeout = excluded.timeout, priority = excluded.priority, retry = excluded.retry,
+       keyed = excluded.keyed, key_limit = excluded.key_limit,
+       key_rate_limit = excluded.key_rate_limit, key_rate_period = excluded.key_rate_period,
+       version = excluded.version, digest = excluded.digest,
+       published_by = excluded.published_by, published_at = excluded.published_at
+returning name
+
+-- name: resolve_definition
+-- A name as the catalog resolves it (a start without the code).
+select name, kind, queue, max_attempts, timeout, priority, retry::text, keyed, key_limit,
+       key_rate_limit, key_rate_period, version, digest, published_by, published_at
+from durable.definitions where name = $1
+
+-- name: list_definitions
+select name, kind, queue, max_attempts, timeout, priority, retry::text, keyed, key_limit,
+       key_rate_limit, key_rate_period, version, digest, published_by, published_at
+from durable.definitions order by name
+
+-- name: served_definitions
+-- What each live daemon (heard from within $1 seconds) serves.
+select wd.name, w.id as worker_id, w.host, w.pid, wd.version, wd.digest, wd.spec::text,
+       w.started_at
+from durable.worker_definitions wd join durable.workers w on w.id = wd.worker_id
+where w.stopped_at is null and w.heartbeat_at > now() - make_interval(secs => $1)
+order by wd.name, w.started_at
+
+-- name: in_flight_versions
+-- Unfinished tasks per name and version (the partial indexes of queued, running and
+-- waiting tasks, not the history).
+select name, version,
+       count(*) filter (where status = 'queued')::bigint as queued,
+       count(*) filter (where status = 'running')::bigint as running,
+       count(*) filter (where status = 'waiting')::bigint as waiting
+from durable.tasks
+where status in ('queued', 'running', 'waiting')
+group by name, version
+
+-- name: live_versions
+-- The (name, version) pairs some live daemon ($1: heard from within this many seconds)
+-- serves, for `durable ls` to say which queued tasks wait for a version nobody has.
+select distinct wd.name, wd.version
+from durable.worker_definitions wd join durable.workers w on w.id = wd.worker_id
+where w.stopped_at is null and w.heartbeat_at > now() - make_interval(secs => $1)

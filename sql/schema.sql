@@ -81,6 +81,9 @@ create table durable.tasks (
     -- then max_attempts holds it); each restart grants that many again. Keep new columns
     -- last, as the migrations add them.
     attempt_budget  integer,
+    -- The version of the code the task started on (null: unversioned). Only daemons that
+    -- have that version's code claim it (durable.claim).
+    version         text,
     -- A rate limit and its period come together. The checks on one column are the
     -- domains' (above): they run only where a value is written.
     constraint tasks_key_check check ((key_rate_limit is null) = (key_rate_period is null)),
@@ -116,6 +119,51 @@ create table durable.workers (
     started_at      timestamptz not null default now(),
     heartbeat_at    timestamptz not null default now(),
     stopped_at      timestamptz
+);
+
+-- The catalog: what the daemons serve. Each daemon publishes its definitions when it
+-- starts and again with every heartbeat; a row is written only when it changed. The
+-- newest daemon's publication wins (see publish_definitions in queries.sql): a rolling
+-- deploy moves every name to the new code's options as its first daemon starts, and a
+-- name whose newest publisher died goes back to a live one's at that one's next beat.
+-- A row stays after every daemon serving it has gone: a name published once is known,
+-- and a task started by it waits, visibly, for a daemon that has its code.
+create table durable.definitions (
+    name            text primary key,
+    kind            text not null,
+    queue           text not null,
+    max_attempts    integer not null,
+    timeout         double precision,
+    priority        integer not null,
+    retry           jsonb not null,
+    -- Whether the code computes a concurrency key from the arguments (a start without
+    -- the code must then be given the key).
+    keyed           boolean not null,
+    key_limit       integer,
+    key_rate_limit  integer,
+    key_rate_period double precision,
+    version         text,
+    digest          text not null,
+    published_by    uuid not null,
+    published_at    timestamptz not null default now(),
+    constraint definitions_name_check check (
+        length(name) between 1 and 200 and length(queue) between 1 and 200),
+    constraint definitions_kind_check check (kind in ('task', 'workflow')),
+    constraint definitions_attempts_check check (max_attempts >= 1),
+    constraint definitions_version_check check (version is null or length(version) between 1 and 100)
+);
+
+-- What each daemon serves, as it published it (its code does not change while it runs).
+-- A daemon counts as live by its durable.workers row's heartbeat; its rows go with it.
+create table durable.worker_definitions (
+    worker_id   uuid not null references durable.workers (id) on delete cascade,
+    name        text not null,
+    version     text,
+    digest      text not null,
+    -- kind, queue and defaults, as in durable.definitions: `durable definitions` compares
+    -- them across the live daemons.
+    spec        jsonb not null,
+    primary key (worker_id, name)
 );
 
 -- The event log of workflows: one row per durable operation, by (task, branch, seq).
@@ -410,26 +458,33 @@ create trigger tasks_notify_ready after update on durable.tasks
     when (new.status = 'queued' and (old.status <> 'queued' or old.run_at <> new.run_at))
     execute function durable.notify_ready();
 
--- Enqueue from SQL, inside the caller's transaction (a transactional outbox).
+-- Enqueue from SQL, inside the caller's transaction (a transactional outbox). The name is
+-- resolved through the catalog (durable.definitions): the task gets its definition's
+-- kind, queue, defaults and version, and the arguments given here override them. A name
+-- no daemon ever published is refused unless a queue is given or allow_unknown is true.
 create function durable.start(
     name text,
     args jsonb default '[]',
     kwargs jsonb default '{}',
-    queue text default 'default',
-    priority integer default 0,
+    queue text default null,
+    priority integer default null,
     run_at timestamptz default null,
-    max_attempts integer default 3,
+    max_attempts integer default null,
     timeout double precision default null,
     idempotency_key text default null,
-    kind text default 'task',
+    kind text default null,
     concurrency_key text default null,
-    key_limit integer default null
+    key_limit integer default null,
+    allow_unknown boolean default false
 ) returns bigint
 language plpgsql
 set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
 declare
     new_id bigint;
+    d durable.definitions%rowtype;
+    rate_limit integer;
+    rate_period double precision;
 begin
     if jsonb_typeof(args) is distinct from 'array' then
         raise exception 'durable.start: args must be a JSON array, not %', jsonb_typeof(args)
@@ -445,21 +500,39 @@ begin
         raise exception 'durable.start: name must be 1 to 200 characters, got %',
             coalesce(length(start.name) || ' characters', 'null') using errcode = '22023';
     end if;
-    if start.queue is null or length(start.queue) not between 1 and 200 then
+    select * into d from durable.definitions c where c.name = start.name;
+    if not found then
+        if start.queue is null and not coalesce(start.allow_unknown, false) then
+            raise exception 'durable.start: no daemon has published a definition named %; '
+                'pass queue => ... or allow_unknown => true to start it anyway',
+                left(to_json(start.name)::text, 200) using errcode = '22023';
+        end if;
+    elsif d.keyed and start.concurrency_key is null then
+        raise exception 'durable.start: % limits its tasks per concurrency key, which its '
+            'code computes from the arguments; pass concurrency_key => ...',
+            left(to_json(start.name)::text, 200) using errcode = '22023';
+    end if;
+    queue := coalesce(start.queue, d.queue, 'default');
+    kind := coalesce(start.kind, d.kind, 'task');
+    priority := coalesce(start.priority, d.priority, 0);
+    max_attempts := coalesce(start.max_attempts, d.max_attempts, 3);
+    timeout := coalesce(start.timeout, d.timeout);
+    if start.concurrency_key is not null then
+        key_limit := coalesce(start.key_limit, d.key_limit);
+        rate_limit := d.key_rate_limit;
+        rate_period := d.key_rate_period;
+    end if;
+    if length(start.queue) not between 1 and 200 then
         raise exception 'durable.start: queue must be 1 to 200 characters, got %',
-            coalesce(length(start.queue) || ' characters', 'null') using errcode = '22023';
+            length(start.queue) || ' characters' using errcode = '22023';
     end if;
-    if start.kind is null or start.kind not in ('task', 'workflow') then
+    if start.kind not in ('task', 'workflow') then
         raise exception 'durable.start: kind must be task or workflow, got %',
-            coalesce(left(to_json(start.kind)::text, 60), 'null') using errcode = '22023';
+            left(to_json(start.kind)::text, 60) using errcode = '22023';
     end if;
-    if start.priority is null then
-        raise exception 'durable.start: priority must be a whole number, got null'
-            using errcode = '22023';
-    end if;
-    if start.max_attempts is null or start.max_attempts < 1 then
+    if start.max_attempts < 1 then
         raise exception 'durable.start: max_attempts must be at least 1, got %',
-            coalesce(start.max_attempts::text, 'null') using errcode = '22023';
+            start.max_attempts using errcode = '22023';
     end if;
     if start.timeout is not null and not (start.timeout > 0 and start.timeout < 'infinity') then
         raise exception 'durable.start: timeout must be a positive number of seconds, got %',
@@ -484,11 +557,12 @@ begin
     end if;
     insert into durable.tasks as t
         (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
-         idempotency_key, concurrency_key, key_limit)
+         idempotency_key, concurrency_key, key_limit, key_rate_limit, key_rate_period, version)
     values
         (start.queue, start.name, start.kind, start.args, start.kwargs, start.priority,
          coalesce(start.run_at, now()), start.max_attempts, start.timeout,
-         start.idempotency_key, start.concurrency_key, start.key_limit)
+         start.idempotency_key, start.concurrency_key, start.key_limit, rate_limit,
+         rate_period, d.version)
     on conflict (idempotency_key) where idempotency_key is not null
         do update set idempotency_key = excluded.idempotency_key
     returning t.id into new_id;
@@ -799,6 +873,10 @@ begin
                 select t.id, t.started_at from durable.tasks t
                 where t.queue = q and t.status = 'queued' and t.priority = level
                   and t.run_at <= now() and t.name = any(names)
+                  -- A versioned task only where this daemon has its version: `names`
+                  -- holds name || chr(31) || version for each versioned definition. An
+                  -- unversioned task pays one null test.
+                  and (t.version is null or t.name || chr(31) || t.version = any(names))
                   and t.concurrency_key is null
                 order by t.run_at, t.id
                 limit n - claimed
@@ -853,6 +931,10 @@ begin
           from durable.tasks t
          where t.queue = q and t.status = 'queued' and t.run_at <= now()
            and t.name = any(names)
+           -- A versioned task only where this daemon has its version: `names`
+           -- holds name || chr(31) || version for each versioned definition. An
+           -- unversioned task pays one null test.
+           and (t.version is null or t.name || chr(31) || t.version = any(names))
     ), chosen as (
         select r.id from ranked r left join keys k on k.key = r.concurrency_key
          where r.concurrency_key is null

@@ -1,8 +1,11 @@
-"""The fleet: queue depths and limits (`queues`, `queues set`) and daemons (`workers`)."""
+"""The fleet: queue depths and limits (`queues`, `queues set`), daemons (`workers`) and
+the catalog of what they serve (`definitions`)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +50,17 @@ def add_commands(sub: Any) -> None:
     w.add_argument("--limit", type=whole(1), default=50)
     w.add_argument("--json", action="store_true")
     w.set_defaults(func=cmd_workers)
+
+    d = sub.add_parser(
+        "definitions", help="the tasks and workflows the daemons publish: queues, options, "
+        "versions, serving daemons, unfinished tasks per version",
+        description="The catalog that starts by name resolve through. A name stays listed "
+        "once published; its daemons are those heard from within DURABLE_LEASE.",
+    )  # fmt: skip
+    database_options(d)
+    d.add_argument("--name", help="this name only")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_definitions)
 
 
 def cmd_queues(args: argparse.Namespace) -> int:
@@ -123,3 +137,35 @@ def cmd_workers(args: argparse.Namespace) -> int:
     emit(args, rows, ["id", "host", "pid", "state", "queues", "names", "started_at",
                       "heartbeat_s"])  # fmt: skip
     return 0
+
+
+def cmd_definitions(args: argparse.Namespace) -> int:
+    within = live_within(settings(args))
+
+    async def go(s: Session) -> Any:
+        return await s.admin.definitions(within)
+
+    rows = [r for r in with_session(args, go) if args.name is None or r["name"] == args.name]
+    if getattr(args, "json", False) or not sys.stdout.isatty():
+        for row in rows:
+            print(json.dumps(row, default=str))
+        return 0
+    emit(args, table_rows(rows), ["name", "kind", "queue", "version", "served", "daemons",
+                                  "in_flight", "problems"])  # fmt: skip
+    return 0
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`durable definitions` on a terminal: one short line per name."""
+    return [
+        {
+            "name": r["name"], "kind": r["kind"], "queue": r["queue"],
+            "version": r["version"], "served": r["versions"],
+            "daemons": [f"{d['host']}:{d['pid']}" for d in r["daemons"]],
+            "in_flight": [
+                f"{v}: {sum(n.values())}" for v, n in r["tasks"].items() if sum(n.values())
+            ],
+            "problems": "; ".join(r["problems"]) or None,
+        }
+        for r in rows
+    ]  # fmt: skip

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from durable.catalog import unknown
 from durable.cli.core import (
     CommandError,
     Session,
@@ -18,15 +19,18 @@ from durable.cli.core import (
     duration_text,
     emit,
     json_value,
+    live_within,
     progress,
     read_text,
     report,
     run,
     session,
+    settings,
     table,
     whole,
     with_session,
 )
+from durable.errors import UnknownDefinition
 from durable.models import STATUSES, HistoryEntry
 
 BATCH = 1000
@@ -50,6 +54,9 @@ def add_commands(sub: Any) -> None:
     st.add_argument("--priority", type=whole(-(2**31), 2**31 - 1))
     st.add_argument("--delay", type=duration, help="start after this long, e.g. 30s")
     st.add_argument("--idempotency-key")
+    st.add_argument("--allow-unknown", action="store_true",
+                    help="start NAME even though no daemon has published it (it waits for "
+                    "a daemon with its code)")  # fmt: skip
     st.add_argument("--wait", action="store_true", help="wait for the result and print it")
     st.add_argument("--timeout", type=duration, help="with --wait: give up after this long")
     st.set_defaults(func=cmd_start)
@@ -132,13 +139,24 @@ def cmd_start(args: argparse.Namespace) -> int:
         raise CommandError("--kwargs must be a JSON object", 2)
 
     async def go(s: Session) -> None:
-        handle = await s.client.start(
-            args.name, *call_args, queue=args.queue, priority=args.priority, delay=args.delay,
-            idempotency_key=args.idempotency_key, **kwargs,
-        )  # fmt: skip
+        try:
+            handle = await s.client.start(
+                args.name, *call_args, queue=args.queue, priority=args.priority,
+                delay=args.delay, idempotency_key=args.idempotency_key,
+                allow_unknown=args.allow_unknown, **kwargs,
+            )  # fmt: skip
+        except UnknownDefinition:
+            refused = unknown(args.name, "pass --queue or --allow-unknown")
+            raise CommandError(str(refused), 2) from None
         print(handle.id, flush=True)
         if args.wait:
-            print(json.dumps(await handle.result(timeout=args.timeout)))
+            try:
+                print(json.dumps(await handle.result(timeout=args.timeout)))
+            except TimeoutError:
+                status = (await s.client.get(handle.id)).status
+                raise CommandError(
+                    f"task {handle.id} did not finish within {args.timeout:g}s (it is {status})"
+                ) from None
 
     with_session(args, go)
     return 0
@@ -154,10 +172,25 @@ def cmd_ls(args: argparse.Namespace) -> int:
             status=args.status, queue=args.queue, name=args.name, since=_since(args.since),
             limit=args.limit,
         )  # fmt: skip
-        return [vars(t) for t in found]
+        rows = [vars(t) for t in found]
+        if any(t.version is not None and t.status == "queued" for t in found):
+            # A versioned task waits for a daemon with its version's code: say so when
+            # no live one has it.
+            live = await s.admin.live_versions(live_within(settings(args)))
+            for row in rows:
+                if row["version"] is not None and row["status"] == "queued" and (
+                    (row["name"], row["version"]) not in live
+                ):
+                    row["waiting_for"] = f"a daemon with version {row['version']}"
+        return rows
 
     rows = with_session(args, go)
-    emit(args, rows, ["id", "queue", "name", "kind", "status", "attempt", "created_at", "finished_at"])
+    columns = ["id", "queue", "name", "kind", "status", "attempt", "created_at", "finished_at"]
+    if any(r["version"] is not None for r in rows):
+        columns[3:3] = ["version"]
+    if any("waiting_for" in r for r in rows):
+        columns.append("waiting_for")
+    emit(args, rows, columns)
     return 0
 
 

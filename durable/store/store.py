@@ -2,7 +2,7 @@
 
 ``store.tasks`` (enqueue, claim, finish, read), ``store.workflows`` (the event log,
 children, suspension, events) and ``store.operations`` (limits, schedules, probes,
-pruning) share one Database (the pool, kept connections, named queries, clock). The
+pruning) and ``store.catalog`` (the definitions daemons publish) share one Database (the pool, kept connections, named queries, clock). The
 flat names (``store.claim``, ``store.checkpoint_many``...) are each its part's method.
 """
 
@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
+from durable.store.catalog import Catalog
 from durable.store.database import Database, KeptConnection
 from durable.store.operations import Operations
 from durable.store.tasks import Tasks
@@ -61,6 +62,10 @@ def _operations(store: Store) -> Operations:
     return store.operations
 
 
+def _catalog(store: Store) -> Catalog:
+    return store.catalog
+
+
 class Store:
     """Everything durable reads and writes: tasks, workflows, and operating them."""
 
@@ -70,6 +75,7 @@ class Store:
         self.tasks = Tasks(db)
         self.workflows = Workflows(db)
         self.operations = Operations(db, self.tasks)
+        self.catalog = Catalog(db)
 
     @classmethod
     async def open(
@@ -168,3 +174,11 @@ class Store:
     retry_many = _Via(_operations, Operations.retry_many)
     prune_count = _Via(_operations, Operations.prune_count)
     prune = _Via(_operations, Operations.prune)
+
+    register_definitions = _Via(_catalog, Catalog.register_definitions)
+    publish_definitions = _Via(_catalog, Catalog.publish_definitions)
+    resolve_definition = _Via(_catalog, Catalog.resolve_definition)
+    list_definitions = _Via(_catalog, Catalog.list_definitions)
+    served_definitions = _Via(_catalog, Catalog.served_definitions)
+    in_flight_versions = _Via(_catalog, Catalog.in_flight_versions)
+    live_versions = _Via(_catalog, Catalog.live_versions)

@@ -53,6 +53,7 @@ def _task_info(r: asyncpg.Record) -> TaskInfo:
         created_at=r["created_at"],
         started_at=r["started_at"],
         finished_at=r["finished_at"],
+        version=r["version"],
     )
 
 
@@ -84,6 +85,7 @@ class Tasks(Part):
             t.key_rate_limit,
             t.key_rate_period,
             t.trace_context,
+            t.version,
         )
         on: Any = conn
         if on is None:
@@ -113,6 +115,7 @@ class Tasks(Part):
             [t.key_rate_limit for t in tasks],
             [t.key_rate_period for t in tasks],
             [t.trace_context for t in tasks],
+            [t.version for t in tasks],
         )
         if conn is not None:
             rows = await conn.fetch(self.q["insert_many"], *params)

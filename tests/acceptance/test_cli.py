@@ -21,7 +21,14 @@ from durable.settings import ENV_VARS
 from durable.store import migration_files, schema_sql
 from tests.apps.queue_tasks import q_cli_add, q_cli_fail
 from tests.conftest import admin, database_dsn, quote_ident
-from tests.support.helpers import durable_cli, kill, run_burst, spawn_daemon, wait_for
+from tests.support.helpers import (
+    durable_cli,
+    kill,
+    published,
+    run_burst,
+    spawn_daemon,
+    wait_for,
+)
 
 APP = "tests.apps.queue_tasks"
 PASSWORD = "s3cretpw"
@@ -176,6 +183,7 @@ async def test_run_refuses_an_unmigrated_database(empty_db: str) -> None:
 async def test_start_wait_prints_the_result(dsn: str, tmp_path: Path) -> None:
     daemon = spawn_daemon(dsn, APP, log=tmp_path / "daemon.log")
     try:
+        await published(dsn, "q_cli_add")
         proc = await cli("start", "q_cli_add", "[2, 3]", "--wait", "--timeout", "30s", dsn=dsn)
         assert proc.returncode == 0, proc.stderr
         task_id, result = proc.stdout.splitlines()
@@ -200,7 +208,9 @@ async def test_start_without_wait_prints_the_id_and_enqueues(dsn: str) -> None:
         "--idempotency-key", "k-1", dsn=dsn,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    again = await cli("start", "q_cli_add", "[1, 1]", "--idempotency-key", "k-1", dsn=dsn)
+    again = await cli(
+        "start", "q_cli_add", "[1, 1]", "--idempotency-key", "k-1", "--allow-unknown", dsn=dsn
+    )
     assert again.returncode == 0 and again.stdout == proc.stdout
     async with durable.connect(dsn) as client:
         info = await client.get(int(proc.stdout))

@@ -206,10 +206,10 @@ async def test_start_takes_arguments_from_a_file_or_stdin(dsn: str, tmp_path: Pa
     big = "z" * 3_000_000  # more than a command line may hold
     path = tmp_path / "args.json"
     path.write_text(json.dumps([big]))
-    from_file = await cli("start", "cli_echo", "--args-file", str(path), dsn=dsn)
+    from_file = await cli("start", "cli_echo", "--allow-unknown", "--args-file", str(path), dsn=dsn)
     assert from_file.returncode == 0, from_file.stderr
     from_stdin = await anyio.to_thread.run_sync(partial(
-        subprocess.run, [sys.executable, "-m", "durable", "start", "cli_echo", "--args-file", "-"],
+        subprocess.run, [sys.executable, "-m", "durable", "start", "cli_echo", "--allow-unknown", "--args-file", "-"],
         cwd=ROOT, env=daemon_env(dsn), input=json.dumps({"k": [1, 2]}), capture_output=True,
         text=True, timeout=60,
     ))  # fmt: skip
@@ -219,7 +219,7 @@ async def test_start_takes_arguments_from_a_file_or_stdin(dsn: str, tmp_path: Pa
         assert (await client.get(int(from_stdin.stdout))).args == [{"k": [1, 2]}]
     both = await cli("start", "cli_echo", "[1]", "--args-file", str(path), dsn=dsn)
     assert both.returncode == 2 and "not both" in both.stderr
-    missing = await cli("start", "cli_echo", "--args-file", str(tmp_path / "nope"), dsn=dsn)
+    missing = await cli("start", "cli_echo", "--allow-unknown", "--args-file", str(tmp_path / "nope"), dsn=dsn)
     assert missing.returncode == 2 and "--args-file" in missing.stderr
 
 

@@ -13,12 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
 import pytest
 
-from tests.support.helpers import ROOT
+from tests.support.helpers import ROOT, run_burst
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -162,8 +163,26 @@ async def test_a_documented_command_runs(where: str, cmd: str, dsn: str, server_
     assert done.returncode == 0, f"{where}: `{run}` exited {done.returncode}\n{done.stderr[-3000:]}"
 
 
+async def _readme_fulfill(ctx: Any, order_id: str) -> None:
+    return None
+
+
+async def _published_as_in_the_readme(dsn: str) -> None:
+    """The catalog as a daemon serving the README's `fulfill` (queue `orders`) leaves it:
+    durable.start resolves names through it. test_catalog.py's
+    test_the_readme_outbox_example_runs_on_a_daemon_serving_only_orders runs the example
+    against such a daemon to the end."""
+    from durable.registry import Definition, Registry
+
+    reg = Registry()
+    reg.add(Definition(name="fulfill", fn=_readme_fulfill, kind="workflow", queue="orders"))
+    await run_burst(dsn, reg=reg, queues="orders=8")
+
+
 @pytest.mark.parametrize("block", blocks("sql"), ids=lambda b: b.where)
 async def test_documented_sql_runs(block: Block, dsn: str) -> None:
+    if "durable.start(" in block.body:
+        await _published_as_in_the_readme(dsn)
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(block.body)

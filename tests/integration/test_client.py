@@ -57,7 +57,8 @@ async def test_idempotency_key_returns_the_same_task(dsn: str) -> None:
         assert (await client.get(first.id)).idempotency_key == "order-42"
         # The SQL function honours the same key.
         sql_id = await fetchval(
-            dsn, "select durable.start('qc_double', '[5]', idempotency_key => 'order-42')"
+            dsn, "select durable.start('qc_double', '[5]', idempotency_key => 'order-42',"
+            " allow_unknown => true)"
         )
         assert sql_id == first.id
         async with running_daemon(dsn):
@@ -186,7 +187,7 @@ async def test_cancel_a_queued_task_and_it_never_runs(dsn: str) -> None:
 async def test_a_task_no_daemon_knows_stays_queued(dsn: str) -> None:
     async with durable.connect(dsn) as client, running_daemon(dsn, poll_interval="0.05") as daemon:
         worker = daemon.workers["default"]
-        stranger = await client.start("qc_deployed_elsewhere", 1, 2)
+        stranger = await client.start("qc_deployed_elsewhere", 1, 2, allow_unknown=True)
         polls = worker.wakeups["poll"]
         known = [await client.start(qc_double, i) for i in range(5)]
         assert [await h.result(timeout=10) for h in known] == [0, 2, 4, 6, 8]

@@ -59,7 +59,7 @@ numbers = st.one_of(
 
 
 START_OPTIONS = {"queue", "idempotency_key", "priority", "delay", "run_at", "max_attempts",
-                 "timeout", "conn"}
+                 "timeout", "conn", "allow_unknown"}
 
 
 @pytest.fixture
@@ -141,7 +141,7 @@ async def test_any_arguments_are_stored_as_json_or_refused_whole(
 ) -> None:
     before = await counts(dsn)
     try:
-        handle = await client.start("hostile_args", *args, **kwargs)
+        handle = await client.start("hostile_args", *args, allow_unknown=True, **kwargs)
     except TypeError:
         assume(False)  # a keyword the method itself takes (queue=, delay=...)
         return
@@ -201,11 +201,11 @@ async def test_any_idempotency_key_starts_once_or_is_refused_whole(
 ) -> None:
     before = await counts(dsn)
     try:
-        first = await client.start("hostile_key", idempotency_key=key)
+        first = await client.start("hostile_key", idempotency_key=key, allow_unknown=True)
     except DurableError as exc:
         unchanged_on_error(exc, before, await counts(dsn))
         return
-    again = await client.start("hostile_key", idempotency_key=key)
+    again = await client.start("hostile_key", idempotency_key=key, allow_unknown=True)
     assert again.id == first.id and not again.created
     assert (await client.get(first.id)).idempotency_key == key
 
@@ -215,7 +215,8 @@ async def test_any_idempotency_key_starts_once_or_is_refused_whole(
 async def test_any_event_is_sent_or_refused_whole(
     client: durable.Client, dsn: str, name: str, payload: Any, task: Any
 ) -> None:
-    target = (await client.start("hostile_waiter")).id if task is None else task
+    waiter = "hostile_waiter"
+    target = (await client.start(waiter, allow_unknown=True)).id if task is None else task
     before = await counts(dsn)
     try:
         sent = await client.send_event(target, name, payload)
@@ -285,13 +286,17 @@ async def test_a_payload_over_the_limit_is_refused_before_anything_is_written(
 ) -> None:
     before = await counts(dsn)
     with pytest.raises(PayloadError, match="limit"):
-        await client.start("hostile_big", "x" * (MAX_PAYLOAD + 1))
+        await client.start("hostile_big", "x" * (MAX_PAYLOAD + 1), allow_unknown=True)
     with pytest.raises(PayloadError, match="limit"):
-        await client.start("hostile_big", "é" * (MAX_PAYLOAD // 2 + 1))  # bytes, not characters
+        await client.start(  # bytes, not characters
+            "hostile_big", "é" * (MAX_PAYLOAD // 2 + 1), allow_unknown=True
+        )
     with pytest.raises(PayloadError):
-        await client.start("hostile_big", [[[[]]]] * 3, deep=_nested(100_000))
+        await client.start(
+            "hostile_big", [[[[]]]] * 3, deep=_nested(100_000), allow_unknown=True
+        )
     assert await counts(dsn) == before
-    handle = await client.start("hostile_big", "x" * 1_000_000)
+    handle = await client.start("hostile_big", "x" * 1_000_000, allow_unknown=True)
     assert len((await client.get(handle.id)).args[0]) == 1_000_000
 
 

@@ -393,7 +393,7 @@ async def test_catch_up_poll_after_a_reconnect_finds_unannounced_work(dsn: str) 
     async with durable.connect(dsn) as client, running_daemon(dsn, poll_interval="60") as daemon:
         listener = daemon.listener
         assert listener is not None
-        hidden = await client.start("q_not_registered_anywhere", "hidden")
+        hidden = await client.start("q_not_registered_anywhere", "hidden", allow_unknown=True)
         warm = await client.start(q_echo, "warm")
         assert await warm.result(timeout=10) == "warm"
         # Ready work that no notification announces: renaming a queued task changes

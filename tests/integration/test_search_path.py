@@ -151,7 +151,7 @@ async def test_planted_functions_never_run_for_a_superuser(planted: str) -> None
         await conn.close()
 
     # The command line, run by an administrator as the superuser.
-    for command in (("cancel", str(ids[2])), ("retry", str(ids[0])), ("start", "sp_task")):
+    for command in (("cancel", str(ids[2])), ("retry", str(ids[0])), ("start", "sp_task", "--allow-unknown")):
         done = durable_cli(*command, dsn=dsn)
         assert done.returncode == 0, done.stderr
 

@@ -129,6 +129,18 @@ def durable_cli(*args: str, dsn: str | None = None, timeout: float = 60, **env: 
     )
 
 
+async def published(dsn: str, name: str, timeout: float = 20.0) -> None:
+    """Wait until a daemon has published ``name`` in the catalog (a start by name from a
+    process without its code resolves through it)."""
+
+    async def check() -> bool:
+        return bool(await fetchval(
+            dsn, "select exists (select 1 from durable.definitions where name = $1)", name
+        ))  # fmt: skip
+
+    await wait_for(check, timeout=timeout)
+
+
 async def wait_status(dsn: str, task_id: int, *statuses: str, timeout: float = 20.0) -> str:
     """Wait until the task's status is one of ``statuses``; returns it."""
 
