@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import random as _random
 import uuid as _uuid
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ from durable.replay import (
     PATCH,
     CheckpointWriter,
     Journal,
+    PatchCall,
     StepTracer,
     Suspend,
     _mark,
@@ -40,20 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ChildCall", "ChildHandle", "Context", "PatchCall", "Suspend"]
 
-
-class PatchCall:
-    """``ctx.patched(id)``: await it for the answer. Used as a truth value without the
-    await it raises, where a forgotten ``await`` would otherwise always read True."""
-
-    def __init__(self, answer: Coroutine[Any, Any, bool]) -> None:
-        self._answer = answer
-
-    def __await__(self) -> Generator[Any, None, bool]:
-        return self._answer.__await__()
-
-    def __bool__(self) -> bool:
-        self._answer.close()
-        raise TypeError("ctx.patched(...) must be awaited: `if await ctx.patched(...):`")
 
 
 class ChildCall:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from typing import Any, Protocol
@@ -95,6 +95,21 @@ def check_patch_id(what: str, patch_id: object) -> str:
             f"space at either end, got {patch_id[:80]!r}"
         )
     return patch_id
+
+
+class PatchCall:
+    """``ctx.patched(id)``: await it for the answer. Used as a truth value without the
+    await it raises, where a forgotten ``await`` would otherwise always read True."""
+
+    def __init__(self, answer: Coroutine[Any, Any, bool]) -> None:
+        self._answer = answer
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        return self._answer.__await__()
+
+    def __bool__(self) -> bool:
+        self._answer.close()
+        raise TypeError("ctx.patched(...) must be awaited: `if await ctx.patched(...):`")
 
 
 def describe(kind: str, name: str, dig: str) -> str:

@@ -134,7 +134,7 @@ async def test_a_recorded_step_failure_is_raised_again_as_the_run_saw_it() -> No
         try:
             await ctx.step("a", add, x)
         except ValueError as exc:
-            return await ctx.step("handled", str, str(exc))
+            return str(await ctx.step("handled", str, str(exc)))
         return "no"
 
     err = '{"type": "builtins.ValueError", "message": "bad", "args": ["bad"], "attrs": {}}'
@@ -268,7 +268,7 @@ async def test_a_patch_id_of_200_characters_is_taken() -> None:
 
 async def test_patched_without_await_raises_instead_of_reading_true() -> None:
     async def forgot(ctx: durable.Context, x: int) -> int:
-        if ctx.patched("fraud-check"):  # type: ignore[truthy-bool]  # the mistake under test
+        if ctx.patched("fraud-check"):  # the mistake under test
             return 1
         return 0
 
