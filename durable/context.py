@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["ChildCall", "ChildHandle", "Context", "PatchCall", "Suspend"]
 
 
-
 class ChildCall:
     """``ctx.run(fn, ...)``: awaiting it starts the child (once) and waits for its result."""
 
