@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 
 def label(order: str) -> str:
     return f"L-{order}"
@@ -12,4 +15,6 @@ def notify(order: str) -> bool:
 
 
 def insure(order: str) -> str:
+    if os.environ.get("SHIP_INSURE_HANGS"):
+        time.sleep(3600)  # a daemon killed while the step runs (tests/faults)
     return f"I-{order}"
