@@ -355,3 +355,49 @@ def test_an_unreadable_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DurableError, match="not JSON"):
         history_from_json(tmp_path / "bad.json")
+
+
+# -- children and waits come from the log -------------------------------------------------------
+
+
+@durable.workflow(name="verify_child")
+async def child(x: int) -> int:
+    RAN["child"] += 1
+    return x
+
+
+async def parent(ctx: durable.Context, x: int) -> int:
+    got = await ctx.run(child, x)
+    return int(await ctx.step("after", add, got))
+
+
+def child_event(status: str, child_status: str | None, result: Any = None) -> Event:
+    return Event(0, "child", "verify_child", digest("child", "verify_child", [[1], {}]), status,
+                 None if result is None else dumps(result), None, 41, None, child_status,
+                 None if result is None else dumps(result), None)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("event", "outcome"),
+    [
+        (child_event("pending", "running"), "waits at position 0"),
+        (child_event("pending", "completed", 1), "the log ends at position 0; next: the outcome of its children"),
+        (child_event("completed", "completed", 1), "the log ends at position 1; next: step 'after'"),
+    ],
+)  # fmt: skip
+async def test_a_child_is_never_started_and_its_outcome_comes_from_the_log(
+    event: Event, outcome: str
+) -> None:
+    RAN.clear()
+    v = await check_history(parent, history(event))
+    assert v.ok and v.outcome.startswith(outcome)
+    assert RAN["child"] == 0 and RAN["add"] == 0
+
+
+async def test_a_child_replaced_by_a_step_fails_at_the_child() -> None:
+    async def changed(ctx: durable.Context, x: int) -> int:
+        return int(await ctx.step("inline", add, x))
+
+    v = await check_history(changed, history(child_event("completed", "completed", 1)))
+    assert not v.ok and v.position == 0
+    assert str(v.recorded).startswith("child 'verify_child'") and str(v.call).startswith("step 'inline'")
