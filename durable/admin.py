@@ -18,6 +18,8 @@ from typing import Any
 
 from durable.catalog import describe
 from durable.models import (
+    Event,
+    History,
     PruneResult,
     QueueCount,
     QueueLimit,
@@ -48,6 +50,23 @@ class Admin:
         return await self._store.list_tasks(
             status=status, queue=queue, name=name, since=since, limit=limit
         )
+
+    async def histories(
+        self,
+        names: Sequence[str],
+        *,
+        statuses: Sequence[str] | None = None,
+        since: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[History]:
+        """The newest workflow runs of ``names`` (``statuses``: any when None) with the event
+        log of each one's current branch: what ``durable verify`` replays."""
+        return await self._store.histories(names, statuses, since, limit)
+
+    async def recorded(self, task_id: int, branch: int) -> list[Event]:
+        """One branch of a workflow's event log as replay reads it (digests, values as
+        stored): what ``durable show ID --json`` exports for ``durable verify --file``."""
+        return await self._store.load_events(task_id, branch)
 
     async def queue_counts(self) -> list[QueueCount]:
         return await self._store.queue_stats()

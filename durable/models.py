@@ -321,3 +321,18 @@ class ScheduleInfo:
     next_run_at: datetime
     last_run_at: datetime | None
     last_task_id: int | None
+
+
+@dataclass(frozen=True)
+class History:
+    """A workflow run's recorded history on one branch, as ``durable verify`` replays it
+    (from the database, or from the file ``durable show ID --json`` writes)."""
+
+    task_id: int
+    name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    status: str
+    branch: int
+    attempt: int
+    events: tuple[Event, ...]

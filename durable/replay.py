@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from typing import Any, Protocol
@@ -73,6 +73,45 @@ class Suspend(BaseException):
         self.event = event
 
 
+PATCH = "patch"
+"""The kind of the marker ``ctx.patched`` and ``ctx.deprecate_patch`` record."""
+
+MAX_PATCH_ID = 200
+"""Longest patch id, in characters."""
+
+
+def check_patch_id(what: str, patch_id: object) -> str:
+    """A patch id as ``what`` (``ctx.patched``...) takes it: 1 to 200 printable characters,
+    no space at either end."""
+    if not isinstance(patch_id, str):
+        raise TypeError(f"{what}: the patch id must be a str, not {type(patch_id).__name__}")
+    if (
+        not 1 <= len(patch_id) <= MAX_PATCH_ID
+        or not patch_id.isprintable()
+        or patch_id != patch_id.strip()
+    ):
+        raise ValueError(
+            f"{what}: the patch id must be 1 to {MAX_PATCH_ID} printable characters with no "
+            f"space at either end, got {patch_id[:80]!r}"
+        )
+    return patch_id
+
+
+class PatchCall:
+    """``ctx.patched(id)``: await it for the answer. Used as a truth value without the
+    await it raises, where a forgotten ``await`` would otherwise always read True."""
+
+    def __init__(self, answer: Coroutine[Any, Any, bool]) -> None:
+        self._answer = answer
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        return self._answer.__await__()
+
+    def __bool__(self) -> bool:
+        self._answer.close()
+        raise TypeError("ctx.patched(...) must be awaited: `if await ctx.patched(...):`")
+
+
 def describe(kind: str, name: str, dig: str) -> str:
     return f"{kind} {name!r} (arguments digest {dig[:12]})"
 
@@ -91,7 +130,8 @@ def match(event: Event | None, seq: int, kind: str, name: str, dig: str) -> Even
 
 def unconsumed(events: dict[int, Event], next_seq: int) -> NonDeterminismError | None:
     """A workflow that returns must have consumed its whole log."""
-    rest = sorted(s for s in events if s >= next_seq)
+    # A patch marker the code no longer asks for is no durable call (ctx.deprecate_patch).
+    rest = sorted(s for s, e in events.items() if s >= next_seq and e.kind != PATCH)
     if not rest:
         return None
     first = events[rest[0]]
@@ -246,6 +286,11 @@ class Journal:
         self.abort: ReplayAbort | None = None
         """A NonDeterminismError or LeaseLost raised in this attempt: raised again by every
         later durable call and at return, whatever the workflow caught."""
+        self.patches: dict[str, bool] = {}
+        """What ``ctx.patched`` answered for each patch id this attempt asked about: the
+        first ask decides, later ones get the same answer and take no position."""
+        self.passed: dict[str, int] = {}
+        """Patch markers stepped over by another call, by id and position."""
 
     def begin(self, kind: str, name: str) -> None:
         """Enter a durable call: one at a time, and none after the attempt was aborted."""
@@ -270,12 +315,64 @@ class Journal:
         return self.abort
 
     def next(self, kind: str, name: str, dig: str) -> tuple[int, Event | None]:
+        event = self.events.get(self.seq)
+        if event is not None and event.kind == PATCH:
+            self.pass_markers()
         seq = self.seq
         self.seq += 1
         try:
             return seq, match(self.events.get(seq), seq, kind, name, dig)
         except NonDeterminismError as exc:
             raise self.aborted(exc) from None
+
+    def pass_markers(self, keep: str | None = None) -> None:
+        """Step over the patch markers at the current position (but ``keep``'s): code that
+        no longer asks for a patch replays a log that recorded it."""
+        while (event := self.events.get(self.seq)) is not None and event.kind == PATCH:
+            if event.name == keep:
+                return
+            self.passed.setdefault(event.name, event.seq)
+            self.seq += 1
+
+    def patch(self, patch_id: str) -> tuple[bool, int | None]:
+        """Decide ``ctx.patched(patch_id)``: (the answer, the position where its marker must
+        now be recorded, or None).
+
+        True when the log holds the patch's marker here, or holds nothing more (the run is
+        on new code from here on); False when it holds another call here: the history was
+        recorded before the patch, and the old branch it took must be taken again. False
+        takes no position, so later replays meet the same call here and answer the same.
+        """
+        answer = self.patches.get(patch_id)
+        if answer is not None:
+            return answer, None
+        where = self.passed.get(patch_id)
+        if where is not None:
+            raise self.aborted(
+                NonDeterminismError(
+                    f"at position {self.seq} the code asked for patch {patch_id!r}, whose "
+                    f"marker the event log holds at position {where}, where the code made "
+                    "another call"
+                )
+            )
+        self.pass_markers(keep=patch_id)
+        seq = self.seq
+        event = self.events.get(seq)
+        record: int | None = None
+        if event is None:
+            answer, record = True, seq
+            self.seq += 1
+        elif event.kind == PATCH:
+            answer = True
+            self.seq += 1
+        else:
+            answer = False
+        self.patches[patch_id] = answer
+        return answer, record
+
+    def asleep(self, wake: datetime) -> bool:
+        """Whether a sleep recorded to end at ``wake`` still holds the workflow."""
+        return self.now() < wake
 
     def checkpoint(
         self,

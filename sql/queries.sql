@@ -644,6 +644,7 @@ select now()
 update durable.events set status = $4, result = $5::jsonb, signal_id = $6, finished_at = now()
  where task_id = $1 and branch = $2 and seq = $3
 
+<<<<<<< HEAD
 -- The catalog of definitions (durable/catalog.py) ---------------------------------------
 
 -- name: register_definitions
@@ -733,3 +734,25 @@ group by name, version
 select distinct wd.name, wd.version
 from durable.worker_definitions wd join durable.workers w on w.id = wd.worker_id
 where w.stopped_at is null and w.heartbeat_at > now() - make_interval(secs => $1)
+=======
+-- name: verify_runs
+-- The workflow runs `durable verify` replays: names in $1, status in $2 (null: any),
+-- created since $3, the newest $4; each on its current branch.
+select id, name, args::text, kwargs::text, status, branch, attempt
+from durable.tasks
+where kind = 'workflow' and name = any($1::text[])
+  and ($2::text[] is null or status = any($2::text[]))
+  and ($3::timestamptz is null or created_at >= $3)
+order by id desc
+limit $4
+
+-- name: verify_events
+-- The event logs of runs $1 on their branches $2, as load_events reads one.
+select e.task_id, e.seq, e.kind, e.name, e.digest, e.status, e.result::text, e.error::text,
+       e.child_id, e.wake_at, c.status as child_status, c.result::text as child_result,
+       c.error::text as child_error
+from unnest($1::bigint[], $2::integer[]) as r(task_id, branch)
+join durable.events e on e.task_id = r.task_id and e.branch = r.branch
+left join durable.tasks c on c.id = e.child_id
+order by e.task_id, e.seq
+>>>>>>> verify

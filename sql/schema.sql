@@ -189,7 +189,7 @@ create table durable.events (
     finished_at timestamptz,
     primary key (task_id, branch, seq),
     constraint events_kind_check
-        check (kind in ('step', 'transaction', 'child', 'sleep', 'event', 'memo')),
+        check (kind in ('step', 'transaction', 'child', 'sleep', 'event', 'memo', 'patch')),
     constraint events_status_check check (status in ('pending', 'completed', 'failed'))
 );
 

@@ -221,15 +221,20 @@ def cmd_show(args: argparse.Namespace) -> int:
         info = await s.client.get(args.id)
         branch = args.branch if args.branch is not None else info.branch
         history = await s.client.history(args.id, branch)
-        return info, history, await s.client.branches(args.id), branch
+        recorded = await s.admin.recorded(args.id, branch) if args.json else []
+        return info, history, await s.client.branches(args.id), branch, recorded
 
-    info, history, branches, branch = with_session(args, go)
+    info, history, branches, branch, recorded = with_session(args, go)
     if args.json:
+        from durable.verify import export
+
         out = {k: getattr(info, k) for k in info.__dataclass_fields__}
         out["branch_shown"] = branch
         out["branches"] = branches
         out["events"] = [vars(e) for e in history]
-        print(json.dumps(out, default=str, indent=2))
+        # A workflow's export is also a history `durable verify --file` replays.
+        print(json.dumps(export(out, branch, recorded) if info.kind == "workflow" else out,
+                         default=str, indent=2))  # fmt: skip
         return 0
     full = args.full
     cancel = "  (cancel requested)" if info.cancel_requested and info.status == "running" else ""

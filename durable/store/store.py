@@ -156,6 +156,7 @@ class Store:
     send_event = _Via(_workflows, Workflows.send_event)
     history = _Via(_workflows, Workflows.history)
     branches = _Via(_workflows, Workflows.branches)
+    histories = _Via(_workflows, Workflows.histories)
 
     queue_limits = _Via(_operations, Operations.queue_limits)
     set_queue_limits = _Via(_operations, Operations.set_queue_limits)

@@ -15,6 +15,7 @@ from durable.errors import LeaseLost, TaskCancelled
 from durable.models import (
     Checkpoint,
     Event,
+    History,
     HistoryEntry,
     NewTask,
 )
@@ -285,3 +286,39 @@ class Workflows(Part):
 
     async def branches(self, task_id: int) -> list[int]:
         return [r["branch"] for r in await self.pool.fetch(self.q["branches"], task_id)]
+
+    async def histories(
+        self,
+        names: Sequence[str],
+        statuses: Sequence[str] | None,
+        since: datetime | None,
+        limit: int,
+    ) -> list[History]:
+        """The newest workflow runs of ``names`` with their event logs (current branch)."""
+        runs = await self.pool.fetch(
+            self.q["verify_runs"], list(names), list(statuses) if statuses else None, since, limit
+        )
+        if not runs:
+            return []
+        rows = await self.pool.fetch(
+            self.q["verify_events"], [r["id"] for r in runs], [r["branch"] for r in runs]
+        )
+        events: dict[int, list[Event]] = {}
+        for r in rows:
+            events.setdefault(r["task_id"], []).append(
+                Event(
+                    seq=r["seq"], kind=r["kind"], name=r["name"], digest=r["digest"],
+                    status=r["status"], result=r["result"], error=r["error"],
+                    child_id=r["child_id"], wake_at=r["wake_at"],
+                    child_status=r["child_status"], child_result=r["child_result"],
+                    child_error=r["child_error"],
+                )
+            )
+        return [
+            History(
+                task_id=r["id"], name=r["name"], args=loads(r["args"]), kwargs=loads(r["kwargs"]),
+                status=r["status"], branch=r["branch"], attempt=r["attempt"],
+                events=tuple(events.get(r["id"], ())),
+            )
+            for r in runs
+        ]

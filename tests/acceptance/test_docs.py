@@ -54,9 +54,19 @@ CHEAPER: list[tuple[str, Callable[[str], str]]] = [
 ]
 """Documented command (by prefix) -> what this test runs instead."""
 
+_VERIFY = (
+    "tests/acceptance/test_verify.py::"
+    "test_verify_catches_an_unsafe_change_and_patched_keeps_old_runs_on_the_old_branch"
+)
+
 RUN_ELSEWHERE = {
     "pip install . && durable demo": "tests/acceptance/test_demo.py::test_demo_runs_and_charges_once",
     "durable soak --duration": "tests/faults/test_soak.py::test_a_short_soak_fires_every_fault_kind_and_every_invariant_holds",
+    # Against a user's own module and recorded runs: the test records runs with a daemon,
+    # exports one, and verifies changed code both ways.
+    "durable verify --app myapp.workflows": _VERIFY,
+    "durable show 17 --json > tests/histories/": _VERIFY,
+    "durable verify --file tests/histories/": _VERIFY,
     "durable bench throughput latency floor workflows backlog scale": (
         "tests/acceptance/test_bench.py::test_every_workload_runs_verifies_its_count_and_cleans_up"
     ),
