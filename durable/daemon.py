@@ -176,6 +176,7 @@ class Daemon:
                 store, self.registry, self.metrics, self.clock,
                 poll_interval=self.settings.poll_interval, lease=self.settings.lease,
                 retention=self.settings.retention, retention_interval=self.retention_interval,
+                retention_vacuum=self.settings.retention_vacuum,
             )
             runner = Runner(
                 store, self.registry, acks.completions, acks.checkpoints,

@@ -266,6 +266,16 @@ def retention(name: str, raw: object) -> float:
     return _duration(name, raw, 0.0, False, "a positive duration such as 7d, 12h or 30m")
 
 
+RETENTION_VACUUM_MODES = ("auto", "on", "off")
+
+
+def retention_vacuum(name: str, raw: object) -> str:
+    text = raw.strip().lower() if isinstance(raw, str) else ""
+    if text not in RETENTION_VACUUM_MODES:
+        _fail(name, "auto, on or off", _shown(raw))
+    return text
+
+
 def home(name: str, raw: object) -> Path:
     text = raw if isinstance(raw, str) else str(raw) if isinstance(raw, Path) else ""
     if not text.strip() or "\0" in text:
@@ -367,6 +377,13 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "retention", "DURABLE_RETENTION", "--retention", retention, None, "(keep forever)",
         "delete finished tasks, with their events, this long after they finished, e.g. 7d "
         "(one daemon at a time prunes, every few minutes)", metavar="DURATION",
+    ),
+    Option(
+        "retention_vacuum", "DURABLE_RETENTION_VACUUM", "--retention-vacuum",
+        retention_vacuum, "auto", "auto",
+        "after each prune pass under DURABLE_RETENTION, VACUUM the task, event and signal "
+        "tables: auto (only when the server's autovacuum is off), on, or off; the daemon's "
+        "role must own them (PostgreSQL 17: or hold MAINTAIN on them)", metavar="MODE",
     ),
     Option(
         "home", "DURABLE_HOME", "--home", home, None,

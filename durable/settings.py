@@ -74,6 +74,7 @@ class Settings:
     apps: tuple[str, ...] = ()
     http: tuple[str, int] | None = None
     retention: float | None = None
+    retention_vacuum: str = "auto"
     home: Path | None = None
     database_url_source: str | None = field(default=None, compare=False)
 

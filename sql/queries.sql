@@ -595,6 +595,30 @@ where (stopped_at is not null and stopped_at < $1)
    or (stopped_at is null and heartbeat_at < least($1, now() - interval '1 day'))
 returning id
 
+-- name: vacuum_check
+-- Whether a prune pass in vacuum mode $1 ('on', 'auto': when the server's autovacuum is
+-- off) vacuums, and whether this role may: VACUUM skips, with only a warning, a table
+-- its role does not own (PostgreSQL 17 also lets the MAINTAIN privilege do it).
+select $1::text = 'on' or ($1::text = 'auto' and not current_setting('autovacuum')::boolean)
+           as wanted,
+       bool_and(pg_has_role(c.relowner, 'USAGE')
+                or pg_has_role((select d.datdba from pg_database d
+                                 where d.datname = current_database()), 'USAGE')
+                or (select r.rolsuper from pg_roles r where r.rolname = current_user)
+                or case when current_setting('server_version_num')::integer >= 170000
+                        then has_table_privilege(c.oid, 'MAINTAIN') else false end)
+           as allowed
+  from pg_class c
+ where c.oid in ('durable.tasks'::regclass, 'durable.events'::regclass,
+                 'durable.signals'::regclass)
+
+-- name: vacuum_history
+-- What pruning and claims leave dead, made reusable: without it (autovacuum off) every
+-- deleted row and every claim's old row version keeps its space, and the claim reads
+-- past the dead entries of the ready index. ANALYZE too: with autovacuum off nothing
+-- else keeps the planner's statistics.
+vacuum (analyze) durable.tasks, durable.events, durable.signals
+
 -- name: prune_cutoff
 -- The database's clock decides what is old, not the caller's.
 select now() - make_interval(secs => $1)

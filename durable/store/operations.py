@@ -187,12 +187,15 @@ class Operations(Part):
         *,
         batch: int = 1000,
         progress: Callable[[PruneResult], None] | None = None,
+        vacuum: str = "off",
     ) -> PruneResult | None:
         """Delete the task trees that all finished more than ``older_than`` seconds ago.
 
         Each statement deletes at most ``batch`` tasks (with their events and signals) and
         commits on its own, so no lock is held for long. Returns None, deleting nothing,
         when another process is pruning (one pruner at a time, by advisory lock).
+        ``vacuum``: then VACUUM the task, event and signal tables, 'on' always, 'auto'
+        when the server's autovacuum is off, 'off' never (see `PruneResult.vacuumed`).
         """
         async with self.pool.acquire() as conn:
             if not await conn.fetchval(self.q["prune_lock"], PRUNE_LOCK):
@@ -222,7 +225,19 @@ class Operations(Part):
                         break
                     cursor = scan["last_id"]
                 workers = await conn.fetch(self.q["prune_workers"], cutoff)
-                return PruneResult(done.tasks, done.events, done.signals, len(workers))
+                vacuumed = None
+                if vacuum != "off":
+                    check = await conn.fetchrow(self.q["vacuum_check"], vacuum)
+                    assert check is not None
+                    if check["wanted"]:
+                        vacuumed = bool(check["allowed"])
+                        if vacuumed:
+                            # Under the prune lock: two daemons' passes never queue up
+                            # behind each other's VACUUM.
+                            await conn.execute(self.q["vacuum_history"])
+                return PruneResult(
+                    done.tasks, done.events, done.signals, len(workers), vacuumed
+                )
             finally:
                 # Returned to the pool unlocked; if this fails, the connection is closed
                 # (which releases the lock) rather than handed on still holding it.
