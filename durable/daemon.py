@@ -161,10 +161,9 @@ class Daemon:
         # group commits keep theirs, on top of the pool's size.
         kept = min(len(queues), KEPT_CONNECTIONS)
         self.store = store = await Store.open(
-            self.dsn,
-            min_size=min(WARM_CONNECTIONS, self.pool_size) + kept,
+            self.dsn, min_size=min(WARM_CONNECTIONS, self.pool_size) + kept,
             max_size=self.pool_size + kept + FLUSH_CONNECTIONS,
-            warm=True,
+            warm=True, statement_cache_size=self.settings.statement_cache,
         )
         self.acks = acks = Acks(store, self.metrics)
         try:

@@ -266,6 +266,18 @@ def retention(name: str, raw: object) -> float:
     return _duration(name, raw, 0.0, False, "a positive duration such as 7d, 12h or 30m")
 
 
+MAX_STATEMENT_CACHE = 100_000
+
+
+def statement_cache(name: str, raw: object) -> int:
+    if isinstance(raw, str) and raw.strip() == "0":
+        return 0
+    value = _whole(raw)
+    if value is None or value > MAX_STATEMENT_CACHE:
+        _fail(name, f"a whole number from 0 to {MAX_STATEMENT_CACHE}", _shown(raw))
+    return value
+
+
 RETENTION_VACUUM_MODES = ("auto", "on", "off")
 
 
@@ -322,6 +334,13 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "listen_url", "DURABLE_LISTEN_URL", "--listen-url", url, None, "(the database URL)",
         "direct Postgres URL for the LISTEN connection, e.g. when the database URL "
         "goes through PgBouncer in transaction mode", metavar="URL",
+    ),
+    Option(
+        "statement_cache", "DURABLE_STATEMENT_CACHE", "--statement-cache", statement_cache,
+        100, "100",
+        "prepared statements each connection keeps; 0 when the database URL goes through "
+        "PgBouncer in transaction mode (before 1.21, or without max_prepared_statements), "
+        "which cannot keep a prepared statement beyond a transaction", metavar="N",
     ),
     Option(
         "queues", "DURABLE_QUEUES", "--queues", queues, (), "default",

@@ -502,12 +502,11 @@ with picked as materialized (
 )
 select id, durable.restart(id, 'retry') as branch from picked
 
--- name: prune_lock
--- One pruner at a time across all daemons and CLIs (a session lock; $1 is PRUNE_LOCK).
-select pg_try_advisory_lock($1)
-
--- name: prune_unlock
-select pg_advisory_unlock($1)
+-- name: prune_try_lock
+-- One pruner at a time across all daemons and CLIs ($1 is PRUNE_LOCK): taken by each of
+-- a pass's statements in its own transaction, so that it never outlives one, even on a
+-- server connection shared through a transaction pooler.
+select pg_try_advisory_xact_lock($1)
 
 -- name: prune_count
 -- How many tasks `prune_trees` would delete for cutoff $1 (for the confirmation prompt).
@@ -617,7 +616,7 @@ select $1::text = 'on' or ($1::text = 'auto' and not current_setting('autovacuum
 -- deleted row and every claim's old row version keeps its space, and the claim reads
 -- past the dead entries of the ready index. ANALYZE too: with autovacuum off nothing
 -- else keeps the planner's statistics.
-vacuum (analyze) durable.tasks, durable.events, durable.signals
+vacuum (analyze, skip_locked) durable.tasks, durable.events, durable.signals
 
 -- name: prune_cutoff
 -- The database's clock decides what is old, not the caller's.
