@@ -611,13 +611,6 @@ select $1::text = 'on' or ($1::text = 'auto' and not current_setting('autovacuum
  where c.oid in ('durable.tasks'::regclass, 'durable.events'::regclass,
                  'durable.signals'::regclass)
 
--- name: vacuum_history
--- What pruning and claims leave dead, made reusable: without it (autovacuum off) every
--- deleted row and every claim's old row version keeps its space, and the claim reads
--- past the dead entries of the ready index. ANALYZE too: with autovacuum off nothing
--- else keeps the planner's statistics.
-vacuum (analyze, skip_locked) durable.tasks, durable.events, durable.signals
-
 -- name: prune_cutoff
 -- The database's clock decides what is old, not the caller's.
 select now() - make_interval(secs => $1)

@@ -20,7 +20,7 @@ from durable.models import (
     Unserved,
 )
 from durable.store.database import Database, Part
-from durable.store.schema import PRUNE_LOCK
+from durable.store.schema import PRUNE_LOCK, named_queries
 from durable.store.tasks import Tasks
 
 
@@ -250,7 +250,6 @@ class Operations(Part):
                 if check["wanted"]:
                     vacuumed = bool(check["allowed"])
                     if vacuumed:
-                        # Outside any transaction (VACUUM cannot run in one); SKIP_LOCKED:
-                        # a table another pass is vacuuming now is left to that pass.
-                        await conn.execute(self.q["vacuum_history"])
+                        # Outside any transaction: VACUUM cannot run in one.
+                        await conn.execute(named_queries("maintenance.sql")["vacuum_history"])
             return PruneResult(done.tasks, done.events, done.signals, len(workers), vacuumed)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncpg
 import pytest
+from structlog.testing import capture_logs
 
 from durable.embedded import EmbeddedServer
 from durable.store import Store
-from tests.support.helpers import durable_cli
+from tests.support.helpers import durable_cli, fetchval, running_daemon, wait_for
 from tests.support.roles import APP_ROLE, app_role, as_app
 
 QUEUE = "bloat"
@@ -115,3 +116,41 @@ async def test_a_role_that_may_not_vacuum_prunes_and_says_so(dsn: str) -> None:
         await store.close()
     cli = durable_cli("prune", "--older-than", "1s", "--vacuum", "--yes", dsn=as_app(dsn))
     assert cli.returncode == 1 and "VACUUM was not run" in cli.stderr, cli.stderr
+
+
+async def _vacuums(dsn: str) -> int:
+    # VACUUM writes its count to the statistics as it ends: no flush interval to wait for.
+    return int(await fetchval(
+        dsn, "select vacuum_count from pg_stat_user_tables"
+        " where schemaname = 'durable' and relname = 'tasks'",
+    ))  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+async def test_a_daemon_under_retention_vacuums_when_told_and_says_once_when_it_may_not(
+    dsn: str,
+) -> None:
+    before = await _vacuums(dsn)
+    async with running_daemon(dsn, queues=QUEUE, retention="1d", retention_vacuum="on") as d:
+        await wait_for(lambda: _true(d.prune_runs >= 1))
+    assert await _vacuums(dsn) == before + 1
+    async with running_daemon(dsn, queues=QUEUE, retention="1d", retention_vacuum="off") as d:
+        await wait_for(lambda: _true(d.prune_runs >= 1))
+    assert await _vacuums(dsn) == before + 1
+
+    await app_role(dsn)
+    done = durable_cli("migrate", "--grant", APP_ROLE, dsn=dsn)
+    assert done.returncode == 0, done.stderr
+    with capture_logs() as logs:
+        async with running_daemon(
+            as_app(dsn), queues=QUEUE, retention="1d", retention_vacuum="on"
+        ) as d:
+            d.housekeeping.retention_interval = 0.01  # type: ignore[union-attr]
+            await wait_for(lambda: _true(d.prune_runs >= 3))
+    refused = [e for e in logs if e["event"] == "vacuum_not_permitted"]
+    assert len(refused) == 1, refused
+    assert await _vacuums(dsn) == before + 1
+
+
+async def _true(value: bool) -> bool:
+    return value
