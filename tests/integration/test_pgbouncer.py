@@ -4,13 +4,16 @@ go through the pooler, the LISTEN connections straight to the server
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
+from pathlib import Path
 
+import anyio
 import asyncpg
 import pytest
 
 import durable
-from tests.support.helpers import durable_cli, running_daemon, wait_for
+from tests.support.helpers import durable_cli, kill, running_daemon, spawn_daemon, wait_for
 from tests.support.pgbouncer import installed, pgbouncer
 from tests.support.roles import APP_ROLE, app_role, as_app
 
@@ -107,3 +110,37 @@ async def test_pruning_through_pgbouncer_takes_and_releases_its_lock(app: str, p
             await conn.close()
         assert held == 0
         assert await client.store.prune(0.0) is not None
+
+
+@pytest.mark.timeout(90)
+async def test_a_daemon_and_a_client_configured_by_environment_work_through_pgbouncer(
+    app: str, pooled: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`durable run` with DURABLE_DATABASE_URL through the pooler, DURABLE_LISTEN_URL at
+    the server and DURABLE_STATEMENT_CACHE=0, as a deployment sets them; the client reads
+    the same variables."""
+    log = tmp_path / "daemon.log"
+    proc = spawn_daemon(
+        pooled, "tests.integration.test_pgbouncer", log=log, DURABLE_LISTEN_URL=app,
+        DURABLE_STATEMENT_CACHE="0", DURABLE_QUEUES=QUEUE,
+    )  # fmt: skip
+    try:
+        monkeypatch.setenv("DURABLE_DATABASE_URL", pooled)
+        monkeypatch.setenv("DURABLE_LISTEN_URL", app)
+        monkeypatch.setenv("DURABLE_STATEMENT_CACHE", "0")
+        async with durable.connect() as client:
+            assert client.listen_dsn == app
+            flow = await client.start(pooled_flow, 5)
+            handles = await client.start_many(pooled_double, [[i] for i in range(20)])
+            assert [await h.result(timeout=30) for h in handles] == [2 * i for i in range(20)]
+
+            async def waiting() -> bool:
+                return (await client.get(flow.id)).waiting_event == "go"
+
+            await wait_for(waiting, timeout=30)
+            assert await client.send_event(flow.id, "go", 7)
+            assert await flow.result(timeout=30) == {"a": 6, "b": 12, "fan": [2, 4], "event": 7}
+    finally:
+        kill(proc, signal.SIGTERM)
+        await anyio.to_thread.run_sync(proc.wait)
+    assert "prepared statement" not in log.read_text()
