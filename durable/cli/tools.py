@@ -33,7 +33,7 @@ BENCH_WORKLOADS = ["throughput", "latency", "floor", "workflows", "backlog", "sc
 
 def add_commands(sub: Any) -> None:
     b = sub.add_parser(
-        "bench", help="measure throughput, latency, workflows, backlog and scale",
+        "bench", help="measure throughput, latency, workflows, backlog, scale and retention",
         description="Runs each workload in a scratch database it creates on the server "
         "and drops afterwards; every run checks its own count.",
     )  # fmt: skip
