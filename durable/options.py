@@ -270,7 +270,7 @@ MAX_STATEMENT_CACHE = 100_000
 
 
 def statement_cache(name: str, raw: object) -> int:
-    if isinstance(raw, str) and raw.strip() == "0":
+    if (isinstance(raw, str) and raw.strip() == "0") or (type(raw) is int and raw == 0):
         return 0
     value = _whole(raw)
     if value is None or value > MAX_STATEMENT_CACHE:

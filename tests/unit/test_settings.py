@@ -466,6 +466,8 @@ def test_statement_cache_and_retention_vacuum_are_read_and_checked() -> None:
 
     s = Settings.from_env({"DURABLE_STATEMENT_CACHE": "0", "DURABLE_RETENTION_VACUUM": "ON"})
     assert (s.statement_cache, s.retention_vacuum) == (0, "on")
+    assert Settings.from_env({}, statement_cache=0).statement_cache == 0
+    assert Settings.from_env({}, statement_cache=500).statement_cache == 500
     assert (Settings.from_env({}).statement_cache, Settings.from_env({}).retention_vacuum) == (
         100, "auto"
     )
