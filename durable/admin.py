@@ -140,9 +140,12 @@ class Admin:
         *,
         batch: int = 1000,
         progress: Callable[[PruneResult], None] | None = None,
+        vacuum: str = "off",
     ) -> PruneResult | None:
         """See `Store.prune`: None when another process is pruning."""
-        return await self._store.prune(older_than, batch=batch, progress=progress)
+        return await self._store.prune(
+            older_than, batch=batch, progress=progress, vacuum=vacuum
+        )
 
     async def schedules(self) -> list[ScheduleInfo]:
         return await self._store.list_schedules()

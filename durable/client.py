@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -48,9 +49,12 @@ class Handle:
 class Client:
     """Talks to durable's tables; get one with ``async with durable.connect() as client``."""
 
-    def __init__(self, store: Store, dsn: str | None) -> None:
+    def __init__(self, store: Store, dsn: str | None, listen_dsn: str | None = None) -> None:
         self.store = store
         self.dsn = dsn
+        self.listen_dsn = listen_dsn or dsn
+        """Where ``result()`` LISTENs: the server itself when ``dsn`` goes through a
+        transaction pooler, which cannot hold a LISTEN."""
         self._waiters: dict[int, list[asyncio.Event]] = {}
         self._sub: Subscription | None = None
         self._sub_lock = asyncio.Lock()
@@ -254,7 +258,7 @@ class Client:
             if self._sub is not None and not self._sub.is_closed():
                 return
             self._sub = await Subscription.open(
-                self.dsn, {"durable_done": self._on_done}, on_lost=self._wake_all
+                self.listen_dsn, {"durable_done": self._on_done}, on_lost=self._wake_all
             )
 
     def _on_done(self, payload: str) -> None:
@@ -360,7 +364,12 @@ async def resolve_dsn(dsn: str | None = None) -> str | None:
 
 @asynccontextmanager
 async def connect(
-    dsn: str | None = None, *, max_size: int = 5, server_settings: Mapping[str, str] | None = None
+    dsn: str | None = None,
+    *,
+    max_size: int = 5,
+    server_settings: Mapping[str, str] | None = None,
+    listen_dsn: str | None = None,
+    statement_cache_size: int | None = None,
 ) -> AsyncIterator[Client]:
     """``async with durable.connect() as client:`` — a Client on a small pool
     (``max_size`` connections, and one more kept for single enqueues).
@@ -368,13 +377,30 @@ async def connect(
     ``dsn`` defaults to DURABLE_DATABASE_URL / DATABASE_URL / PG* variables, else the
     embedded server (started if needed). ``server_settings``: Postgres settings for
     the session of every connection (e.g. ``{"search_path": "app, public"}``).
+    ``listen_dsn``: where ``handle.result()`` listens for finished tasks, when ``dsn``
+    goes through PgBouncer in transaction mode (default: DURABLE_LISTEN_URL when ``dsn``
+    is not given, else ``dsn``). ``statement_cache_size``: prepared statements per
+    connection, 0 through such a pooler (default: DURABLE_STATEMENT_CACHE, else 100).
     """
+    if statement_cache_size is None or (listen_dsn is None and dsn is None):
+        from durable.settings import Settings
+
+        # Only the variables read here: a connection given its URL does not fail on
+        # settings meant for the daemon.
+        env = Settings.from_env({
+            v: os.environ[v] for v in ("DURABLE_LISTEN_URL", "DURABLE_STATEMENT_CACHE")
+            if v in os.environ
+        })  # fmt: skip
+        if listen_dsn is None and dsn is None:
+            listen_dsn = env.listen_url
+        if statement_cache_size is None:
+            statement_cache_size = env.statement_cache
     url = await resolve_dsn(dsn)
     store = await Store.open(
         url, min_size=1, max_size=max_size, name="durable-client", kept_enqueue=True,
-        server_settings=server_settings,
+        server_settings=server_settings, statement_cache_size=statement_cache_size,
     )
-    client = Client(store, url)
+    client = Client(store, url, listen_dsn)
     try:
         yield client
     finally:

@@ -163,6 +163,7 @@ class Daemon:
         self.store = store = await Store.open(
             self.dsn, min_size=min(WARM_CONNECTIONS, self.pool_size) + kept,
             max_size=self.pool_size + kept + FLUSH_CONNECTIONS, warm=True,
+            statement_cache_size=self.settings.statement_cache,
         )
         self.acks = acks = Acks(store, self.metrics)
         try:
@@ -175,6 +176,7 @@ class Daemon:
                 store, self.registry, self.metrics, self.clock,
                 poll_interval=self.settings.poll_interval, lease=self.settings.lease,
                 retention=self.settings.retention, retention_interval=self.retention_interval,
+                retention_vacuum=self.settings.retention_vacuum,
             )
             runner = Runner(
                 store, self.registry, acks.completions, acks.checkpoints,

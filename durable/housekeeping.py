@@ -38,6 +38,7 @@ class Housekeeping:
         lease: float,
         retention: float | None = None,
         retention_interval: float = RETENTION_INTERVAL,
+        retention_vacuum: str = "auto",
     ) -> None:
         self.store = store
         self.registry = registry
@@ -48,6 +49,8 @@ class Housekeeping:
         self.lease = lease
         self.retention = retention
         self.retention_interval = retention_interval
+        self.retention_vacuum = retention_vacuum
+        self._vacuum_refused = False
         self.prune_runs = 0
         """Prune passes attempted under DURABLE_RETENTION (done, skipped or failed)."""
         self._timer_wakeup = asyncio.Event()
@@ -144,7 +147,7 @@ class Housekeeping:
         """
         while True:
             try:
-                done = await self.store.prune(older_than)
+                done = await self.store.prune(older_than, vacuum=self.retention_vacuum)
             except Exception as exc:
                 # Retention is housekeeping: whatever goes wrong, serving tasks goes on.
                 log.warning("prune_failed", error=redact(f"{type(exc).__name__}: {exc}"))
@@ -156,8 +159,20 @@ class Housekeeping:
                     if done.tasks or done.workers:
                         log.info("tasks_pruned", tasks=done.tasks, events=done.events,
                                  signals=done.signals, workers=done.workers)
+                    self._vacuumed(done.vacuumed)
             self.prune_runs += 1
             await anyio.sleep(self.retention_interval)
+
+    def _vacuumed(self, vacuumed: bool | None) -> None:
+        """Warn once when a pass was to vacuum and its role may not: with autovacuum off,
+        nothing else reclaims what claims and pruning leave dead."""
+        if vacuumed is False and not self._vacuum_refused:
+            log.warning(
+                "vacuum_not_permitted",
+                note="only the owner of durable's tables may VACUUM them: run `durable "
+                "prune --vacuum` as that role on a schedule, or turn autovacuum on",
+            )
+        self._vacuum_refused = vacuumed is False
 
     def _failed(self, loop: str, exc: Exception) -> None:
         """A loop's pass failed: logged as a warning if it is a blip, once as an error if

@@ -237,6 +237,9 @@ class PruneResult:
     events: int = 0
     signals: int = 0
     workers: int = 0
+    vacuumed: bool | None = None
+    """After deleting: True if the pass vacuumed durable's tables, False if it was to and
+    its role may not (only their owner may, or a superuser), None if it was not to."""
 
 
 # -- what operators read (durable.admin) ----------------------------------------------------

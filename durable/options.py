@@ -266,6 +266,28 @@ def retention(name: str, raw: object) -> float:
     return _duration(name, raw, 0.0, False, "a positive duration such as 7d, 12h or 30m")
 
 
+MAX_STATEMENT_CACHE = 100_000
+
+
+def statement_cache(name: str, raw: object) -> int:
+    if (isinstance(raw, str) and raw.strip() == "0") or (type(raw) is int and raw == 0):
+        return 0
+    value = _whole(raw)
+    if value is None or value > MAX_STATEMENT_CACHE:
+        _fail(name, f"a whole number from 0 to {MAX_STATEMENT_CACHE}", _shown(raw))
+    return value
+
+
+RETENTION_VACUUM_MODES = ("auto", "on", "off")
+
+
+def retention_vacuum(name: str, raw: object) -> str:
+    text = raw.strip().lower() if isinstance(raw, str) else ""
+    if text not in RETENTION_VACUUM_MODES:
+        _fail(name, "auto, on or off", _shown(raw))
+    return text
+
+
 def home(name: str, raw: object) -> Path:
     text = raw if isinstance(raw, str) else str(raw) if isinstance(raw, Path) else ""
     if not text.strip() or "\0" in text:
@@ -312,6 +334,13 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "listen_url", "DURABLE_LISTEN_URL", "--listen-url", url, None, "(the database URL)",
         "direct Postgres URL for the LISTEN connection, e.g. when the database URL "
         "goes through PgBouncer in transaction mode", metavar="URL",
+    ),
+    Option(
+        "statement_cache", "DURABLE_STATEMENT_CACHE", "--statement-cache", statement_cache,
+        100, "100",
+        "prepared statements each connection keeps; 0 when the database URL goes through "
+        "PgBouncer in transaction mode (before 1.21, or without max_prepared_statements), "
+        "which cannot keep a prepared statement beyond a transaction", metavar="N",
     ),
     Option(
         "queues", "DURABLE_QUEUES", "--queues", queues, (), "default",
@@ -367,6 +396,13 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "retention", "DURABLE_RETENTION", "--retention", retention, None, "(keep forever)",
         "delete finished tasks, with their events, this long after they finished, e.g. 7d "
         "(one daemon at a time prunes, every few minutes)", metavar="DURATION",
+    ),
+    Option(
+        "retention_vacuum", "DURABLE_RETENTION_VACUUM", "--retention-vacuum",
+        retention_vacuum, "auto", "auto",
+        "after each prune pass under DURABLE_RETENTION, VACUUM the task, event and signal "
+        "tables: auto (only when the server's autovacuum is off), on, or off; the daemon's "
+        "role must own them (PostgreSQL 17: or hold MAINTAIN on them)", metavar="MODE",
     ),
     Option(
         "home", "DURABLE_HOME", "--home", home, None,

@@ -63,6 +63,7 @@ class Settings:
     database_url: str | None = None
     use_libpq_env: bool = False
     listen_url: str | None = None
+    statement_cache: int = 100
     queues: tuple[tuple[str, int | None], ...] = ()
     concurrency: int = 10
     poll_interval: float = 5.0
@@ -74,6 +75,7 @@ class Settings:
     apps: tuple[str, ...] = ()
     http: tuple[str, int] | None = None
     retention: float | None = None
+    retention_vacuum: str = "auto"
     home: Path | None = None
     database_url_source: str | None = field(default=None, compare=False)
 

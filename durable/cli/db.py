@@ -65,6 +65,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--older-than", type=_older_than, required=True, help="e.g. 7d, 12h, 30m")
     p.add_argument("--batch-size", type=whole(1), default=BATCH, help="tasks per statement")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--vacuum", action="store_true",
+                   help="then VACUUM the task, event and signal tables (as their owner): "
+                   "what keeps their size flat on a server with autovacuum off")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_prune)
 
@@ -169,7 +172,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         progress(f"pruned {done.tasks} task(s), {done.events} event(s)")
 
     async def prune(s: Session) -> PruneResult | None:
-        return await s.admin.prune(older_than, batch=args.batch_size, progress=show)
+        return await s.admin.prune(
+            older_than, batch=args.batch_size, progress=show,
+            vacuum="on" if args.vacuum else "off",
+        )  # fmt: skip
 
     async def main() -> PruneResult | None:
         async with session(args) as s:
@@ -180,12 +186,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if result is None:
         raise CommandError("another process is pruning now (a daemon with DURABLE_RETENTION?); "
                            "try again later")  # fmt: skip
+    if result.vacuumed is False:
+        raise CommandError("pruned, but VACUUM was not run: only the owner of durable's "
+                           "tables (or a superuser) may vacuum them; run it as that role")  # fmt: skip
     report(
         args,
         {"tasks": result.tasks, "events": result.events, "signals": result.signals,
-         "workers": result.workers},
+         "workers": result.workers, **({"vacuumed": True} if result.vacuumed else {})},
         f"pruned {result.tasks} task(s), {result.events} event(s), {result.signals} signal(s) "
-        f"and {result.workers} stopped daemon(s) older than {args.older_than}",
+        f"and {result.workers} stopped daemon(s) older than {args.older_than}"
+        + (", then vacuumed" if result.vacuumed else ""),
     )  # fmt: skip
     return 0
 

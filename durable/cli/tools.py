@@ -6,7 +6,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from durable.cli.core import CommandError, database_options, duration, run, settings, target, whole
+from durable.cli.core import (
+    CommandError,
+    database_options,
+    duration,
+    positive_duration,
+    run,
+    settings,
+    target,
+    whole,
+)
 
 SOAK_DESCRIPTION = (
     "K daemon processes serve the soak's workload against an embedded Postgres in a scratch "
@@ -19,12 +28,12 @@ SOAK_DESCRIPTION = (
     "violation."
 )
 
-BENCH_WORKLOADS = ["throughput", "latency", "floor", "workflows", "backlog", "scale"]
+BENCH_WORKLOADS = ["throughput", "latency", "floor", "workflows", "backlog", "scale", "retention"]
 
 
 def add_commands(sub: Any) -> None:
     b = sub.add_parser(
-        "bench", help="measure throughput, latency, workflows, backlog and scale",
+        "bench", help="measure throughput, latency, workflows, backlog, scale and retention",
         description="Runs each workload in a scratch database it creates on the server "
         "and drops afterwards; every run checks its own count.",
     )  # fmt: skip
@@ -47,6 +56,14 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--queue-limit", type=whole(1), help="throughput: set a fleet-wide "
                    "concurrency limit on the bench queue (e.g. far above --concurrency: not "
                    "binding)")  # fmt: skip
+    b.add_argument("--ingest-rate", type=_rate, default=1000.0,
+                   help="retention: starts per second (one in ten a two-step workflow)")  # fmt: skip
+    b.add_argument("--duration", type=positive_duration, default="5m", help="retention: how long to ingest")
+    b.add_argument("--keep", type=positive_duration, default="30s",
+                   help="retention: the daemon's DURABLE_RETENTION (it prunes every third of it)")  # fmt: skip
+    b.add_argument("--retention-vacuum", choices=["auto", "on", "off"], default="auto",
+                   help="retention: the daemon's DURABLE_RETENTION_VACUUM (off: pruning alone)")  # fmt: skip
+    b.add_argument("--every", type=positive_duration, default="15s", help="retention: sample interval")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 
@@ -117,6 +134,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             latency_n=args.latency_tasks, rate=args.rate, workflows_n=args.workflows,
             steps=args.steps, uneven=args.uneven, history=args.history, queued=args.queued,
             scheduled=args.scheduled, queue_limit=args.queue_limit,
+            ingest_rate=args.ingest_rate, duration=args.duration, keep=args.keep,
+            every=args.every, retention_vacuum=args.retention_vacuum,
         )  # fmt: skip
 
     return run(main)

@@ -119,12 +119,16 @@ class Database:
         warm: bool = False,
         kept_enqueue: bool = False,
         server_settings: Mapping[str, str] | None = None,
+        statement_cache_size: int = 100,
     ) -> Self:
         """A pool of ``min_size`` to ``max_size`` connections. ``warm``: each connection
         runs the hot path's statements once, with nothing to do, as it opens, so they are
         parsed and planned and the backend has loaded what they touch before real work.
         ``kept_enqueue``: one more connection, kept for single enqueues (a client's).
-        ``server_settings``: session settings for every connection, besides its name."""
+        ``server_settings``: session settings for every connection, besides its name.
+        ``statement_cache_size``: asyncpg's prepared statements per connection; 0 behind a
+        transaction pooler, where a named statement prepared in one transaction is gone
+        (or someone else's) in the next."""
         q = queries()
 
         async def init(conn: asyncpg.Connection) -> None:
@@ -138,6 +142,7 @@ class Database:
             reset=keep_session,
             init=init if warm else None,
             server_settings={**(server_settings or {}), "application_name": name},
+            statement_cache_size=statement_cache_size,
         )
         store = cls(pool, kept_enqueue=kept_enqueue)
         try:

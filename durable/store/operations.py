@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -19,7 +20,7 @@ from durable.models import (
     Unserved,
 )
 from durable.store.database import Database, Part
-from durable.store.schema import PRUNE_LOCK, is_transient
+from durable.store.schema import PRUNE_LOCK, named_queries
 from durable.store.tasks import Tasks
 
 
@@ -187,48 +188,68 @@ class Operations(Part):
         *,
         batch: int = 1000,
         progress: Callable[[PruneResult], None] | None = None,
+        vacuum: str = "off",
     ) -> PruneResult | None:
         """Delete the task trees that all finished more than ``older_than`` seconds ago.
 
         Each statement deletes at most ``batch`` tasks (with their events and signals) and
         commits on its own, so no lock is held for long. Returns None, deleting nothing,
         when another process is pruning (one pruner at a time, by advisory lock).
+        ``vacuum``: then VACUUM the task, event and signal tables, 'on' always, 'auto'
+        when the server's autovacuum is off, 'off' never (see `PruneResult.vacuumed`).
         """
         async with self.pool.acquire() as conn:
-            if not await conn.fetchval(self.q["prune_lock"], PRUNE_LOCK):
-                return None
-            try:
-                cutoff = await conn.fetchval(self.q["prune_cutoff"], older_than)
-                done = PruneResult()
-                cursor = 0
-                while True:
-                    scan = await conn.fetchrow(self.q["prune_scan"], cursor, cutoff, batch)
-                    assert scan is not None
-                    roots = list(scan["roots"])
-                    while roots:
-                        row = await conn.fetchrow(self.q["prune_trees"], roots, cutoff, batch)
-                        assert row is not None
-                        if not row["tasks"]:
-                            break
-                        done = PruneResult(
-                            done.tasks + row["tasks"],
-                            done.events + row["events"],
-                            done.signals + row["signals"],
-                        )
-                        if progress is not None:
-                            progress(done)
-                    # A window with nothing created before the cutoff: the rest is newer.
-                    if scan["scanned"] < batch or not scan["older"]:
+
+            async def locked(name: str, *args: Any) -> list[asyncpg.Record] | None:
+                # One pruner at a time, by a lock each statement's own transaction takes:
+                # a session lock would outlive its transaction on a server connection that
+                # a transaction pooler (PgBouncer) hands to someone else, and leak there.
+                async with conn.transaction():
+                    if not await conn.fetchval(self.q["prune_try_lock"], PRUNE_LOCK):
+                        return None
+                    return await conn.fetch(self.q[name], *args)
+
+            cutoff = await conn.fetchval(self.q["prune_cutoff"], older_than)
+            done = PruneResult()
+            cursor = 0
+            first = True
+            while True:
+                scanned = await locked("prune_scan", cursor, cutoff, batch)
+                if scanned is None:
+                    if first:
+                        return None
+                    return done  # another pruner took over between two statements
+                first = False
+                scan = scanned[0]
+                roots = list(scan["roots"])
+                while roots:
+                    deleted = await locked("prune_trees", roots, cutoff, batch)
+                    if deleted is None:
+                        return done
+                    row = deleted[0]
+                    if not row["tasks"]:
                         break
-                    cursor = scan["last_id"]
-                workers = await conn.fetch(self.q["prune_workers"], cutoff)
-                return PruneResult(done.tasks, done.events, done.signals, len(workers))
-            finally:
-                # Returned to the pool unlocked; if this fails, the connection is closed
-                # (which releases the lock) rather than handed on still holding it.
-                try:
-                    await conn.fetchval(self.q["prune_unlock"], PRUNE_LOCK)
-                except Exception as exc:
-                    conn.terminate()
-                    if not is_transient(exc):
-                        raise
+                    done = PruneResult(
+                        done.tasks + row["tasks"],
+                        done.events + row["events"],
+                        done.signals + row["signals"],
+                    )
+                    if progress is not None:
+                        progress(done)
+                # A window with nothing created before the cutoff: the rest is newer.
+                if scan["scanned"] < batch or not scan["older"]:
+                    break
+                cursor = scan["last_id"]
+            workers = await locked("prune_workers", cutoff)
+            if workers is None:
+                return done
+            vacuumed = None
+            if vacuum != "off":
+                check = await conn.fetchrow(self.q["vacuum_check"], vacuum)
+                assert check is not None
+                if check["wanted"]:
+                    vacuumed = bool(check["allowed"])
+                    if vacuumed:
+                        # Outside any transaction: VACUUM cannot run in one.
+                        await conn.execute(named_queries("maintenance.sql")["vacuum_history"])
+            return PruneResult(done.tasks, done.events, done.signals, len(workers), vacuumed)

@@ -89,3 +89,25 @@ async def test_the_table_names_each_workload_and_its_verdict(server_dsn: str) ->
     assert lines[1].startswith("throughput ") and "tasks=200" in lines[1]
     assert lines[2].startswith("workflows ") and "steps=2" in lines[2]
     assert all(line.endswith("verified=yes") for line in lines[1:3])
+
+
+@pytest.mark.timeout(180)
+async def test_retention_samples_sizes_and_claims_while_pruning_and_cleans_up(
+    server_dsn: str,
+) -> None:
+    proc = await bench(
+        server_dsn, "retention", "--json", "--ingest-rate", "200", "--duration", "4s",
+        "--keep", "1s", "--every", "1s", "--retention-vacuum", "on", "--concurrency", "8",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (result,) = json.loads(proc.stdout)["results"]
+    assert result["workload"] == "retention" and result["verified"]
+    f = result["figures"]
+    assert (f["rate_per_s"], f["seconds"], f["retention_s"]) == (200.0, 4.0, 1.0)
+    assert f["samples"] >= 3
+    assert "->" in f["tasks_ready_idx_kb"] and "->" in f["events_kb"]
+    header, *rows = result["notes"]
+    assert header.split()[:3] == ["t", "tasks", "queued"]
+    assert len(rows) == f["samples"]
+    # The daemon pruned during the run: the column of tasks pruned so far grows.
+    assert int(rows[-1].split()[6]) > 0, rows

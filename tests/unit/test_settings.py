@@ -395,6 +395,8 @@ def test_env_vars_document_every_variable() -> None:
         "DURABLE_APP",
         "DURABLE_HTTP",
         "DURABLE_RETENTION",
+        "DURABLE_RETENTION_VACUUM",
+        "DURABLE_STATEMENT_CACHE",
         "DURABLE_HOME",
     }
     assert all(default and text for _name, default, text in ENV_VARS)
@@ -457,3 +459,20 @@ def test_a_url_and_a_url_file_together_are_refused(tmp_path: Path) -> None:
     env = {"DURABLE_DATABASE_URL": "postgresql://db/x", "DURABLE_DATABASE_URL_FILE": str(path)}
     with pytest.raises(SettingsError, match=r"^DURABLE_DATABASE_URL and DURABLE_DATABASE_URL_FILE"):
         Settings.from_env(env)
+
+
+def test_statement_cache_and_retention_vacuum_are_read_and_checked() -> None:
+    from durable.errors import ConfigurationError
+
+    s = Settings.from_env({"DURABLE_STATEMENT_CACHE": "0", "DURABLE_RETENTION_VACUUM": "ON"})
+    assert (s.statement_cache, s.retention_vacuum) == (0, "on")
+    assert Settings.from_env({}, statement_cache=0).statement_cache == 0
+    assert Settings.from_env({}, statement_cache=500).statement_cache == 500
+    assert (Settings.from_env({}).statement_cache, Settings.from_env({}).retention_vacuum) == (
+        100, "auto"
+    )
+    for variable, bad in (("DURABLE_STATEMENT_CACHE", "-1"), ("DURABLE_STATEMENT_CACHE", "x"),
+                          ("DURABLE_STATEMENT_CACHE", "100001"),
+                          ("DURABLE_RETENTION_VACUUM", "sometimes")):
+        with pytest.raises(ConfigurationError, match=variable):
+            Settings.from_env({variable: bad})
