@@ -23,6 +23,7 @@ from anyio.abc import TaskStatus
 from durable import sdnotify, tracing
 from durable.acks import FLUSH_CONNECTIONS, Acks
 from durable.attempts import Attempt, Attempts
+from durable.hooks import Hooks
 from durable.housekeeping import RETENTION_INTERVAL, Housekeeping
 from durable.http import HttpServer, endpoint
 from durable.listener import Listener
@@ -81,6 +82,7 @@ class Daemon:
         burst: bool = False,
         pool_size: int = 10,
         clock: Callable[[], datetime] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -88,9 +90,11 @@ class Daemon:
         self.listen_dsn = listen_dsn or dsn
         self.burst = burst
         self.pool_size = pool_size
+        self.hooks = hooks
+        """The test kit's seams (durable.hooks): its moved clock, injected faults."""
         self.clock = clock or self._database_now
         """The scheduler's clock (tests drive it); by default the database's, as for
-        leases and timers."""
+        leases and timers (moved with the test kit's clock)."""
         self.id = uuid.uuid4()
         self.workers: dict[str, QueueWorker] = {}
         self.listener: Listener | None = None
@@ -110,7 +114,8 @@ class Daemon:
         self.retention_interval = RETENTION_INTERVAL
 
     def _database_now(self) -> datetime:
-        return self.store.now() if self.store is not None else datetime.now(UTC)
+        now = self.store.now() if self.store is not None else datetime.now(UTC)
+        return now + self.hooks.shift() if self.hooks is not None else now
 
     @property
     def attempts(self) -> dict[int, Attempt]:
@@ -180,6 +185,7 @@ class Daemon:
             runner = Runner(
                 store, self.registry, acks.completions, acks.checkpoints,
                 housekeeping.wake_timers, metrics=self.metrics, tracer=tracing,
+                hooks=self.hooks,
             )
             self._attempts = attempts = Attempts(
                 store, runner.run, self.shutdown, self.metrics, worker_id=self.id,

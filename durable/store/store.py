@@ -168,3 +168,6 @@ class Store:
     retry_many = _Via(_operations, Operations.retry_many)
     prune_count = _Via(_operations, Operations.prune_count)
     prune = _Via(_operations, Operations.prune)
+    shift_times = _Via(_operations, Operations.shift_times)
+    idle_state = _Via(_operations, Operations.idle_state)
+    expire_leases = _Via(_operations, Operations.expire_leases)
