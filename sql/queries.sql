@@ -658,6 +658,24 @@ select format('update durable.%I set %s where %s', c.relname,
  group by c.relname
  order by c.relname
 
+-- name: clock_next_statements
+-- For each table that clock_shift_statements moves, one query for the earliest of its
+-- times still ahead of now(): env.advance stops there to run what comes due, in order.
+select format('select min(least(%s)) from durable.%I',
+              string_agg(format('case when %1$I > now() then %1$I end', a.attname), ', '
+                         order by a.attnum),
+              c.relname) as statement
+  from pg_class c
+  join pg_attribute a on a.attrelid = c.oid
+  join pg_type t on t.oid = a.atttypid
+ where c.relnamespace = 'durable'::regnamespace and c.relkind in ('r', 'p')
+   and not c.relispartition and c.relname <> 'schedules'
+   and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
+   and coalesce(nullif(t.typbasetype, 0::oid), t.oid) = 'timestamptz'::regtype
+   and not (c.relname = 'tasks' and a.attname = 'lease_until')
+ group by c.relname
+ order by c.relname
+
 -- name: times_only
 -- The transaction changes times only: tasks_after_update acts on statuses, which it leaves
 -- as they were, so the pass is skipped as for a claim's update.

@@ -170,6 +170,18 @@ class Operations(Part):
             for row in await conn.fetch(self.q["clock_shift_statements"]):
                 await conn.execute(row["statement"], by)
 
+    async def next_time(self) -> timedelta | None:
+        """How long until the earliest stored time still ahead (what clock_shift_statements
+        would move), or None."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            now: datetime = await conn.fetchval(self.q["now"])
+            found = [
+                await conn.fetchval(row["statement"])
+                for row in await conn.fetch(self.q["clock_next_statements"])
+            ]
+        times = [t for t in found if t is not None]
+        return min(times) - now if times else None
+
     async def idle_state(
         self, queues: Sequence[str], names: Sequence[str], worker: UUID | None
     ) -> IdleState:

@@ -169,5 +169,6 @@ class Store:
     prune_count = _Via(_operations, Operations.prune_count)
     prune = _Via(_operations, Operations.prune)
     shift_times = _Via(_operations, Operations.shift_times)
+    next_time = _Via(_operations, Operations.next_time)
     idle_state = _Via(_operations, Operations.idle_state)
     expire_leases = _Via(_operations, Operations.expire_leases)

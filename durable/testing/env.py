@@ -285,22 +285,52 @@ class Env:
         hours: float = 0,
         minutes: float = 0,
         seconds: float = 0,
+        timeout: float = 60.0,
     ) -> None:
-        """Move the clock forward: every sleep, event timeout, delayed start, retry backoff
-        and deadline stored ends that much sooner, and cron ticks (and ``ctx.now()``) see
-        the time that much later. Call ``run_until_idle`` after it to run what came due.
+        """Move the clock forward, running what comes due on the way, in order.
+
+        Every sleep, event timeout, delayed start, retry backoff and deadline stored ends
+        that much sooner; cron ticks and ``ctx.now()`` see the time that much later. The
+        clock stops at each time something comes due within the span and the worker runs
+        until idle there (a sleep then an event's timeout both pass in one ``advance``
+        of their sum), so on return everything due by the new time has run.
 
         The database keeps its own time: the test kit moves the stored times that are
-        still in the future instead, found in the catalog (every timestamptz column of the
-        durable schema but the leases), in one transaction. A workflow that writes a timer
-        while this runs may write it on either side: advance after ``run_until_idle``.
+        still ahead of it instead, found in the catalog (every timestamptz column of the
+        durable schema but the leases) and moved in one transaction per stop. A workflow
+        that writes a timer while the clock moves may write it on either side of the
+        move: advance once ``run_until_idle`` has returned.
         """
-        step = (by or timedelta()) + timedelta(
+        left = (by or timedelta()) + timedelta(
             days=days, hours=hours, minutes=minutes, seconds=seconds
         )
-        if step < timedelta():
-            raise ValueError(f"advance: the clock only moves forward, got {step}")
-        if not step:
+        if left < timedelta():
+            raise ValueError(f"advance: the clock only moves forward, got {left}")
+        with anyio.fail_after(timeout):
+            while left > timedelta():
+                step = await self._next_due()
+                if step is None or step > left:
+                    await self._move(left)
+                    return
+                await self._move(step)
+                left -= step
+                await self.run_until_idle(timeout=timeout)
+
+    async def _next_due(self) -> timedelta | None:
+        """How far the clock must move for the next stored time (or cron tick) to come
+        due; None with nothing ahead, or no worker to run it."""
+        daemon = self._daemon
+        if daemon is None or self._killed is not None or daemon.housekeeping is None:
+            return None
+        steps = [await self.client.store.next_time()]
+        tick = await daemon.run_schedules()
+        if tick is not None:
+            steps.append(tick - self.now())
+        ahead = [max(s, timedelta(microseconds=1)) for s in steps if s is not None]
+        return min(ahead) if ahead else None
+
+    async def _move(self, step: timedelta) -> None:
+        if step <= timedelta():
             return
         await self.client.store.shift_times(step)
         self._shift += step
