@@ -23,14 +23,13 @@ from anyio.abc import TaskStatus
 from durable import sdnotify, tracing
 from durable.acks import FLUSH_CONNECTIONS, Acks
 from durable.attempts import Attempt, Attempts
-from durable.hooks import Hooks
 from durable.housekeeping import RETENTION_INTERVAL, Housekeeping
 from durable.http import HttpServer, endpoint
 from durable.listener import Listener
 from durable.logs import get_logger
 from durable.metrics import Metrics
 from durable.registry import Registry
-from durable.runner import Runner
+from durable.runner import Hooks, Runner
 from durable.settings import Settings
 from durable.shutdown import FINAL_WRITES, Shutdown
 from durable.store import Store, is_transient
@@ -81,20 +80,17 @@ class Daemon:
         listen_dsn: str | None = None,
         burst: bool = False,
         pool_size: int = 10,
-        clock: Callable[[], datetime] | None = None,
-        hooks: Hooks | None = None,
+        clock: Callable[[], datetime] | None = None, hooks: Hooks | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.dsn = dsn
         self.listen_dsn = listen_dsn or dsn
         self.burst = burst
-        self.pool_size = pool_size
-        self.hooks = hooks
-        """The test kit's seams (durable.hooks): its moved clock, injected faults."""
+        self.pool_size, self.hooks = pool_size, hooks  # hooks: durable.testing's seams
         self.clock = clock or self._database_now
         """The scheduler's clock (tests drive it); by default the database's, as for
-        leases and timers (moved with the test kit's clock)."""
+        leases and timers."""
         self.id = uuid.uuid4()
         self.workers: dict[str, QueueWorker] = {}
         self.listener: Listener | None = None
@@ -114,8 +110,7 @@ class Daemon:
         self.retention_interval = RETENTION_INTERVAL
 
     def _database_now(self) -> datetime:
-        now = self.store.now() if self.store is not None else datetime.now(UTC)
-        return now + self.hooks.shift() if self.hooks is not None else now
+        return self.store.now() if self.store is not None else datetime.now(UTC)
 
     @property
     def attempts(self) -> dict[int, Attempt]:
@@ -184,8 +179,7 @@ class Daemon:
             )
             runner = Runner(
                 store, self.registry, acks.completions, acks.checkpoints,
-                housekeeping.wake_timers, metrics=self.metrics, tracer=tracing,
-                hooks=self.hooks,
+                housekeeping.wake_timers, metrics=self.metrics, tracer=tracing, hooks=self.hooks,
             )
             self._attempts = attempts = Attempts(
                 store, runner.run, self.shutdown, self.metrics, worker_id=self.id,

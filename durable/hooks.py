@@ -17,7 +17,7 @@ class Hooks(Protocol):
     def shift(self) -> timedelta:
         """How far the test has moved the clock. The database keeps its own time and the
         test kit moves the stored deadlines instead; what a workflow reads as the time
-        (``ctx.now()``, ``ctx.sleep_until``) and the scheduler's clock add this much."""
+        (``ctx.now()``, ``ctx.sleep_until``) adds this much."""
         ...
 
     async def before_call(self, task: Claimed, kind: str, name: str) -> None:

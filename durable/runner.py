@@ -27,7 +27,7 @@ from durable.errors import (
     Retry,
     TaskCancelled,
 )
-from durable.hooks import Hooks
+from durable.hooks import Hooks as Hooks  # for the daemon, which passes them on
 from durable.logs import get_logger
 from durable.metrics import Metrics
 from durable.models import Claimed

@@ -150,7 +150,9 @@ class Env:
         return self._killed is not None
 
     async def _start_worker(self) -> None:
-        daemon = Daemon(self.settings, self.registry, self.dsn, pool_size=4, hooks=self._hooks)
+        # The scheduler's clock is the moved one: schedules are not moved with the data.
+        daemon = Daemon(self.settings, self.registry, self.dsn, pool_size=4,
+                        clock=self.now, hooks=self._hooks)
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         stop = asyncio.Event()
 
