@@ -37,6 +37,7 @@ from durable.replay import (
 )
 
 if TYPE_CHECKING:
+    from durable.hooks import Hooks
     from durable.store import Store
 
 __all__ = ["ChildCall", "ChildHandle", "Context", "PatchCall", "Suspend"]
@@ -89,12 +90,15 @@ class Context:
         checkpoints: CheckpointWriter,
         registry_get: Callable[[str], Definition[Any, Any] | None],
         tracer: StepTracer = NO_TRACING,
+        hooks: Hooks | None = None,
     ) -> None:
         self._store = store
         self._task = task
         self._log = Journal(task, events, checkpoints, store.now)
         self._registry_get = registry_get
         self._tracer = tracer
+        self._hooks = hooks
+        """The test kit's seams (durable.hooks); None in every other daemon."""
 
     @classmethod
     def over(
@@ -153,11 +157,15 @@ class Context:
             failure: Exception | None = None
             with self._tracer.step_span(name, seq, "step"):
                 try:
+                    if self._hooks is not None:
+                        await self._hooks.before_call(self._task, "step", name)
                     result = fn(*args, **kwargs)
                     if inspect.isawaitable(result):
                         result = await result
                 except Exception as exc:
                     failure = exc
+                if self._hooks is not None:
+                    await self._hooks.after_call(self._task, "step", name)
                 if failure is not None:
                     error = error_text(failure)
                     del failure
@@ -191,6 +199,8 @@ class Context:
             failure: Exception | None = None
             with self._tracer.step_span(name, seq, "transaction"):
                 try:
+                    if self._hooks is not None:
+                        await self._hooks.before_call(self._task, "transaction", name)
                     result = await self._store.transaction_step(cp, fn, args, kwargs)
                 except LeaseLost as exc:
                     raise self._log.aborted(exc) from None
@@ -358,12 +368,15 @@ class Context:
     async def sleep(self, seconds: float, *, name: str = "sleep") -> None:
         """Sleep durably: the workflow is suspended and its slot freed until the time comes."""
         # The database's clock, as every deadline it compares (durable.suspend).
-        await self.sleep_until(
-            self._store.now() + timedelta(seconds=max(0.0, seconds)), name=name
-        )
+        await self._sleep(self._store.now() + timedelta(seconds=max(0.0, seconds)), name)
 
     async def sleep_until(self, when: datetime, *, name: str = "sleep") -> None:
         """Sleep durably until ``when`` (an aware datetime)."""
+        if isinstance(when, datetime) and when.tzinfo is not None and self._hooks is not None:
+            when = when - self._hooks.shift()  # from the test's moved clock to the database's
+        await self._sleep(when, name)
+
+    async def _sleep(self, when: datetime, name: str) -> None:
         check_name("sleep", name)
         if when.tzinfo is None:
             raise ValueError("sleep_until needs an aware datetime (with tzinfo)")
@@ -483,9 +496,13 @@ class Context:
 
     async def now(self) -> datetime:
         """The current time, recorded: the same value on every replay."""
-        return datetime.fromisoformat(
-            await self._memo("now", lambda: self._store.now().isoformat())
-        )
+        return datetime.fromisoformat(await self._memo("now", self._now_text))
+
+    def _now_text(self) -> str:
+        now = self._store.now()
+        if self._hooks is not None:
+            now += self._hooks.shift()  # the test's moved clock (durable.testing)
+        return now.isoformat()
 
     async def uuid4(self) -> _uuid.UUID:
         """A random UUID, recorded."""

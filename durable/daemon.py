@@ -30,7 +30,7 @@ from durable.logs import get_logger
 from durable.metrics import Metrics
 from durable.publisher import Publisher
 from durable.registry import Registry
-from durable.runner import Runner
+from durable.runner import Hooks, Runner
 from durable.settings import Settings
 from durable.shutdown import FINAL_WRITES, Shutdown
 from durable.store import Store, is_transient
@@ -81,14 +81,14 @@ class Daemon:
         listen_dsn: str | None = None,
         burst: bool = False,
         pool_size: int = 10,
-        clock: Callable[[], datetime] | None = None,
+        clock: Callable[[], datetime] | None = None, hooks: Hooks | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.dsn = dsn
         self.listen_dsn = listen_dsn or dsn
         self.burst = burst
-        self.pool_size = pool_size
+        self.pool_size, self.hooks = pool_size, hooks  # hooks: durable.testing's seams
         self.clock = clock or self._database_now
         """The scheduler's clock (tests drive it); by default the database's, as for
         leases and timers."""
@@ -180,7 +180,7 @@ class Daemon:
             )
             runner = Runner(
                 store, self.registry, acks.completions, acks.checkpoints,
-                housekeeping.wake_timers, metrics=self.metrics, tracer=tracing,
+                housekeeping.wake_timers, metrics=self.metrics, tracer=tracing, hooks=self.hooks,
             )
             self._attempts = attempts = Attempts(
                 store, runner.run, self.shutdown, self.metrics, worker_id=self.id,

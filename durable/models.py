@@ -311,6 +311,23 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True)
+class IdleState:
+    """What keeps a test's worker busy (``durable.testing``): tasks running, queued and
+    due, or waiting on a due timer; the due ones it cannot run, and the running ones
+    another worker holds."""
+
+    running: int
+    ready: int
+    timers: int
+    unserved: tuple[int, ...]
+    elsewhere: tuple[int, ...]
+
+    @property
+    def idle(self) -> bool:
+        return not (self.running or self.ready or self.timers)
+
+
+@dataclass(frozen=True)
 class ScheduleInfo:
     """A cron schedule and when it runs next."""
 

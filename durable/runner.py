@@ -27,6 +27,7 @@ from durable.errors import (
     Retry,
     TaskCancelled,
 )
+from durable.hooks import Hooks as Hooks  # for the daemon, which passes them on
 from durable.logs import get_logger
 from durable.metrics import Metrics
 from durable.models import Claimed
@@ -56,6 +57,7 @@ class Runner:
         *,
         metrics: Metrics | None = None,
         tracer: StepTracer = tracing,
+        hooks: Hooks | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -64,6 +66,8 @@ class Runner:
         self.on_timer = on_timer
         self.metrics = metrics or Metrics()
         self.tracer = tracer
+        self.hooks = hooks
+        """The test kit's seams (durable.hooks); None in every other daemon."""
 
     async def run(self, attempt: Attempt) -> None:
         """Run the attempt; every outcome but 'shutdown' is written before returning."""
@@ -118,12 +122,15 @@ class Runner:
                 raise NonRetryable(f"no task or workflow named {task.name!r} is registered")
             args, kwargs = _arguments(task)
             async with asyncio.timeout(task.timeout) if task.timeout else _untimed:
+                if self.hooks is not None:
+                    await self.hooks.before_call(task, definition.kind, task.name)
                 if definition.kind == "workflow":
                     events = (
                         [] if task.fresh else await self.store.load_events(task.id, task.branch)
                     )
                     ctx = Context(
-                        self.store, task, events, self.checkpoints, self.registry.get, self.tracer
+                        self.store, task, events, self.checkpoints, self.registry.get,
+                        self.tracer, self.hooks,
                     )
                     result = await _call(definition, task, ctx, *args, **kwargs)
                     ctx.check_consumed()

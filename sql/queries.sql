@@ -668,7 +668,6 @@ select now()
 update durable.events set status = $4, result = $5::jsonb, signal_id = $6, finished_at = now()
  where task_id = $1 and branch = $2 and seq = $3
 
-<<<<<<< HEAD
 -- The catalog of definitions (durable/catalog.py) ---------------------------------------
 
 -- name: register_definitions
@@ -758,7 +757,6 @@ group by name, version
 select distinct wd.name, wd.version
 from durable.worker_definitions wd join durable.workers w on w.id = wd.worker_id
 where w.stopped_at is null and w.heartbeat_at > now() - make_interval(secs => $1)
-=======
 -- name: verify_runs
 -- The workflow runs `durable verify` replays: names in $1, status in $2 (null: any),
 -- created since $3, the newest $4; each on its current branch.
@@ -779,4 +777,72 @@ from unnest($1::bigint[], $2::integer[]) as r(task_id, branch)
 join durable.events e on e.task_id = r.task_id and e.branch = r.branch
 left join durable.tasks c on c.id = e.child_id
 order by e.task_id, e.seq
->>>>>>> verify
+-- The test kit (durable.testing) --------------------------------------------------------
+
+-- name: clock_shift_statements
+-- The test's moved clock (env.advance): for each table of the durable schema, one UPDATE
+-- that moves every timestamptz value still ahead of now() earlier by $1 (an interval).
+-- The columns come from the catalog, so a deadline added later is moved with the rest.
+-- Left out: leases (a live worker keeps extending its own; a dead one's are expired by
+-- the test kit when it resumes) and the schedules, whose times are on the scheduler's
+-- clock, which the test kit moves instead. Identifiers are quoted by format('%I').
+select format('update durable.%I set %s where %s', c.relname,
+              string_agg(format('%1$I = case when %1$I > now() then %1$I - $1::interval'
+                                ' else %1$I end', a.attname), ', ' order by a.attnum),
+              string_agg(format('%I > now()', a.attname), ' or ' order by a.attnum))
+       as statement
+  from pg_class c
+  join pg_attribute a on a.attrelid = c.oid
+  join pg_type t on t.oid = a.atttypid
+ where c.relnamespace = 'durable'::regnamespace and c.relkind in ('r', 'p')
+   and not c.relispartition and c.relname <> 'schedules'
+   and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
+   and coalesce(nullif(t.typbasetype, 0::oid), t.oid) = 'timestamptz'::regtype
+   and not (c.relname = 'tasks' and a.attname = 'lease_until')
+ group by c.relname
+ order by c.relname
+
+-- name: clock_next_statements
+-- For each table that clock_shift_statements moves, one query for the earliest of its
+-- times still ahead of now(): env.advance stops there to run what comes due, in order.
+select format('select min(least(%s)) from durable.%I',
+              string_agg(format('case when %1$I > now() then %1$I end', a.attname), ', '
+                         order by a.attnum),
+              c.relname) as statement
+  from pg_class c
+  join pg_attribute a on a.attrelid = c.oid
+  join pg_type t on t.oid = a.atttypid
+ where c.relnamespace = 'durable'::regnamespace and c.relkind in ('r', 'p')
+   and not c.relispartition and c.relname <> 'schedules'
+   and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
+   and coalesce(nullif(t.typbasetype, 0::oid), t.oid) = 'timestamptz'::regtype
+   and not (c.relname = 'tasks' and a.attname = 'lease_until')
+ group by c.relname
+ order by c.relname
+
+-- name: times_only
+-- The transaction changes times only: tasks_after_update acts on statuses, which it leaves
+-- as they were, so the pass is skipped as for a claim's update.
+select set_config('durable.claiming', 'on', true)
+
+-- name: idle_state
+-- What keeps a test's worker from being idle (env.run_until_idle): tasks running, queued
+-- and due, or waiting on a timer that is due; the due ones the worker cannot run (not of
+-- queues $1 and names $2); the running ones held by a worker other than $3.
+select count(*) filter (where status = 'running')::int as running,
+       count(*) filter (where status = 'queued' and run_at <= now())::int as ready,
+       count(*) filter (where status = 'waiting' and wake_at <= now())::int as timers,
+       coalesce(array_agg(id order by id) filter (
+           where status = 'queued' and run_at <= now()
+             and not (queue = any($1::text[]) and name = any($2::text[]))), '{}') as unserved,
+       coalesce(array_agg(id order by id) filter (
+           where status = 'running' and worker_id is distinct from $3), '{}') as elsewhere
+  from durable.tasks
+ where status in ('queued', 'running', 'waiting')
+
+-- name: expire_leases
+-- A killed test worker's leases, run out at once (env.resume): the reaper then requeues
+-- its tasks as it would once DURABLE_LEASE had passed.
+update durable.tasks set lease_until = now() - interval '1 millisecond'
+ where status = 'running' and worker_id = $1
+returning id

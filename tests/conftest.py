@@ -15,12 +15,20 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from durable.embedded import EmbeddedServer
+
+if TYPE_CHECKING:
+    # Only for types: imported first, the plugin's module could not be rewritten by pytest.
+    from durable.testing import TestServer
+
+# The test kit users enable the same way; its session server is the suite's too.
+pytest_plugins = ["durable.testing"]
 
 
 @dataclass(frozen=True)
@@ -73,17 +81,8 @@ def server_home() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    external = os.environ.get("DURABLE_TEST_DSN")
-    if external:
-        yield PgServer(external, None)
-        return
-    with server_home() as home:
-        server = EmbeddedServer(home)
-        try:
-            yield PgServer(server.ensure_started(), server)
-        finally:
-            server.stop("fast")
+def pg_server(durable_server: TestServer) -> PgServer:
+    return PgServer(durable_server.dsn, durable_server.embedded)
 
 
 @pytest.fixture(scope="session")

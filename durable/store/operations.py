@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 
@@ -13,6 +14,7 @@ from durable import validation
 from durable.errors import DurableError
 from durable.models import (
     DueSchedule,
+    IdleState,
     NewTask,
     PruneResult,
     QueueLimit,
@@ -157,6 +159,42 @@ class Operations(Part):
             Unserved(r["queue"], tuple(r["names"]), r["tasks"])
             for r in await self.pool.fetch(self.q["unserved_names"], live_within)
         ]
+
+    # -- the test kit (durable.testing) -------------------------------------------------
+
+    async def shift_times(self, by: timedelta) -> None:
+        """Move every stored time still ahead of now earlier by ``by``, in one transaction
+        (the test kit's moved clock; see clock_shift_statements)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # A row this makes ready is still announced (tasks_notify_ready).
+            await conn.execute(self.q["times_only"])
+            for row in await conn.fetch(self.q["clock_shift_statements"]):
+                await conn.execute(row["statement"], by)
+
+    async def next_time(self) -> timedelta | None:
+        """How long until the earliest stored time still ahead (what clock_shift_statements
+        would move), or None."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            now: datetime = await conn.fetchval(self.q["now"])
+            found = [
+                await conn.fetchval(row["statement"])
+                for row in await conn.fetch(self.q["clock_next_statements"])
+            ]
+        times = [t for t in found if t is not None]
+        return min(times) - now if times else None
+
+    async def idle_state(
+        self, queues: Sequence[str], names: Sequence[str], worker: UUID | None
+    ) -> IdleState:
+        r = await self.pool.fetchrow(self.q["idle_state"], list(queues), list(names), worker)
+        assert r is not None
+        return IdleState(
+            r["running"], r["ready"], r["timers"], tuple(r["unserved"]), tuple(r["elsewhere"])
+        )
+
+    async def expire_leases(self, worker: UUID) -> list[int]:
+        """Run out the leases of a worker that will never extend them (a killed one)."""
+        return [r["id"] for r in await self.pool.fetch(self.q["expire_leases"], worker)]
 
     async def select_tasks(
         self,

@@ -185,3 +185,7 @@ class Store:
     served_definitions = _Via(_catalog, Catalog.served_definitions)
     in_flight_versions = _Via(_catalog, Catalog.in_flight_versions)
     live_versions = _Via(_catalog, Catalog.live_versions)
+    shift_times = _Via(_operations, Operations.shift_times)
+    next_time = _Via(_operations, Operations.next_time)
+    idle_state = _Via(_operations, Operations.idle_state)
+    expire_leases = _Via(_operations, Operations.expire_leases)

@@ -61,6 +61,9 @@ _VERIFY = (
 
 RUN_ELSEWHERE = {
     "pip install . && durable demo": "tests/acceptance/test_demo.py::test_demo_runs_and_charges_once",
+    "pip install 'durable[testing]'": (
+        "tests/acceptance/test_testing_kit_docs.py::test_the_example_passes_as_a_user_runs_it"
+    ),
     "durable soak --duration": "tests/faults/test_soak.py::test_a_short_soak_fires_every_fault_kind_and_every_invariant_holds",
     # Against a user's own module and recorded runs: the test records runs with a daemon,
     # exports one, and verifies changed code both ways.

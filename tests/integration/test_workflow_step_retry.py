@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import durable
-from tests.support.helpers import running_daemon
+from durable.registry import Registry
+from durable.testing import Env
 
 calls: dict[str, int] = {"flaky": 0, "before": 0}
 
@@ -21,7 +24,7 @@ def flaky() -> str:
 
 
 @durable.workflow(
-    name="wf_step_retry", max_attempts=5, retry=durable.RetryPolicy(base=0.01, jitter=0)
+    name="wf_step_retry", max_attempts=5, retry=durable.RetryPolicy(base=30, jitter=0)
 )
 async def wf_step_retry(ctx: durable.Context) -> list[str]:
     a = await ctx.step("before", before)
@@ -29,13 +32,21 @@ async def wf_step_retry(ctx: durable.Context) -> list[str]:
     return [a, b]
 
 
-async def test_a_failed_step_runs_again_on_the_next_attempt(dsn: str) -> None:
+async def test_a_failed_step_runs_again_on_the_next_attempt(durable_dsn: str) -> None:
     calls.update(flaky=0, before=0)
-    async with durable.connect(dsn) as client, running_daemon(dsn):
-        handle = await client.start(wf_step_retry)
-        assert await handle.result(timeout=20) == ["done", "charged"]
-        info = await client.get(handle.id)
-        history = await client.history(handle.id)
+    reg = Registry()
+    reg.add(wf_step_retry)
+    async with Env(durable_dsn, registry=reg) as env:
+        handle = await env.start(wf_step_retry)
+        await env.run_until_idle()
+        assert (await handle.get()).attempt == 2  # due after its 30 s backoff
+        await env.advance(seconds=29)
+        assert calls["flaky"] == 1
+        # 30 s, then the second backoff of 60 s: the clock stops at each on the way.
+        await env.advance(timedelta(seconds=1 + 60))
+        assert await env.result(handle) == ["done", "charged"]
+        info = await handle.get()
+        history = await env.client.history(handle.id)
     assert info.attempt == 3
     assert calls == {"flaky": 3, "before": 1}  # the finished step was not run again
     assert [(e.name, e.status) for e in history] == [

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
 import durable
+from durable.registry import Registry
+from durable.testing import Env
 from tests.support.helpers import fetchval, running_daemon, wait_status
 
 # -- sleeping ----------------------------------------------------------------------------
@@ -188,30 +191,42 @@ async def wf_event_timeout(ctx: durable.Context, seconds: float) -> str:
     return "got an event"
 
 
-async def test_a_timed_out_wait_raises_event_timeout(dsn: str) -> None:
-    async with durable.connect(dsn) as client, running_daemon(dsn, poll_interval="10"):
-        handle = await client.start(wf_event_timeout, 0.5)
-        assert await handle.result(timeout=20) == "timed out"
-        info = await client.get(handle.id)
-        history = await client.history(handle.id)
-    assert [(e.kind, e.name, e.status) for e in history] == [("event", "never", "failed")]
-    assert history[0].wake_at is not None and info.finished_at is not None
-    assert info.finished_at >= history[0].wake_at
-    assert info.finished_at - history[0].started_at >= timedelta(seconds=0.5)
-    # An event sent after it finished is refused.
-    async with durable.connect(dsn) as client:
-        assert not await client.send_event(handle.id, "never", 1)
+async def test_a_timed_out_wait_raises_event_timeout(durable_dsn: str) -> None:
+    async with Env(durable_dsn, registry=only(wf_event_timeout)) as env:
+        handle = await env.start(wf_event_timeout, 6 * 3600)
+        await env.run_until_idle()
+        assert (await handle.get()).status == "waiting"
+        await env.advance(hours=5, minutes=59)
+        assert (await handle.get()).status == "waiting"
+        await env.advance(minutes=1)  # the timeout, on the moved clock
+        assert await env.result(handle) == "timed out"
+        info = await handle.get()
+        history = await env.client.history(handle.id)
+        assert [(e.kind, e.name, e.status) for e in history] == [("event", "never", "failed")]
+        assert history[0].wake_at is not None and info.finished_at is not None
+        assert info.finished_at >= history[0].wake_at
+        # An event sent after it finished is refused.
+        assert not await env.send_event(handle, "never", 1)
 
 
-async def test_send_event_from_sql_delivers(dsn: str) -> None:
-    async with durable.connect(dsn) as client, running_daemon(dsn):
-        handle = await client.start(wf_event_wait, "from-sql")
-        await wait_status(dsn, handle.id, "waiting")
+async def test_send_event_from_sql_delivers(durable_dsn: str) -> None:
+    async with Env(durable_dsn, registry=only(wf_event_wait)) as env:
+        handle = await env.start(wf_event_wait, "from-sql")
+        await env.run_until_idle()
+        assert (await handle.get()).status == "waiting"
         sent = await fetchval(
-            dsn, """select durable.send_event($1, 'from-sql', '{"a":1}')""", handle.id
+            env.dsn, """select durable.send_event($1, 'from-sql', '{"a":1}')""", handle.id
         )
         assert sent is True
-        assert await handle.result(timeout=20) == {"a": 1}
+        await env.run_until_idle()
+        assert await env.result(handle) == {"a": 1}
+
+
+def only(*definitions: durable.Definition[Any, Any]) -> Registry:
+    reg = Registry()
+    for d in definitions:
+        reg.add(d)
+    return reg
 
 
 # -- fan-out --------------------------------------------------------------------------------

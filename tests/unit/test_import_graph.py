@@ -171,3 +171,16 @@ def test_command_modules_import_only_the_core() -> None:
 def test_only_the_cli_imports_the_cli() -> None:
     outside = {n for n, targets in GRAPH.items() if not is_cli(n) and any(map(is_cli, targets))}
     assert outside <= {"durable.__main__"}
+
+
+def test_only_the_test_kit_imports_the_test_kit() -> None:
+    # durable.testing imports pytest: nothing a daemon or a client loads may reach it.
+    def is_kit(name: str) -> bool:
+        return name == "durable.testing" or name.startswith("durable.testing.")
+
+    offenders = {
+        name: sorted(filter(is_kit, targets))
+        for name, targets in GRAPH.items()
+        if not is_kit(name) and any(map(is_kit, targets))
+    }
+    assert offenders == {}
