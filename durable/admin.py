@@ -20,6 +20,8 @@ from durable.models import (
     QueueCount,
     QueueLimit,
     ScheduleInfo,
+    TaskFilter,
+    TaskRow,
     TaskSummary,
     Unserved,
     WorkerInfo,
@@ -46,6 +48,13 @@ class Admin:
         return await self._store.list_tasks(
             status=status, queue=queue, name=name, since=since, limit=limit
         )
+
+    async def search_tasks(
+        self, f: TaskFilter, *, before: int | None = None, limit: int = 50
+    ) -> list[TaskRow]:
+        """The newest tasks matching ``f`` (tags, attributes, key, time range...) with an
+        id below ``before`` (the last id of the previous page), newest first."""
+        return await self._store.dashboard.search_tasks(f, before=before, limit=limit)
 
     async def queue_counts(self) -> list[QueueCount]:
         return await self._store.queue_stats()

@@ -632,3 +632,17 @@ select now()
 -- A wait_for_event recorded earlier, settled: the signal's payload, or a timeout.
 update durable.events set status = $4, result = $5::jsonb, signal_id = $6, finished_at = now()
  where task_id = $1 and branch = $2 and seq = $3
+
+-- name: insert_task_labelled
+-- insert_task_keyed with tags ($16, a text[]) and attributes ($17, a JSON object): the
+-- statement of a start that gives either; $15, the idempotency key, may be null.
+insert into durable.tasks as t
+    (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
+     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context,
+     idempotency_key, tags, attributes)
+values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now()),
+        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb,
+        $15, $16::text[], $17::jsonb)
+on conflict (idempotency_key) where idempotency_key is not null
+    do update set idempotency_key = excluded.idempotency_key
+returning t.id, (t.xmax = 0) as inserted

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
+from durable.store.dashboard import Dashboard
 from durable.store.database import Database, KeptConnection
 from durable.store.operations import Operations
 from durable.store.tasks import Tasks
@@ -70,6 +71,7 @@ class Store:
         self.tasks = Tasks(db)
         self.workflows = Workflows(db)
         self.operations = Operations(db, self.tasks)
+        self.dashboard = Dashboard(db)
 
     @classmethod
     async def open(
