@@ -44,3 +44,9 @@ select tags, attributes::text from durable.tasks where id = $1
 select id, name, status, created_at, started_at, finished_at
 from durable.tasks where parent_id = $1 order by id
 limit 1000
+
+-- name: task_progress
+-- What a task page watches while the task runs: its status and how many events it has.
+select t.status, t.attempt, t.branch,
+       (select count(*) from durable.events e where e.task_id = t.id and e.branch = t.branch)
+  from durable.tasks t where t.id = $1

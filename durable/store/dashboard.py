@@ -62,3 +62,8 @@ class Dashboard(Part):
 
     async def children(self, task_id: int) -> list[dict[str, Any]]:
         return [dict(r) for r in await self.pool.fetch(self.d["children"], task_id)]
+
+    async def task_progress(self, task_id: int) -> tuple[Any, ...] | None:
+        """(status, attempt, branch, events on the branch): changes as a task runs."""
+        row = await self.pool.fetchrow(self.d["task_progress"], task_id)
+        return tuple(row) if row is not None else None
