@@ -1,0 +1,209 @@
+"""The dashboard in a real browser: headless Chromium (Debian's, driven by Playwright;
+nothing is downloaded) against a real daemon and database. Task names start with ``ui_``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+import durable
+from durable.ui.auth import Auth
+from durable.ui.server import UiServer
+from tests.support.helpers import execute, running_daemon, wait_status
+from tests.support.roles import literal
+
+playwright_api = pytest.importorskip("playwright.async_api")
+
+CHROMIUM = os.environ.get("DURABLE_CHROMIUM", "/usr/bin/chromium")
+TOKEN = "open-sesame-42"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"no {CHROMIUM}: apt-get install chromium"),
+]
+
+FLAKY: dict[str, bool] = {"fixed": False}
+
+
+@durable.task(queue="ui", max_attempts=1)
+async def ui_flaky(order: str) -> str:
+    if not FLAKY["fixed"]:
+        raise RuntimeError(f"payment service down for {order}")
+    return f"paid {order}"
+
+
+@durable.task(queue="ui")
+async def ui_ship(order: str) -> str:
+    return f"shipped {order}"
+
+
+@durable.workflow(queue="ui")
+async def ui_order(ctx: durable.Context, order: str) -> dict[str, Any]:
+    reserved = await ctx.step("reserve", _reserve, order)
+    approval = await ctx.wait_for_event("approved", timeout=600)
+    shipped = await ctx.run(ui_ship, order)
+    return {"reserved": reserved, "approval": approval, "shipped": shipped}
+
+
+async def _reserve(order: str) -> str:
+    return f"held {order}"
+
+
+@asynccontextmanager
+async def dashboard(dsn: str, auth: Auth | None = None) -> AsyncIterator[str]:
+    server = UiServer("127.0.0.1", 0, dsn, auth)
+    await server.listen()
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.run)
+        yield f"http://127.0.0.1:{server.port}"
+        tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def browser() -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            context = await b.new_context(viewport={"width": 1280, "height": 900})
+            yield await context.new_page()
+        finally:
+            await b.close()
+
+
+def token_auth(tmp_path: Path) -> Auth:
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    return Auth.from_file("--token-file", path, "token")
+
+
+async def sign_in(page: Any, base: str) -> None:
+    await page.goto(base + "/")
+    assert page.url.startswith(base + "/login")
+    await page.fill("input[name=secret]", "wrong-token")
+    await page.click("text=Sign in >> nth=-1")
+    assert "is not the one" in await page.inner_text("main")
+    await page.fill("input[name=secret]", TOKEN)
+    await page.click("button:has-text('Sign in')")
+    await page.wait_for_url(base + "/")
+
+
+async def test_every_page_opens_read_only_and_follows_a_workflow_live(dsn: str) -> None:
+    FLAKY["fixed"] = False
+    async with durable.connect(dsn) as client, running_daemon(dsn, queues="ui"), \
+            dashboard(dsn) as base, browser() as page:  # fmt: skip
+        order = await client.start(ui_order, "A-1", tags=["vip"], attributes={"region": "eu"})
+        failed = await client.start(ui_flaky, "A-2")
+        await wait_status(dsn, failed.id, "failed")
+        await wait_status(dsn, order.id, "waiting")
+
+        await page.goto(base + "/")
+        assert await page.inner_text("h1") == "Queues"
+        assert "read-only" in await page.inner_text("header")
+        row = page.locator("tr[data-queue=ui]")
+        assert await row.count() == 1
+        assert "1 failed" in await row.inner_text()
+        await page.wait_for_selector("#live.on")  # the event stream is open
+
+        await page.goto(base + "/tasks?tag=vip")
+        assert await page.locator("table.tasks tbody tr").count() == 1
+        await page.goto(base + "/tasks?attr=region%3Deu&status=waiting")
+        assert await page.locator(f"tr[data-id='{order.id}']").count() == 1
+        await page.goto(base + "/tasks?since=banana")
+        assert "since: expected a duration" in await page.inner_text("[role=alert]")
+        await page.goto(base + "/workers")
+        assert "live" in await page.inner_text("#workers")
+        assert await page.locator("#definitions").count() == 1
+
+        await page.goto(f"{base}/tasks/{failed.id}")
+        assert "payment service down for A-2" in await page.inner_text("main")
+        assert await page.locator("#action-retry").count() == 0
+        refused = await page.request.post(f"{base}/tasks/{failed.id}/retry", form={"csrf": "x"})
+        assert refused.status == 403 and "read-only" in await refused.text()
+        await wait_status(dsn, failed.id, "failed")
+
+        # Follow the workflow as it runs: the page is never reloaded.
+        await page.goto(f"{base}/tasks/{order.id}")
+        await page.wait_for_selector("#live.on")
+        await page.evaluate("window.__kept = 'same page'")
+        assert await page.inner_text("#task-status") == "waiting"
+        assert await page.locator("g.bar").count() == 2  # reserve, the event wait
+        await client.send_event(order.id, "approved", {"by": "ops"})
+        await playwright_api.expect(page.locator("#task-status")).to_have_text(
+            "completed", timeout=20000
+        )
+        assert await page.evaluate("window.__kept") == "same page"
+        assert await page.locator("g.bar.ok").count() == 3  # reserve, the event, the child
+        child = page.locator("g.kind-child a")
+        await child.click()
+        await page.wait_for_selector("text=ui_ship")
+        assert "shipped A-1" in await page.inner_text("main")
+
+
+async def test_retry_through_the_dashboard_with_a_token(dsn: str, tmp_path: Path) -> None:
+    FLAKY["fixed"] = False
+    async with durable.connect(dsn) as client, running_daemon(dsn, queues="ui"), \
+            dashboard(dsn, token_auth(tmp_path)) as base, browser() as page:  # fmt: skip
+        failed = await client.start(ui_flaky, "B-1")
+        await wait_status(dsn, failed.id, "failed")
+        # Without a session, pages send to the sign-in form and actions are refused.
+        async with httpx.AsyncClient(follow_redirects=False) as http:
+            assert (await http.get(base + "/tasks")).status_code == 303
+            assert (await http.post(f"{base}/tasks/{failed.id}/retry")).status_code == 403
+        await sign_in(page, base)
+        await page.goto(f"{base}/tasks/{failed.id}")
+        assert await page.inner_text("#task-status") == "failed"
+        # CSRF: the session alone is not enough, nor a form from another origin.
+        no_token = await page.request.post(f"{base}/tasks/{failed.id}/retry", form={"back": "/"})
+        assert no_token.status == 403 and "CSRF" in await no_token.text()
+        csrf = await page.get_attribute("form[action$='/retry'] input[name=csrf]", "value")
+        elsewhere = await page.request.post(
+            f"{base}/tasks/{failed.id}/retry", form={"csrf": csrf or ""},
+            headers={"Origin": "http://evil.example"},
+        )  # fmt: skip
+        assert elsewhere.status == 403
+        assert await wait_status(dsn, failed.id, "failed") == "failed"
+
+        FLAKY["fixed"] = True
+        await page.click("#action-retry")
+        assert "retried" in await page.inner_text("[role=status]")
+        await playwright_api.expect(page.locator("#task-status")).to_have_text(
+            "completed", timeout=20000
+        )
+        assert "paid B-1" in await page.inner_text("main")
+
+
+async def test_a_role_that_can_only_read(dsn: str, tmp_path: Path) -> None:
+    """Every page works for a role with SELECT alone on the schema; an action it cannot
+    take says so in one line instead of failing the page."""
+    role = "durable_reader"
+    await execute(dsn, f"do $$ begin create role {role} login password {literal('reader-pw')};"
+                       " exception when duplicate_object then null; end $$")  # fmt: skip
+    database = dsn.rsplit("/", 1)[1]
+    await execute(dsn, f'grant connect on database "{database}" to {role}')
+    await execute(dsn, f"grant usage on schema durable to {role}")
+    await execute(dsn, f"grant select on all tables in schema durable to {role}")
+    reader = dsn.replace("postgres@", f"{role}:reader-pw@", 1) if "postgres@" in dsn else None
+    if reader is None:
+        pytest.skip("the test server's URL names no user to replace")
+    FLAKY["fixed"] = False
+    async with durable.connect(dsn) as client, running_daemon(dsn, queues="ui"):
+        failed = await client.start(ui_flaky, "C-1", tags=["ro"])
+        await wait_status(dsn, failed.id, "failed")
+    async with dashboard(reader, token_auth(tmp_path)) as base, browser() as page:
+        await sign_in(page, base)
+        for path in ("/", "/tasks", "/tasks?tag=ro", f"/tasks/{failed.id}", "/workers"):
+            response = await page.goto(base + path)
+            assert response is not None and response.status == 200, path
+        await page.goto(f"{base}/tasks/{failed.id}")
+        await page.click("#action-retry")
+        alert = await page.inner_text("[role=alert]")
+        assert alert.startswith("the database refused: permission denied"), alert
+    assert await wait_status(dsn, failed.id, "failed") == "failed"
