@@ -66,9 +66,9 @@ def task_filter(params: Mapping[str, str], now: datetime) -> tuple[TaskFilter, i
     attributes: dict[str, Any] | None = None
     if "tag" in got:
         tags = [t.strip() for t in got["tag"].split(",") if t.strip()]
-    if "attr" in got:
-        attributes = dict(attribute_pair(item, "attr") for item in got["attr"].split())
     try:
+        if "attr" in got:
+            attributes = dict(attribute_pair(item, "attr") for item in got["attr"].split())
         tags, attributes = labels(tags, attributes)
     except InvalidValue as exc:
         raise FilterError(str(exc)) from None
