@@ -173,6 +173,9 @@ def timeline(
     bars = []
     for e in entries:
         ended = e.finished_at
+        if e.kind == "sleep" and e.status == "completed" and e.wake_at is not None:
+            # A sleep's event is written when it starts; it lasted until its wake time.
+            ended = max(ended or e.wake_at, e.wake_at)
         if ended is None and e.status == "pending":
             ended = max(end or now, e.wake_at) if e.wake_at is not None else (end or now)
         begin = (e.started_at - start).total_seconds() / span

@@ -124,3 +124,11 @@ def test_a_secret_file_is_checked(tmp_path: object) -> None:
         Auth.from_file("--token-file", base / "short", "token")
     with pytest.raises(ConfigurationError, match="--token-file: cannot read"):
         Auth.from_file("--token-file", base / "missing", "token")
+
+
+def test_templates_and_static_files_ship_in_the_package() -> None:
+    from importlib import resources
+
+    root = resources.files("durable.ui")
+    for name in ("templates/base.html", "templates/task.html", "static/live.js", "static/dashboard.css"):
+        assert root.joinpath(name).is_file(), name
