@@ -28,17 +28,26 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    s = settings(args, ui_listen=args.listen, ui_token_file=args.token_file,
-                 ui_password_file=args.password_file)  # fmt: skip
     from durable import logs
     from durable.errors import DurableError
+    from durable.options import http
+    from durable.ui.auth import Auth
     from durable.ui.server import UiServer, auth_from, url_of
 
-    logs.configure(s.log_level, s.log_format)
+    s = settings(args)
     try:
-        auth = auth_from(s)
+        listen = http("--listen", args.listen) if args.listen is not None else s.ui_listen
+        if args.token_file is not None and args.password_file is not None:
+            raise DurableError("--token-file and --password-file are both given: give one")
+        if args.token_file is not None:
+            auth: Auth | None = Auth.from_file("--token-file", args.token_file, "token")
+        elif args.password_file is not None:
+            auth = Auth.from_file("--password-file", args.password_file, "password")
+        else:
+            auth = auth_from(s)
     except DurableError as exc:
         raise CommandError(str(exc), 2) from None
+    logs.configure(s.log_level, s.log_format)
 
     async def main() -> None:
         import anyio
@@ -57,7 +66,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
                 f"the database schema is at version {version or 'none'}, this durable needs "
                 f"{latest_version()}: run `durable migrate`"
             )
-        host, port = s.ui_listen
+        host, port = listen
         server = UiServer(host, port, where.url, auth)
         await server.listen()
         async with anyio.create_task_group() as tg:
