@@ -54,6 +54,7 @@ CHEAPER: list[tuple[str, Callable[[str], str]]] = [
 """Documented command (by prefix) -> what this test runs instead."""
 
 RUN_ELSEWHERE = {
+    "durable ui": "tests/acceptance/test_ui_command.py::test_durable_ui_serves_until_sigterm",
     "pip install . && durable demo": "tests/acceptance/test_demo.py::test_demo_runs_and_charges_once",
     "durable soak --duration": "tests/faults/test_soak.py::test_a_short_soak_fires_every_fault_kind_and_every_invariant_holds",
     "durable bench throughput latency floor workflows backlog scale": (
