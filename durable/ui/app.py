@@ -219,9 +219,12 @@ class Dashboard:
         task_id = int(raw) if raw.isdigit() and 0 < int(raw) < 2**63 else None
 
         async def stream() -> AsyncIterator[bytes]:
-            yield b"retry: 2000\n\n"
-            seen: tuple[Any, ...] | None = None
             async with self.hub.subscribe() as queue:
+                # Subscribed and the task's state read before the page hears the stream
+                # is open: the page then reloads once (live.js), which covers whatever
+                # changed between its rendering and now; anything later reaches it here.
+                seen = await self.store.dashboard.task_progress(task_id) if task_id else None
+                yield b"retry: 2000\n\n"
                 while True:
                     with anyio.move_on_after(1.0 if task_id is not None else TICK) as timer:
                         channel, payload = await queue.get()
@@ -238,7 +241,7 @@ class Dashboard:
                         # The task's own row and event count: a workflow's steps notify
                         # nothing, so its page looks again while it runs.
                         now = await self.store.dashboard.task_progress(task_id)
-                        if seen is not None and now != seen:
+                        if now != seen:
                             yield sse("change", {"channel": "progress", "payload": str(task_id)})
                         seen = now
 

@@ -152,7 +152,9 @@ async def test_retry_through_the_dashboard_with_a_token(dsn: str, tmp_path: Path
     async with durable.connect(dsn) as client, running_daemon(dsn, queues="ui"), \
             dashboard(dsn, token_auth(tmp_path)) as base, browser() as page:  # fmt: skip
         failed = await client.start(ui_flaky, "B-1")
-        await wait_status(dsn, failed.id, "failed")
+        others = [await client.start(ui_flaky, f"B-{i}", tags=["batch"]) for i in (2, 3)]
+        for task in (failed, *others):
+            await wait_status(dsn, task.id, "failed")
         # Without a session, pages send to the sign-in form and actions are refused.
         async with httpx.AsyncClient(follow_redirects=False) as http:
             assert (await http.get(base + "/tasks")).status_code == 303
@@ -178,6 +180,25 @@ async def test_retry_through_the_dashboard_with_a_token(dsn: str, tmp_path: Path
             "completed", timeout=20000
         )
         assert "paid B-1" in await page.inner_text("main")
+
+        # Bulk retry of a filtered set: the two tagged failures, not the rest.
+        await page.goto(f"{base}/tasks?status=failed&tag=batch")
+        assert await page.locator("table.tasks tbody tr[data-id]").count() == 2
+        await page.click("form.bulk button")
+        assert "retried 2 of 2" in await page.inner_text("[role=status]")
+        for task in others:
+            assert await wait_status(dsn, task.id, "completed") == "completed"
+
+        # Cancel, and an event to a finished task, each said in one line.
+        waiting = await client.start(ui_order, "B-9")
+        await wait_status(dsn, waiting.id, "waiting")
+        await page.goto(f"{base}/tasks/{waiting.id}")
+        await page.click("#action-cancel")
+        assert "cancelled 1 task(s)" in await page.inner_text("[role=status]")
+        assert await wait_status(dsn, waiting.id, "cancelled") == "cancelled"
+        await page.fill("form.event input[name=name]", "approved")
+        await page.click("form.event button")
+        assert "has finished: not sent" in await page.inner_text("[role=status]")
 
 
 async def test_a_role_that_can_only_read(dsn: str, tmp_path: Path) -> None:

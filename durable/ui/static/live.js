@@ -33,7 +33,8 @@
       });
   }
   var events = new EventSource(source);
-  events.addEventListener("open", function () { if (dot) dot.className = "live on"; });
+  // On every (re)connection: look once, for what changed while no stream was open.
+  events.addEventListener("open", function () { if (dot) dot.className = "live on"; refresh(); });
   events.addEventListener("error", function () { if (dot) dot.className = "live"; });
   events.addEventListener("change", refresh);
 })();
