@@ -101,6 +101,7 @@ async def test_every_page_opens_read_only_and_follows_a_workflow_live(dsn: str) 
             dashboard(dsn) as base, browser() as page:  # fmt: skip
         order = await client.start(ui_order, "A-1", tags=["vip"], attributes={"region": "eu"})
         failed = await client.start(ui_flaky, "A-2")
+        await client.start("ui_nobody_serves", queue="ui")
         await wait_status(dsn, failed.id, "failed")
         await wait_status(dsn, order.id, "waiting")
 
@@ -110,6 +111,8 @@ async def test_every_page_opens_read_only_and_follows_a_workflow_live(dsn: str) 
         row = page.locator("tr[data-queue=ui]")
         assert await row.count() == 1
         assert "1 failed" in await row.inner_text()
+        banner = await page.inner_text(".banner")
+        assert "ui_nobody_serves" in banner and "no live daemon serves" in banner
         await page.wait_for_selector("#live.on")  # the event stream is open
 
         await page.goto(base + "/tasks?tag=vip")
@@ -228,3 +231,33 @@ async def test_a_role_that_can_only_read(dsn: str, tmp_path: Path) -> None:
         alert = await page.inner_text("[role=alert]")
         assert alert.startswith("the database refused: permission denied"), alert
     assert await wait_status(dsn, failed.id, "failed") == "failed"
+
+
+async def test_what_tasks_hold_is_shown_escaped(dsn: str) -> None:
+    """Names, labels, arguments and errors are the users' data: never markup."""
+    evil = "<script>alert(1)</script>"
+    async with durable.connect(dsn) as client, dashboard(dsn) as base:
+        task = await client.start(evil, evil, tags=[evil], attributes={evil: evil})
+        async with httpx.AsyncClient() as http:
+            for path in ("/", "/tasks", f"/tasks/{task.id}", "/tasks?tag=" + evil):
+                page = await http.get(base + path)
+                assert page.status_code == 200, path
+                assert evil not in page.text, path
+            detail = await http.get(f"{base}/tasks/{task.id}")
+            assert "&lt;script&gt;alert(1)&lt;/script&gt;" in detail.text
+            assert "default-src 'self'" in detail.headers["content-security-policy"]
+
+
+async def test_the_daemon_serves_the_dashboard_beside_its_probes(dsn: str) -> None:
+    async with running_daemon(dsn, queues="ui", http="127.0.0.1:0", ui="on") as daemon:
+        assert isinstance(daemon.http, UiServer)
+        base = f"http://127.0.0.1:{daemon.http.port}"
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(base + "/healthz")).json()["status"] == "ok"
+            ready = await http.get(base + "/readyz")
+            assert ready.status_code == 200 and ready.json()["status"] == "ready"
+            assert "durable_" in (await http.get(base + "/metrics")).text
+            overview = await http.get(base + "/")
+            assert overview.status_code == 200 and 'data-queue="ui"' in overview.text
+    async with running_daemon(dsn, queues="ui", http="127.0.0.1:0") as daemon:
+        assert not isinstance(daemon.http, UiServer)  # off unless DURABLE_UI=on
