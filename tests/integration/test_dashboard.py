@@ -261,3 +261,29 @@ async def test_the_daemon_serves_the_dashboard_beside_its_probes(dsn: str) -> No
             assert overview.status_code == 200 and 'data-queue="ui"' in overview.text
     async with running_daemon(dsn, queues="ui", http="127.0.0.1:0") as daemon:
         assert not isinstance(daemon.http, UiServer)  # off unless DURABLE_UI=on
+
+
+async def test_fork_and_replay_make_branches_the_page_can_show(dsn: str, tmp_path: Path) -> None:
+    async with durable.connect(dsn) as client, running_daemon(dsn, queues="ui"), \
+            dashboard(dsn, token_auth(tmp_path)) as base, browser() as page:  # fmt: skip
+        order = await client.start(ui_order, "D-1")
+        await wait_status(dsn, order.id, "waiting")
+        await client.send_event(order.id, "approved", "first")
+        await wait_status(dsn, order.id, "completed")
+        await sign_in(page, base)
+        await page.goto(f"{base}/tasks/{order.id}")
+        assert await page.locator("g.bar").count() == 3
+        # Fork at the event wait: a new branch keeps the reserve step and waits again.
+        await page.click("form[action$='/fork']:has(input[name=at][value='1']) button")
+        assert "forked at 1 on branch 1" in await page.inner_text("[role=status]")
+        if await wait_status(dsn, order.id, "waiting", "completed") == "waiting":
+            await client.send_event(order.id, "approved", "second")
+        await playwright_api.expect(page.locator("#task-status")).to_have_text(
+            "completed", timeout=20000
+        )
+        assert await page.locator(".branches b").inner_text() == "1"
+        await page.click(".branches a:text-is('0')")
+        assert page.url.endswith("?branch=0")
+        assert await page.locator("g.bar").count() == 3
+        await page.click("#action-replay")
+        assert "replayed on branch 2" in await page.inner_text("[role=status]")
