@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -26,7 +26,6 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from durable.admin import Admin
-from durable.codec import loads
 from durable.errors import DurableError
 from durable.logs import get_logger, redact
 from durable.models import TERMINAL, TaskFilter
@@ -281,21 +280,20 @@ class Dashboard:
     async def act(self, request: Request, form: dict[str, str]) -> str:
         task_id = int(request.path_params["task_id"])
         what = request.path_params["what"]
-        client_store = self.store
         if what == "retry":
-            await client_store.restart(task_id, "retry")
+            await self.store.restart(task_id, "retry")
             return f"task {task_id} retried"
         if what == "replay":
-            branch = await client_store.restart(task_id, "replay")
+            branch = await self.store.restart(task_id, "replay")
             return f"task {task_id} replayed on branch {branch}"
         if what == "fork":
             at = form.get("at", "")
             if not at.isdigit():
                 raise InvalidValue(f"fork: at must be an event position (0, 1, ...), got {at!r}")
-            branch = await client_store.restart(task_id, "fork", int(at))
+            branch = await self.store.restart(task_id, "fork", int(at))
             return f"task {task_id} forked at {at} on branch {branch}"
         if what == "cancel":
-            hit = await client_store.cancel([task_id])
+            hit = await self.store.cancel([task_id])
             ended = [i for i, _s, done in hit if not done]
             return f"cancelled {len(ended)} task(s)" if ended else f"task {task_id} had finished"
         if what == "event":
@@ -309,7 +307,7 @@ class Dashboard:
             from durable.validation import text as valid_text
 
             valid_text(name, "event name")
-            sent = await client_store.send_event(task_id, name, dumps(payload, what="payload"))
+            sent = await self.store.send_event(task_id, name, dumps(payload, what="payload"))
             return f"event {name!r} sent" if sent else f"task {task_id} has finished: not sent"
         raise InvalidValue(f"no action {what!r}")
 
@@ -368,9 +366,3 @@ async def _failed(request: Request, exc: Exception) -> Response:
     log.error("ui_handler_error", path=request.url.path, error=redact(f"{type(exc).__name__}: {exc}"))
     return HTMLResponse("<h1>Internal error</h1><p>See the dashboard's log.</p>", 500)
 
-
-def _utc(when: datetime) -> str:
-    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-__all__ = ["create_app", "loads"]

@@ -130,8 +130,6 @@ def url_of(host: str, port: int) -> str:
     return f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/"
 
 
-__all__ = ["Any", "UiServer", "auth_from", "url_of"]
-
 
 async def daemon_endpoint(settings: Settings, dsn: str | None, probes: Any) -> UiServer:
     """DURABLE_HTTP with DURABLE_UI=on: the dashboard and the daemon's probes on one port."""
