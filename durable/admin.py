@@ -24,6 +24,8 @@ from durable.models import (
     QueueCount,
     QueueLimit,
     ScheduleInfo,
+    TaskFilter,
+    TaskRow,
     TaskSummary,
     Unserved,
     WorkerInfo,
@@ -67,6 +69,12 @@ class Admin:
         """One branch of a workflow's event log as replay reads it (digests, values as
         stored): what ``durable show ID --json`` exports for ``durable verify --file``."""
         return await self._store.load_events(task_id, branch)
+    async def search_tasks(
+        self, f: TaskFilter, *, before: int | None = None, limit: int = 50
+    ) -> list[TaskRow]:
+        """The newest tasks matching ``f`` (tags, attributes, key, time range...) with an
+        id below ``before`` (the last id of the previous page), newest first."""
+        return await self._store.dashboard.search_tasks(f, before=before, limit=limit)
 
     async def queue_counts(self) -> list[QueueCount]:
         return await self._store.queue_stats()

@@ -129,6 +129,8 @@ class Client:
         timeout: float | None = None,
         conn: Connection | None = None,
         allow_unknown: bool = False,
+        tags: Sequence[str] | None = None,
+        attributes: Mapping[str, str | int | float | bool] | None = None,
         **kwargs: Any,
     ) -> Handle:
         """Enqueue ``fn(*args, **kwargs)``; returns a Handle at once.
@@ -141,8 +143,14 @@ class Client:
         daemon with its code). ``delay`` (seconds) or ``run_at`` schedule it;
         ``idempotency_key`` returns the task already started with that key; ``conn``
         enqueues inside the caller's asyncpg transaction, so the task exists only if that
-        transaction commits.
+        transaction commits. ``tags`` (up to 20 strings) and ``attributes`` (up to 20 names
+        with a string, number or boolean each) label the task for searching: ``durable ls
+        --tag vip --attr region=eu`` and the dashboard's task list filter by them.
         """
+        labels = validation.labels(
+            list(tags) if isinstance(tags, list | tuple) else tags,
+            dict(attributes) if isinstance(attributes, Mapping) else attributes,
+        )
         fn = await self._definition(fn, queue, allow_unknown, conn)
         t = self._new_task(
             fn, args, kwargs, queue=queue, priority=priority, delay=delay, run_at=run_at,
@@ -153,6 +161,13 @@ class Client:
             # Its unique index holds at most ~2700 bytes an entry.
             if len(idempotency_key.encode()) > MAX_KEY_BYTES:
                 raise InvalidValue(f"idempotency_key must be at most {MAX_KEY_BYTES} bytes")
+        if labels != (None, None):
+            tag_list, attrs = labels
+            task_id, inserted = await self.store.tasks.insert_task_labelled(
+                t, tag_list, dumps(attrs) if attrs is not None else None,
+                idempotency_key=idempotency_key, conn=conn,
+            )  # fmt: skip
+            return Handle(self, task_id, inserted)
         task_id, inserted = await self.store.insert_task(
             t, idempotency_key=idempotency_key, conn=conn
         )

@@ -24,7 +24,7 @@ from durable import sdnotify, tracing
 from durable.acks import FLUSH_CONNECTIONS, Acks
 from durable.attempts import Attempt, Attempts
 from durable.housekeeping import RETENTION_INTERVAL, Housekeeping
-from durable.http import HttpServer, endpoint
+from durable.http import Endpoint, endpoint
 from durable.listener import Listener
 from durable.logs import get_logger
 from durable.metrics import Metrics
@@ -106,7 +106,7 @@ class Daemon:
         self._root: anyio.CancelScope | None = None
         self.metrics = Metrics()
         self.metrics.watch(self.workers, lambda: self.listener)
-        self.http: HttpServer | None = None
+        self.http: Endpoint | None = None
         """The /healthz, /readyz, /metrics endpoint when DURABLE_HTTP is set (port: .http.port)."""
         self.retention_interval = RETENTION_INTERVAL
 
@@ -169,7 +169,10 @@ class Daemon:
         try:
             if self.settings.http is not None:
                 host, port = self.settings.http
-                self.http = await endpoint(host, port, store, self.metrics, lambda: self.listener)
+                ui = (self.settings, self.dsn) if self.settings.ui else None
+                self.http = await endpoint(
+                    host, port, store, self.metrics, lambda: self.listener, ui
+                )
             publisher = Publisher(store, self.id, self.registry.definitions(), self.settings.lease)
             await publisher.start(queues)  # registers this daemon, before its first claim
             self.housekeeping = housekeeping = Housekeeping(

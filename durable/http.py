@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import anyio
 from anyio.abc import TaskStatus
@@ -20,7 +20,9 @@ from durable.store import latest_version
 
 if TYPE_CHECKING:
     from durable.metrics import ListenerState, Metrics
+    from durable.settings import Settings
     from durable.store import Store
+    from durable.ui.server import UiServer
 
 log = get_logger("durable.http")
 
@@ -28,6 +30,8 @@ Response = tuple[int, str, bytes]
 """(status code, content type, body)."""
 
 Route = Callable[[], Awaitable[Response]]
+Endpoint: TypeAlias = "HttpServer | UiServer"
+"""What serves DURABLE_HTTP: this module's server, or the dashboard's (DURABLE_UI=on)."""
 
 REASONS = {
     200: "OK",
@@ -195,9 +199,15 @@ async def endpoint(
     store: Store,
     metrics: Metrics,
     listener: Callable[[], ListenerState | None],
-) -> HttpServer:
+    ui: tuple[Settings, str | None] | None = None,
+) -> Endpoint:
     """DURABLE_HTTP's server, its socket bound now so that a port in use stops the start
-    cleanly, with one line saying why."""
+    cleanly, with one line saying why. With ``ui`` (DURABLE_UI=on: the settings and the
+    database URL) the dashboard's server, which serves the same probes beside it."""
+    if ui is not None:
+        from durable.ui.server import daemon_endpoint
+
+        return await daemon_endpoint(ui[0], ui[1], Probes(store, metrics, listener))
     server = HttpServer(host, port, Probes(store, metrics, listener).routes())
     try:
         await server.listen()

@@ -356,3 +356,53 @@ class History:
     branch: int
     attempt: int
     events: tuple[Event, ...]
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    """What the task list (`durable ls`, the dashboard) selects; None: any."""
+
+    statuses: tuple[str, ...] | None = None
+    queue: str | None = None
+    name: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    idempotency_key: str | None = None
+    task_id: int | None = None
+    tags: tuple[str, ...] | None = None
+    """Tasks carrying every one of these tags."""
+    attributes: dict[str, Any] | None = None
+    """Tasks whose attributes hold every one of these names with that value."""
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    """One row of the searchable task list, with its tags and attributes."""
+
+    id: int
+    queue: str
+    name: str
+    kind: str
+    status: str
+    attempt: int
+    max_attempts: int
+    parent_id: int | None
+    idempotency_key: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    run_at: datetime
+    tags: tuple[str, ...]
+    attributes: dict[str, Any]
+    error_type: str | None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How many tasks of a queue ended in one status within one bucket of the last hour
+    (bucket 0 the newest)."""
+
+    queue: str
+    status: str
+    bucket: int
+    count: int

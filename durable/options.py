@@ -262,6 +262,25 @@ def http(name: str, raw: object) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def on_off(name: str, raw: object) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = raw.strip().lower() if isinstance(raw, str) else ""
+    if text in ("on", "true", "1", "yes"):
+        return True
+    if text in ("off", "false", "0", "no"):
+        return False
+    _fail(name, "on or off", _shown(raw))
+
+
+def secret_file(name: str, raw: object) -> Path:
+    """The path of a file holding a secret; read when the dashboard starts."""
+    text = raw if isinstance(raw, str) else str(raw) if isinstance(raw, Path) else ""
+    if not text.strip() or "\0" in text:
+        _fail(name, "the path of a file holding a secret", _shown(raw))
+    return Path(text.strip()).expanduser()
+
+
 def retention(name: str, raw: object) -> float:
     return _duration(name, raw, 0.0, False, "a positive duration such as 7d, 12h or 30m")
 
@@ -391,6 +410,30 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "http", "DURABLE_HTTP", "--http", http, None, "(off)",
         "serve /healthz, /readyz and /metrics (Prometheus) on host:port, e.g. 0.0.0.0:9090 "
         "(:9090: every interface; port 0 picks a free port)", metavar="HOST:PORT",
+    ),
+    Option(
+        "ui", "DURABLE_UI", "--ui", on_off, False, "off",
+        "on: serve the web dashboard on DURABLE_HTTP too, beside the probes (`durable ui` "
+        "serves it alone)", metavar="on|off",
+    ),
+    Option(
+        "ui_listen", "DURABLE_UI_LISTEN", "--ui-listen", http, ("127.0.0.1", 8080),
+        "127.0.0.1:8080",
+        "where `durable ui` serves the dashboard (`durable ui --listen`), host:port as for "
+        "DURABLE_HTTP; `durable run` serves it only on DURABLE_HTTP, with DURABLE_UI=on",
+        metavar="HOST:PORT",
+    ),
+    Option(
+        "ui_token_file", "DURABLE_UI_TOKEN_FILE", "--ui-token-file", secret_file, None,
+        "(unset: read-only)",
+        "a file holding a token (8 characters or more) that signs in to the dashboard and "
+        "enables its actions (retry, replay, fork, cancel, events); without it or "
+        "DURABLE_UI_PASSWORD_FILE the dashboard is read-only", metavar="PATH",
+    ),
+    Option(
+        "ui_password_file", "DURABLE_UI_PASSWORD_FILE", "--ui-password-file", secret_file,
+        None, "(unset: read-only)",
+        "as DURABLE_UI_TOKEN_FILE, a password the sign-in form asks for", metavar="PATH",
     ),
     Option(
         "retention", "DURABLE_RETENTION", "--retention", retention, None, "(keep forever)",

@@ -74,6 +74,10 @@ class Settings:
     log_format: str = "auto"
     apps: tuple[str, ...] = ()
     http: tuple[str, int] | None = None
+    ui: bool = False
+    ui_listen: tuple[str, int] = ("127.0.0.1", 8080)
+    ui_token_file: Path | None = None
+    ui_password_file: Path | None = None
     retention: float | None = None
     retention_vacuum: str = "auto"
     home: Path | None = None

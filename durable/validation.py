@@ -104,3 +104,67 @@ def schedule(
         parse(str(cron), str(timezone))
     except CronError as exc:
         raise InvalidValue(str(exc)) from None
+
+
+MAX_TAGS: Final = 20
+MAX_TAG: Final = 100
+MAX_ATTRIBUTES: Final = 20
+MAX_ATTRIBUTE_TEXT: Final = 500
+"""Bounds of a task's tags and attributes (durable.tag in schema.sql holds the same)."""
+
+
+def labels(
+    tags: object, attributes: object
+) -> tuple[list[str] | None, dict[str, str | int | float | bool] | None]:
+    """A task's tags (a list of 1-to-100-character strings, at most 20, kept as a sorted
+    set) and attributes (a dict of at most 20 names of 1 to 100 characters to a string of
+    at most 500 characters, a number or a boolean); None for none."""
+    kept_tags: list[str] | None = None
+    if tags is not None:
+        if isinstance(tags, str) or not isinstance(tags, list | tuple | set | frozenset):
+            raise InvalidValue(f"tags must be a list of strings, got {shown(tags)}")
+        for tag in tags:
+            text(tag, "a tag", limit=MAX_TAG)
+        kept_tags = sorted(set(tags)) or None
+        if kept_tags is not None and len(kept_tags) > MAX_TAGS:
+            raise InvalidValue(f"tags: at most {MAX_TAGS} a task, got {len(kept_tags)}")
+    kept: dict[str, str | int | float | bool] | None = None
+    if attributes is not None:
+        if not isinstance(attributes, dict):
+            raise InvalidValue(f"attributes must be a dict of name to value, got {shown(attributes)}")
+        if len(attributes) > MAX_ATTRIBUTES:
+            raise InvalidValue(f"attributes: at most {MAX_ATTRIBUTES} a task, got {len(attributes)}")
+        for key, value in attributes.items():
+            text(key, "an attribute name", limit=MAX_TAG)
+            if isinstance(value, str):
+                if value:  # an empty string is a value like any other
+                    text(value, f"attribute {key!r}", limit=MAX_ATTRIBUTE_TEXT)
+            elif isinstance(value, float) and not math.isfinite(value):
+                raise InvalidValue(f"attribute {key!r} must be a finite number, got {shown(value)}")
+            elif not isinstance(value, bool | int | float):
+                raise InvalidValue(
+                    f"attribute {key!r} must be a string (at most {MAX_ATTRIBUTE_TEXT} "
+                    f"characters), a number or a boolean, got {shown(value)}"
+                )
+        kept = dict(attributes) or None
+    return kept_tags, kept
+
+
+def attribute_pair(item: str, field: str = "--attr") -> tuple[str, str | int | float | bool]:
+    """``name=text`` (a string value) or ``name:=JSON`` (a number or boolean, e.g.
+    ``tries:=3``, ``paid:=true``) as (name, value)."""
+    import json
+
+    name, typed, value = item.partition(":=")
+    if typed:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, bool | int | float) and name:
+            return name, parsed
+        raise InvalidValue(f"{field}: expected name:=NUMBER or name:=true/false, got {shown(item)}")
+    name, equals, value = item.partition("=")
+    if not equals or not name:
+        raise InvalidValue(f"{field}: expected name=value or name:=JSON, got {shown(item)}")
+    return name, value

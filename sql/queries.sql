@@ -757,6 +757,7 @@ group by name, version
 select distinct wd.name, wd.version
 from durable.worker_definitions wd join durable.workers w on w.id = wd.worker_id
 where w.stopped_at is null and w.heartbeat_at > now() - make_interval(secs => $1)
+
 -- name: verify_runs
 -- The workflow runs `durable verify` replays: names in $1, status in $2 (null: any),
 -- created since $3, the newest $4; each on its current branch.
@@ -777,6 +778,7 @@ from unnest($1::bigint[], $2::integer[]) as r(task_id, branch)
 join durable.events e on e.task_id = r.task_id and e.branch = r.branch
 left join durable.tasks c on c.id = e.child_id
 order by e.task_id, e.seq
+
 -- The test kit (durable.testing) --------------------------------------------------------
 
 -- name: clock_shift_statements
@@ -846,3 +848,17 @@ select count(*) filter (where status = 'running')::int as running,
 update durable.tasks set lease_until = now() - interval '1 millisecond'
  where status = 'running' and worker_id = $1
 returning id
+-- name: insert_task_labelled
+-- insert_task_keyed with tags ($16, a text[]) and attributes ($17, a JSON object): the
+-- statement of a start that gives either; $15, the idempotency key, may be null; $18 the
+-- definition's version.
+insert into durable.tasks as t
+    (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
+     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context,
+     idempotency_key, tags, attributes, version)
+values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now()),
+        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb,
+        $15, $16::text[], $17::jsonb, $18::text)
+on conflict (idempotency_key) where idempotency_key is not null
+    do update set idempotency_key = excluded.idempotency_key
+returning t.id, (t.xmax = 0) as inserted

@@ -84,6 +84,9 @@ create table durable.tasks (
     -- The version of the code the task started on (null: unversioned). Only daemons that
     -- have that version's code claim it (durable.claim).
     version         text,
+    -- Labels to search by (client.start(tags=, attributes=), durable.tag): null when none.
+    tags            text[],
+    attributes      jsonb,
     -- A rate limit and its period come together. The checks on one column are the
     -- domains' (above): they run only where a value is written.
     constraint tasks_key_check check ((key_rate_limit is null) = (key_rate_period is null)),
@@ -109,6 +112,12 @@ create index tasks_parent_idx on durable.tasks (parent_id) where parent_id is no
 create index tasks_root_idx on durable.tasks (root_id) where root_id is not null;
 create unique index tasks_idempotency_idx on durable.tasks (idempotency_key)
     where idempotency_key is not null;
+-- Tags and attributes, searched by the task list; only the rows that have some are indexed.
+create index tasks_tags_idx on durable.tasks using gin (tags) where tags is not null;
+create index tasks_attributes_idx on durable.tasks using gin (attributes jsonb_path_ops)
+    where attributes is not null;
+-- Finished tasks by when they finished: the dashboard's throughput over the last hour.
+create index tasks_finished_idx on durable.tasks (finished_at) where finished_at is not null;
 
 create table durable.workers (
     id              uuid primary key,
@@ -567,6 +576,63 @@ begin
         do update set idempotency_key = excluded.idempotency_key
     returning t.id into new_id;
     return new_id;
+end;
+$$;
+
+-- Tag a task from SQL in the transaction that started it (the task must still be queued):
+--   select durable.tag(durable.start('fulfill', '["order-17"]'), array['vip'], '{"region": "eu"}');
+-- Tags are added to the task's (a set); attributes are merged, a key given again replaced.
+-- The limits are durable.validation's (tags_and_attributes), one line naming the field.
+create function durable.tag(task_id bigint, tags text[] default null,
+                            attributes jsonb default null)
+returns bigint
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_column
+declare
+    merged_tags text[];
+    merged_attributes jsonb;
+    bad text;
+begin
+    if tag.attributes is not null and jsonb_typeof(tag.attributes) <> 'object' then
+        raise exception 'durable.tag: attributes must be a JSON object, not %',
+            jsonb_typeof(tag.attributes) using errcode = '22023';
+    end if;
+    select x into bad from unnest(tag.tags) x
+     where x is null or length(x) not between 1 and 100 limit 1;
+    if found then
+        raise exception 'durable.tag: a tag must be 1 to 100 characters, got %',
+            coalesce(length(bad) || ' characters', 'null') using errcode = '22023';
+    end if;
+    select k into bad from jsonb_each(tag.attributes) a(k, v)
+     where length(k) not between 1 and 100
+        or jsonb_typeof(v) not in ('string', 'number', 'boolean')
+        or (jsonb_typeof(v) = 'string' and length(v #>> '{}') > 500) limit 1;
+    if found then
+        raise exception 'durable.tag: attribute % must have a name of 1 to 100 characters and a string (at most 500 characters), number or boolean value',
+            left(to_json(bad)::text, 120) using errcode = '22023';
+    end if;
+    select t.tags, t.attributes into merged_tags, merged_attributes
+      from durable.tasks t where t.id = tag.task_id and t.status = 'queued' for update;
+    if not found then
+        raise exception 'durable.tag: no queued task %: tag a task in the transaction that starts it',
+            tag.task_id using errcode = '22023';
+    end if;
+    merged_tags := array(select distinct x from unnest(coalesce(merged_tags, '{}') || coalesce(tag.tags, '{}')) x order by x);
+    merged_attributes := coalesce(merged_attributes, '{}') || coalesce(tag.attributes, '{}');
+    if cardinality(merged_tags) > 20 then
+        raise exception 'durable.tag: at most 20 tags a task, got %', cardinality(merged_tags)
+            using errcode = '22023';
+    end if;
+    if (select count(*) from jsonb_object_keys(merged_attributes)) > 20 then
+        raise exception 'durable.tag: at most 20 attributes a task, got %',
+            (select count(*) from jsonb_object_keys(merged_attributes)) using errcode = '22023';
+    end if;
+    update durable.tasks t
+       set tags = nullif(merged_tags, '{}'),
+           attributes = nullif(merged_attributes, '{}'::jsonb)
+     where t.id = tag.task_id;
+    return tag.task_id;
 end;
 $$;
 

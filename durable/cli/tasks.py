@@ -57,6 +57,8 @@ def add_commands(sub: Any) -> None:
     st.add_argument("--allow-unknown", action="store_true",
                     help="start NAME even though no daemon has published it (it waits for "
                     "a daemon with its code)")  # fmt: skip
+    _label_options(st, "label the task with this tag", "label the task: name=text, or "
+                   "name:=3 / name:=true for a number or boolean")  # fmt: skip
     st.add_argument("--wait", action="store_true", help="wait for the result and print it")
     st.add_argument("--timeout", type=duration, help="with --wait: give up after this long")
     st.set_defaults(func=cmd_start)
@@ -68,6 +70,9 @@ def add_commands(sub: Any) -> None:
     ls.add_argument("--name")
     ls.add_argument("--since", type=duration_text, help="created within this long, e.g. 1h")
     ls.add_argument("--limit", type=whole(1), default=50)
+    _label_options(ls, "only tasks with this tag", "only tasks with this attribute: "
+                   "name=text, or name:=3 / name:=true")  # fmt: skip
+    ls.add_argument("--idempotency-key", help="only the task started with this key")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_ls)
 
@@ -122,6 +127,19 @@ def add_commands(sub: Any) -> None:
     e.set_defaults(func=cmd_event)
 
 
+def _label_options(p: argparse.ArgumentParser, tag_help: str, attr_help: str) -> None:
+    p.add_argument("--tag", action="append", metavar="TAG", help=f"{tag_help} (repeatable)")
+    p.add_argument("--attr", action="append", metavar="NAME=VALUE",
+                   help=f"{attr_help} (repeatable)")  # fmt: skip
+
+
+def _labels(args: argparse.Namespace) -> tuple[list[str] | None, dict[str, Any] | None]:
+    from durable.validation import attribute_pair, labels
+
+    attrs = dict(attribute_pair(a) for a in args.attr) if args.attr else None
+    return labels(args.tag, attrs)
+
+
 # -- start, ls, event -----------------------------------------------------------------------
 
 
@@ -138,12 +156,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     if not isinstance(kwargs, dict):
         raise CommandError("--kwargs must be a JSON object", 2)
 
+    tags, attributes = _labels(args)
+
     async def go(s: Session) -> None:
         try:
             handle = await s.client.start(
                 args.name, *call_args, queue=args.queue, priority=args.priority,
                 delay=args.delay, idempotency_key=args.idempotency_key,
-                allow_unknown=args.allow_unknown, **kwargs,
+                allow_unknown=args.allow_unknown, tags=tags, attributes=attributes, **kwargs,
             )  # fmt: skip
         except UnknownDefinition:
             refused = unknown(args.name, "pass --queue or --allow-unknown")
@@ -167,6 +187,24 @@ def _since(text: str | None) -> datetime | None:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    tags, attributes = _labels(args)
+    columns = ["id", "queue", "name", "kind", "status", "attempt", "created_at", "finished_at"]
+    if tags or attributes or args.idempotency_key is not None:
+        from durable.models import TaskFilter
+
+        wanted = TaskFilter(
+            statuses=(args.status,) if args.status else None, queue=args.queue,
+            name=args.name, since=_since(args.since), idempotency_key=args.idempotency_key,
+            tags=tuple(tags) if tags else None, attributes=attributes,
+        )  # fmt: skip
+
+        async def search(s: Session) -> list[dict[str, Any]]:
+            found = await s.admin.search_tasks(wanted, limit=args.limit)
+            return [vars(t) for t in found]
+
+        emit(args, with_session(args, search), [*columns, "tags"])
+        return 0
+
     async def go(s: Session) -> list[dict[str, Any]]:
         found = await s.admin.tasks(
             status=args.status, queue=args.queue, name=args.name, since=_since(args.since),

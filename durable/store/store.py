@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
 from durable.store.catalog import Catalog
+from durable.store.dashboard import Dashboard
 from durable.store.database import Database, KeptConnection
 from durable.store.operations import Operations
 from durable.store.tasks import Tasks
@@ -76,6 +77,7 @@ class Store:
         self.workflows = Workflows(db)
         self.operations = Operations(db, self.tasks)
         self.catalog = Catalog(db)
+        self.dashboard = Dashboard(db)
 
     @classmethod
     async def open(

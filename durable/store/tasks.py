@@ -97,6 +97,28 @@ class Tasks(Part):
         assert row is not None
         return row["id"], row["inserted"]
 
+    async def insert_task_labelled(
+        self,
+        t: NewTask,
+        tags: Sequence[str] | None,
+        attributes: str | None,
+        *,
+        idempotency_key: str | None = None,
+        conn: Any = None,
+    ) -> tuple[int, bool]:
+        """`insert_task` with tags and attributes (JSON text of an object); validated by
+        the caller (durable.validation.labels)."""
+        on: Any = conn if conn is not None else self.pool
+        row = await on.fetchrow(
+            self.q["insert_task_labelled"],
+            t.queue, t.name, t.kind, t.args, t.kwargs, t.priority, t.run_at, t.max_attempts,
+            t.timeout, t.concurrency_key, t.key_limit, t.key_rate_limit, t.key_rate_period,
+            t.trace_context, idempotency_key,
+            list(tags) if tags is not None else None, attributes, t.version,
+        )  # fmt: skip
+        assert row is not None
+        return row["id"], row["inserted"]
+
     async def insert_many(
         self, tasks: Sequence[NewTask], *, conn: asyncpg.Connection | None = None
     ) -> list[int]:

@@ -60,6 +60,7 @@ _VERIFY = (
 )
 
 RUN_ELSEWHERE = {
+    "durable ui": "tests/acceptance/test_ui_command.py::test_durable_ui_serves_until_sigterm",
     "pip install . && durable demo": "tests/acceptance/test_demo.py::test_demo_runs_and_charges_once",
     "pip install 'durable[testing]'": (
         "tests/acceptance/test_testing_kit_docs.py::test_the_example_passes_as_a_user_runs_it"

@@ -21,6 +21,7 @@ import durable
 from durable.daemon import Daemon
 from durable.embedded import EmbeddedServer
 from durable.errors import DurableError
+from durable.http import HttpServer
 from durable.registry import registry
 from durable.retry import RetryPolicy
 from durable.settings import Settings
@@ -394,7 +395,7 @@ async def test_no_http_unless_configured(dsn: str) -> None:
 async def test_http_binds_only_where_told(dsn: str) -> None:
     """The endpoint has no authentication: it listens on the address given, no other."""
     async with running_daemon(dsn, http="127.0.0.1:0") as daemon:
-        assert daemon.http is not None and daemon.http._server is not None
+        assert isinstance(daemon.http, HttpServer) and daemon.http._server is not None
         bound = {s.getsockname()[0] for s in daemon.http._server.sockets}
         assert bound == {"127.0.0.1"}
         assert await status(daemon.http.port, "/healthz") == 200

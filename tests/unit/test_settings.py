@@ -380,6 +380,10 @@ def test_env_vars_document_every_variable() -> None:
     names = [name for name, _default, _text in ENV_VARS]
     assert len(names) == len(set(names))
     assert set(names) == {
+        "DURABLE_UI",
+        "DURABLE_UI_LISTEN",
+        "DURABLE_UI_TOKEN_FILE",
+        "DURABLE_UI_PASSWORD_FILE",
         "DURABLE_DATABASE_URL",
         "DATABASE_URL",
         "DURABLE_DATABASE_URL_FILE",

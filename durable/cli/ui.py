@@ -1,0 +1,82 @@
+"""`durable ui`: the web dashboard, served until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from typing import Any
+
+from durable.cli.core import CommandError, connecting, database_options, run, settings, target
+
+
+def add_commands(sub: Any) -> None:
+    u = sub.add_parser(
+        "ui", help="serve the web dashboard",
+        description="Serve the dashboard (overview, tasks, timelines, workers) until "
+        "SIGTERM/SIGINT. Read-only unless --token-file or --password-file is given.",
+    )  # fmt: skip
+    database_options(u)
+    u.add_argument("--listen", metavar="HOST:PORT",
+                   help="where to listen (DURABLE_UI_LISTEN; default: 127.0.0.1:8080; port 0 "
+                   "picks a free port)")  # fmt: skip
+    u.add_argument("--token-file", metavar="PATH",
+                   help="a file holding the token that signs in and enables actions "
+                   "(DURABLE_UI_TOKEN_FILE)")  # fmt: skip
+    u.add_argument("--password-file", metavar="PATH",
+                   help="as --token-file, for a password (DURABLE_UI_PASSWORD_FILE)")
+    u.set_defaults(func=cmd_ui)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from durable import logs
+    from durable.errors import DurableError
+    from durable.options import http
+    from durable.ui.auth import Auth
+    from durable.ui.server import UiServer, auth_from, url_of
+
+    s = settings(args)
+    try:
+        listen = http("--listen", args.listen) if args.listen is not None else s.ui_listen
+        if args.token_file is not None and args.password_file is not None:
+            raise DurableError("--token-file and --password-file are both given: give one")
+        if args.token_file is not None:
+            auth: Auth | None = Auth.from_file("--token-file", args.token_file, "token")
+        elif args.password_file is not None:
+            auth = Auth.from_file("--password-file", args.password_file, "password")
+        else:
+            auth = auth_from(s)
+    except DurableError as exc:
+        raise CommandError(str(exc), 2) from None
+    logs.configure(s.log_level, s.log_format)
+
+    async def main() -> None:
+        import anyio
+
+        from durable.store import connect, latest_version, schema_version
+
+        where = await target(s)
+        with connecting(where):
+            conn = await connect(where.url)
+        try:
+            version = await schema_version(conn)
+        finally:
+            await conn.close()
+        if version != latest_version():
+            raise CommandError(
+                f"the database schema is at version {version or 'none'}, this durable needs "
+                f"{latest_version()}: run `durable migrate`"
+            )
+        host, port = listen
+        server = UiServer(host, port, where.url, auth)
+        await server.listen()
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.run)
+            mode = "actions enabled" if auth is not None else "read-only"
+            print(f"dashboard: {url_of(host, server.port)} ({mode})", flush=True)
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    break
+
+    run(main)
+    return 0

@@ -1,0 +1,84 @@
+"""Who may act on the dashboard: a secret (a token or a password) read from a file, a
+signed session cookie once it is given, and a CSRF token on every form.
+
+Without a secret the dashboard is read-only and every action is refused. With one, every
+page asks for it first (the login form, or an ``Authorization: Bearer`` header), and a
+form is accepted only with the CSRF token of its session and, when the browser says where
+it came from (``Origin``), from the dashboard's own origin. The secret is never logged nor
+stored; the cookie holds a random session id and its expiry, signed with a key drawn at
+start (so a restart signs everyone out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from durable.errors import ConfigurationError
+
+COOKIE = "durable_session"
+SESSION_SECONDS = 12 * 3600
+MAX_SECRET = 4096
+
+
+def read_secret(field: str, path: str | Path) -> str:
+    """The secret in the file at ``path`` (surrounding whitespace dropped); one line
+    naming ``field`` when it cannot be read or is too short."""
+    try:
+        with open(Path(path).expanduser(), encoding="utf-8") as f:
+            text = f.read(MAX_SECRET + 1).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigurationError(f"{field}: cannot read {str(path)!r}: {reason}") from None
+    if len(text) < 8 or len(text) > MAX_SECRET:
+        raise ConfigurationError(
+            f"{field}: {str(path)!r} must hold a secret of 8 to {MAX_SECRET} characters"
+        )
+    return text
+
+
+@dataclass(frozen=True)
+class Auth:
+    """The dashboard's secret and the key that signs its sessions."""
+
+    secret: str
+    kind: str
+    """"token" or "password": what the login form asks for."""
+    key: bytes
+
+    @classmethod
+    def from_file(cls, field: str, path: str | Path, kind: str) -> Auth:
+        return cls(read_secret(field, path), kind, secrets.token_bytes(32))
+
+    def check_secret(self, given: str) -> bool:
+        return hmac.compare_digest(given.encode(), self.secret.encode())
+
+    def new_session(self, now: float | None = None) -> str:
+        """A cookie value: session id, expiry, signature."""
+        expires = int((now if now is not None else time.time()) + SESSION_SECONDS)
+        body = f"{secrets.token_urlsafe(18)}.{expires}"
+        return f"{body}.{self._sign(body)}"
+
+    def session(self, cookie: str | None, now: float | None = None) -> str | None:
+        """The session id in a valid, unexpired cookie, else None."""
+        if not cookie or cookie.count(".") != 2:
+            return None
+        sid, expires, signature = cookie.split(".")
+        if not hmac.compare_digest(signature, self._sign(f"{sid}.{expires}")):
+            return None
+        if not expires.isdigit() or int(expires) < (now if now is not None else time.time()):
+            return None
+        return sid
+
+    def csrf(self, sid: str) -> str:
+        return self._sign(f"csrf:{sid}")
+
+    def check_csrf(self, sid: str, given: str | None) -> bool:
+        return given is not None and hmac.compare_digest(given, self.csrf(sid))
+
+    def _sign(self, text: str) -> str:
+        return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest()
