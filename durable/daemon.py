@@ -180,6 +180,7 @@ class Daemon:
             runner = Runner(
                 store, self.registry, acks.completions, acks.checkpoints,
                 housekeeping.wake_timers, metrics=self.metrics, tracer=tracing,
+                cache=self.settings.workflow_cache, warn_at=self.settings.history_warning,
             )
             self._attempts = attempts = Attempts(
                 store, runner.run, self.shutdown, self.metrics, worker_id=self.id,
@@ -226,6 +227,7 @@ class Daemon:
                     sdnotify.notify(f"STATUS=draining {len(attempts.held)} running task(s)")
                 await attempts.drain()
                 await acks.drain(self.shutdown)
+                await runner.workflows.close()
                 root.cancel_scope.cancel()
         finally:
             await self._close(store, acks)

@@ -18,7 +18,6 @@ from durable.acks import Completion
 from durable.attempts import Attempt
 from durable.batch import Batcher
 from durable.codec import describe_error, dumps_spaced, error_text, loads
-from durable.context import Context
 from durable.errors import (
     LeaseLost,
     NonDeterminismError,
@@ -33,6 +32,7 @@ from durable.models import Claimed
 from durable.registry import Definition, Registry
 from durable.replay import CheckpointWriter, StepTracer, Suspend
 from durable.retry import after_failure
+from durable.sticky import WorkflowRuns
 from durable.store import Store, is_fatal
 
 log = get_logger("durable.runner")
@@ -56,6 +56,8 @@ class Runner:
         *,
         metrics: Metrics | None = None,
         tracer: StepTracer = tracing,
+        cache: int = 0,
+        warn_at: int | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -64,6 +66,11 @@ class Runner:
         self.on_timer = on_timer
         self.metrics = metrics or Metrics()
         self.tracer = tracer
+        self.workflows = WorkflowRuns(
+            store, checkpoints, registry.get, size=cache, history_warning=warn_at,
+            tracer=tracer, metrics=self.metrics,
+        )  # fmt: skip
+        self.metrics.workflows_parked = self.workflows.__len__
 
     async def run(self, attempt: Attempt) -> None:
         """Run the attempt; every outcome but 'shutdown' is written before returning."""
@@ -94,6 +101,7 @@ class Runner:
         if attempt.reason == "shutdown":
             return  # the daemon releases every unfinished task in one statement
         if attempt.reason == "lease_lost":
+            self.workflows.discard(task.id, task.token)
             log.warning("task_abandoned", task_id=task.id, name=task.name, reason="lease_lost")
             return
         try:
@@ -101,6 +109,7 @@ class Runner:
         except Exception as exc:
             # A database that kept refusing the outcome is the environment's, not a bug
             # (those are runner_error): the lease expires and the task runs again.
+            self.workflows.discard(task.id, task.token)
             if is_fatal(exc):
                 raise
             log.warning(
@@ -119,14 +128,10 @@ class Runner:
             args, kwargs = _arguments(task)
             async with asyncio.timeout(task.timeout) if task.timeout else _untimed:
                 if definition.kind == "workflow":
-                    events = (
-                        [] if task.fresh else await self.store.load_events(task.id, task.branch)
+                    d = definition
+                    result = await self.workflows.run(
+                        task, lambda ctx: _call(d, task, ctx, *args, **kwargs)
                     )
-                    ctx = Context(
-                        self.store, task, events, self.checkpoints, self.registry.get, self.tracer
-                    )
-                    result = await _call(definition, task, ctx, *args, **kwargs)
-                    ctx.check_consumed()
                 else:
                     result = await _call(definition, task, *args, **kwargs)
             text = await dumps_spaced(result, what=f"the result of {task.name!r}")
@@ -185,6 +190,9 @@ class Runner:
                 ),
                 **fields,
             )
+            if status not in ("waiting", "queued"):
+                # Not suspended by this attempt: what this daemon kept of it is stale.
+                self.workflows.discard(task.id, task.token)
             if status is None:
                 log.warning("task_write_rejected", **fields, write="suspend")
                 return

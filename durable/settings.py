@@ -74,6 +74,8 @@ class Settings:
     apps: tuple[str, ...] = ()
     http: tuple[str, int] | None = None
     retention: float | None = None
+    workflow_cache: int = 1000
+    history_warning: int | None = 10_000
     home: Path | None = None
     database_url_source: str | None = field(default=None, compare=False)
 

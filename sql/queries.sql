@@ -154,7 +154,8 @@ returning id
 update durable.tasks t
    set status = case when t.cancel_requested then 'cancelled' else 'queued' end,
        finished_at = case when t.cancel_requested then now() end,
-       run_at = now(), claim_token = null, lease_until = null, worker_id = null
+       run_at = now(), claim_token = null, lease_until = null, worker_id = null,
+       suspend_token = null
   from unnest($1::bigint[], $2::bigint[]) as v(id, token)
  where t.id = any($1::bigint[]) and t.id = v.id and t.claim_token = v.token
 returning t.id
@@ -357,11 +358,7 @@ select durable.suspend($1, $2, $3, $4::bigint[], $5, $6)
 -- name: take_signal
 -- The oldest event named $3 sent to task $1 that branch $2 has not consumed yet.
 select s.id, s.payload::text from durable.signals s
-where s.task_id = $1 and s.name = $3
-  and not exists (select 1 from durable.events e
-                  where e.task_id = s.task_id and e.branch = $2 and e.signal_id = s.id)
-order by s.id
-limit 1
+where s.id = durable.next_signal($1, $2, $3)
 
 -- name: send_event
 select durable.send_event($1, $2, $3::jsonb)
@@ -632,3 +629,16 @@ select now()
 -- A wait_for_event recorded earlier, settled: the signal's payload, or a timeout.
 update durable.events set status = $4, result = $5::jsonb, signal_id = $6, finished_at = now()
  where task_id = $1 and branch = $2 and seq = $3
+
+-- name: load_tail
+-- A warm resume: the events of branch $2 from position $3 on, each with the claim token
+-- of the attempt that last suspended the task, which tells whether anyone ran the task
+-- since this daemon suspended it (one row with a null seq when there are no such events).
+select t.suspend_token, e.seq, e.kind, e.name, e.digest, e.status, e.result::text,
+       e.error::text, e.child_id, e.wake_at, c.status as child_status,
+       c.result::text as child_result, c.error::text as child_error
+from durable.tasks t
+left join durable.events e on e.task_id = t.id and e.branch = $2 and e.seq >= $3
+left join durable.tasks c on c.id = e.child_id
+where t.id = $1
+order by e.seq

@@ -81,6 +81,10 @@ create table durable.tasks (
     -- then max_attempts holds it); each restart grants that many again. Keep new columns
     -- last, as the migrations add them.
     attempt_budget  integer,
+    -- The claim token of the attempt that last suspended the task, kept while no other
+    -- attempt ran it since (a daemon that kept the suspended workflow in memory resumes
+    -- it only when this is its own token; see durable.sticky).
+    suspend_token   bigint,
     -- A rate limit and its period come together. The checks on one column are the
     -- domains' (above): they run only where a value is written.
     constraint tasks_key_check check ((key_rate_limit is null) = (key_rate_period is null)),
@@ -146,6 +150,10 @@ create table durable.events (
 );
 
 create index events_child_idx on durable.events (child_id) where child_id is not null;
+-- The events a branch's waits consumed, by name: the newest one tells a wait where the
+-- unconsumed events start, whatever the length of the log (durable.next_signal).
+create index events_signal_idx on durable.events (task_id, branch, name, signal_id)
+    where signal_id is not null;
 
 -- One step's checkpoint as the daemon sends it: a flush passes an array of these (in the
 -- field order of durable.models.Checkpoint), one parameter instead of one per column.
@@ -524,6 +532,25 @@ begin
 end;
 $$;
 
+-- The oldest event named `event_name` sent to `task` that branch `br` has not consumed
+-- yet. A branch's waits take a name's events oldest first, and send_event gives a task's
+-- events their ids under the task's row lock, so in the order they commit: the consumed
+-- ones are always the oldest, and the first unconsumed one is the first after the newest
+-- consumed. Two index probes however long the log is (an anti-join against the branch's
+-- events cost one probe per event ever sent).
+create function durable.next_signal(task bigint, br integer, event_name text)
+returns bigint
+language sql stable
+set search_path = pg_catalog, pg_temp as $$
+    select s.id from durable.signals s
+     where s.task_id = task and s.name = event_name
+       and s.id > coalesce((select max(e.signal_id) from durable.events e
+                             where e.task_id = task and e.branch = br
+                               and e.name = event_name and e.signal_id is not null), 0)
+     order by s.id
+     limit 1
+$$;
+
 -- End a workflow's attempt to wait for children, a timer or an event. Returns 'waiting',
 -- or 'queued' when what it waits for has already happened, or null when the claim token
 -- no longer matches, or 'cancelled' when a cancel was requested while the attempt ran
@@ -566,12 +593,7 @@ begin
             ready := true;
         end if;
     end if;
-    if event_name is not null and exists (
-        select 1 from durable.signals s
-        where s.task_id = task and s.name = event_name
-          and not exists (select 1 from durable.events e
-                          where e.task_id = task and e.branch = br and e.signal_id = s.id))
-    then
+    if event_name is not null and durable.next_signal(task, br, event_name) is not null then
         ready := true;
     end if;
     if wake is not null and wake <= now() then
@@ -583,7 +605,7 @@ begin
            wake_at = case when ready then null else wake end,
            waiting_on = case when ready then null else children end,
            waiting_event = case when ready then null else event_name end,
-           claim_token = null, lease_until = null, worker_id = null
+           claim_token = null, lease_until = null, worker_id = null, suspend_token = token
      where t.id = task;
     return case when ready then 'queued' else 'waiting' end;
 end;
