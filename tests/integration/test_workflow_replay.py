@@ -17,7 +17,7 @@ from durable.models import Checkpoint
 from durable.store import Store
 from tests.support.helpers import execute, fetchval, running_daemon, wait_status
 
-COLD = {"workflow_cache": 0}
+COLD: dict[str, object] = {"workflow_cache": 0}
 """Every resume replays the log (no suspended workflow kept in memory): these tests
 change the code between attempts, in one process, and hold the replay to the log."""
 
