@@ -21,9 +21,9 @@ from durable.models import Checkpoint
 from durable.store import Store
 from tests.support.helpers import fetchval, running_daemon, wait_status
 
-COLD: dict[str, object] = {"workflow_cache": 0}
-"""Every resume replays the log (no suspended workflow kept in memory): these tests
-change the code between attempts, in one process, and hold the replay to the log."""
+# workflow_cache=0 below: every resume replays the log (no suspended workflow kept in
+# memory), for these tests change the code between attempts in one process and hold the
+# replay to the log.
 
 RUNS: Counter[str] = Counter()
 SEEN: dict[str, list[Any]] = {}
@@ -70,7 +70,7 @@ async def wf_prices(ctx: Context, k: str) -> list[str]:
 
 async def test_a_dict_and_its_floats_replay_as_the_first_run_saw_them(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn, **COLD):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_prices, k)
         await wait_status(dsn, handle.id, "waiting")
         assert await client.send_event(handle.id, "go")
@@ -86,7 +86,7 @@ async def echo(value: Any) -> Any:
 
 
 async def test_a_float_argument_and_result_stay_floats(dsn: str) -> None:
-    async with durable.connect(dsn) as client, running_daemon(dsn, **COLD):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(echo, 1e16)
         assert await handle.result(timeout=20) == [
             1e16,
@@ -110,7 +110,7 @@ async def wf_handles_a_step(ctx: Context, k: str) -> str:
 
 async def test_an_automatic_retry_keeps_a_step_failure_the_workflow_handled(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn, **COLD):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_handles_a_step, k)
         assert await handle.result(timeout=20) == "fallback"  # NonDeterminismError before
         history = await client.history(handle.id)
@@ -140,7 +140,7 @@ async def wf_handles_a_child(ctx: Context, k: str) -> str:
 
 async def test_durable_retry_keeps_a_child_failure_the_workflow_handled(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn, **COLD):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_handles_a_child, k)
         with pytest.raises(durable.TaskFailed, match="late: attempt 1 refused"):
             await handle.result(timeout=20)
@@ -196,7 +196,7 @@ async def wf_errors(ctx: Context, k: str) -> list[Any]:
 
 async def test_a_step_error_replays_as_the_first_run_saw_it(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn, **COLD):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_errors, k)
         await wait_status(dsn, handle.id, "waiting")
         assert await client.send_event(handle.id, "go")
@@ -222,7 +222,7 @@ async def wf_uses_a_child(ctx: Context, k: str) -> int:
 
 async def test_replaying_a_child_leaves_what_its_parent_saw(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn, **COLD):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_uses_a_child, k)
         await wait_status(dsn, handle.id, "waiting")
         child = await fetchval(dsn, "select id from durable.tasks where parent_id = $1", handle.id)
@@ -250,7 +250,7 @@ async def wf_swallows(ctx: Context, k: str) -> str:
 
 async def test_a_workflow_cannot_swallow_a_non_determinism_error(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn, **COLD):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_swallows, k)
         await wait_status(dsn, handle.id, "waiting")
         CODE[k] = 2  # a deploy renames the step
@@ -284,7 +284,7 @@ async def wf_swallows_lease_lost(ctx: Context, k: str, dsn: str) -> str:
 
 async def test_a_workflow_cannot_swallow_a_lost_lease(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn, **COLD):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         ENDED[k] = asyncio.Event()
         await client.start(wf_swallows_lease_lost, k, dsn)
         await asyncio.wait_for(ENDED[k].wait(), 20)  # the attempt ends in this process
@@ -303,7 +303,7 @@ async def wf_concurrent(ctx: Context) -> str:
 
 
 async def test_durable_calls_run_at_once_fail_the_first_run(dsn: str) -> None:
-    async with durable.connect(dsn) as client, running_daemon(dsn, **COLD):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_concurrent)
         with pytest.raises(durable.TaskFailed) as caught:
             await handle.result(timeout=20)  # completed before (and failed at its first replay)
@@ -326,7 +326,7 @@ async def wf_bad_name(ctx: Context, which: str) -> str:
 
 @pytest.mark.parametrize("which", sorted(BAD_NAMES))
 async def test_a_step_name_postgres_refuses_fails_at_the_call(dsn: str, which: str) -> None:
-    async with durable.connect(dsn) as client, running_daemon(dsn, **COLD):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_bad_name, which)
         with pytest.raises(durable.TaskFailed) as caught:
             await handle.result(timeout=20)
@@ -368,7 +368,7 @@ async def test_one_refused_checkpoint_fails_only_its_own_row(dsn: str) -> None:
 
 async def test_bulk_retry_leaves_a_child_whose_parent_recorded_its_failure(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn, **COLD):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_handles_a_child, k)
         with pytest.raises(durable.TaskFailed):
             await handle.result(timeout=20)  # the child failed, was handled; then "late" failed
@@ -383,7 +383,7 @@ async def test_durable_retry_reruns_the_last_failed_step_of_an_error_stored_with
     dsn: str,
 ) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn, **COLD):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_handles_a_child, k)
         with pytest.raises(durable.TaskFailed):
             await handle.result(timeout=20)
