@@ -19,7 +19,7 @@ SOAK_DESCRIPTION = (
     "violation."
 )
 
-BENCH_WORKLOADS = ["throughput", "latency", "floor", "workflows", "backlog", "scale"]
+BENCH_WORKLOADS = ["throughput", "latency", "floor", "workflows", "backlog", "scale", "entity"]
 
 
 def add_commands(sub: Any) -> None:
@@ -47,6 +47,9 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--queue-limit", type=whole(1), help="throughput: set a fleet-wide "
                    "concurrency limit on the bench queue (e.g. far above --concurrency: not "
                    "binding)")  # fmt: skip
+    b.add_argument("--entity-events", type=whole(2), default=2000,
+                   help="entity: events in the long-lived workflow's log at the end (one "
+                   "wait and one step per event sent), run warm then cold")  # fmt: skip
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 
@@ -117,6 +120,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             latency_n=args.latency_tasks, rate=args.rate, workflows_n=args.workflows,
             steps=args.steps, uneven=args.uneven, history=args.history, queued=args.queued,
             scheduled=args.scheduled, queue_limit=args.queue_limit,
+            entity_events=args.entity_events,
         )  # fmt: skip
 
     return run(main)

@@ -428,7 +428,7 @@ async def scale(server: str, n: int, concurrency: int, daemons: list[int], progr
     )
 
 
-WORKLOADS = ("throughput", "latency", "floor", "workflows", "backlog", "scale")
+WORKLOADS = ("throughput", "latency", "floor", "workflows", "backlog", "scale", "entity")
 
 
 def render(results: list[Result], server_version: str) -> str:
@@ -482,6 +482,11 @@ async def run(
             )
         elif w == "scale":
             results.append(await scale(server, n, concurrency, [1, 2, 4], progress))
+        elif w == "entity":
+            from durable.tools.bench_entity import entity_run
+
+            for warm in (True, False):
+                results.append(await entity_run(server, opts["entity_events"], warm, progress))
     if as_json:
         emit(json.dumps({"server_version": version,
                          "results": [r.__dict__ for r in results]}, indent=2))
