@@ -30,7 +30,7 @@ from durable.logs import get_logger
 from durable.metrics import Metrics
 from durable.models import Claimed
 from durable.registry import Definition, Registry
-from durable.replay import CheckpointWriter, StepTracer, Suspend
+from durable.replay import CheckpointWriter, ContinueAsNew, StepTracer, Suspend
 from durable.retry import after_failure
 from durable.sticky import WorkflowRuns
 from durable.store import Store, is_fatal
@@ -138,6 +138,8 @@ class Runner:
             return ("completed", text)
         except Suspend as s:
             return ("suspended", s)
+        except ContinueAsNew as c:
+            return ("continued", c)
         except TimeoutError as exc:
             if not str(exc):
                 exc = TimeoutError(f"the attempt took longer than its timeout of {task.timeout}s")
@@ -210,6 +212,20 @@ class Runner:
                 wake_at=s.wake_at.isoformat() if s.wake_at else None,
                 waiting_event=s.event,
             )
+        elif kind == "continued":
+            c: ContinueAsNew = value
+            next_id = await written(
+                lambda: self.store.continue_as_new(task.id, task.token, c.args_json, c.kwargs_json),
+                **fields,
+            )
+            if next_id is None:
+                log.warning("task_write_rejected", **fields, write="continue_as_new")
+            elif next_id == 0:
+                series.cancelled += 1
+                log.info("task_cancelled", **fields)
+            else:
+                series.completed += 1
+                log.info("workflow_continued", **fields, next_id=next_id)
         elif kind == "cancelled":
             if await written(lambda: self.store.mark_cancelled(task.id, task.token), **fields):
                 series.cancelled += 1

@@ -220,7 +220,7 @@ limit $5
 -- name: watch_finish
 -- Ask for a `durable_done` notification when the task finishes; returns its status.
 update durable.tasks set notify_finish = true where id = $1
-returning status, result::text, error::text
+returning status, result::text, error::text, continued_as
 
 -- name: cancel
 -- Cancel tasks and every unfinished descendant (see durable.cancel in schema.sql).
@@ -642,3 +642,11 @@ left join durable.events e on e.task_id = t.id and e.branch = $2 and e.seq >= $3
 left join durable.tasks c on c.id = e.child_id
 where t.id = $1
 order by e.seq
+
+-- name: continue_as_new
+-- ctx.continue_as_new: end run $1 (claim token $2), start the next with args $3, kwargs $4.
+select durable.continue_as_new($1, $2, $3::jsonb, $4::jsonb)
+
+-- name: chain
+-- The run a task continues and the run that continued it (ctx.continue_as_new).
+select continued_from, continued_as from durable.tasks where id = $1

@@ -188,11 +188,13 @@ def cmd_show(args: argparse.Namespace) -> int:
         info = await s.client.get(args.id)
         branch = args.branch if args.branch is not None else info.branch
         history = await s.client.history(args.id, branch)
-        return info, history, await s.client.branches(args.id), branch
+        chain = await s.client.chain(args.id)
+        return info, history, await s.client.branches(args.id), branch, chain
 
-    info, history, branches, branch = with_session(args, go)
+    info, history, branches, branch, (previous, following) = with_session(args, go)
     if args.json:
         out = {k: getattr(info, k) for k in info.__dataclass_fields__}
+        out["continued_from"], out["continued_as"] = previous, following
         out["branch_shown"] = branch
         out["branches"] = branches
         out["events"] = [vars(e) for e in history]
@@ -209,6 +211,9 @@ def cmd_show(args: argparse.Namespace) -> int:
           f"finished {cell(info.finished_at)}")  # fmt: skip
     if info.parent_id:
         print(f"parent     {info.parent_id}")
+    if previous is not None or following is not None:
+        # A chain of runs (ctx.continue_as_new).
+        print(f"chain      previous {previous or '-'}   next {following or '-'}")
     if info.status == "waiting":
         what = []
         if info.waiting_on:

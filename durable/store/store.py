@@ -129,6 +129,8 @@ class Store:
     get_task = _Via(_tasks, Tasks.get_task)
     list_tasks = _Via(_tasks, Tasks.list_tasks)
     watch_finish = _Via(_tasks, Tasks.watch_finish)
+    continue_as_new = _Via(_tasks, Tasks.continue_as_new)
+    chain = _Via(_tasks, Tasks.chain)
     cancel = _Via(_tasks, Tasks.cancel)
     queue_stats = _Via(_tasks, Tasks.queue_stats)
     list_workers = _Via(_tasks, Tasks.list_workers)

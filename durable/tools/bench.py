@@ -486,7 +486,8 @@ async def run(
             from durable.tools.bench_entity import entity_run
 
             for warm in (True, False):
-                results.append(await entity_run(server, opts["entity_events"], warm, progress))
+                args = (server, opts["entity_events"], warm, scratch_database, Progress, progress)
+                results.append(Result(*await entity_run(*args)))
     if as_json:
         emit(json.dumps({"server_version": version,
                          "results": [r.__dict__ for r in results]}, indent=2))

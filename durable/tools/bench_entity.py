@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -24,12 +25,20 @@ def buckets(limit: int) -> list[tuple[int, int]]:
     return [(lo, min(hi, limit)) for lo, hi in pairs if lo < limit]
 
 
-async def entity_run(server: str, events: int, warm: bool, progress: bool) -> Any:
-    """One run: ``events`` log positions (two per event: the wait and the step)."""
+async def entity_run(
+    server: str,
+    events: int,
+    warm: bool,
+    scratch: Callable[[str], Any],
+    progress_bar: Callable[[str, int, bool], Any],
+    progress: bool,
+) -> tuple[str, dict[str, Any], bool, list[str]]:
+    """One run of ``events`` log positions (two per event: the wait and the step), in the
+    scratch database ``scratch(server)`` gives: its name, figures, whether it verified,
+    and notes (durable.tools.bench.Result's fields)."""
     from durable.daemon import Daemon
     from durable.registry import registry
     from durable.store import connect
-    from durable.tools.bench import Progress, Result, scratch_database
 
     n = max(1, events // 2)
     entity_steps.clear()
@@ -39,8 +48,9 @@ async def entity_run(server: str, events: int, warm: bool, progress: bool) -> An
     )  # fmt: skip
     delivery: list[tuple[int, float]] = []
     settle: list[tuple[int, float]] = []
-    bar = Progress("entity-" + ("warm" if warm else "cold"), n, progress)
-    async with scratch_database(server) as dsn:
+    label = "entity-" + ("warm" if warm else "cold")
+    bar = progress_bar(label, n, progress)
+    async with scratch(server) as dsn:
         daemon = Daemon(settings, registry, dsn, pool_size=6)
         conn = await connect(dsn)
         try:
@@ -76,12 +86,16 @@ async def entity_run(server: str, events: int, warm: bool, progress: bool) -> An
     figures.update(warm=counts.warm, cold=counts.cold, events_loaded=counts.loaded,
                    events_replayed=counts.replayed)  # fmt: skip
     expected = sum(i + 1 for i in range(n))
-    return Result(
-        "entity-" + ("warm" if warm else "cold"),
+    verified = (
+        total == expected
+        and len(entity_steps) == n
+        and (counts.warm == n if warm else counts.cold == n)
+    )
+    return (
+        label,
         figures,
-        verified=total == expected and len(entity_steps) == n
-        and (counts.warm == n if warm else counts.cold == n),
-        notes=["delivery: send_event to the next step starting; settle: that step starting "
+        verified,
+        ["delivery: send_event to the next step starting; settle: that step starting "
                "to the workflow waiting again (its checkpoint, the next wait, the suspend)"],
     )  # fmt: skip
 

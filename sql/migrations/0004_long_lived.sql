@@ -2,9 +2,12 @@
 -- 10th. A wait finds the next unconsumed event through an index of the consumed ones
 -- (durable.next_signal) instead of checking every event sent against every event of the
 -- log; and the suspension records which attempt suspended the task, so that the daemon
--- that kept the suspended workflow in memory can tell whether anyone ran it since.
+-- that kept the suspended workflow in memory can tell whether anyone ran it since. And
+-- ctx.continue_as_new ends a run and starts the next of a chain, with an empty log.
 
 alter table durable.tasks add column suspend_token bigint;
+alter table durable.tasks add column continued_from bigint;
+alter table durable.tasks add column continued_as bigint;
 
 create index events_signal_idx on durable.events (task_id, branch, name, signal_id)
     where signal_id is not null;
@@ -85,5 +88,50 @@ begin
            claim_token = null, lease_until = null, worker_id = null, suspend_token = token
      where t.id = task;
     return case when ready then 'queued' else 'waiting' end;
+end;
+$$;
+
+-- End a workflow's run and start its next one (ctx.continue_as_new): a new task of the
+-- same name and options with arguments `new_args`/`new_kwargs` and an empty log, which
+-- takes over the idempotency key; the run ends completed, `continued_as` the new one.
+-- Returns the new task's id; null when the claim token no longer matches; 0 when a
+-- cancel was requested while the run went on (it ends cancelled and nothing starts).
+create function durable.continue_as_new(task bigint, token bigint, new_args jsonb,
+                                        new_kwargs jsonb)
+returns bigint
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
+declare
+    cur durable.tasks;
+    next_id bigint;
+begin
+    select * into cur from durable.tasks t
+     where t.id = task and t.claim_token = token and t.status = 'running' for update;
+    if not found then
+        return null;
+    end if;
+    if cur.cancel_requested then
+        update durable.tasks t
+           set status = 'cancelled', finished_at = now(), claim_token = null,
+               lease_until = null, worker_id = null
+         where t.id = task;
+        return 0;
+    end if;
+    -- The key is unique: it leaves this run before the next one takes it.
+    update durable.tasks t set idempotency_key = null where t.id = task;
+    insert into durable.tasks (queue, name, kind, args, kwargs, priority, max_attempts,
+                               timeout, idempotency_key, concurrency_key, key_limit,
+                               key_rate_limit, key_rate_period, trace_context,
+                               notify_finish, continued_from)
+    values (cur.queue, cur.name, cur.kind, new_args, new_kwargs, cur.priority,
+            coalesce(cur.attempt_budget, cur.max_attempts), cur.timeout,
+            cur.idempotency_key, cur.concurrency_key, cur.key_limit, cur.key_rate_limit,
+            cur.key_rate_period, cur.trace_context, cur.notify_finish, task)
+    returning id into next_id;
+    update durable.tasks t
+       set status = 'completed', result = null, finished_at = now(), continued_as = next_id,
+           claim_token = null, lease_until = null, worker_id = null
+     where t.id = task;
+    return next_id;
 end;
 $$;
