@@ -160,7 +160,8 @@ class _Drive:
 
 
 class WorkflowRuns:
-    """Runs workflow attempts; keeps up to ``size`` suspended ones parked (0: none)."""
+    """Runs workflow attempts; keeps up to ``size`` suspended ones parked (0: none, and
+    every wait raises Suspend through the workflow as a plain Context's does)."""
 
     def __init__(
         self,
@@ -189,7 +190,7 @@ class WorkflowRuns:
     async def run(
         self,
         task: Claimed,
-        call: Callable[[ParkingContext], Coroutine[Any, Any, Any]],
+        call: Callable[[Context], Coroutine[Any, Any, Any]],
     ) -> Any:
         """Run (or resume) the workflow of ``task``: its result, or ``Suspend`` raised."""
         entry = self.parked.pop(task.id, None)
@@ -202,9 +203,9 @@ class WorkflowRuns:
             events = await self.store.load_events(task.id, task.branch)
             self.counts.cold += 1
             self.counts.loaded += len(events)
-        ctx = ParkingContext(
-            self.store, task, events, self.checkpoints, self.registry_get, self.tracer
-        )
+        # Without a table, a plain Context: its waits raise Suspend through the workflow.
+        kind = ParkingContext if self.size > 0 else Context
+        ctx = kind(self.store, task, events, self.checkpoints, self.registry_get, self.tracer)
         coro = call(ctx)
         if not asyncio.iscoroutine(coro):
             return await coro  # not an async function: fails as awaiting it does
@@ -228,7 +229,7 @@ class WorkflowRuns:
     async def _step(
         self,
         task: Claimed,
-        ctx: ParkingContext,
+        ctx: Context,
         coro: Coroutine[Any, Any, Any],
         start: int,
         known: int,
@@ -242,10 +243,7 @@ class WorkflowRuns:
         if isinstance(outcome, Finished):
             ctx.check_consumed()
             return outcome.value
-        if self.size <= 0:
-            # Nothing is kept: end the run as a cold suspension does.
-            self._unwind(coro, ctx)
-            raise outcome.suspend
+        assert isinstance(ctx, ParkingContext)  # only a ParkingContext parks
         # Kept before the suspension is written: a claim of the task that comes back
         # first finds it. load_tail decides whether it may continue it.
         ctx._log.events = {}  # what it replayed; a resume reads what it needs again
@@ -257,7 +255,7 @@ class WorkflowRuns:
             self._drop(oldest, "full")
         raise outcome.suspend
 
-    def _count(self, task: Claimed, ctx: ParkingContext, start: int, known: int) -> None:
+    def _count(self, task: Claimed, ctx: Context, start: int, known: int) -> None:
         self.counts.replayed += min(known, max(0, ctx.position - start))
         limit = self.history_warning
         if limit is not None and start + known < limit <= ctx.position:
@@ -284,7 +282,7 @@ class WorkflowRuns:
         log.debug("workflow_evicted", task_id=entry.task_id, reason=reason)
         self._unwind(entry.coro, entry.ctx)
 
-    def _unwind(self, coro: Coroutine[Any, Any, Any], ctx: ParkingContext) -> None:
+    def _unwind(self, coro: Coroutine[Any, Any, Any], ctx: Context) -> None:
         ctx._log.abort = LeaseLost(
             f"task {ctx.task_id}: this daemon no longer keeps its suspended run"
         )

@@ -357,8 +357,9 @@ select durable.suspend($1, $2, $3, $4::bigint[], $5, $6)
 
 -- name: take_signal
 -- The oldest event named $3 sent to task $1 that branch $2 has not consumed yet.
+-- (A subquery: evaluated once, where a bare call may be evaluated for every row scanned.)
 select s.id, s.payload::text from durable.signals s
-where s.id = durable.next_signal($1, $2, $3)
+where s.id = (select durable.next_signal($1, $2, $3))
 
 -- name: send_event
 select durable.send_event($1, $2, $3::jsonb)

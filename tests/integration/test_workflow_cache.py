@@ -17,9 +17,10 @@ import pytest
 
 import durable
 from durable.codec import digest, dumps
+from durable.context import Context
 from durable.models import Checkpoint, Claimed
 from durable.replay import Suspend
-from durable.sticky import ParkingContext, WorkflowRuns
+from durable.sticky import WorkflowRuns
 from durable.store import Store
 from durable.store.schema import named_queries
 
@@ -73,7 +74,7 @@ class Harness:
         task = task or await self.claim()
         n = durable.codec.loads(task.args)[0]
 
-        def call(ctx: ParkingContext) -> Any:
+        def call(ctx: Context) -> Any:
             return wf_entity.fn(ctx, n)
 
         try:
