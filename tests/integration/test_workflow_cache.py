@@ -60,9 +60,11 @@ class Direct:
 class Harness:
     """One daemon's workflow runs, with claims and suspensions made by hand."""
 
-    def __init__(self, store: Store, size: int = 10) -> None:
+    def __init__(self, store: Store, size: int = 10, warn_at: int | None = None) -> None:
         self.store = store
-        self.runs = WorkflowRuns(store, Direct(store), lambda _: None, size=size)
+        self.runs = WorkflowRuns(
+            store, Direct(store), lambda _: None, size=size, history_warning=warn_at
+        )
         self.worker = uuid.uuid4()
 
     async def claim(self) -> Claimed:
@@ -332,3 +334,18 @@ async def test_a_warm_resume_costs_the_same_at_2000_events_as_at_100(
     assert (small[3], large[3]) == (100, 2000)
     # The measure has teeth: the anti-join it replaced grows with the log.
     assert large[4] > 10 * small[4]
+
+
+@pytest.mark.parametrize("size", [10, 0])
+async def test_a_log_passing_the_warning_size_is_reported_once(
+    dsn: str, store: Store, size: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = Harness(store, size=size, warn_at=5)  # positions: wait, step, wait, step, wait...
+    tid = await start(dsn, 5)
+    assert await a.attempt() == ("suspended", "waiting")
+    for v in range(4):
+        await send(dsn, tid, v)
+        assert await a.attempt() == ("suspended", "waiting")
+        # The second resume takes the log to 5 positions (its third wait), and only it.
+        assert a.runs.counts.history_warnings == (1 if v >= 1 else 0)
+    assert capsys.readouterr().out.count("workflow_history_large") == 1
