@@ -541,16 +541,20 @@ $$;
 -- events their ids under the task's row lock, so in the order they commit: the consumed
 -- ones are always the oldest, and the first unconsumed one is the first after the newest
 -- consumed. Two index probes however long the log is (an anti-join against the branch's
--- events cost one probe per event ever sent).
+-- events cost one probe per event ever sent). The newest consumed one is read as the
+-- first row of an ordered scan, not as max(): on stale statistics the planner
+-- aggregated every consumed event instead of reading one.
 create function durable.next_signal(task bigint, br integer, event_name text)
 returns bigint
 language sql stable
 set search_path = pg_catalog, pg_temp as $$
     select s.id from durable.signals s
      where s.task_id = task and s.name = event_name
-       and s.id > coalesce((select max(e.signal_id) from durable.events e
+       and s.id > coalesce((select e.signal_id from durable.events e
                              where e.task_id = task and e.branch = br
-                               and e.name = event_name and e.signal_id is not null), 0)
+                               and e.name = event_name and e.signal_id is not null
+                             order by e.signal_id desc
+                             limit 1), 0)
      order by s.id
      limit 1
 $$;
