@@ -216,7 +216,13 @@ class WorkflowRuns:
         (and the entry dropped) when the claim may not continue it."""
         if (entry.branch, entry.attempt) == (task.branch, task.attempt):
             # Same branch and attempt: no retry, replay or fork since (each changes one).
-            token, tail = await self.store.load_tail(task.id, task.branch, entry.park.reload_from)
+            try:
+                token, tail = await self.store.load_tail(
+                    task.id, task.branch, entry.park.reload_from
+                )
+            except BaseException:
+                self._drop(entry, "unread")  # the attempt fails; the next one replays
+                raise
             if token == entry.token:
                 # The attempt that suspended the task was this one's, and none ran it since.
                 self.counts.warm += 1
