@@ -241,6 +241,11 @@ class Client:
             branch = (await self.get(task_id)).branch
         return await self.store.history(task_id, branch)
 
+    async def chain(self, task_id: int) -> tuple[int | None, int | None]:
+        """The run this workflow run continues and the run that continued it
+        (``ctx.continue_as_new``), each None when there is none."""
+        return await self.store.chain(_task_id(task_id))
+
     async def branches(self, task_id: int) -> list[int]:
         return await self.store.branches(_task_id(task_id))
 
@@ -255,7 +260,11 @@ class Client:
                     state = await self.store.watch_finish(_task_id(task_id))
                     if state is None:
                         raise DurableError(f"no task {task_id}")
-                    status, result, error = state
+                    status, result, error, continued_as = state
+                    if continued_as is not None:
+                        # The run continued as a new one (ctx.continue_as_new): the chain's
+                        # outcome is its last run's.
+                        return await self.result(continued_as, timeout=timeout)
                     if status in TERMINAL:
                         return _outcome(task_id, status, result, error)
                     with anyio.move_on_after(5.0):  # a fallback in case a notification is lost

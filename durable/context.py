@@ -9,12 +9,13 @@ import uuid as _uuid
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from durable.codec import digest, dumps, dumps_spaced, error_text, loads, loads_as_stored
 from durable.errors import (
     EventTimeout,
     LeaseLost,
+    NonRetryable,
     TaskCancelled,
     TaskFailed,
 )
@@ -25,6 +26,7 @@ from durable.replay import (
     NO_TRACING,
     PATCH,
     CheckpointWriter,
+    ContinueAsNew,
     Journal,
     PatchCall,
     StepTracer,
@@ -511,3 +513,25 @@ class Context:
     async def random(self) -> float:
         """A random float in [0, 1), recorded."""
         return float(await self._memo("random", _random.random))
+
+    # -- chains ----------------------------------------------------------------------------
+
+    def continue_as_new(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """End this run and start the workflow afresh with these arguments and an empty
+        event log: the answer to a loop that would otherwise grow its log without end.
+
+        ``raise``-like: nothing after it runs. The new run is a new task that takes over
+        the idempotency key; ``client.result`` of any run of the chain returns the last
+        run's outcome, and ``durable show`` names the previous and next runs. Not for a
+        child workflow (its parent waits on this run): that fails it.
+        """
+        if self._task.parent_id is not None:
+            raise NonRetryable(
+                f"ctx.continue_as_new is for workflows started by a client: task "
+                f"{self._task.id} is a child of {self._task.parent_id}"
+            )
+        self._log.check_consumed()
+        raise ContinueAsNew(
+            dumps(list(args), what="the arguments of continue_as_new"),
+            dumps(kwargs, what="the keyword arguments of continue_as_new"),
+        )

@@ -184,6 +184,7 @@ class Daemon:
             runner = Runner(
                 store, self.registry, acks.completions, acks.checkpoints,
                 housekeeping.wake_timers, metrics=self.metrics, tracer=tracing, hooks=self.hooks,
+                cache=self.settings.workflow_cache, warn_at=self.settings.history_warning,
             )
             self._attempts = attempts = Attempts(
                 store, runner.run, self.shutdown, self.metrics, worker_id=self.id,
@@ -231,6 +232,7 @@ class Daemon:
                     sdnotify.notify(f"STATUS=draining {len(attempts.held)} running task(s)")
                 await attempts.drain()
                 await acks.drain(self.shutdown)
+                await runner.workflows.close()
                 root.cancel_scope.cancel()
         finally:
             await self._close(store, acks)

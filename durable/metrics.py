@@ -12,6 +12,7 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -86,6 +87,26 @@ class TaskSeries:
         self.seconds += seconds
 
 
+@dataclass
+class WorkflowCounts:
+    """What the workflow runs did (durable.sticky): warm and cold resumes, events read and
+    replayed; the tests that hold a resume to a constant cost read them too."""
+
+    warm: int = 0
+    """Resumes that continued a parked coroutine."""
+    cold: int = 0
+    """Attempts of a workflow that had run before, replayed from its log."""
+    loaded: int = 0
+    """Events read from the database to resume (every event of the log, on a cold resume)."""
+    replayed: int = 0
+    """Durable calls answered from the log rather than run."""
+    evicted: int = 0
+    """Parked workflows dropped: the table was full, or the parked state went stale."""
+    history_warnings: int = 0
+    """Workflows whose log passed the warning size (DURABLE_HISTORY_WARNING)."""
+
+
+
 class Metrics:
     """What one daemon counts; ``render()`` gives the Prometheus text."""
 
@@ -94,6 +115,8 @@ class Metrics:
         self.leases_reclaimed = 0
         self.checkpoints_written = 0
         self.tasks_pruned = 0
+        self.workflows = WorkflowCounts()
+        self.workflows_parked: Callable[[], int] = lambda: 0
         self.workers: Mapping[str, QueueLoad] = {}
         self.listener: Callable[[], ListenerState | None] = lambda: None
         self.depth: list[tuple[str, int, int, int, float | None]] | None = None
@@ -226,6 +249,44 @@ class _Collector(Collector):
             "durable_tasks_pruned",
             "Finished tasks this daemon deleted under DURABLE_RETENTION.",
             value=m.tasks_pruned,
+        )
+        yield from self._workflows()
+
+    def _workflows(self) -> Iterator[Metric]:
+        w = self.m.workflows
+        resumes = CounterMetricFamily(
+            "durable_workflow_resumes",
+            "Workflow attempts that resumed a suspended run: warm (its coroutine kept in "
+            "memory) or cold (its log replayed).",
+            labels=["path"],
+        )
+        resumes.add_metric(["warm"], w.warm)
+        resumes.add_metric(["cold"], w.cold)
+        yield resumes
+        yield CounterMetricFamily(
+            "durable_workflow_events_loaded",
+            "Events read from the database to resume workflows.",
+            value=w.loaded,
+        )
+        yield CounterMetricFamily(
+            "durable_workflow_events_replayed",
+            "Durable calls answered from the event log instead of run.",
+            value=w.replayed,
+        )
+        yield CounterMetricFamily(
+            "durable_workflow_evictions",
+            "Suspended workflows this daemon stopped keeping in memory.",
+            value=w.evicted,
+        )
+        yield GaugeMetricFamily(
+            "durable_workflows_parked",
+            "Suspended workflows this daemon keeps in memory (DURABLE_WORKFLOW_CACHE).",
+            value=self.m.workflows_parked(),
+        )
+        yield CounterMetricFamily(
+            "durable_workflow_history_warnings",
+            "Workflows whose event log passed DURABLE_HISTORY_WARNING events.",
+            value=w.history_warnings,
         )
 
     def _depth(self) -> Iterator[Metric]:

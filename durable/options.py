@@ -205,6 +205,35 @@ def claim_ahead(name: str, raw: object) -> int | None:
     return int(text)
 
 
+MAX_WORKFLOW_CACHE: Final = 1_000_000
+MAX_HISTORY_WARNING: Final = 1_000_000_000
+
+
+def _count(name: str, raw: object, low: int, high: int, expected: str) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        text = str(raw)
+    elif isinstance(raw, str):
+        text = raw.strip()
+    else:
+        _fail(name, expected, _shown(raw))
+    if not _WHOLE_RE.fullmatch(text) or not low <= int(text) <= high:
+        _fail(name, expected, _shown(raw))
+    return int(text)
+
+
+def workflow_cache(name: str, raw: object) -> int:
+    return _count(
+        name, raw, 0, MAX_WORKFLOW_CACHE, f"a whole number from 0 to {MAX_WORKFLOW_CACHE}"
+    )
+
+
+def history_warning(name: str, raw: object) -> int | None:
+    expected = f"off or a whole number from 1 to {MAX_HISTORY_WARNING}"
+    if isinstance(raw, str) and raw.strip().lower() == "off":
+        return None
+    return _count(name, raw, 1, MAX_HISTORY_WARNING, expected)
+
+
 def shutdown_grace(name: str, raw: object) -> float:
     return _duration(name, raw, 0.0, True, "a duration such as 30, 30s or 1m (0 to cancel at once)")
 
@@ -446,6 +475,19 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "after each prune pass under DURABLE_RETENTION, VACUUM the task, event and signal "
         "tables: auto (only when the server's autovacuum is off), on, or off; the daemon's "
         "role must own them (PostgreSQL 17: or hold MAINTAIN on them)", metavar="MODE",
+    ),
+    Option(
+        "workflow_cache", "DURABLE_WORKFLOW_CACHE", "--workflow-cache", workflow_cache, 1000,
+        "1000",
+        "suspended workflows a daemon keeps in memory, so that resuming one on the same "
+        "daemon continues it instead of replaying its event log (least recently suspended "
+        "dropped first; 0: keep none, every resume replays)", metavar="N",
+    ),
+    Option(
+        "history_warning", "DURABLE_HISTORY_WARNING", "--history-warning", history_warning,
+        10_000, "10000",
+        "log workflow_history_large (and count it in durable_workflow_history_warnings) "
+        "when a workflow's event log passes this many events, or off", metavar="N",
     ),
     Option(
         "home", "DURABLE_HOME", "--home", home, None,

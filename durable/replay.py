@@ -112,6 +112,16 @@ class PatchCall:
         raise TypeError("ctx.patched(...) must be awaited: `if await ctx.patched(...):`")
 
 
+class ContinueAsNew(BaseException):
+    """Ends a workflow's run and starts the next run of its chain with these arguments
+    (JSON texts): ``ctx.continue_as_new``. A BaseException, as Suspend is."""
+
+    def __init__(self, args: str, kwargs: str) -> None:
+        super().__init__("workflow continued as new")
+        self.args_json = args
+        self.kwargs_json = kwargs
+
+
 def describe(kind: str, name: str, dig: str) -> str:
     return f"{kind} {name!r} (arguments digest {dig[:12]})"
 

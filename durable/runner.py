@@ -18,7 +18,6 @@ from durable.acks import Completion
 from durable.attempts import Attempt
 from durable.batch import Batcher
 from durable.codec import describe_error, dumps_spaced, error_text, loads
-from durable.context import Context
 from durable.errors import (
     LeaseLost,
     NonDeterminismError,
@@ -32,8 +31,9 @@ from durable.logs import get_logger
 from durable.metrics import Metrics
 from durable.models import Claimed
 from durable.registry import Definition, Registry
-from durable.replay import CheckpointWriter, StepTracer, Suspend
+from durable.replay import CheckpointWriter, ContinueAsNew, StepTracer, Suspend
 from durable.retry import after_failure
+from durable.sticky import WorkflowRuns
 from durable.store import Store, is_fatal
 
 log = get_logger("durable.runner")
@@ -58,6 +58,8 @@ class Runner:
         metrics: Metrics | None = None,
         tracer: StepTracer = tracing,
         hooks: Hooks | None = None,
+        cache: int = 0,
+        warn_at: int | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -68,6 +70,11 @@ class Runner:
         self.tracer = tracer
         self.hooks = hooks
         """The test kit's seams (durable.hooks); None in every other daemon."""
+        self.workflows = WorkflowRuns(
+            store, checkpoints, registry.get, size=cache, history_warning=warn_at,
+            tracer=tracer, metrics=self.metrics, hooks=hooks,
+        )  # fmt: skip
+        self.metrics.workflows_parked = self.workflows.__len__
 
     async def run(self, attempt: Attempt) -> None:
         """Run the attempt; every outcome but 'shutdown' is written before returning."""
@@ -98,6 +105,7 @@ class Runner:
         if attempt.reason == "shutdown":
             return  # the daemon releases every unfinished task in one statement
         if attempt.reason == "lease_lost":
+            self.workflows.discard(task.id, task.token)
             log.warning("task_abandoned", task_id=task.id, name=task.name, reason="lease_lost")
             return
         try:
@@ -105,6 +113,7 @@ class Runner:
         except Exception as exc:
             # A database that kept refusing the outcome is the environment's, not a bug
             # (those are runner_error): the lease expires and the task runs again.
+            self.workflows.discard(task.id, task.token)
             if is_fatal(exc):
                 raise
             log.warning(
@@ -125,21 +134,18 @@ class Runner:
                 if self.hooks is not None:
                     await self.hooks.before_call(task, definition.kind, task.name)
                 if definition.kind == "workflow":
-                    events = (
-                        [] if task.fresh else await self.store.load_events(task.id, task.branch)
+                    d = definition
+                    result = await self.workflows.run(
+                        task, lambda ctx: _call(d, task, ctx, *args, **kwargs)
                     )
-                    ctx = Context(
-                        self.store, task, events, self.checkpoints, self.registry.get,
-                        self.tracer, self.hooks,
-                    )
-                    result = await _call(definition, task, ctx, *args, **kwargs)
-                    ctx.check_consumed()
                 else:
                     result = await _call(definition, task, *args, **kwargs)
             text = await dumps_spaced(result, what=f"the result of {task.name!r}")
             return ("completed", text)
         except Suspend as s:
             return ("suspended", s)
+        except ContinueAsNew as c:
+            return ("continued", c)
         except TimeoutError as exc:
             if not str(exc):
                 exc = TimeoutError(f"the attempt took longer than its timeout of {task.timeout}s")
@@ -192,6 +198,9 @@ class Runner:
                 ),
                 **fields,
             )
+            if status not in ("waiting", "queued"):
+                # Not suspended by this attempt: what this daemon kept of it is stale.
+                self.workflows.discard(task.id, task.token)
             if status is None:
                 log.warning("task_write_rejected", **fields, write="suspend")
                 return
@@ -209,6 +218,20 @@ class Runner:
                 wake_at=s.wake_at.isoformat() if s.wake_at else None,
                 waiting_event=s.event,
             )
+        elif kind == "continued":
+            c: ContinueAsNew = value
+            next_id = await written(
+                lambda: self.store.continue_as_new(task.id, task.token, c.args_json, c.kwargs_json),
+                **fields,
+            )
+            if next_id is None:
+                log.warning("task_write_rejected", **fields, write="continue_as_new")
+            elif next_id == 0:
+                series.cancelled += 1
+                log.info("task_cancelled", **fields)
+            else:
+                series.completed += 1
+                log.info("workflow_continued", **fields, next_id=next_id)
         elif kind == "cancelled":
             if await written(lambda: self.store.mark_cancelled(task.id, task.token), **fields):
                 series.cancelled += 1

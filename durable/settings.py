@@ -80,6 +80,8 @@ class Settings:
     ui_password_file: Path | None = None
     retention: float | None = None
     retention_vacuum: str = "auto"
+    workflow_cache: int = 1000
+    history_warning: int | None = 10_000
     home: Path | None = None
     database_url_source: str | None = field(default=None, compare=False)
 

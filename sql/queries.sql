@@ -155,7 +155,8 @@ returning id
 update durable.tasks t
    set status = case when t.cancel_requested then 'cancelled' else 'queued' end,
        finished_at = case when t.cancel_requested then now() end,
-       run_at = now(), claim_token = null, lease_until = null, worker_id = null
+       run_at = now(), claim_token = null, lease_until = null, worker_id = null,
+       suspend_token = null
   from unnest($1::bigint[], $2::bigint[]) as v(id, token)
  where t.id = any($1::bigint[]) and t.id = v.id and t.claim_token = v.token
 returning t.id
@@ -223,7 +224,7 @@ limit $5
 -- name: watch_finish
 -- Ask for a `durable_done` notification when the task finishes; returns its status.
 update durable.tasks set notify_finish = true where id = $1
-returning status, result::text, error::text
+returning status, result::text, error::text, continued_as
 
 -- name: cancel
 -- Cancel tasks and every unfinished descendant (see durable.cancel in schema.sql).
@@ -361,12 +362,9 @@ select durable.suspend($1, $2, $3, $4::bigint[], $5, $6)
 
 -- name: take_signal
 -- The oldest event named $3 sent to task $1 that branch $2 has not consumed yet.
+-- (A subquery: evaluated once, where a bare call may be evaluated for every row scanned.)
 select s.id, s.payload::text from durable.signals s
-where s.task_id = $1 and s.name = $3
-  and not exists (select 1 from durable.events e
-                  where e.task_id = s.task_id and e.branch = $2 and e.signal_id = s.id)
-order by s.id
-limit 1
+where s.id = (select durable.next_signal($1, $2, $3))
 
 -- name: send_event
 select durable.send_event($1, $2, $3::jsonb)
@@ -848,6 +846,7 @@ select count(*) filter (where status = 'running')::int as running,
 update durable.tasks set lease_until = now() - interval '1 millisecond'
  where status = 'running' and worker_id = $1
 returning id
+
 -- name: insert_task_labelled
 -- insert_task_keyed with tags ($16, a text[]) and attributes ($17, a JSON object): the
 -- statement of a start that gives either; $15, the idempotency key, may be null; $18 the
@@ -862,3 +861,24 @@ values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now
 on conflict (idempotency_key) where idempotency_key is not null
     do update set idempotency_key = excluded.idempotency_key
 returning t.id, (t.xmax = 0) as inserted
+
+-- name: load_tail
+-- A warm resume: the events of branch $2 from position $3 on, each with the claim token
+-- of the attempt that last suspended the task, which tells whether anyone ran the task
+-- since this daemon suspended it (one row with a null seq when there are no such events).
+select t.suspend_token, e.seq, e.kind, e.name, e.digest, e.status, e.result::text,
+       e.error::text, e.child_id, e.wake_at, c.status as child_status,
+       c.result::text as child_result, c.error::text as child_error
+from durable.tasks t
+left join durable.events e on e.task_id = t.id and e.branch = $2 and e.seq >= $3
+left join durable.tasks c on c.id = e.child_id
+where t.id = $1
+order by e.seq
+
+-- name: continue_as_new
+-- ctx.continue_as_new: end run $1 (claim token $2), start the next with args $3, kwargs $4.
+select durable.continue_as_new($1, $2, $3::jsonb, $4::jsonb)
+
+-- name: chain
+-- The run a task continues and the run that continued it (ctx.continue_as_new).
+select continued_from, continued_as from durable.tasks where id = $1

@@ -260,13 +260,15 @@ def cmd_show(args: argparse.Namespace) -> int:
         branch = args.branch if args.branch is not None else info.branch
         history = await s.client.history(args.id, branch)
         recorded = await s.admin.recorded(args.id, branch) if args.json else []
-        return info, history, await s.client.branches(args.id), branch, recorded
+        chain = await s.client.chain(args.id)
+        return info, history, await s.client.branches(args.id), branch, recorded, chain
 
-    info, history, branches, branch, recorded = with_session(args, go)
+    info, history, branches, branch, recorded, (previous, following) = with_session(args, go)
     if args.json:
         from durable.verify import export
 
         out = {k: getattr(info, k) for k in info.__dataclass_fields__}
+        out["continued_from"], out["continued_as"] = previous, following
         out["branch_shown"] = branch
         out["branches"] = branches
         out["events"] = [vars(e) for e in history]
@@ -285,6 +287,9 @@ def cmd_show(args: argparse.Namespace) -> int:
           f"finished {cell(info.finished_at)}")  # fmt: skip
     if info.parent_id:
         print(f"parent     {info.parent_id}")
+    if previous is not None or following is not None:
+        # A chain of runs (ctx.continue_as_new).
+        print(f"chain      previous {previous or '-'}   next {following or '-'}")
     if info.status == "waiting":
         what = []
         if info.waiting_on:

@@ -28,7 +28,9 @@ SOAK_DESCRIPTION = (
     "violation."
 )
 
-BENCH_WORKLOADS = ["throughput", "latency", "floor", "workflows", "backlog", "scale", "retention"]
+BENCH_WORKLOADS = [
+    "throughput", "latency", "floor", "workflows", "backlog", "scale", "retention", "entity",
+]
 
 
 def add_commands(sub: Any) -> None:
@@ -64,6 +66,9 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--retention-vacuum", choices=["auto", "on", "off"], default="auto",
                    help="retention: the daemon's DURABLE_RETENTION_VACUUM (off: pruning alone)")  # fmt: skip
     b.add_argument("--every", type=positive_duration, default="15s", help="retention: sample interval")
+    b.add_argument("--entity-events", type=whole(2), default=2000,
+                   help="entity: events in the long-lived workflow's log at the end (one "
+                   "wait and one step per event sent), run warm then cold")  # fmt: skip
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 
@@ -136,6 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             scheduled=args.scheduled, queue_limit=args.queue_limit,
             ingest_rate=args.ingest_rate, duration=args.duration, keep=args.keep,
             every=args.every, retention_vacuum=args.retention_vacuum,
+            entity_events=args.entity_events,
         )  # fmt: skip
 
     return run(main)

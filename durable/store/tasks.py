@@ -236,11 +236,23 @@ class Tasks(Part):
         rows = await self.pool.fetch(self.q["list_tasks"], status, queue, name, since, limit)
         return [TaskSummary(**dict(r)) for r in rows]
 
-    async def watch_finish(self, task_id: int) -> tuple[str, Any, Any] | None:
+    async def watch_finish(self, task_id: int) -> tuple[str, Any, Any, int | None] | None:
+        """(status, result, error, the run that continued it) of the task, which will
+        notify `durable_done` when it finishes."""
         row = await self.pool.fetchrow(self.q["watch_finish"], task_id)
         if row is None:
             return None
-        return row["status"], loads(row["result"]), loads(row["error"])
+        return row["status"], loads(row["result"]), loads(row["error"]), row["continued_as"]
+
+    async def continue_as_new(self, task_id: int, token: int, args: str, kwargs: str) -> int | None:
+        """End the run and start the next of its chain: the new id; None when the claim
+        was lost; 0 when a cancel came first (the run ended cancelled)."""
+        return await self.pool.fetchval(self.q["continue_as_new"], task_id, token, args, kwargs)  # type: ignore[no-any-return]
+
+    async def chain(self, task_id: int) -> tuple[int | None, int | None]:
+        """(the run it continues, the run that continued it)."""
+        row = await self.pool.fetchrow(self.q["chain"], task_id)
+        return (row["continued_from"], row["continued_as"]) if row is not None else (None, None)
 
     async def cancel(self, ids: Sequence[int]) -> list[tuple[int, str, bool]]:
         """Cancel ``ids`` and their unfinished descendants: (id, status, already_finished)

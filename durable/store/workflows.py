@@ -51,6 +51,32 @@ class Workflows(Part):
             for r in rows
         ]
 
+    async def load_tail(
+        self, task_id: int, branch: int, start: int
+    ) -> tuple[int | None, list[Event]]:
+        """The events of the branch from position ``start`` on, and the claim token of the
+        attempt that last suspended the task (None: none did, or another ran it since)."""
+        rows = await self.pool.fetch(self.q["load_tail"], task_id, branch, start)
+        token = rows[0]["suspend_token"] if rows else None
+        return token, [
+            Event(
+                seq=r["seq"],
+                kind=r["kind"],
+                name=r["name"],
+                digest=r["digest"],
+                status=r["status"],
+                result=r["result"],
+                error=r["error"],
+                child_id=r["child_id"],
+                wake_at=r["wake_at"],
+                child_status=r["child_status"],
+                child_result=r["child_result"],
+                child_error=r["child_error"],
+            )
+            for r in rows
+            if r["seq"] is not None
+        ]
+
     async def checkpoint_many(
         self, items: Sequence[Checkpoint], via: KeptConnection | None = None
     ) -> set[tuple[int, int]]:

@@ -438,7 +438,9 @@ async def retention(
     )
 
 
-WORKLOADS = ("throughput", "latency", "floor", "workflows", "backlog", "scale", "retention")
+WORKLOADS = (
+    "throughput", "latency", "floor", "workflows", "backlog", "scale", "retention", "entity",
+)
 
 
 def render(results: list[Result], server_version: str) -> str:
@@ -497,6 +499,12 @@ async def run(
                 await retention(server, opts["ingest_rate"], opts["duration"], opts["keep"],
                                 opts["every"], concurrency, opts.get("retention_vacuum", "auto"))
             )
+        elif w == "entity":
+            from durable.tools.bench_entity import entity_run
+
+            for warm in (True, False):
+                args = (server, opts["entity_events"], warm, scratch_database, Progress, progress)
+                results.append(Result(*await entity_run(*args)))
     if as_json:
         emit(json.dumps({"server_version": version,
                          "results": [r.__dict__ for r in results]}, indent=2))

@@ -45,3 +45,22 @@ async def steps(ctx: durable.Context, i: int, n: int) -> int:
         total += await ctx.step(f"s{s}", _work, i, s)
     ran.add(i)
     return total
+
+
+entity_steps: list[float] = []
+"""When each step of the entity workflow started (time.perf_counter())."""
+
+
+def _add1(v: int) -> int:
+    entity_steps.append(time.perf_counter())
+    return v + 1
+
+
+@durable.workflow(name="bench.entity", queue=QUEUE)
+async def entity(ctx: durable.Context, n: int) -> int:
+    """A long-lived entity: waits for an event, runs a step with it, n times."""
+    total = 0
+    for i in range(n):
+        v = await ctx.wait_for_event("e")
+        total += await ctx.step(f"s{i}", _add1, v)
+    return total

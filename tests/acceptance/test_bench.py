@@ -111,3 +111,21 @@ async def test_retention_samples_sizes_and_claims_while_pruning_and_cleans_up(
     assert len(rows) == f["samples"]
     # The daemon pruned during the run: the column of tasks pruned so far grows.
     assert int(rows[-1].split()[6]) > 0, rows
+
+
+@pytest.mark.timeout(300)
+async def test_the_entity_workload_reports_warm_and_cold_resumes_by_log_length(
+    server_dsn: str,
+) -> None:
+    proc = await bench(server_dsn, "entity", "--json", "--entity-events", "60")
+    assert proc.returncode == 0, proc.stderr
+    results = {r["workload"]: r for r in json.loads(proc.stdout)["results"]}
+    assert list(results) == ["entity-warm", "entity-cold"]
+    assert all(r["verified"] for r in results.values())
+    warm, cold = results["entity-warm"]["figures"], results["entity-cold"]["figures"]
+    assert warm["events"] == cold["events"] == 60
+    assert warm["delivery_ms_0_60"] > 0 and cold["settle_ms_0_60"] > 0
+    # 30 resumes: warm ones read their own pending wait, cold ones the whole log.
+    assert (warm["warm"], warm["cold"], warm["events_loaded"]) == (30, 0, 30)
+    assert (cold["warm"], cold["cold"]) == (0, 30)
+    assert cold["events_loaded"] == sum(2 * k - 1 for k in range(1, 31))  # the log so far

@@ -21,6 +21,10 @@ from durable.models import Checkpoint
 from durable.store import Store
 from tests.support.helpers import fetchval, running_daemon, wait_status
 
+# workflow_cache=0 below: every resume replays the log (no suspended workflow kept in
+# memory), for these tests change the code between attempts in one process and hold the
+# replay to the log.
+
 RUNS: Counter[str] = Counter()
 SEEN: dict[str, list[Any]] = {}
 """What each workflow saw, by key, on every run (first run and replays)."""
@@ -66,7 +70,7 @@ async def wf_prices(ctx: Context, k: str) -> list[str]:
 
 async def test_a_dict_and_its_floats_replay_as_the_first_run_saw_them(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_prices, k)
         await wait_status(dsn, handle.id, "waiting")
         assert await client.send_event(handle.id, "go")
@@ -82,9 +86,12 @@ async def echo(value: Any) -> Any:
 
 
 async def test_a_float_argument_and_result_stay_floats(dsn: str) -> None:
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(echo, 1e16)
-        assert await handle.result(timeout=20) == [1e16, "float"]  # [10000000000000000, "int"] before
+        assert await handle.result(timeout=20) == [
+            1e16,
+            "float",
+        ]  # [10000000000000000, "int"] before
 
 
 # -- retry keeps the failures the workflow handled ------------------------------------------
@@ -103,13 +110,15 @@ async def wf_handles_a_step(ctx: Context, k: str) -> str:
 
 async def test_an_automatic_retry_keeps_a_step_failure_the_workflow_handled(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_handles_a_step, k)
         assert await handle.result(timeout=20) == "fallback"  # NonDeterminismError before
         history = await client.history(handle.id)
     assert RUNS[f"{k}-charge"] == 1 and RUNS[f"{k}-late"] == 2
     assert [(e.name, e.status) for e in history] == [
-        ("charge", "failed"), ("fallback", "completed"), ("late", "completed"),
+        ("charge", "failed"),
+        ("fallback", "completed"),
+        ("late", "completed"),
     ]
 
 
@@ -131,7 +140,7 @@ async def wf_handles_a_child(ctx: Context, k: str) -> str:
 
 async def test_durable_retry_keeps_a_child_failure_the_workflow_handled(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_handles_a_child, k)
         with pytest.raises(durable.TaskFailed, match="late: attempt 1 refused"):
             await handle.result(timeout=20)
@@ -187,7 +196,7 @@ async def wf_errors(ctx: Context, k: str) -> list[Any]:
 
 async def test_a_step_error_replays_as_the_first_run_saw_it(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_errors, k)
         await wait_status(dsn, handle.id, "waiting")
         assert await client.send_event(handle.id, "go")
@@ -213,7 +222,7 @@ async def wf_uses_a_child(ctx: Context, k: str) -> int:
 
 async def test_replaying_a_child_leaves_what_its_parent_saw(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_uses_a_child, k)
         await wait_status(dsn, handle.id, "waiting")
         child = await fetchval(dsn, "select id from durable.tasks where parent_id = $1", handle.id)
@@ -241,7 +250,7 @@ async def wf_swallows(ctx: Context, k: str) -> str:
 
 async def test_a_workflow_cannot_swallow_a_non_determinism_error(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_swallows, k)
         await wait_status(dsn, handle.id, "waiting")
         CODE[k] = 2  # a deploy renames the step
@@ -254,9 +263,11 @@ async def test_a_workflow_cannot_swallow_a_non_determinism_error(dsn: str) -> No
 def steal_claim(dsn: str, task_id: int) -> Any:
     async def steal() -> None:
         await fetchval(
-            dsn, "update durable.tasks set claim_token = claim_token + 1 where id = $1"
-            " returning id", task_id,
+            dsn,
+            "update durable.tasks set claim_token = claim_token + 1 where id = $1 returning id",
+            task_id,
         )
+
     return steal
 
 
@@ -273,7 +284,7 @@ async def wf_swallows_lease_lost(ctx: Context, k: str, dsn: str) -> str:
 
 async def test_a_workflow_cannot_swallow_a_lost_lease(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         ENDED[k] = asyncio.Event()
         await client.start(wf_swallows_lease_lost, k, dsn)
         await asyncio.wait_for(ENDED[k].wait(), 20)  # the attempt ends in this process
@@ -292,7 +303,7 @@ async def wf_concurrent(ctx: Context) -> str:
 
 
 async def test_durable_calls_run_at_once_fail_the_first_run(dsn: str) -> None:
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_concurrent)
         with pytest.raises(durable.TaskFailed) as caught:
             await handle.result(timeout=20)  # completed before (and failed at its first replay)
@@ -315,7 +326,7 @@ async def wf_bad_name(ctx: Context, which: str) -> str:
 
 @pytest.mark.parametrize("which", sorted(BAD_NAMES))
 async def test_a_step_name_postgres_refuses_fails_at_the_call(dsn: str, which: str) -> None:
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_bad_name, which)
         with pytest.raises(durable.TaskFailed) as caught:
             await handle.result(timeout=20)
@@ -331,16 +342,18 @@ async def test_one_refused_checkpoint_fails_only_its_own_row(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         for _ in range(3):
-            ids.append(await conn.fetchval(
-                "insert into durable.tasks (queue, name, kind, status, claim_token, lease_until)"
-                " values ('default', 'wf', 'workflow', 'running', 7, now() + interval '1 hour')"
-                " returning id"
-            ))
+            ids.append(
+                await conn.fetchval(
+                    "insert into durable.tasks (queue, name, kind, status, claim_token, lease_until)"
+                    " values ('default', 'wf', 'workflow', 'running', 7, now() + interval '1 hour')"
+                    " returning id"
+                )
+            )
     finally:
         await conn.close()
     store = await Store.open(dsn, min_size=1, max_size=2)
     try:
-        now = (await fetchval(dsn, "select now()"))
+        now = await fetchval(dsn, "select now()")
         rows = [
             Checkpoint(t, 7, 0, 0, "step", name, "d", "completed", "1", None, 1, now)
             for t, name in zip(ids, ["good", "bad\x00", "good too"], strict=True)
@@ -355,7 +368,7 @@ async def test_one_refused_checkpoint_fails_only_its_own_row(dsn: str) -> None:
 
 async def test_bulk_retry_leaves_a_child_whose_parent_recorded_its_failure(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_handles_a_child, k)
         with pytest.raises(durable.TaskFailed):
             await handle.result(timeout=20)  # the child failed, was handled; then "late" failed
@@ -370,13 +383,14 @@ async def test_durable_retry_reruns_the_last_failed_step_of_an_error_stored_with
     dsn: str,
 ) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_handles_a_child, k)
         with pytest.raises(durable.TaskFailed):
             await handle.result(timeout=20)
         # As an earlier version stored it: no `replay` positions.
         await fetchval(
-            dsn, "update durable.tasks set error = error - 'replay' where id = $1 returning id",
+            dsn,
+            "update durable.tasks set error = error - 'replay' where id = $1 returning id",
             handle.id,
         )
         await client.retry(handle.id)

@@ -17,6 +17,10 @@ from durable.models import Checkpoint
 from durable.store import Store
 from tests.support.helpers import execute, fetchval, running_daemon, wait_status
 
+# workflow_cache=0 below: every resume replays the log (no suspended workflow kept in
+# memory), for these tests change the code between attempts in one process and hold the
+# replay to the log.
+
 RUNS: Counter[str] = Counter()
 """How many times each step or child body ran, by a key unique to the test."""
 FAIL: set[str] = set()
@@ -68,7 +72,7 @@ async def test_code_changed_while_suspended_fails_naming_the_position(
     dsn: str, variant: str, position: int, held: str, asked: str
 ) -> None:
     CODE[variant] = 1
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_nd_changes, variant)
         await wait_status(dsn, handle.id, "waiting")
         CODE[variant] = 2  # a deploy while the workflow waits
@@ -86,7 +90,7 @@ async def test_code_changed_while_suspended_fails_naming_the_position(
 
 async def test_unchanged_code_resumes_after_the_same_suspension(dsn: str) -> None:
     CODE["same"] = 1
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_nd_changes, "same")
         await wait_status(dsn, handle.id, "waiting")
         assert await client.send_event(handle.id, "go")
@@ -106,7 +110,7 @@ async def wf_nd_deploy_between_attempts(ctx: durable.Context, k: str) -> str:
 
 async def test_code_changed_between_attempts_fails_at_the_changed_position(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_nd_deploy_between_attempts, k)
         with pytest.raises(durable.TaskFailed) as caught:
             await handle.result(timeout=20)
@@ -141,7 +145,7 @@ def step_runs(k: str) -> list[int]:
 async def test_retry_keeps_history_and_reruns_only_the_failed_step(dsn: str) -> None:
     k = key()
     FAIL.add(f"{k}:s3")
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_rrf_four_steps, k)
         with pytest.raises(durable.TaskFailed) as caught:
             await handle.result(timeout=20)
@@ -162,7 +166,7 @@ async def test_retry_keeps_history_and_reruns_only_the_failed_step(dsn: str) -> 
 
 async def test_replay_reruns_every_step_on_a_new_branch(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_rrf_four_steps, k)
         assert await handle.result(timeout=20) == [1, 1, 1, 1]
         old = await client.history(handle.id)
@@ -179,7 +183,7 @@ async def test_replay_reruns_every_step_on_a_new_branch(dsn: str) -> None:
 
 async def test_fork_at_n_keeps_the_first_n_events_and_reruns_the_rest(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_rrf_four_steps, k)
         assert await handle.result(timeout=20) == [1, 1, 1, 1]
         old = await client.history(handle.id)
@@ -220,7 +224,7 @@ async def wf_rrf_parent(ctx: durable.Context, k: str) -> list[str]:
 async def test_retry_reruns_a_failed_child_as_a_new_child_keeping_the_others(dsn: str) -> None:
     k = key()
     FAIL.add(f"{k}:b")
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_rrf_parent, k)
         with pytest.raises(durable.TaskFailed) as caught:
             await handle.result(timeout=20)
@@ -276,7 +280,7 @@ async def orders(dsn: str, k: str) -> Counter[str]:
 async def test_transaction_commits_with_its_checkpoint_or_not_at_all(dsn: str) -> None:
     await execute(dsn, BUSINESS)
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_tx_commit, k)
         assert await handle.result(timeout=20) == "good"
         assert await orders(dsn, k) == Counter({"good": 1})
@@ -335,7 +339,7 @@ async def test_a_zombie_transaction_is_rolled_back(dsn: str) -> None:
     await execute(dsn, BUSINESS)
     k = key()
     ENTERED[k], GATE[k] = asyncio.Event(), asyncio.Event()
-    async with durable.connect(dsn) as client, running_daemon(dsn, lease="3"):
+    async with durable.connect(dsn) as client, running_daemon(dsn, lease="3", workflow_cache=0):
         handle = await client.start(wf_tx_zombie, k)
         await asyncio.wait_for(ENTERED[k].wait(), 20)
         await steal_claim(dsn, handle.id)
@@ -365,8 +369,17 @@ async def wf_zombie_step(ctx: durable.Context, k: str) -> int:
 
 def checkpoint(task_id: int, token: int, branch: int, seq: int) -> Checkpoint:
     return Checkpoint(
-        task_id=task_id, token=token, branch=branch, seq=seq, kind="step", name="zombie",
-        digest="0" * 32, status="completed", result="1", error=None, attempt=1,
+        task_id=task_id,
+        token=token,
+        branch=branch,
+        seq=seq,
+        kind="step",
+        name="zombie",
+        digest="0" * 32,
+        status="completed",
+        result="1",
+        error=None,
+        attempt=1,
         started_at=datetime.now(UTC),
     )
 
@@ -376,7 +389,7 @@ async def test_a_zombie_checkpoint_is_rejected(dsn: str) -> None:
     ENTERED[k], GATE[k] = asyncio.Event(), asyncio.Event()
     store = await Store.open(dsn, max_size=2)
     try:
-        async with durable.connect(dsn) as client, running_daemon(dsn, lease="3"):
+        async with durable.connect(dsn) as client, running_daemon(dsn, lease="3", workflow_cache=0):
             handle = await client.start(wf_zombie_step, k)
             await asyncio.wait_for(ENTERED[k].wait(), 20)
             token = int(
@@ -395,8 +408,10 @@ async def test_a_zombie_checkpoint_is_rejected(dsn: str) -> None:
             assert await store.checkpoint_many([checkpoint(handle.id, old, 9, 1)]) == set()
             assert await store.checkpoint_many([checkpoint(handle.id, old, 0, 0)]) == set()
             assert not await fetchval(
-                dsn, "select exists (select 1 from durable.events where task_id = $1"
-                " and branch = 9 and seq = 1)", handle.id,
+                dsn,
+                "select exists (select 1 from durable.events where task_id = $1"
+                " and branch = 9 and seq = 1)",
+                handle.id,
             )
             GATE[k].set()  # the zombie's own checkpoint is refused and it abandons the run
             assert await handle.result(timeout=20) == 2
@@ -424,7 +439,7 @@ async def wf_memo_values(ctx: durable.Context, k: str) -> dict[str, Any]:
 
 async def test_now_uuid4_and_random_return_their_recorded_values_on_replay(dsn: str) -> None:
     k = key()
-    async with durable.connect(dsn) as client, running_daemon(dsn):
+    async with durable.connect(dsn) as client, running_daemon(dsn, workflow_cache=0):
         handle = await client.start(wf_memo_values, k)
         first = await handle.result(timeout=20)
         # Run 1 recorded the values and slept; run 2 (after the timer) read them back.

@@ -401,6 +401,8 @@ def test_env_vars_document_every_variable() -> None:
         "DURABLE_RETENTION",
         "DURABLE_RETENTION_VACUUM",
         "DURABLE_STATEMENT_CACHE",
+        "DURABLE_WORKFLOW_CACHE",
+        "DURABLE_HISTORY_WARNING",
         "DURABLE_HOME",
     }
     assert all(default and text for _name, default, text in ENV_VARS)
@@ -480,3 +482,28 @@ def test_statement_cache_and_retention_vacuum_are_read_and_checked() -> None:
                           ("DURABLE_RETENTION_VACUUM", "sometimes")):
         with pytest.raises(ConfigurationError, match=variable):
             Settings.from_env({variable: bad})
+
+
+def test_workflow_cache_and_history_warning() -> None:
+    assert Settings.from_env({}).workflow_cache == 1000
+    assert Settings.from_env({}).history_warning == 10_000
+    env = {"DURABLE_WORKFLOW_CACHE": "0", "DURABLE_HISTORY_WARNING": " off "}
+    settings = Settings.from_env(env)
+    assert (settings.workflow_cache, settings.history_warning) == (0, None)
+    assert Settings.from_env({"DURABLE_HISTORY_WARNING": "1"}).history_warning == 1
+    assert Settings.from_env({}, workflow_cache=1_000_000).workflow_cache == 1_000_000
+
+
+@pytest.mark.parametrize("raw", ["-1", "1000001", "1.5", "lots", "1e3"])
+def test_workflow_cache_rejects(raw: str) -> None:
+    assert error_for({"DURABLE_WORKFLOW_CACHE": raw}) == (
+        f"DURABLE_WORKFLOW_CACHE: expected a whole number from 0 to 1000000, got {raw!r}"
+    )
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "1000000001", "on", "10k"])
+def test_history_warning_rejects(raw: str) -> None:
+    assert error_for({"DURABLE_HISTORY_WARNING": raw}) == (
+        "DURABLE_HISTORY_WARNING: expected off or a whole number from 1 to 1000000000, "
+        f"got {raw!r}"
+    )
