@@ -20,21 +20,19 @@ from durable.errors import (
     TaskFailed,
 )
 from durable.models import TERMINAL, Claimed, Event, NewTask
+from durable.patching import PatchCall, Patching
 from durable.registry import Definition
 from durable.replay import (
     CANCELLED,
     NO_TRACING,
-    PATCH,
     CheckpointWriter,
     ContinueAsNew,
     Journal,
-    PatchCall,
     StepTracer,
     Suspend,
     _mark,
     as_recorded,
     check_name,
-    check_patch_id,
     child_outcome,
 )
 
@@ -73,7 +71,7 @@ class ChildHandle:
         return results[0]
 
 
-class Context:
+class Context(Patching):
     """The durable side of a running workflow, passed as its first argument.
 
     Each method below is a *durable call*: it gets the next position in the workflow's
@@ -441,45 +439,6 @@ class Context:
         exc = EventTimeout(message)
         _mark(exc, [seq], self._log.seq)
         return exc
-
-    # -- changing code under runs in flight --------------------------------------------------
-
-    def patched(self, patch_id: str) -> PatchCall:
-        """Whether this run takes the new code of the change named ``patch_id``.
-
-        ``if await ctx.patched("fraud-check"): <new code> else: <old code>``. True on a new
-        run, and on a run that reaches this point on code that has the patch (a marker is
-        recorded in its event log, so every replay answers True again). False for a run
-        whose log was recorded before the patch and holds another call here: it replays the
-        old branch it took, and keeps it to its end. The first ask of an id decides; later
-        asks of the same id in the run get the same answer. See docs/versioning.md.
-        """
-        check_patch_id("ctx.patched", patch_id)
-        return PatchCall(self._patch(patch_id))
-
-    def deprecate_patch(self, patch_id: str) -> Awaitable[None]:
-        """``await ctx.deprecate_patch(id)`` where ``if await ctx.patched(id):`` was, once
-        no run that took the old branch is left: it records (or replays) the marker and
-        keeps no branch. Once no run recorded before this cleanup is left, remove the call:
-        a marker the code no longer asks for is stepped over on replay."""
-        check_patch_id("ctx.deprecate_patch", patch_id)
-        return self._deprecate(patch_id)
-
-    async def _deprecate(self, patch_id: str) -> None:
-        await self._patch(patch_id)
-
-    async def _patch(self, patch_id: str) -> bool:
-        self._log.begin(PATCH, patch_id)
-        try:
-            answer, record = self._log.patch(patch_id)
-            if record is not None:
-                dig = digest(PATCH, patch_id, None)
-                await self._log.commit(
-                    self._log.checkpoint(record, PATCH, patch_id, dig, result="true")
-                )
-            return answer
-        finally:
-            self._log.busy = None
 
     # -- memoised values -------------------------------------------------------------------
 

@@ -171,8 +171,7 @@ class Daemon:
                 host, port = self.settings.http
                 ui = (self.settings, self.dsn) if self.settings.ui else None
                 self.http = await endpoint(
-                    host, port, store, self.metrics, lambda: self.listener, ui
-                )
+                    host, port, store, self.metrics, lambda: self.listener, ui)
             publisher = Publisher(store, self.id, self.registry.definitions(), self.settings.lease)
             await publisher.start(queues)  # registers this daemon, before its first claim
             self.housekeeping = housekeeping = Housekeeping(
@@ -191,9 +190,7 @@ class Daemon:
                 lease=self.settings.lease, burst=self.burst, writing=acks.pending,
             )
             self.listener = Listener(
-                self.listen_dsn,
-                on_ready=self._on_ready,
-                on_control=self._on_control,
+                self.listen_dsn, on_ready=self._on_ready, on_control=self._on_control,
                 on_reconnect=self._catch_up,
             )
             async with anyio.create_task_group() as root:
