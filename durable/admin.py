@@ -60,6 +60,14 @@ class Admin:
         limit, period = rate if rate is not None else (None, None)
         await self._store.set_queue_limits(queue, concurrency, limit, period)
 
+    async def pause_queue(self, queue: str) -> None:
+        """Stop claiming from ``queue`` on every daemon; running tasks finish."""
+        await self._store.set_queue_paused(queue, True)
+
+    async def resume_queue(self, queue: str) -> None:
+        """Claim from ``queue`` again (its daemons are woken at once)."""
+        await self._store.set_queue_paused(queue, False)
+
     async def unserved(self, live_within: float) -> list[Unserved]:
         """Per queue, queued names that no daemon heard from within ``live_within``
         seconds has the code for."""

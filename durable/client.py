@@ -124,26 +124,30 @@ class Client:
         max_attempts: int | None = None,
         timeout: float | None = None,
         conn: Connection | None = None,
+        idempotency: str | None = None,
         **kwargs: Any,
     ) -> Handle:
         """Enqueue ``fn(*args, **kwargs)``; returns a Handle at once.
 
         ``fn`` is a registered definition or a name (a task that another service's daemon
         runs). ``delay`` (seconds) or ``run_at`` schedule it; ``idempotency_key`` returns
-        the task already started with that key; ``conn`` enqueues inside the caller's
-        asyncpg transaction, so the task exists only if that transaction commits.
+        the task already started with that key: ever (``idempotency="forever"``, the
+        default, or the definition's ``idempotency=``), or only while that task is queued,
+        running or waiting (``"active"``: the key frees once it finishes). ``conn``
+        enqueues inside the caller's asyncpg transaction, so the task exists only if that
+        transaction commits.
         """
         t = self._new_task(
             fn, args, kwargs, queue=queue, priority=priority, delay=delay, run_at=run_at,
             max_attempts=max_attempts, timeout=timeout,
         )
         if idempotency_key is not None:
-            _text(idempotency_key, "idempotency_key", limit=None)
-            # Its unique index holds at most ~2700 bytes an entry.
-            if len(idempotency_key.encode()) > MAX_KEY_BYTES:
-                raise InvalidValue(f"idempotency_key must be at most {MAX_KEY_BYTES} bytes")
+            _key(idempotency_key)
+        scope = _scope(fn, idempotency)
+        if idempotency is not None and idempotency_key is None:
+            raise InvalidValue("idempotency= needs an idempotency_key")
         task_id, inserted = await self.store.insert_task(
-            t, idempotency_key=idempotency_key, conn=conn
+            t, idempotency_key=idempotency_key, conn=conn, active=scope == "active"
         )
         return Handle(self, task_id, inserted)
 
@@ -254,14 +258,26 @@ class Client:
         cancelled.sort(key=lambda i: i != task_id)  # the task itself first
         return CancelResult(task_id, tuple(cancelled), finished)
 
-    async def send_event(self, task_id: int, name: str, payload: Any = None) -> bool:
+    async def send_event(
+        self,
+        task_id: int,
+        name: str,
+        payload: Any = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> bool:
         """Deliver event ``name`` to the workflow; kept until it waits for it.
 
-        Returns False when the task has finished or does not exist.
+        Returns False when the task has finished or does not exist. With an
+        ``idempotency_key``, sending again with the same key to the same task (a producer
+        retrying after a lost reply, or two producers racing) delivers nothing more and
+        returns True, even once the task has finished.
         """
         _text(name, "an event name")
+        if idempotency_key is not None:
+            _key(idempotency_key)
         return await self.store.send_event(
-            _task_id(task_id), name, dumps(payload, what="the event payload")
+            _task_id(task_id), name, dumps(payload, what="the event payload"), idempotency_key
         )
 
     async def retry(self, task_id: int) -> int:
@@ -285,6 +301,27 @@ def _text(value: object, what: str, limit: int | None = MAX_NAME) -> str:
     """``value`` if it is text Postgres can store (no NUL, no lone surrogate) of 1 to
     ``limit`` characters; else an InvalidValue naming ``what``."""
     return validation.text(value, what, limit=limit)
+
+
+def _key(value: object) -> None:
+    _text(value, "idempotency_key", limit=None)
+    # Its unique index holds at most ~2700 bytes an entry.
+    assert isinstance(value, str)
+    if len(value.encode()) > MAX_KEY_BYTES:
+        raise InvalidValue(f"idempotency_key must be at most {MAX_KEY_BYTES} bytes")
+
+
+SCOPES = ("forever", "active")
+"""Idempotency scopes: a key returns its task ever, or only while that task is unfinished."""
+
+
+def _scope(fn: object, given: object) -> str:
+    if given is None:
+        d = fn if isinstance(fn, Definition) else registry.get(fn) if isinstance(fn, str) else None
+        return d.idempotency if d is not None else "forever"
+    if given not in SCOPES:
+        raise InvalidValue(f"idempotency must be 'forever' or 'active', got {shown(given)}")
+    return str(given)
 
 
 def _task_id(value: object) -> int:

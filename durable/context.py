@@ -11,6 +11,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from durable import steps
 from durable.codec import digest, dumps, dumps_spaced, error_text, loads, loads_as_stored
 from durable.errors import (
     EventTimeout,
@@ -34,6 +35,7 @@ from durable.replay import (
 )
 
 if TYPE_CHECKING:
+    from durable.retry import RetryPolicy
     from durable.store import Store
 
 __all__ = ["ChildCall", "ChildHandle", "Context", "Suspend"]
@@ -114,8 +116,24 @@ class Context:
 
     # -- steps ----------------------------------------------------------------------
 
-    async def step(self, name: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Run ``fn(*args, **kwargs)`` (sync or async) once and record its JSON result.
+
+        ``retry=durable.RetryPolicy(max_attempts=4, base=0.5)`` retries a failing step
+        inside this run, with the policy's backoff (a backoff longer than a few seconds
+        suspends the workflow and frees its slot); ``timeout`` (seconds) bounds each try of
+        an async ``fn``. Every try is recorded in the event log. ``retry`` and ``timeout``
+        are the step's own keywords, never passed to ``fn``; bind arguments of those names
+        with ``functools.partial`` (they are then not part of the argument digest).
 
         A step runs at least once: a crash after it ran but before its checkpoint
         committed runs it again, so give side effects an idempotency key (for example
@@ -125,6 +143,11 @@ class Context:
         same ``args`` and JSON attributes (built without calling its ``__init__``), or
         ``TaskFailed`` when its class cannot be rebuilt.
         """
+        if retry is not None or timeout is not None:
+            return await steps.run(
+                self._log, self._store, self._tracer, "step", name, fn, args, kwargs, retry,
+                timeout,
+            )
         check_name("step", name)
         dig = digest("step", name, [args, kwargs])
         self._log.begin("step", name)
@@ -155,14 +178,27 @@ class Context:
             self._log.busy = None
 
     async def transaction(
-        self, name: str, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any
+        self,
+        name: str,
+        fn: Callable[..., Awaitable[Any]],
+        /,
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
     ) -> Any:
         """Run ``await fn(conn, *args, **kwargs)`` in the transaction that records it.
 
         ``conn`` is an asyncpg connection inside a transaction; the business writes it
         makes commit together with the checkpoint, so they happen exactly once. Its result
-        and its error come back as a step's do.
+        and its error come back as a step's do; ``retry`` and ``timeout`` too (a failed try
+        rolled back: its writes did not happen).
         """
+        if retry is not None or timeout is not None:
+            return await steps.run(
+                self._log, self._store, self._tracer, "transaction", name, fn, args, kwargs,
+                retry, timeout,
+            )
         check_name("transaction", name)
         dig = digest("transaction", name, [args, kwargs])
         self._log.begin("transaction", name)

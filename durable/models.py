@@ -275,6 +275,7 @@ class QueueLimit:
     concurrency: int | None
     rate_limit: int | None
     rate_period: float | None
+    paused: bool = False
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ class Definition(Generic[P, R]):
     key_rate: tuple[int, float] | None = None
     schedule: str | None = None
     timezone: str = "UTC"
+    idempotency: str = "forever"
+    """The scope of an idempotency key given to ``start``: ``"forever"`` or ``"active"``."""
 
     def key_for(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
         """The concurrency key of a call, from ``concurrency_key(*args, **kwargs)``."""
@@ -121,6 +123,10 @@ def _validated(d: Definition[Any, Any]) -> Definition[Any, Any]:
             )
     if d.concurrency_key is not None and not callable(d.concurrency_key):
         raise ConfigurationError(f"{d.origin}: concurrency_key must be a function of the arguments")
+    if d.idempotency not in ("forever", "active"):
+        raise ConfigurationError(
+            f"{d.origin}: idempotency must be 'forever' or 'active', got {d.idempotency!r}"
+        )
     if d.schedule is not None:
         from durable.cron import parse
 
@@ -179,7 +185,13 @@ def _make(
     key_rate: tuple[int, float] | None = None,
     schedule: str | None = None,
     timezone: str = "UTC",
+    idempotency: str = "forever",
 ) -> Definition[Any, Any]:
+    if retry is not None and retry.max_attempts is not None:
+        raise ConfigurationError(
+            f"{fn.__module__}:{fn.__qualname__}: RetryPolicy.max_attempts counts a step's "
+            f"tries; give a {kind}'s attempts as max_attempts= on the decorator"
+        )
     if not inspect.iscoroutinefunction(fn):
         raise ConfigurationError(
             f"{fn.__module__}:{fn.__qualname__}: a durable {kind} must be an async def function"
@@ -199,6 +211,7 @@ def _make(
             key_rate=(int(key_rate[0]), float(key_rate[1])) if key_rate else None,
             schedule=schedule,
             timezone=timezone,
+            idempotency=idempotency,
         )
     )
     registry.add(d)
@@ -221,6 +234,7 @@ def task(
     key_rate: tuple[int, float] | None = None,
     schedule: str | None = None,
     timezone: str = "UTC",
+    idempotency: str = "forever",
 ) -> Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]: ...
 def task(
     fn: Callable[P, Awaitable[R]] | None = None,
@@ -237,6 +251,7 @@ def task(
     key_rate: tuple[int, float] | None = None,
     schedule: str | None = None,
     timezone: str = "UTC",
+    idempotency: str = "forever",
 ) -> Definition[P, R] | Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]:
     """Register an ``async def`` function as a task that daemons run.
 
@@ -250,12 +265,14 @@ def task(
     ``key_limit=1`` runs at most one task per customer at a time across every daemon, and
     ``key_rate=(10, 60)`` starts at most 10 per key per minute; a saturated key does not hold
     back other keys. ``schedule="*/5 * * * *"`` (with ``timezone=``) starts the task on a
-    cron schedule, once per tick however many daemons run.
+    cron schedule, once per tick however many daemons run. ``idempotency="active"``
+    makes an idempotency key given to ``start`` return the task only while it is
+    unfinished (``"forever"``, the default: for as long as the task exists).
     """
 
     def wrap(f: Callable[P, Awaitable[R]]) -> Definition[P, R]:
         return _make(f, "task", name, queue, max_attempts, timeout, priority, retry,
-                     concurrency_key, key_limit, key_rate, schedule, timezone)
+                     concurrency_key, key_limit, key_rate, schedule, timezone, idempotency)
 
     return wrap(fn) if fn is not None else wrap
 
@@ -276,6 +293,7 @@ def workflow(
     key_rate: tuple[int, float] | None = None,
     schedule: str | None = None,
     timezone: str = "UTC",
+    idempotency: str = "forever",
 ) -> Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]: ...
 def workflow(
     fn: Callable[P, Awaitable[R]] | None = None,
@@ -292,6 +310,7 @@ def workflow(
     key_rate: tuple[int, float] | None = None,
     schedule: str | None = None,
     timezone: str = "UTC",
+    idempotency: str = "forever",
 ) -> Definition[P, R] | Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]:
     """Register an ``async def fn(ctx: durable.Context, ...)`` as a durable workflow.
 
@@ -304,7 +323,7 @@ def workflow(
 
     def wrap(f: Callable[P, Awaitable[R]]) -> Definition[P, R]:
         return _make(f, "workflow", name, queue, max_attempts, timeout, priority, retry,
-                     concurrency_key, key_limit, key_rate, schedule, timezone)
+                     concurrency_key, key_limit, key_rate, schedule, timezone, idempotency)
 
     return wrap(fn) if fn is not None else wrap
 

@@ -114,7 +114,7 @@ with cleared as (
      using durable.tasks w
      where w.id = $1 and w.claim_token = $2 and w.status = 'running' and w.kind = 'workflow'
        and not w.cancel_requested and e.task_id = w.id and e.branch = w.branch
-       and ((e.status = 'failed'
+       and (((e.status = 'failed' or e.kind = 'sleep')
              and e.seq in (select p::integer from jsonb_array_elements_text(
                                $4::jsonb -> 'replay' -> 'positions') as p)
              and not exists (select 1 from durable.events x
@@ -364,7 +364,30 @@ order by s.id
 limit 1
 
 -- name: send_event
-select durable.send_event($1, $2, $3::jsonb)
+select durable.send_event($1, $2, $3::jsonb, $4::text)
+
+-- name: set_queue_paused
+-- `durable queues pause` / `resume`: claims of the queue stop or go on, fleet-wide. A
+-- resume wakes the daemons serving the queue at once.
+with q as (
+    insert into durable.queues as c (name, paused, updated_at) values ($1, $2, now())
+    on conflict (name) do update set paused = excluded.paused, updated_at = now()
+    returning c.name, c.paused
+)
+select pg_notify('durable_ready', q.name) from q where not q.paused
+
+-- name: insert_task_active
+-- A task with an idempotency key of scope "active" ($15): the unfinished task started
+-- with it, if any; once that one has finished, a new task.
+insert into durable.tasks as t
+    (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
+     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context,
+     active_key)
+values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now()),
+        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb, $15)
+on conflict (active_key) where active_key is not null and status in ('queued', 'running', 'waiting')
+    do update set active_key = excluded.active_key
+returning t.id, (t.xmax = 0) as inserted
 
 -- name: history
 select e.seq, e.kind, e.name, e.status, e.result::text, e.error::text, e.child_id,
@@ -380,7 +403,8 @@ select distinct branch from durable.events where task_id = $1 order by branch
 select durable.restart($1, $2, $3)
 
 -- name: queue_limits
-select name, concurrency, rate_limit, rate_period, updated_at from durable.queues order by name
+select name, concurrency, rate_limit, rate_period, updated_at, paused
+from durable.queues order by name
 
 -- name: set_queue_limits
 insert into durable.queues as c (name, concurrency, rate_limit, rate_period, updated_at)
@@ -449,6 +473,9 @@ select queue,
 from durable.tasks
 where status in ('queued', 'running', 'waiting')
 group by queue
+
+-- name: paused_queues
+select name from durable.queues where paused order by name
 
 -- name: table_health
 -- durable.tasks's dead row versions awaiting VACUUM (the statistics' estimate) and the

@@ -81,6 +81,8 @@ create table durable.tasks (
     -- then max_attempts holds it); each restart grants that many again. Keep new columns
     -- last, as the migrations add them.
     attempt_budget  integer,
+    -- An idempotency key of scope "active": unique only among unfinished tasks.
+    active_key      text,
     -- A rate limit and its period come together. The checks on one column are the
     -- domains' (above): they run only where a value is written.
     constraint tasks_key_check check ((key_rate_limit is null) = (key_rate_period is null)),
@@ -106,6 +108,10 @@ create index tasks_parent_idx on durable.tasks (parent_id) where parent_id is no
 create index tasks_root_idx on durable.tasks (root_id) where root_id is not null;
 create unique index tasks_idempotency_idx on durable.tasks (idempotency_key)
     where idempotency_key is not null;
+-- Rows without an active key never enter it; a task leaves it when it finishes, which
+-- frees its key (status changes already update every index: no HOT update is lost).
+create unique index tasks_active_key_idx on durable.tasks (active_key)
+    where active_key is not null and status in ('queued', 'running', 'waiting');
 
 create table durable.workers (
     id              uuid primary key,
@@ -171,10 +177,14 @@ create table durable.signals (
     task_id     bigint not null references durable.tasks (id) on delete cascade,
     name        text not null,
     payload     jsonb,
-    created_at  timestamptz not null default now()
+    created_at  timestamptz not null default now(),
+    -- send_event(..., idempotency_key): a producer that retries delivers once per task.
+    idempotency_key text
 );
 
 create index signals_task_idx on durable.signals (task_id, name, id);
+create unique index signals_idempotency_idx on durable.signals (task_id, idempotency_key)
+    where idempotency_key is not null;
 
 -- NOTIFY `durable_ready` (payload: the queue) once per queue per statement when work
 -- is ready; `durable_done` (payload: the id) when a task someone awaits finishes;
@@ -497,8 +507,10 @@ end;
 $$;
 
 -- Deliver an event to a workflow, from any session or trigger. Returns false when the
--- task does not exist or has finished.
-create function durable.send_event(task_id bigint, name text, payload jsonb default null)
+-- task does not exist or has finished. With an idempotency key, a second delivery of the
+-- same key to the same task stores nothing and returns true (the producer's retry).
+create function durable.send_event(task_id bigint, name text, payload jsonb default null,
+                                   idempotency_key text default null)
 returns boolean
 language plpgsql
 set search_path = pg_catalog, pg_temp as $$
@@ -510,12 +522,29 @@ begin
         raise exception 'durable.send_event: name must be 1 to 200 characters, got %',
             coalesce(length(send_event.name) || ' characters', 'null') using errcode = '22023';
     end if;
+    if send_event.idempotency_key is not null
+       and octet_length(send_event.idempotency_key) not between 1 and 2000 then
+        raise exception 'durable.send_event: idempotency_key must be 1 to 2000 bytes, got %',
+            octet_length(send_event.idempotency_key) using errcode = '22023';
+    end if;
+    -- The row lock serialises every delivery to this task, so the key's check below sees
+    -- a concurrent producer's committed delivery.
     select t.status into st from durable.tasks t where t.id = send_event.task_id for update;
-    if st is null or st in ('completed', 'failed', 'cancelled') then
+    if st is null then
         return false;
     end if;
-    insert into durable.signals (task_id, name, payload)
-        values (send_event.task_id, send_event.name, send_event.payload);
+    if send_event.idempotency_key is not null and exists (
+        select 1 from durable.signals s
+         where s.task_id = send_event.task_id
+           and s.idempotency_key = send_event.idempotency_key) then
+        return true;  -- delivered before, even if the task has finished since
+    end if;
+    if st in ('completed', 'failed', 'cancelled') then
+        return false;
+    end if;
+    insert into durable.signals (task_id, name, payload, idempotency_key)
+        values (send_event.task_id, send_event.name, send_event.payload,
+                send_event.idempotency_key);
     update durable.tasks t
        set status = 'queued', run_at = now(), wake_at = null, waiting_event = null
      where t.id = send_event.task_id and t.status = 'waiting'
@@ -614,7 +643,8 @@ begin
         new_branch := cur.branch;
         delete from durable.events e
          where e.task_id = task and e.branch = cur.branch
-           and ((e.status = 'failed'
+           -- (A step's failed tries and its backoff sleeps are named together.)
+           and (((e.status = 'failed' or e.kind = 'sleep')
                  and e.seq in (select p::integer from jsonb_array_elements_text(
                                    cur.error -> 'replay' -> 'positions') as p)
                  and not exists (select 1 from durable.events x
@@ -674,6 +704,8 @@ create table durable.queues (
     rate_limit    integer,
     rate_period   double precision,
     updated_at    timestamptz not null default now(),
+    -- `durable queues pause`: no daemon claims from the queue until it is resumed.
+    paused        boolean not null default false,
     constraint queues_concurrency_check check (concurrency is null or concurrency >= 1),
     constraint queues_rate_check check (
         (rate_limit is null or rate_limit >= 1)
@@ -747,15 +779,20 @@ declare
     busy integer;
     claimed integer := 0;
     level integer;
+    paused boolean;
 begin
     perform set_config('synchronous_commit', 'off', true);  -- for this transaction only
     -- Scalars, not a record: a record with a null field is neither null nor not null.
-    -- One statement reads the queue's limits and whether keyed tasks wait in it.
-    select c.concurrency, c.rate_limit, c.rate_period,
+    -- One statement reads the queue's limits, whether it is paused, and whether keyed
+    -- tasks wait in it.
+    select c.concurrency, c.rate_limit, c.rate_period, c.paused,
            exists (select 1 from durable.tasks t
                     where t.queue = q and t.status = 'queued' and t.concurrency_key is not null)
-      into conc, rate, period, keyed
+      into conc, rate, period, paused, keyed
       from (values (1)) as one left join durable.queues c on c.name = q;
+    if paused then  -- `durable queues pause`: claims nothing until resumed
+        return;
+    end if;
     -- A period past any timestamp's range (a row written by hand) means "per forever":
     -- clamped to 30 years rather than failing every claim of the queue.
     period := least(period, 946080000);
@@ -769,6 +806,12 @@ begin
         -- keyed tasks serialise across queues: one lock for all of them, always taken
         -- after the queue's own (the order rules out a deadlock between the two).
         perform pg_advisory_xact_lock(hashtextextended('durable.keys', 0));
+    end if;
+    if (conc is not null or rate is not null or keyed)
+       and exists (select 1 from durable.queues c where c.name = q and c.paused) then
+        -- Paused while this claim waited for a lock above: the flag is read again in
+        -- this later statement's snapshot.
+        return;
     end if;
     if conc is not null then
         select count(*) into busy from durable.tasks t where t.queue = q and t.status = 'running';

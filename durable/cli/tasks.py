@@ -47,9 +47,14 @@ def add_commands(sub: Any) -> None:
                     "for arguments too large for a command line")  # fmt: skip
     st.add_argument("--kwargs", help="JSON object of keyword arguments")
     st.add_argument("--queue")
-    st.add_argument("--priority", type=whole(-(2**31), 2**31 - 1))
+    st.add_argument("--priority", type=whole(-(2**31), 2**31 - 1),
+                    help="higher runs first (default 0); within a priority, the task due "
+                    "longest")  # fmt: skip
     st.add_argument("--delay", type=duration, help="start after this long, e.g. 30s")
     st.add_argument("--idempotency-key")
+    st.add_argument("--idempotency", choices=["forever", "active"],
+                    help="with --idempotency-key: the key returns its task ever (forever), or "
+                    "only while that task is unfinished (active)")  # fmt: skip
     st.add_argument("--wait", action="store_true", help="wait for the result and print it")
     st.add_argument("--timeout", type=duration, help="with --wait: give up after this long")
     st.set_defaults(func=cmd_start)
@@ -112,6 +117,7 @@ def add_commands(sub: Any) -> None:
     e.add_argument("id", type=int)
     e.add_argument("name")
     e.add_argument("payload", nargs="?", help="JSON payload")
+    e.add_argument("--idempotency-key", help="deliver once per key and task, however often sent")
     e.set_defaults(func=cmd_event)
 
 
@@ -134,7 +140,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     async def go(s: Session) -> None:
         handle = await s.client.start(
             args.name, *call_args, queue=args.queue, priority=args.priority, delay=args.delay,
-            idempotency_key=args.idempotency_key, **kwargs,
+            idempotency_key=args.idempotency_key, idempotency=args.idempotency, **kwargs,
         )  # fmt: skip
         print(handle.id, flush=True)
         if args.wait:
@@ -165,7 +171,9 @@ def cmd_event(args: argparse.Namespace) -> int:
     payload = None if args.payload is None else json_value("PAYLOAD", args.payload)
 
     async def go(s: Session) -> bool:
-        return await s.client.send_event(args.id, args.name, payload)
+        return await s.client.send_event(
+            args.id, args.name, payload, idempotency_key=args.idempotency_key
+        )
 
     if not with_session(args, go):
         raise CommandError(f"task {args.id} does not exist or has finished; event not sent")
@@ -244,7 +252,8 @@ def timeline(start: datetime, history: Sequence[HistoryEntry]) -> list[dict[str,
         if e.kind == "child":
             outcome = f"child {e.child_id}: {e.child_status}"
         elif e.status == "failed" and e.error:
-            outcome = f"failed: {e.error.get('type')}: {e.error.get('message')}"
+            tried = f" (try {e.error['try']} of {e.error.get('tries')})" if "try" in e.error else ""
+            outcome = f"failed{tried}: {e.error.get('type')}: {e.error.get('message')}"
         elif e.kind == "sleep" and e.wake_at:
             outcome = f"until {cell(e.wake_at)}"
         elif e.status == "completed":

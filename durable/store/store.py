@@ -153,6 +153,7 @@ class Store:
 
     queue_limits = _Via(_operations, Operations.queue_limits)
     set_queue_limits = _Via(_operations, Operations.set_queue_limits)
+    set_queue_paused = _Via(_operations, Operations.set_queue_paused)
     upsert_schedule = _Via(_operations, Operations.upsert_schedule)
     delete_schedule = _Via(_operations, Operations.delete_schedule)
     list_schedules = _Via(_operations, Operations.list_schedules)
@@ -163,6 +164,7 @@ class Store:
     ping = _Via(_operations, Operations.ping)
     schema_version = _Via(_operations, Operations.schema_version)
     queue_depth = _Via(_operations, Operations.queue_depth)
+    paused_queues = _Via(_operations, Operations.paused_queues)
     unserved_names = _Via(_operations, Operations.unserved_names)
     select_tasks = _Via(_operations, Operations.select_tasks)
     retry_many = _Via(_operations, Operations.retry_many)

@@ -67,8 +67,10 @@ class Tasks(Part):
         *,
         idempotency_key: str | None = None,
         conn: Any = None,
+        active: bool = False,
     ) -> tuple[int, bool]:
-        """Insert one task; returns (id, inserted). An idempotency key returns the old id."""
+        """Insert one task; returns (id, inserted). An idempotency key returns the old id
+        (with ``active``, only while the old task is unfinished)."""
         params: tuple[Any, ...] = (
             t.queue,
             t.name,
@@ -91,7 +93,8 @@ class Tasks(Part):
             on = kept if kept is not None and not kept.busy else self.pool
         if idempotency_key is None:
             return await on.fetchval(self.q["insert_task"], *params), True
-        row = await on.fetchrow(self.q["insert_task_keyed"], *params, idempotency_key)
+        query = self.q["insert_task_active" if active else "insert_task_keyed"]
+        row = await on.fetchrow(query, *params, idempotency_key)
         assert row is not None
         return row["id"], row["inserted"]
 

@@ -259,8 +259,12 @@ class Workflows(Part):
             event,
         )
 
-    async def send_event(self, task_id: int, name: str, payload: str | None) -> bool:
-        return bool(await self.pool.fetchval(self.q["send_event"], task_id, name, payload))
+    async def send_event(
+        self, task_id: int, name: str, payload: str | None, idempotency_key: str | None = None
+    ) -> bool:
+        return bool(
+            await self.pool.fetchval(self.q["send_event"], task_id, name, payload, idempotency_key)
+        )
 
     async def history(self, task_id: int, branch: int) -> list[HistoryEntry]:
         rows = await self.pool.fetch(self.q["history"], task_id, branch)
