@@ -17,6 +17,7 @@ from durable.models import CancelResult
 from durable.registry import Definition, task, workflow
 from durable.retry import RetryPolicy
 from durable.service import Service, serve
+from durable.taskcontext import TaskContext, current
 from durable.version import __version__ as __version__
 
 __all__ = [
@@ -35,8 +36,10 @@ __all__ = [
     "RetryPolicy",
     "Service",
     "TaskCancelled",
+    "TaskContext",
     "TaskFailed",
     "connect",
+    "current",
     "serve",
     "task",
     "workflow",

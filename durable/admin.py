@@ -10,12 +10,14 @@ for programs too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 from durable.models import (
+    Progress,
     PruneResult,
     QueueCount,
     QueueLimit,
@@ -42,10 +44,19 @@ class Admin:
         since: datetime | None = None,
         limit: int = 100,
     ) -> list[TaskSummary]:
-        """The newest tasks matching the filters, newest first."""
-        return await self._store.list_tasks(
+        """The newest tasks matching the filters, newest first, with their progress."""
+        found = await self._store.list_tasks(
             status=status, queue=queue, name=name, since=since, limit=limit
         )
+        progress = await self._store.progress_of([t.id for t in found]) if found else {}
+        if not progress:
+            return found
+        return [dataclasses.replace(t, progress=progress.get(t.id)) for t in found]
+
+    async def progress(self, task_id: int) -> Progress | None:
+        """The latest progress the task reported, if any."""
+        state = await self._store.progress_state(task_id)
+        return None if state is None else state[1]
 
     async def queue_counts(self) -> list[QueueCount]:
         return await self._store.queue_stats()

@@ -14,7 +14,7 @@ import anyio
 from durable import tracing, validation
 from durable.codec import dumps
 from durable.errors import DurableError, TaskCancelled, TaskFailed
-from durable.models import TERMINAL, CancelResult, HistoryEntry, NewTask, TaskInfo
+from durable.models import TERMINAL, CancelResult, HistoryEntry, NewTask, Progress, TaskInfo
 from durable.registry import Definition, registry
 from durable.store import Connection, Store, Subscription
 from durable.validation import MAX_NAME, InvalidValue, shown
@@ -44,6 +44,16 @@ class Handle:
     async def get(self) -> TaskInfo:
         return await self.client.get(self.id)
 
+    def progress(self) -> AsyncIterator[Progress]:
+        """The task's progress reports as they are written, until it finishes:
+        ``async for p in handle.progress(): print(p.value, p.message)``.
+
+        Yields the latest report first (if any), then each new one; woken by a
+        notification, not by polling. Reports written while the iterator was not reading
+        are coalesced into the latest one.
+        """
+        return self.client.progress(self.id)
+
 
 class Client:
     """Talks to durable's tables; get one with ``async with durable.connect() as client``."""
@@ -52,6 +62,7 @@ class Client:
         self.store = store
         self.dsn = dsn
         self._waiters: dict[int, list[asyncio.Event]] = {}
+        self._progress_waiters: dict[int, list[asyncio.Event]] = {}
         self._sub: Subscription | None = None
         self._sub_lock = asyncio.Lock()
 
@@ -222,17 +233,57 @@ class Client:
             if not waiters:
                 self._waiters.pop(task_id, None)
 
+    async def progress(self, task_id: int) -> AsyncIterator[Progress]:
+        """See :meth:`Handle.progress`."""
+        task_id = _task_id(task_id)
+        await self._subscribe()
+        event = asyncio.Event()
+        # Progress notifications and the finish both wake this iterator.
+        self._waiters.setdefault(task_id, []).append(event)
+        self._progress_waiters.setdefault(task_id, []).append(event)
+        try:
+            if await self.store.watch_finish(task_id) is None:
+                raise DurableError(f"no task {task_id}")
+            last: Progress | None = None
+            while True:
+                state = await self.store.progress_state(task_id)
+                if state is None:
+                    raise DurableError(f"no task {task_id}")
+                status, latest = state
+                if latest is not None and latest != last:
+                    last = latest
+                    yield latest
+                if status in TERMINAL:
+                    return
+                with anyio.move_on_after(5.0):  # a fallback in case a notification is lost
+                    await event.wait()
+                event.clear()
+        finally:
+            for table in (self._waiters, self._progress_waiters):
+                waiters = table.get(task_id, [])
+                if event in waiters:
+                    waiters.remove(event)
+                if not waiters:
+                    table.pop(task_id, None)
+
     async def _subscribe(self) -> None:
         async with self._sub_lock:
             if self._sub is not None and not self._sub.is_closed():
                 return
             self._sub = await Subscription.open(
-                self.dsn, {"durable_done": self._on_done}, on_lost=self._wake_all
+                self.dsn,
+                {"durable_done": self._on_done, "durable_progress": self._on_progress},
+                on_lost=self._wake_all,
             )
 
     def _on_done(self, payload: str) -> None:
         if payload.isdigit():
             for e in self._waiters.get(int(payload), []):
+                e.set()
+
+    def _on_progress(self, payload: str) -> None:
+        if payload.isdigit():
+            for e in self._progress_waiters.get(int(payload), []):
                 e.set()
 
     def _wake_all(self) -> None:

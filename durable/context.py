@@ -446,6 +446,18 @@ class Context:
         _mark(exc, [seq], self._log.seq)
         return exc
 
+    # -- progress --------------------------------------------------------------------------
+
+    def progress(self, value: Any = None, message: str | None = None) -> None:
+        """Report the workflow's progress, as ``durable.TaskContext.progress`` does.
+
+        Not a durable call: it takes no position in the event log, and a replay reports
+        again what the run it repeats reported (the latest report is what is stored).
+        """
+        from durable.taskcontext import current
+
+        current().progress(value, message)
+
     # -- memoised values -------------------------------------------------------------------
 
     async def _memo(self, name: str, produce: Callable[[], Any]) -> Any:

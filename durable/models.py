@@ -98,6 +98,15 @@ class Event:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """The latest progress a task reported (``TaskContext.progress``)."""
+
+    value: Any
+    message: str | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
 class HistoryEntry:
     """One row of ``client.history``: the event log as people read it."""
 
@@ -255,6 +264,7 @@ class TaskSummary:
     started_at: datetime | None
     finished_at: datetime | None
     run_at: datetime
+    progress: Progress | None = None
 
 
 @dataclass(frozen=True)

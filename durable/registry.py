@@ -39,6 +39,9 @@ class Definition(Generic[P, R]):
     timezone: str = "UTC"
     idempotency: str = "forever"
     """The scope of an idempotency key given to ``start``: ``"forever"`` or ``"active"``."""
+    takes_context: bool = False
+    """A task whose first parameter is annotated ``durable.TaskContext``: the daemon
+    passes the running attempt's context there."""
 
     def key_for(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
         """The concurrency key of a call, from ``concurrency_key(*args, **kwargs)``."""
@@ -198,6 +201,7 @@ def _make(
         )
     d = _validated(
         Definition(
+            takes_context=kind == "task" and _takes_context(fn),
             name=name or fn.__name__,
             fn=fn,
             kind=kind,
@@ -216,6 +220,25 @@ def _make(
     )
     registry.add(d)
     return d
+
+
+def _takes_context(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn``'s first parameter is annotated ``durable.TaskContext`` (a class or,
+    under ``from __future__ import annotations``, its name)."""
+    from durable.taskcontext import TaskContext
+
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if not params or params[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ):
+        return False
+    note = params[0].annotation
+    if note is TaskContext:
+        return True
+    return isinstance(note, str) and note.rpartition(".")[2] == "TaskContext"
 
 
 @overload

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from durable import tracing
+from durable import taskcontext, tracing
 from durable.acks import Completion
 from durable.attempts import Attempt
 from durable.batch import Batcher
@@ -34,6 +34,7 @@ from durable.registry import Definition, Registry
 from durable.replay import CheckpointWriter, StepTracer, Suspend
 from durable.retry import after_failure
 from durable.store import Store, is_fatal
+from durable.taskcontext import TaskContext
 
 log = get_logger("durable.runner")
 
@@ -117,18 +118,13 @@ class Runner:
             if definition is None:
                 raise NonRetryable(f"no task or workflow named {task.name!r} is registered")
             args, kwargs = _arguments(task)
-            async with asyncio.timeout(task.timeout) if task.timeout else _untimed:
-                if definition.kind == "workflow":
-                    events = (
-                        [] if task.fresh else await self.store.load_events(task.id, task.branch)
-                    )
-                    ctx = Context(
-                        self.store, task, events, self.checkpoints, self.registry.get, self.tracer
-                    )
-                    result = await _call(definition, task, ctx, *args, **kwargs)
-                    ctx.check_consumed()
-                else:
-                    result = await _call(definition, task, *args, **kwargs)
+            here = TaskContext(task, self.store)
+            entered = taskcontext.enter(here)
+            try:
+                result = await self._call(task, definition, here, args, kwargs)
+            finally:
+                taskcontext.leave(entered)
+                await here.finish()
             text = await dumps_spaced(result, what=f"the result of {task.name!r}")
             return ("completed", text)
         except Suspend as s:
@@ -160,6 +156,30 @@ class Runner:
             # SystemExit, KeyboardInterrupt or any BaseException the task's code raises:
             # the attempt fails like any other, and the daemon and its other tasks go on.
             return ("failed", (exc, None, True))
+
+    async def _call(
+        self,
+        task: Claimed,
+        definition: Definition[Any, Any],
+        here: TaskContext,
+        args: list[Any],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        async with asyncio.timeout(task.timeout) if task.timeout else _untimed:
+            if definition.kind == "workflow":
+                events = (
+                    [] if task.fresh else await self.store.load_events(task.id, task.branch)
+                )
+                ctx = Context(
+                    self.store, task, events, self.checkpoints, self.registry.get, self.tracer
+                )
+                result = await _call(definition, task, ctx, *args, **kwargs)
+                ctx.check_consumed()
+            elif definition.takes_context:
+                result = await _call(definition, task, here, *args, **kwargs)
+            else:
+                result = await _call(definition, task, *args, **kwargs)
+        return result
 
     async def _finish(
         self,

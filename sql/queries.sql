@@ -659,3 +659,26 @@ select now()
 -- A wait_for_event recorded earlier, settled: the signal's payload, or a timeout.
 update durable.events set status = $4, result = $5::jsonb, signal_id = $6, finished_at = now()
  where task_id = $1 and branch = $2 and seq = $3
+
+-- name: report_progress
+-- A running task's latest progress, under its claim ($2): a stale attempt writes nothing.
+-- Clients waiting on handle.progress() hear of it on `durable_progress` (payload: the id).
+with written as (
+    insert into durable.progress as p (task_id, value, message, updated_at)
+    select $1, $3::jsonb, $4, now()
+     where exists (select 1 from durable.tasks t where t.id = $1 and t.claim_token = $2)
+    on conflict (task_id) do update
+       set value = excluded.value, message = excluded.message, updated_at = excluded.updated_at
+    returning p.task_id
+)
+select pg_notify('durable_progress', w.task_id::text) from written w
+
+-- name: progress_state
+-- A task's status and latest progress (null when it never reported any).
+select t.status, p.value::text as value, p.message, p.updated_at
+from durable.tasks t left join durable.progress p on p.task_id = t.id
+where t.id = $1
+
+-- name: progress_of
+select task_id, value::text as value, message, updated_at from durable.progress
+where task_id = any($1::bigint[])

@@ -186,6 +186,17 @@ create index signals_task_idx on durable.signals (task_id, name, id);
 create unique index signals_idempotency_idx on durable.signals (task_id, idempotency_key)
     where idempotency_key is not null;
 
+-- The latest progress a running task reported (TaskContext.progress, ctx.progress): one
+-- row per task, overwritten, so that a task reporting in a loop does not grow anything.
+-- Kept apart from durable.tasks: a report neither writes a version of the task's row nor
+-- runs its triggers. Gone with the task.
+create table durable.progress (
+    task_id     bigint primary key references durable.tasks (id) on delete cascade,
+    value       jsonb,
+    message     text,
+    updated_at  timestamptz not null default now()
+);
+
 -- NOTIFY `durable_ready` (payload: the queue) once per queue per statement when work
 -- is ready; `durable_done` (payload: the id) when a task someone awaits finishes;
 -- and wake the parents of finished children. Never on heartbeats or acknowledgements.

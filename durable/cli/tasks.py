@@ -27,7 +27,7 @@ from durable.cli.core import (
     whole,
     with_session,
 )
-from durable.models import STATUSES, HistoryEntry
+from durable.models import STATUSES, HistoryEntry, Progress
 
 BATCH = 1000
 """Tasks per statement (and per transaction) of bulk retry and cancel."""
@@ -160,11 +160,20 @@ def cmd_ls(args: argparse.Namespace) -> int:
             status=args.status, queue=args.queue, name=args.name, since=_since(args.since),
             limit=args.limit,
         )  # fmt: skip
-        return [vars(t) for t in found]
+        return [{**vars(t), "progress": _progress(t.progress)} for t in found]
 
     rows = with_session(args, go)
-    emit(args, rows, ["id", "queue", "name", "kind", "status", "attempt", "created_at", "finished_at"])
+    emit(args, rows, ["id", "queue", "name", "kind", "status", "attempt", "created_at", "finished_at",
+                      "progress"])  # fmt: skip
     return 0
+
+
+def _progress(p: Progress | None) -> str | None:
+    """A progress report in a few words: its value and message."""
+    if p is None:
+        return None
+    value = "" if p.value is None else json.dumps(p.value)
+    return " ".join(x for x in (value, p.message or "") if x)[:80] or None
 
 
 def cmd_event(args: argparse.Namespace) -> int:
@@ -196,11 +205,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         info = await s.client.get(args.id)
         branch = args.branch if args.branch is not None else info.branch
         history = await s.client.history(args.id, branch)
-        return info, history, await s.client.branches(args.id), branch
+        return info, history, await s.client.branches(args.id), branch, await s.admin.progress(args.id)
 
-    info, history, branches, branch = with_session(args, go)
+    info, history, branches, branch, progress = with_session(args, go)
     if args.json:
         out = {k: getattr(info, k) for k in info.__dataclass_fields__}
+        out["progress"] = vars(progress) if progress is not None else None
         out["branch_shown"] = branch
         out["branches"] = branches
         out["events"] = [vars(e) for e in history]
@@ -217,6 +227,8 @@ def cmd_show(args: argparse.Namespace) -> int:
           f"finished {cell(info.finished_at)}")  # fmt: skip
     if info.parent_id:
         print(f"parent     {info.parent_id}")
+    if progress is not None:
+        print(f"progress   {cut(_progress(progress) or '', full)}   (at {cell(progress.updated_at)})")
     if info.status == "waiting":
         what = []
         if info.waiting_on:

@@ -16,6 +16,7 @@ from durable.codec import dumps, loads
 from durable.models import (
     Claimed,
     NewTask,
+    Progress,
     QueueCount,
     TaskInfo,
     TaskSummary,
@@ -213,6 +214,26 @@ class Tasks(Part):
     ) -> list[TaskSummary]:
         rows = await self.pool.fetch(self.q["list_tasks"], status, queue, name, since, limit)
         return [TaskSummary(**dict(r)) for r in rows]
+
+    async def report_progress(
+        self, task_id: int, token: int, value: str | None, message: str | None
+    ) -> None:
+        await self.pool.execute(self.q["report_progress"], task_id, token, value, message)
+
+    async def progress_state(self, task_id: int) -> tuple[str, Progress | None] | None:
+        """The task's status and latest progress; None when there is no such task."""
+        row = await self.pool.fetchrow(self.q["progress_state"], task_id)
+        if row is None:
+            return None
+        if row["updated_at"] is None:
+            return row["status"], None
+        return row["status"], Progress(loads(row["value"]), row["message"], row["updated_at"])
+
+    async def progress_of(self, ids: Sequence[int]) -> dict[int, Progress]:
+        rows = await self.pool.fetch(self.q["progress_of"], list(ids))
+        return {
+            r["task_id"]: Progress(loads(r["value"]), r["message"], r["updated_at"]) for r in rows
+        }
 
     async def watch_finish(self, task_id: int) -> tuple[str, Any, Any] | None:
         row = await self.pool.fetchrow(self.q["watch_finish"], task_id)

@@ -4,7 +4,8 @@
 -- - queues can be paused (`durable queues pause NAME`): durable.claim claims nothing from
 --   a paused queue;
 -- - send_event(..., idempotency_key): a retrying producer delivers once;
--- - idempotency keys of scope "active", unique only among unfinished tasks.
+-- - idempotency keys of scope "active", unique only among unfinished tasks;
+-- - durable.progress: the latest progress a running task reported.
 -- sql/schema.sql holds the same schema in one file to read; a test holds them equal.
 
 alter table durable.queues add column paused boolean not null default false;
@@ -16,6 +17,17 @@ create unique index signals_idempotency_idx on durable.signals (task_id, idempot
 alter table durable.tasks add column active_key text;
 create unique index tasks_active_key_idx on durable.tasks (active_key)
     where active_key is not null and status in ('queued', 'running', 'waiting');
+
+-- The latest progress a running task reported (TaskContext.progress, ctx.progress): one
+-- row per task, overwritten, so that a task reporting in a loop does not grow anything.
+-- Kept apart from durable.tasks: a report neither writes a version of the task's row nor
+-- runs its triggers. Gone with the task.
+create table durable.progress (
+    task_id     bigint primary key references durable.tasks (id) on delete cascade,
+    value       jsonb,
+    message     text,
+    updated_at  timestamptz not null default now()
+);
 
 -- The new argument makes a new function: the old one goes, or a call with three
 -- arguments would be ambiguous. (`durable migrate --grant ROLE` grants it again.)
