@@ -4,6 +4,7 @@ from durable.client import Client, Handle, connect
 from durable.context import Context
 from durable.errors import (
     ConfigurationError,
+    DeadlineExceeded,
     DurableError,
     EventTimeout,
     NonDeterminismError,
@@ -25,6 +26,7 @@ __all__ = [
     "Client",
     "ConfigurationError",
     "Context",
+    "DeadlineExceeded",
     "Definition",
     "DurableError",
     "EventTimeout",

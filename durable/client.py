@@ -86,6 +86,7 @@ class Client:
         run_at: datetime | None,
         max_attempts: int | None,
         timeout: float | None,
+        deadline: float | datetime | None = None,
     ) -> NewTask:
         d = fn if isinstance(fn, Definition) else registry.get(fn) if isinstance(fn, str) else None
         name = _text(d.name if d is not None else fn, "a task name")
@@ -110,6 +111,21 @@ class Client:
             isinstance(limit, int | float) and limit > 0 and math.isfinite(limit)
         ):
             raise InvalidValue(f"timeout must be a positive number of seconds, got {shown(limit)}")
+        overrides: dict[str, Any] = {}
+        if deadline is not None:
+            if isinstance(deadline, datetime):
+                if deadline.tzinfo is None:
+                    raise InvalidValue("deadline must be an aware datetime (with tzinfo)")
+                seconds = (deadline - self.store.now()).total_seconds()
+            elif isinstance(deadline, int | float) and not isinstance(deadline, bool):
+                seconds = float(deadline)
+            else:
+                raise InvalidValue(
+                    f"deadline must be seconds from now or an aware datetime, got {shown(deadline)}"
+                )
+            if not (math.isfinite(seconds) and seconds < 10 * 365 * 86400):
+                raise InvalidValue(f"deadline must be within 10 years, got {shown(deadline)}")
+            overrides["deadline"] = seconds  # a past datetime: the task fails at its claim
         return NewTask.from_definition(
             d if d is not None else Definition.elsewhere(name),
             args,
@@ -120,6 +136,7 @@ class Client:
             max_attempts=attempts,
             timeout=float(limit) if limit is not None else None,
             trace_context=tracing.inject(),  # the caller's span becomes the task's parent
+            **overrides,
         )
 
     async def start(
@@ -136,6 +153,7 @@ class Client:
         timeout: float | None = None,
         conn: Connection | None = None,
         idempotency: str | None = None,
+        deadline: float | datetime | None = None,
         **kwargs: Any,
     ) -> Handle:
         """Enqueue ``fn(*args, **kwargs)``; returns a Handle at once.
@@ -146,11 +164,13 @@ class Client:
         default, or the definition's ``idempotency=``), or only while that task is queued,
         running or waiting (``"active"``: the key frees once it finishes). ``conn``
         enqueues inside the caller's asyncpg transaction, so the task exists only if that
-        transaction commits.
+        transaction commits. ``deadline`` (seconds from now, or an aware datetime) bounds
+        the whole run, overriding the definition's ``deadline=``: once it passes the task
+        fails with ``DeadlineExceeded`` and its unfinished children are cancelled.
         """
         t = self._new_task(
             fn, args, kwargs, queue=queue, priority=priority, delay=delay, run_at=run_at,
-            max_attempts=max_attempts, timeout=timeout,
+            max_attempts=max_attempts, timeout=timeout, deadline=deadline,
         )
         if idempotency_key is not None:
             _key(idempotency_key)

@@ -38,6 +38,8 @@ class Claimed(NamedTuple):
     cancel_requested: bool
     fresh: bool = False
     """Never claimed before: a workflow has no events yet (none need loading)."""
+    deadline: datetime | None = None
+    """When the task must be done by (``deadline=``), if it has one."""
     trace_context: str | None = None
     """The starter's trace context (JSON, W3C traceparent) when it was traced."""
 
@@ -73,6 +75,7 @@ class TaskInfo:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    deadline: datetime | None = None
 
     @property
     def finished(self) -> bool:
@@ -162,6 +165,8 @@ class NewTask(NamedTuple):
     key_limit: int | None = None
     key_rate_limit: int | None = None
     key_rate_period: float | None = None
+    deadline: float | None = None
+    """Seconds from the insert (on the database's clock) until the task's deadline."""
 
     @classmethod
     def from_definition(
@@ -192,6 +197,7 @@ class NewTask(NamedTuple):
             key_limit=definition.key_limit if key is not None else None,
             key_rate_limit=rate[0] if rate else None,
             key_rate_period=rate[1] if rate else None,
+            deadline=definition.deadline,
         )
         if overrides:
             fields.update(overrides)  # one construction: a _replace costs a second

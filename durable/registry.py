@@ -16,6 +16,9 @@ from durable.validation import MAX_LIMIT, MAX_PERIOD, MIN_PERIOD
 
 ENTRY_POINT_GROUP = "durable"
 
+MAX_DEADLINE = 10 * 365 * 86400.0
+"""Longest deadline, in seconds."""
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -39,6 +42,9 @@ class Definition(Generic[P, R]):
     timezone: str = "UTC"
     idempotency: str = "forever"
     """The scope of an idempotency key given to ``start``: ``"forever"`` or ``"active"``."""
+    deadline: float | None = None
+    """Seconds from its start by which the task must be done (across attempts, suspensions
+    and restarts), else it fails with ``DeadlineExceeded``."""
     takes_context: bool = False
     """A task whose first parameter is annotated ``durable.TaskContext``: the daemon
     passes the running attempt's context there."""
@@ -126,6 +132,15 @@ def _validated(d: Definition[Any, Any]) -> Definition[Any, Any]:
             )
     if d.concurrency_key is not None and not callable(d.concurrency_key):
         raise ConfigurationError(f"{d.origin}: concurrency_key must be a function of the arguments")
+    if d.deadline is not None and (
+        isinstance(d.deadline, bool)
+        or not isinstance(d.deadline, int | float)
+        or not 0 < d.deadline < MAX_DEADLINE
+    ):
+        raise ConfigurationError(
+            f"{d.origin}: deadline must be a positive number of seconds (under 10 years), "
+            f"got {d.deadline!r}"
+        )
     if d.idempotency not in ("forever", "active"):
         raise ConfigurationError(
             f"{d.origin}: idempotency must be 'forever' or 'active', got {d.idempotency!r}"
@@ -189,6 +204,7 @@ def _make(
     schedule: str | None = None,
     timezone: str = "UTC",
     idempotency: str = "forever",
+    deadline: float | None = None,
 ) -> Definition[Any, Any]:
     if retry is not None and retry.max_attempts is not None:
         raise ConfigurationError(
@@ -216,6 +232,7 @@ def _make(
             schedule=schedule,
             timezone=timezone,
             idempotency=idempotency,
+            deadline=deadline,
         )
     )
     registry.add(d)
@@ -225,8 +242,6 @@ def _make(
 def _takes_context(fn: Callable[..., Any]) -> bool:
     """Whether ``fn``'s first parameter is annotated ``durable.TaskContext`` (a class or,
     under ``from __future__ import annotations``, its name)."""
-    from durable.taskcontext import TaskContext
-
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
@@ -236,8 +251,8 @@ def _takes_context(fn: Callable[..., Any]) -> bool:
     ):
         return False
     note = params[0].annotation
-    if note is TaskContext:
-        return True
+    if isinstance(note, type):  # by name: registry.py must not import the runtime's modules
+        return (note.__module__, note.__qualname__) == ("durable.taskcontext", "TaskContext")
     return isinstance(note, str) and note.rpartition(".")[2] == "TaskContext"
 
 
@@ -258,6 +273,7 @@ def task(
     schedule: str | None = None,
     timezone: str = "UTC",
     idempotency: str = "forever",
+    deadline: float | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]: ...
 def task(
     fn: Callable[P, Awaitable[R]] | None = None,
@@ -275,6 +291,7 @@ def task(
     schedule: str | None = None,
     timezone: str = "UTC",
     idempotency: str = "forever",
+    deadline: float | None = None,
 ) -> Definition[P, R] | Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]:
     """Register an ``async def`` function as a task that daemons run.
 
@@ -295,7 +312,7 @@ def task(
 
     def wrap(f: Callable[P, Awaitable[R]]) -> Definition[P, R]:
         return _make(f, "task", name, queue, max_attempts, timeout, priority, retry,
-                     concurrency_key, key_limit, key_rate, schedule, timezone, idempotency)
+                     concurrency_key, key_limit, key_rate, schedule, timezone, idempotency, deadline)
 
     return wrap(fn) if fn is not None else wrap
 
@@ -317,6 +334,7 @@ def workflow(
     schedule: str | None = None,
     timezone: str = "UTC",
     idempotency: str = "forever",
+    deadline: float | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]: ...
 def workflow(
     fn: Callable[P, Awaitable[R]] | None = None,
@@ -334,6 +352,7 @@ def workflow(
     schedule: str | None = None,
     timezone: str = "UTC",
     idempotency: str = "forever",
+    deadline: float | None = None,
 ) -> Definition[P, R] | Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]:
     """Register an ``async def fn(ctx: durable.Context, ...)`` as a durable workflow.
 
@@ -342,11 +361,15 @@ def workflow(
     again from the top and each recorded call returns its recorded result instead of
     running again. The code between durable calls must be deterministic. Options are
     those of ``durable.task``; ``timeout`` bounds each run between two suspensions.
+    ``deadline`` (seconds from its start) bounds the whole workflow: every attempt, sleep,
+    event wait and restart. When it passes the workflow fails with
+    ``durable.DeadlineExceeded`` (woken for it if it is waiting) and its unfinished
+    children are cancelled.
     """
 
     def wrap(f: Callable[P, Awaitable[R]]) -> Definition[P, R]:
         return _make(f, "workflow", name, queue, max_attempts, timeout, priority, retry,
-                     concurrency_key, key_limit, key_rate, schedule, timezone, idempotency)
+                     concurrency_key, key_limit, key_rate, schedule, timezone, idempotency, deadline)
 
     return wrap(fn) if fn is not None else wrap
 

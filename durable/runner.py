@@ -20,6 +20,7 @@ from durable.batch import Batcher
 from durable.codec import describe_error, dumps_spaced, error_text, loads
 from durable.context import Context
 from durable.errors import (
+    DeadlineExceeded,
     LeaseLost,
     NonDeterminismError,
     NonRetryable,
@@ -114,14 +115,22 @@ class Runner:
     async def _execute(
         self, task: Claimed, definition: Definition[Any, Any] | None
     ) -> tuple[str, Any]:
+        by_deadline = False  # the attempt's time limit is the task's deadline
         try:
             if definition is None:
                 raise NonRetryable(f"no task or workflow named {task.name!r} is registered")
             args, kwargs = _arguments(task)
-            here = TaskContext(task, self.store)
+            limit = task.timeout
+            if task.deadline is not None:
+                left = (task.deadline - self.store.now()).total_seconds()
+                if left <= 0:
+                    raise DeadlineExceeded(f"the deadline {task.deadline.isoformat()} passed")
+                if limit is None or left < limit:
+                    limit, by_deadline = left, True
+            here = TaskContext(task, self.store, task.deadline)
             entered = taskcontext.enter(here)
             try:
-                result = await self._call(task, definition, here, args, kwargs)
+                result = await self._call(task, definition, here, args, kwargs, limit)
             finally:
                 taskcontext.leave(entered)
                 await here.finish()
@@ -130,6 +139,9 @@ class Runner:
         except Suspend as s:
             return ("suspended", s)
         except TimeoutError as exc:
+            if by_deadline and not str(exc) and task.deadline is not None:
+                late = DeadlineExceeded(f"the deadline {task.deadline.isoformat()} passed")
+                return ("failed", (late, None, False))
             if not str(exc):
                 exc = TimeoutError(f"the attempt took longer than its timeout of {task.timeout}s")
             return ("failed", (exc, None, True))
@@ -141,7 +153,7 @@ class Runner:
             if exc.task_id == task.id:  # a workflow told that its cancel was asked for
                 return ("cancelled", None)
             return ("failed", (exc, None, True))
-        except (NonRetryable, NonDeterminismError, PayloadError) as exc:
+        except (NonRetryable, NonDeterminismError, PayloadError, DeadlineExceeded) as exc:
             return ("failed", (exc, None, False))
         except Exception as exc:
             return ("failed", (exc, None, True))
@@ -164,8 +176,9 @@ class Runner:
         here: TaskContext,
         args: list[Any],
         kwargs: dict[str, Any],
+        limit: float | None,
     ) -> Any:
-        async with asyncio.timeout(task.timeout) if task.timeout else _untimed:
+        async with asyncio.timeout(limit) if limit is not None else _untimed:
             if definition.kind == "workflow":
                 events = (
                     [] if task.fresh else await self.store.load_events(task.id, task.branch)
@@ -212,8 +225,9 @@ class Runner:
                 series.cancelled += 1
                 log.info("task_cancelled", **fields)
                 return
-            if s.wake_at is not None and status == "waiting":
-                self.on_timer(s.wake_at)
+            wake = min((w for w in (s.wake_at, task.deadline) if w is not None), default=None)
+            if wake is not None and status == "waiting":
+                self.on_timer(wake)  # durable.suspend wakes it at the deadline too
             log.info(
                 "task_suspended",
                 **fields,
@@ -253,6 +267,13 @@ class Runner:
                         "task_retrying", **fields, attempt=task.attempt,
                         delay=round(decision.delay, 3), error=err,
                     )
+            elif isinstance(exc, DeadlineExceeded):
+                ok = await written(
+                    lambda: self.store.fail_deadline(task.id, task.token, error), **fields
+                )
+                if ok:
+                    series.failed += 1
+                    log.error("task_deadline_exceeded", **fields, attempt=task.attempt, error=err)
             else:
                 ok = await written(lambda: self.store.fail(task.id, task.token, error), **fields)
                 if ok:

@@ -166,19 +166,21 @@ returning t.id
 -- first have to look up.
 insert into durable.tasks
     (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
-     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context)
+     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context, deadline)
 values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now()),
-        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb)
+        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb,
+        now() + make_interval(secs => $15::float8))
 returning id
 
 -- name: insert_task_keyed
--- The same with an idempotency key ($15): the task already started with it, if any.
+-- The same with an idempotency key ($16): the task already started with it, if any.
 insert into durable.tasks as t
     (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
      concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context,
-     idempotency_key)
+     deadline, idempotency_key)
 values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now()),
-        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb, $15)
+        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb,
+        now() + make_interval(secs => $15::float8), $16)
 on conflict (idempotency_key) where idempotency_key is not null
     do update set idempotency_key = excluded.idempotency_key
 returning t.id, (t.xmax = 0) as inserted
@@ -186,15 +188,16 @@ returning t.id, (t.xmax = 0) as inserted
 -- name: insert_many
 insert into durable.tasks (queue, name, kind, args, kwargs, priority, run_at, max_attempts,
                            timeout, concurrency_key, key_limit, key_rate_limit,
-                           key_rate_period, trace_context)
+                           key_rate_period, trace_context, deadline)
 select v.queue, v.name, v.kind, v.args::jsonb, v.kwargs::jsonb, v.priority,
        coalesce(v.run_at, now()), v.max_attempts, v.timeout, v.ckey, v.klimit, v.krate,
-       v.kperiod, v.trace_context::jsonb
+       v.kperiod, v.trace_context::jsonb, now() + make_interval(secs => v.deadline)
   from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
               $7::timestamptz[], $8::int[], $9::float8[], $10::text[], $11::int[],
-              $12::int[], $13::float8[], $14::text[])
+              $12::int[], $13::float8[], $14::text[], $15::float8[])
        with ordinality as v(queue, name, kind, args, kwargs, priority, run_at, max_attempts,
-                            timeout, ckey, klimit, krate, kperiod, trace_context, ord)
+                            timeout, ckey, klimit, krate, kperiod, trace_context, deadline,
+                            ord)
  order by v.ord
 returning id
 
@@ -202,7 +205,7 @@ returning id
 select id, queue, name, kind, args::text, kwargs::text, status, priority, run_at, attempt,
        max_attempts, timeout, lease_until, worker_id, result::text, error::text,
        idempotency_key, parent_id, root_id, branch, wake_at, waiting_on, waiting_event,
-       cancel_requested, created_at, started_at, finished_at
+       cancel_requested, created_at, started_at, finished_at, deadline
 from durable.tasks where id = $1
 
 -- name: list_tasks
@@ -315,14 +318,15 @@ values ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11, $12, $13, $1
 -- name: insert_children
 insert into durable.tasks (queue, name, kind, args, kwargs, priority, max_attempts, timeout,
                            parent_id, root_id, concurrency_key, key_limit, key_rate_limit,
-                           key_rate_period, trace_context)
+                           key_rate_period, trace_context, deadline)
 select v.queue, v.name, v.kind, v.args::jsonb, v.kwargs::jsonb, v.priority, v.max_attempts,
-       v.timeout, $10, $11, v.ckey, v.klimit, v.krate, v.kperiod, v.trace_context::jsonb
+       v.timeout, $10, $11, v.ckey, v.klimit, v.krate, v.kperiod, v.trace_context::jsonb,
+       now() + make_interval(secs => v.deadline)
   from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
               $7::int[], $8::float8[], $9::int[], $12::text[], $13::int[], $14::int[],
-              $15::float8[], $16::text[])
+              $15::float8[], $16::text[], $17::float8[])
        as v(queue, name, kind, args, kwargs, priority, max_attempts, timeout, ord, ckey,
-            klimit, krate, kperiod, trace_context)
+            klimit, krate, kperiod, trace_context, deadline)
  order by v.ord
 returning id
 
@@ -377,14 +381,15 @@ with q as (
 select pg_notify('durable_ready', q.name) from q where not q.paused
 
 -- name: insert_task_active
--- A task with an idempotency key of scope "active" ($15): the unfinished task started
+-- A task with an idempotency key of scope "active" ($16): the unfinished task started
 -- with it, if any; once that one has finished, a new task.
 insert into durable.tasks as t
     (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
      concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context,
-     active_key)
+     deadline, active_key)
 values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now()),
-        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb, $15)
+        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb,
+        now() + make_interval(secs => $15::float8), $16)
 on conflict (active_key) where active_key is not null and status in ('queued', 'running', 'waiting')
     do update set active_key = excluded.active_key
 returning t.id, (t.xmax = 0) as inserted
@@ -682,3 +687,17 @@ where t.id = $1
 -- name: progress_of
 select task_id, value::text as value, message, updated_at from durable.progress
 where task_id = any($1::bigint[])
+
+-- name: fail_deadline
+-- The task's deadline passed: it fails (cancelled if a cancel came first, as `fail`) and
+-- every unfinished descendant is cancelled.
+with failed as (
+    update durable.tasks
+       set status = case when cancel_requested then 'cancelled' else 'failed' end,
+           error = $3::jsonb, finished_at = now(),
+           claim_token = null, lease_until = null
+     where id = $1 and claim_token = $2 and status = 'running'
+    returning id
+)
+select (select id from failed),
+       (select count(*) from durable.cancel_descendants(array(select id from failed)))

@@ -83,6 +83,9 @@ create table durable.tasks (
     attempt_budget  integer,
     -- An idempotency key of scope "active": unique only among unfinished tasks.
     active_key      text,
+    -- The task must be done by then (deadline=): it fails with DeadlineExceeded, across
+    -- attempts, suspensions and restarts; a waiting workflow is woken for it.
+    deadline        timestamptz,
     -- A rate limit and its period come together. The checks on one column are the
     -- domains' (above): they run only where a value is written.
     constraint tasks_key_check check ((key_rate_limit is null) = (key_rate_period is null)),
@@ -578,8 +581,9 @@ set search_path = pg_catalog, pg_temp as $$
 declare
     ready boolean := false;
     cancelling boolean;
+    due timestamptz;
 begin
-    select t.cancel_requested into cancelling from durable.tasks t
+    select t.cancel_requested, t.deadline into cancelling, due from durable.tasks t
      where t.id = task and t.claim_token = token and t.status = 'running' for update;
     if not found then
         return null;
@@ -614,6 +618,8 @@ begin
     then
         ready := true;
     end if;
+    -- A deadline wakes the workflow too (its next claim fails it with DeadlineExceeded).
+    wake := least(wake, due);
     if wake is not null and wake <= now() then
         ready := true;
     end if;
@@ -778,7 +784,7 @@ create function durable.claim(q text, names text[], n integer, lease double prec
 returns table (id bigint, queue text, name text, kind text, args text, kwargs text,
                attempt integer, max_attempts integer, timeout double precision,
                claim_token bigint, branch integer, parent_id bigint, root_id bigint,
-               cancel_requested boolean, fresh boolean)
+               cancel_requested boolean, fresh boolean, deadline timestamptz)
 language plpgsql
 set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
@@ -869,7 +875,7 @@ begin
             returning t.id, t.queue::text, t.name::text, t.kind::text, t.args::text,
                       t.kwargs::text, t.attempt::integer, t.max_attempts::integer,
                       t.timeout::double precision, t.claim_token, t.branch, t.parent_id,
-                      t.root_id, t.cancel_requested, ready.started_at is null;
+                      t.root_id, t.cancel_requested, ready.started_at is null, t.deadline;
             get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
             claimed := claimed + busy;
             exit when claimed >= n;
@@ -938,7 +944,8 @@ begin
     )
     select s.id, s.queue::text, s.name::text, s.kind::text, s.args::text, s.kwargs::text,
            s.attempt::integer, s.max_attempts::integer, s.timeout::double precision,
-           s.claim_token, s.branch, s.parent_id, s.root_id, s.cancel_requested, s.fresh
+           s.claim_token, s.branch, s.parent_id, s.root_id, s.cancel_requested, s.fresh,
+           s.deadline
       from started s;
     perform set_config('durable.claiming', '', true);
 end;

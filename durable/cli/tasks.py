@@ -222,6 +222,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"task {info.id}  {info.kind} {info.name!r}  queue {info.queue}")
     print(f"status     {info.status}{cancel}")
     print(f"attempt    {info.attempt} of {info.max_attempts}")
+    if info.deadline is not None:
+        print(f"deadline   {cell(info.deadline)}")
     print(f"arguments  {cut(f'{json.dumps(info.args)} {kwargs}'.rstrip(), full)}")
     print(f"created    {cell(info.created_at)}   started {cell(info.started_at)}   "
           f"finished {cell(info.finished_at)}")  # fmt: skip

@@ -124,6 +124,7 @@ class Store:
     complete_many = _Via(_tasks, Tasks.complete_many)
     retry_later = _Via(_tasks, Tasks.retry_later)
     fail = _Via(_tasks, Tasks.fail)
+    fail_deadline = _Via(_tasks, Tasks.fail_deadline)
     mark_cancelled = _Via(_tasks, Tasks.mark_cancelled)
     release = _Via(_tasks, Tasks.release)
     get_task = _Via(_tasks, Tasks.get_task)

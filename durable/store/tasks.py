@@ -54,6 +54,7 @@ def _task_info(r: asyncpg.Record) -> TaskInfo:
         created_at=r["created_at"],
         started_at=r["started_at"],
         finished_at=r["finished_at"],
+        deadline=r["deadline"],
     )
 
 
@@ -87,6 +88,7 @@ class Tasks(Part):
             t.key_rate_limit,
             t.key_rate_period,
             t.trace_context,
+            t.deadline,
         )
         on: Any = conn
         if on is None:
@@ -117,6 +119,7 @@ class Tasks(Part):
             [t.key_rate_limit for t in tasks],
             [t.key_rate_period for t in tasks],
             [t.trace_context for t in tasks],
+            [t.deadline for t in tasks],
         )
         if conn is not None:
             rows = await conn.fetch(self.q["insert_many"], *params)
@@ -187,6 +190,10 @@ class Tasks(Part):
 
     async def fail(self, task_id: int, token: int, error: str) -> bool:
         return await self.pool.fetchval(self.q["fail"], task_id, token, error) is not None
+
+    async def fail_deadline(self, task_id: int, token: int, error: str) -> bool:
+        """Fail the task whose deadline passed and cancel its unfinished descendants."""
+        return await self.pool.fetchval(self.q["fail_deadline"], task_id, token, error) is not None
 
     async def mark_cancelled(self, task_id: int, token: int) -> bool:
         return await self.pool.fetchval(self.q["mark_cancelled"], task_id, token) is not None

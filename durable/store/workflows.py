@@ -169,6 +169,7 @@ class Workflows(Part):
                     [c[2].key_rate_limit for c in children],
                     [c[2].key_rate_period for c in children],
                     [c[2].trace_context for c in children],
+                    [c[2].deadline for c in children],
                 )
             ]
             await conn.execute(

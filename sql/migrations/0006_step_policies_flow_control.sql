@@ -5,7 +5,8 @@
 --   a paused queue;
 -- - send_event(..., idempotency_key): a retrying producer delivers once;
 -- - idempotency keys of scope "active", unique only among unfinished tasks;
--- - durable.progress: the latest progress a running task reported.
+-- - durable.progress: the latest progress a running task reported;
+-- - tasks.deadline: durable.claim returns it, durable.suspend wakes a workflow for it.
 -- sql/schema.sql holds the same schema in one file to read; a test holds them equal.
 
 alter table durable.queues add column paused boolean not null default false;
@@ -15,6 +16,7 @@ create unique index signals_idempotency_idx on durable.signals (task_id, idempot
     where idempotency_key is not null;
 
 alter table durable.tasks add column active_key text;
+alter table durable.tasks add column deadline timestamptz;
 create unique index tasks_active_key_idx on durable.tasks (active_key)
     where active_key is not null and status in ('queued', 'running', 'waiting');
 
@@ -143,12 +145,15 @@ begin
 end;
 $$;
 
-create or replace function durable.claim(q text, names text[], n integer, lease double precision,
+-- A new column in its result: the function goes and comes back (`durable migrate --grant
+-- ROLE` grants it again).
+drop function durable.claim(text, text[], integer, double precision, uuid);
+create function durable.claim(q text, names text[], n integer, lease double precision,
                               worker uuid)
 returns table (id bigint, queue text, name text, kind text, args text, kwargs text,
                attempt integer, max_attempts integer, timeout double precision,
                claim_token bigint, branch integer, parent_id bigint, root_id bigint,
-               cancel_requested boolean, fresh boolean)
+               cancel_requested boolean, fresh boolean, deadline timestamptz)
 language plpgsql
 set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
@@ -239,7 +244,7 @@ begin
             returning t.id, t.queue::text, t.name::text, t.kind::text, t.args::text,
                       t.kwargs::text, t.attempt::integer, t.max_attempts::integer,
                       t.timeout::double precision, t.claim_token, t.branch, t.parent_id,
-                      t.root_id, t.cancel_requested, ready.started_at is null;
+                      t.root_id, t.cancel_requested, ready.started_at is null, t.deadline;
             get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
             claimed := claimed + busy;
             exit when claimed >= n;
@@ -308,8 +313,72 @@ begin
     )
     select s.id, s.queue::text, s.name::text, s.kind::text, s.args::text, s.kwargs::text,
            s.attempt::integer, s.max_attempts::integer, s.timeout::double precision,
-           s.claim_token, s.branch, s.parent_id, s.root_id, s.cancel_requested, s.fresh
+           s.claim_token, s.branch, s.parent_id, s.root_id, s.cancel_requested, s.fresh,
+           s.deadline
       from started s;
     perform set_config('durable.claiming', '', true);
+end;
+$$;
+
+create or replace function durable.suspend(
+    task bigint, token bigint, br integer, children bigint[], wake timestamptz,
+    event_name text
+) returns text
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
+declare
+    ready boolean := false;
+    cancelling boolean;
+    due timestamptz;
+begin
+    select t.cancel_requested, t.deadline into cancelling, due from durable.tasks t
+     where t.id = task and t.claim_token = token and t.status = 'running' for update;
+    if not found then
+        return null;
+    end if;
+    if cancelling then
+        -- Its descendants are cancelled by tasks_after_update (durable.cancel_descendants).
+        update durable.tasks t
+           set status = 'cancelled', finished_at = now(), wake_at = null, waiting_on = null,
+               waiting_event = null, claim_token = null, lease_until = null, worker_id = null
+         where t.id = task;
+        return 'cancelled';
+    end if;
+    if children is not null then
+        -- A child finishing now runs wake_waiting, which may still see this task running
+        -- and not wake it; and the check below may not see that child's uncommitted
+        -- finish. The lock wake_waiting takes too orders them: either the child committed
+        -- before the check's snapshot, or it wakes the task after this commits. (An
+        -- advisory lock, not the children's rows: row locks would deadlock with heartbeats.)
+        perform pg_advisory_xact_lock(1685418593, (task % 2147483648)::integer);
+        if not exists (
+            select 1 from durable.tasks c
+            where c.id = any(children) and c.status not in ('completed', 'failed', 'cancelled'))
+        then
+            ready := true;
+        end if;
+    end if;
+    if event_name is not null and exists (
+        select 1 from durable.signals s
+        where s.task_id = task and s.name = event_name
+          and not exists (select 1 from durable.events e
+                          where e.task_id = task and e.branch = br and e.signal_id = s.id))
+    then
+        ready := true;
+    end if;
+    -- A deadline wakes the workflow too (its next claim fails it with DeadlineExceeded).
+    wake := least(wake, due);
+    if wake is not null and wake <= now() then
+        ready := true;
+    end if;
+    update durable.tasks t
+       set status = case when ready then 'queued' else 'waiting' end,
+           run_at = now(),
+           wake_at = case when ready then null else wake end,
+           waiting_on = case when ready then null else children end,
+           waiting_event = case when ready then null else event_name end,
+           claim_token = null, lease_until = null, worker_id = null
+     where t.id = task;
+    return case when ready then 'queued' else 'waiting' end;
 end;
 $$;
