@@ -154,6 +154,9 @@ class Client:
         conn: Connection | None = None,
         idempotency: str | None = None,
         deadline: float | datetime | None = None,
+        debounce: float | None = None,
+        debounce_key: str | None = None,
+        max_delay: float | None = None,
         **kwargs: Any,
     ) -> Handle:
         """Enqueue ``fn(*args, **kwargs)``; returns a Handle at once.
@@ -167,6 +170,11 @@ class Client:
         transaction commits. ``deadline`` (seconds from now, or an aware datetime) bounds
         the whole run, overriding the definition's ``deadline=``: once it passes the task
         fails with ``DeadlineExceeded`` and its unfinished children are cancelled.
+
+        ``debounce=seconds`` runs the task that many seconds after the *last* start of its
+        ``debounce_key`` (default: the task's name): a start while an earlier one is still
+        queued replaces its arguments and pushes its run time back, never past
+        ``max_delay`` seconds after the first of them. The handle is that queued task's.
         """
         t = self._new_task(
             fn, args, kwargs, queue=queue, priority=priority, delay=delay, run_at=run_at,
@@ -174,11 +182,17 @@ class Client:
         )
         if idempotency_key is not None:
             _key(idempotency_key)
+        bounce = None
+        if debounce is not None or debounce_key is not None or max_delay is not None:
+            bounce = _debounce(t.name, debounce, debounce_key, max_delay)
+            if idempotency_key is not None or delay is not None or run_at is not None:
+                raise InvalidValue("debounce cannot be combined with idempotency_key, delay or run_at")
         scope = _scope(fn, idempotency)
         if idempotency is not None and idempotency_key is None:
             raise InvalidValue("idempotency= needs an idempotency_key")
         task_id, inserted = await self.store.insert_task(
-            t, idempotency_key=idempotency_key, conn=conn, active=scope == "active"
+            t, idempotency_key=idempotency_key, conn=conn, active=scope == "active",
+            debounce=bounce,
         )
         return Handle(self, task_id, inserted)
 
@@ -380,6 +394,31 @@ def _key(value: object) -> None:
     assert isinstance(value, str)
     if len(value.encode()) > MAX_KEY_BYTES:
         raise InvalidValue(f"idempotency_key must be at most {MAX_KEY_BYTES} bytes")
+
+
+def _seconds(value: object, what: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value < 10 * 365 * 86400
+    ):
+        raise InvalidValue(f"{what} must be a number of seconds from 0 to 10 years, got {shown(value)}")
+    return float(value)
+
+
+def _debounce(
+    name: str, debounce: object, key: object, max_delay: object
+) -> tuple[float, str, float | None]:
+    if debounce is None:
+        raise InvalidValue("debounce_key and max_delay need debounce=seconds")
+    seconds = _seconds(debounce, "debounce")
+    limit = None if max_delay is None else _seconds(max_delay, "max_delay")
+    if limit is not None and limit < seconds:
+        raise InvalidValue(f"max_delay ({limit:g}s) must be at least debounce ({seconds:g}s)")
+    text = name if key is None else _text(key, "debounce_key", limit=None)
+    if len(text.encode()) > MAX_KEY_BYTES:
+        raise InvalidValue(f"debounce_key must be at most {MAX_KEY_BYTES} bytes")
+    return seconds, text, limit
 
 
 SCOPES = ("forever", "active")

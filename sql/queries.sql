@@ -701,3 +701,25 @@ with failed as (
 )
 select (select id from failed),
        (select count(*) from durable.cancel_descendants(array(select id from failed)))
+
+-- name: insert_task_debounced
+-- start(..., debounce=$16, debounce_key=$17, max_delay=$18): the queued task of the key,
+-- if any, takes these arguments and runs $16 seconds from now, but never later than
+-- $18 seconds after that task's first start; else a new task, due in $16 seconds.
+insert into durable.tasks as t
+    (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
+     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context,
+     deadline, debounce_key, debounce_until)
+values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6,
+        coalesce($7::timestamptz,  -- null: start refuses delay and run_at with debounce
+                 least(now() + make_interval(secs => $16::float8),
+                       now() + make_interval(secs => $18::float8))),
+        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb,
+        now() + make_interval(secs => $15::float8), $17,
+        now() + make_interval(secs => $18::float8))
+on conflict (debounce_key) where debounce_key is not null and status = 'queued'
+    do update set args = excluded.args, kwargs = excluded.kwargs,
+                  trace_context = excluded.trace_context,
+                  run_at = least(excluded.run_at, t.debounce_until)
+        where t.name = excluded.name  -- a key pending for another task: no row, refused
+returning t.id, (t.xmax = 0) as inserted

@@ -86,6 +86,10 @@ create table durable.tasks (
     -- The task must be done by then (deadline=): it fails with DeadlineExceeded, across
     -- attempts, suspensions and restarts; a waiting workflow is woken for it.
     deadline        timestamptz,
+    -- start(..., debounce=): a later start with the same key, while this one is still
+    -- queued, replaces its arguments and pushes its run_at, never past debounce_until.
+    debounce_key    text,
+    debounce_until  timestamptz,
     -- A rate limit and its period come together. The checks on one column are the
     -- domains' (above): they run only where a value is written.
     constraint tasks_key_check check ((key_rate_limit is null) = (key_rate_period is null)),
@@ -115,6 +119,10 @@ create unique index tasks_idempotency_idx on durable.tasks (idempotency_key)
 -- frees its key (status changes already update every index: no HOT update is lost).
 create unique index tasks_active_key_idx on durable.tasks (active_key)
     where active_key is not null and status in ('queued', 'running', 'waiting');
+-- The pending start of a debounce key: only while it is queued (a claimed one is left
+-- alone, and the next start makes a new task).
+create unique index tasks_debounce_idx on durable.tasks (debounce_key)
+    where debounce_key is not null and status = 'queued';
 
 create table durable.workers (
     id              uuid primary key,

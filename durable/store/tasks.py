@@ -23,6 +23,7 @@ from durable.models import (
     WorkerInfo,
 )
 from durable.store.database import KeptConnection, Part
+from durable.validation import InvalidValue
 
 
 def _task_info(r: asyncpg.Record) -> TaskInfo:
@@ -70,6 +71,7 @@ class Tasks(Part):
         idempotency_key: str | None = None,
         conn: Any = None,
         active: bool = False,
+        debounce: tuple[float, str, float | None] | None = None,
     ) -> tuple[int, bool]:
         """Insert one task; returns (id, inserted). An idempotency key returns the old id
         (with ``active``, only while the old task is unfinished)."""
@@ -94,6 +96,13 @@ class Tasks(Part):
         if on is None:
             kept = self.db.enqueue
             on = kept if kept is not None and not kept.busy else self.pool
+        if debounce is not None:  # (seconds, key, max_delay)
+            found = await on.fetchrow(self.q["insert_task_debounced"], *params, *debounce)
+            if found is None:
+                raise InvalidValue(
+                    f"debounce_key {debounce[1]!r} is pending for a task other than {t.name!r}"
+                )
+            return found["id"], found["inserted"]
         if idempotency_key is None:
             return await on.fetchval(self.q["insert_task"], *params), True
         query = self.q["insert_task_active" if active else "insert_task_keyed"]

@@ -6,7 +6,8 @@
 -- - send_event(..., idempotency_key): a retrying producer delivers once;
 -- - idempotency keys of scope "active", unique only among unfinished tasks;
 -- - durable.progress: the latest progress a running task reported;
--- - tasks.deadline: durable.claim returns it, durable.suspend wakes a workflow for it.
+-- - tasks.deadline: durable.claim returns it, durable.suspend wakes a workflow for it;
+-- - debounced starts (tasks.debounce_key, debounce_until).
 -- sql/schema.sql holds the same schema in one file to read; a test holds them equal.
 
 alter table durable.queues add column paused boolean not null default false;
@@ -17,8 +18,12 @@ create unique index signals_idempotency_idx on durable.signals (task_id, idempot
 
 alter table durable.tasks add column active_key text;
 alter table durable.tasks add column deadline timestamptz;
+alter table durable.tasks add column debounce_key text;
+alter table durable.tasks add column debounce_until timestamptz;
 create unique index tasks_active_key_idx on durable.tasks (active_key)
     where active_key is not null and status in ('queued', 'running', 'waiting');
+create unique index tasks_debounce_idx on durable.tasks (debounce_key)
+    where debounce_key is not null and status = 'queued';
 
 -- The latest progress a running task reported (TaskContext.progress, ctx.progress): one
 -- row per task, overwritten, so that a task reporting in a loop does not grow anything.
