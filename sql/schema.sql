@@ -832,11 +832,13 @@ begin
         -- after the queue's own (the order rules out a deadlock between the two).
         perform pg_advisory_xact_lock(hashtextextended('durable.keys', 0));
     end if;
-    if (conc is not null or rate is not null or keyed)
-       and exists (select 1 from durable.queues c where c.name = q and c.paused) then
-        -- Paused while this claim waited for a lock above: the flag is read again in
-        -- this later statement's snapshot.
-        return;
+    if conc is not null or rate is not null or keyed then
+        -- Paused while this claim waited for a lock above: the flag is read again in this
+        -- later statement's snapshot. (An unlimited queue's claim takes no lock and
+        -- skips this statement.)
+        if exists (select 1 from durable.queues c where c.name = q and c.paused) then
+            return;
+        end if;
     end if;
     if conc is not null then
         select count(*) into busy from durable.tasks t where t.queue = q and t.status = 'running';
