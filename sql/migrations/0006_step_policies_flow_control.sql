@@ -37,7 +37,8 @@ create table durable.progress (
 );
 
 -- The new argument makes a new function: the old one goes, or a call with three
--- arguments would be ambiguous. (`durable migrate --grant ROLE` grants it again.)
+-- arguments would be ambiguous. (Like every durable function, the new one is executable by
+-- the roles that have usage on the schema.)
 drop function durable.send_event(bigint, text, jsonb);
 create function durable.send_event(task_id bigint, name text, payload jsonb default null,
                                    idempotency_key text default null)
@@ -150,8 +151,7 @@ begin
 end;
 $$;
 
--- A new column in its result: the function goes and comes back (`durable migrate --grant
--- ROLE` grants it again).
+-- A new column in its result: the function goes and comes back.
 drop function durable.claim(text, text[], integer, double precision, uuid);
 create function durable.claim(q text, names text[], n integer, lease double precision,
                               worker uuid)
