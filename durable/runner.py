@@ -133,7 +133,8 @@ class Runner:
                 result = await self._call(task, definition, here, args, kwargs, limit)
             finally:
                 taskcontext.leave(entered)
-                await here.finish()
+                if here.reported:  # a task that never reported awaits nothing here
+                    await here.finish()
             text = await dumps_spaced(result, what=f"the result of {task.name!r}")
             return ("completed", text)
         except Suspend as s:

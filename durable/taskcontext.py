@@ -85,6 +85,11 @@ class TaskContext:
             self._reporter = ProgressReporter(self._store, self._task.id, self._task.token)
         self._reporter.report(encoded, message)
 
+    @property
+    def reported(self) -> bool:
+        """Whether the attempt reported any progress."""
+        return self._reporter is not None
+
     async def finish(self) -> None:
         """Write the progress still pending (the runner calls it when the attempt ends)."""
         if self._reporter is not None:

@@ -13,6 +13,7 @@ import pytest
 
 import durable
 from durable.admin import Admin
+from durable.metrics import Metrics
 from durable.validation import InvalidValue
 from tests.support.helpers import durable_cli, fetchval, running_daemon, wait_for, wait_status
 
@@ -197,6 +198,9 @@ async def test_a_paused_queue_claims_nothing_until_resumed(dsn: str) -> None:
         ops = Admin(client.store)
         await ops.pause_queue("fc_q")
         assert await claim(dsn, "fc_q", ["fc_job"]) == []
+        metrics = Metrics()
+        await metrics.refresh_depth(client.store)
+        assert 'durable_queue_paused{queue="fc_q"} 1.0' in metrics.render().decode()
         await ops.resume_queue("fc_q")
         assert await claim(dsn, "fc_q", ["fc_job"]) == [handle.id]
 

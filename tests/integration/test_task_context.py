@@ -66,6 +66,8 @@ async def test_a_task_sees_its_own_attempt(dsn: str) -> None:
         assert await first.result(timeout=30) == [first.id, "tc_self", "default", 2, 3, None]
         second = await client.start(tc_current, 5)
         assert await second.result(timeout=30) == [second.id, 1, 5]
+    # Tasks that never report write nothing.
+    assert await fetchval(dsn, "select count(*) from durable.progress") == 0
     with pytest.raises(durable.DurableError, match="only available inside a running task"):
         durable.current()
 
