@@ -1,9 +1,11 @@
 """durable: durable execution for Python asyncio that lives entirely in Postgres."""
 
-from durable.client import Client, Handle, connect
+from durable.client import Client, Handle
+from durable.connection import connect
 from durable.context import Context
 from durable.errors import (
     ConfigurationError,
+    DeadlineExceeded,
     DurableError,
     EventTimeout,
     NonDeterminismError,
@@ -18,6 +20,7 @@ from durable.models import CancelResult
 from durable.registry import Definition, task, workflow
 from durable.retry import RetryPolicy
 from durable.service import Service, serve
+from durable.taskcontext import TaskContext, current
 from durable.version import __version__ as __version__
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "Client",
     "ConfigurationError",
     "Context",
+    "DeadlineExceeded",
     "Definition",
     "DurableError",
     "EventTimeout",
@@ -36,9 +40,11 @@ __all__ = [
     "RetryPolicy",
     "Service",
     "TaskCancelled",
+    "TaskContext",
     "TaskFailed",
     "UnknownDefinition",
     "connect",
+    "current",
     "serve",
     "task",
     "workflow",

@@ -11,6 +11,7 @@ for programs too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -20,6 +21,7 @@ from durable.catalog import describe
 from durable.models import (
     Event,
     History,
+    Progress,
     PruneResult,
     QueueCount,
     QueueLimit,
@@ -48,10 +50,19 @@ class Admin:
         since: datetime | None = None,
         limit: int = 100,
     ) -> list[TaskSummary]:
-        """The newest tasks matching the filters, newest first."""
-        return await self._store.list_tasks(
+        """The newest tasks matching the filters, newest first, with their progress."""
+        found = await self._store.list_tasks(
             status=status, queue=queue, name=name, since=since, limit=limit
         )
+        progress = await self._store.progress_of([t.id for t in found]) if found else {}
+        if not progress:
+            return found
+        return [dataclasses.replace(t, progress=progress.get(t.id)) for t in found]
+
+    async def progress(self, task_id: int) -> Progress | None:
+        """The latest progress the task reported, if any."""
+        state = await self._store.progress_state(task_id)
+        return None if state is None else state[1]
 
     async def histories(
         self,
@@ -88,6 +99,14 @@ class Admin:
         """Set a queue's fleet-wide limits; None removes one."""
         limit, period = rate if rate is not None else (None, None)
         await self._store.set_queue_limits(queue, concurrency, limit, period)
+
+    async def pause_queue(self, queue: str) -> None:
+        """Stop claiming from ``queue`` on every daemon; running tasks finish."""
+        await self._store.set_queue_paused(queue, True)
+
+    async def resume_queue(self, queue: str) -> None:
+        """Claim from ``queue`` again (its daemons are woken at once)."""
+        await self._store.set_queue_paused(queue, False)
 
     async def unserved(self, live_within: float) -> list[Unserved]:
         """Per queue, queued names that no daemon heard from within ``live_within``

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -15,10 +13,13 @@ import anyio
 from durable import catalog, tracing, validation
 from durable.codec import dumps
 from durable.errors import DurableError, TaskCancelled, TaskFailed
-from durable.models import TERMINAL, CancelResult, HistoryEntry, NewTask, TaskInfo
+from durable.models import TERMINAL, CancelResult, HistoryEntry, NewTask, Progress, TaskInfo
 from durable.registry import Definition, registry
 from durable.store import Connection, Store, Subscription
 from durable.validation import MAX_NAME, InvalidValue, shown
+from durable.validation import debounce as _debounce
+from durable.validation import idempotency_key as _key
+from durable.validation import task_id as _task_id
 
 
 class Handle:
@@ -45,6 +46,16 @@ class Handle:
     async def get(self) -> TaskInfo:
         return await self.client.get(self.id)
 
+    def progress(self) -> AsyncIterator[Progress]:
+        """The task's progress reports as they are written, until it finishes:
+        ``async for p in handle.progress(): print(p.value, p.message)``.
+
+        Yields the latest report first (if any), then each new one; woken by a
+        notification, not by polling. Reports written while the iterator was not reading
+        are coalesced into the latest one.
+        """
+        return self.client.progress(self.id)
+
 
 class Client:
     """Talks to durable's tables; get one with ``async with durable.connect() as client``."""
@@ -56,6 +67,7 @@ class Client:
         """Where ``result()`` LISTENs: the server itself when ``dsn`` goes through a
         transaction pooler, which cannot hold a LISTEN."""
         self._waiters: dict[int, list[asyncio.Event]] = {}
+        self._progress_waiters: dict[int, list[asyncio.Event]] = {}
         self._sub: Subscription | None = None
         self._sub_lock = asyncio.Lock()
 
@@ -79,6 +91,7 @@ class Client:
         run_at: datetime | None,
         max_attempts: int | None,
         timeout: float | None,
+        deadline: float | datetime | None = None,
     ) -> NewTask:
         d = fn if isinstance(fn, Definition) else registry.get(fn) if isinstance(fn, str) else None
         name = _text(d.name if d is not None else fn, "a task name")
@@ -103,6 +116,21 @@ class Client:
             isinstance(limit, int | float) and limit > 0 and math.isfinite(limit)
         ):
             raise InvalidValue(f"timeout must be a positive number of seconds, got {shown(limit)}")
+        overrides: dict[str, Any] = {}
+        if deadline is not None:
+            if isinstance(deadline, datetime):
+                if deadline.tzinfo is None:
+                    raise InvalidValue("deadline must be an aware datetime (with tzinfo)")
+                seconds = (deadline - self.store.now()).total_seconds()
+            elif isinstance(deadline, int | float) and not isinstance(deadline, bool):
+                seconds = float(deadline)
+            else:
+                raise InvalidValue(
+                    f"deadline must be seconds from now or an aware datetime, got {shown(deadline)}"
+                )
+            if not (math.isfinite(seconds) and seconds < 10 * 365 * 86400):
+                raise InvalidValue(f"deadline must be within 10 years, got {shown(deadline)}")
+            overrides["deadline"] = seconds  # a past datetime: the task fails at its claim
         return NewTask.from_definition(
             d if d is not None else Definition.elsewhere(name),
             args,
@@ -113,6 +141,7 @@ class Client:
             max_attempts=attempts,
             timeout=float(limit) if limit is not None else None,
             trace_context=tracing.inject(),  # the caller's span becomes the task's parent
+            **overrides,
         )
 
     async def start(
@@ -131,6 +160,11 @@ class Client:
         allow_unknown: bool = False,
         tags: Sequence[str] | None = None,
         attributes: Mapping[str, str | int | float | bool] | None = None,
+        idempotency: str | None = None,
+        deadline: float | datetime | None = None,
+        debounce: float | None = None,
+        debounce_key: str | None = None,
+        max_delay: float | None = None,
         **kwargs: Any,
     ) -> Handle:
         """Enqueue ``fn(*args, **kwargs)``; returns a Handle at once.
@@ -145,7 +179,20 @@ class Client:
         enqueues inside the caller's asyncpg transaction, so the task exists only if that
         transaction commits. ``tags`` (up to 20 strings) and ``attributes`` (up to 20 names
         with a string, number or boolean each) label the task for searching: ``durable ls
+        transaction commits. ``tags`` (up to 20 strings) and ``attributes`` (up to 20 names
+        with a string, number or boolean each) label the task for searching: ``durable ls
         --tag vip --attr region=eu`` and the dashboard's task list filter by them.
+        ``idempotency="active"`` makes the key return its task only while that task is
+        queued, running or waiting (the key frees once it finishes; default ``"forever"``,
+        or the definition's ``idempotency=``). ``deadline`` (seconds from now, or an aware
+        datetime) bounds the whole run, overriding the definition's ``deadline=``: once it
+        passes the task fails with ``DeadlineExceeded`` and its unfinished children are
+        cancelled.
+
+        ``debounce=seconds`` runs the task that many seconds after the *last* start of its
+        ``debounce_key`` (default: the task's name): a start while an earlier one is still
+        queued replaces its arguments and pushes its run time back, never past
+        ``max_delay`` seconds after the first of them. The handle is that queued task's.
         """
         labels = validation.labels(
             list(tags) if isinstance(tags, list | tuple) else tags,
@@ -154,14 +201,23 @@ class Client:
         fn = await self._definition(fn, queue, allow_unknown, conn)
         t = self._new_task(
             fn, args, kwargs, queue=queue, priority=priority, delay=delay, run_at=run_at,
-            max_attempts=max_attempts, timeout=timeout,
+            max_attempts=max_attempts, timeout=timeout, deadline=deadline,
         )
         if idempotency_key is not None:
-            _text(idempotency_key, "idempotency_key", limit=None)
-            # Its unique index holds at most ~2700 bytes an entry.
-            if len(idempotency_key.encode()) > MAX_KEY_BYTES:
-                raise InvalidValue(f"idempotency_key must be at most {MAX_KEY_BYTES} bytes")
+            _key(idempotency_key)
+        bounce = None
+        if debounce is not None or debounce_key is not None or max_delay is not None:
+            bounce = _debounce(t.name, debounce, debounce_key, max_delay)
+            if idempotency_key is not None or delay is not None or run_at is not None:
+                raise InvalidValue("debounce cannot be combined with idempotency_key, delay or run_at")
+        scope = _scope(fn, idempotency)
+        if idempotency is not None and idempotency_key is None:
+            raise InvalidValue("idempotency= needs an idempotency_key")
         if labels != (None, None):
+            if bounce is not None or scope == "active":
+                raise InvalidValue(
+                    "tags and attributes cannot be combined with debounce or idempotency='active'"
+                )
             tag_list, attrs = labels
             task_id, inserted = await self.store.tasks.insert_task_labelled(
                 t, tag_list, dumps(attrs) if attrs is not None else None,
@@ -169,7 +225,8 @@ class Client:
             )  # fmt: skip
             return Handle(self, task_id, inserted)
         task_id, inserted = await self.store.insert_task(
-            t, idempotency_key=idempotency_key, conn=conn
+            t, idempotency_key=idempotency_key, conn=conn, active=scope == "active",
+            debounce=bounce,
         )
         return Handle(self, task_id, inserted)
 
@@ -277,17 +334,57 @@ class Client:
             if not waiters:
                 self._waiters.pop(task_id, None)
 
+    async def progress(self, task_id: int) -> AsyncIterator[Progress]:
+        """See :meth:`Handle.progress`."""
+        task_id = _task_id(task_id)
+        await self._subscribe()
+        event = asyncio.Event()
+        # Progress notifications and the finish both wake this iterator.
+        self._waiters.setdefault(task_id, []).append(event)
+        self._progress_waiters.setdefault(task_id, []).append(event)
+        try:
+            if await self.store.watch_finish(task_id) is None:
+                raise DurableError(f"no task {task_id}")
+            last: Progress | None = None
+            while True:
+                state = await self.store.progress_state(task_id)
+                if state is None:
+                    raise DurableError(f"no task {task_id}")
+                status, latest = state
+                if latest is not None and latest != last:
+                    last = latest
+                    yield latest
+                if status in TERMINAL:
+                    return
+                with anyio.move_on_after(5.0):  # a fallback in case a notification is lost
+                    await event.wait()
+                event.clear()
+        finally:
+            for table in (self._waiters, self._progress_waiters):
+                waiters = table.get(task_id, [])
+                if event in waiters:
+                    waiters.remove(event)
+                if not waiters:
+                    table.pop(task_id, None)
+
     async def _subscribe(self) -> None:
         async with self._sub_lock:
             if self._sub is not None and not self._sub.is_closed():
                 return
             self._sub = await Subscription.open(
-                self.listen_dsn, {"durable_done": self._on_done}, on_lost=self._wake_all
+                self.listen_dsn,
+                {"durable_done": self._on_done, "durable_progress": self._on_progress},
+                on_lost=self._wake_all,
             )
 
     def _on_done(self, payload: str) -> None:
         if payload.isdigit():
             for e in self._waiters.get(int(payload), []):
+                e.set()
+
+    def _on_progress(self, payload: str) -> None:
+        if payload.isdigit():
+            for e in self._progress_waiters.get(int(payload), []):
                 e.set()
 
     def _wake_all(self) -> None:
@@ -313,14 +410,26 @@ class Client:
         cancelled.sort(key=lambda i: i != task_id)  # the task itself first
         return CancelResult(task_id, tuple(cancelled), finished)
 
-    async def send_event(self, task_id: int, name: str, payload: Any = None) -> bool:
+    async def send_event(
+        self,
+        task_id: int,
+        name: str,
+        payload: Any = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> bool:
         """Deliver event ``name`` to the workflow; kept until it waits for it.
 
-        Returns False when the task has finished or does not exist.
+        Returns False when the task has finished or does not exist. With an
+        ``idempotency_key``, sending again with the same key to the same task (a producer
+        retrying after a lost reply, or two producers racing) delivers nothing more and
+        returns True, even once the task has finished.
         """
         _text(name, "an event name")
+        if idempotency_key is not None:
+            _key(idempotency_key)
         return await self.store.send_event(
-            _task_id(task_id), name, dumps(payload, what="the event payload")
+            _task_id(task_id), name, dumps(payload, what="the event payload"), idempotency_key
         )
 
     async def retry(self, task_id: int) -> int:
@@ -336,20 +445,23 @@ class Client:
         return await self.store.restart(_task_id(task_id), "fork", at)
 
 
-MAX_KEY_BYTES = 2000
-"""Longest idempotency key, in UTF-8 bytes (a btree entry holds about 2700)."""
-
-
 def _text(value: object, what: str, limit: int | None = MAX_NAME) -> str:
     """``value`` if it is text Postgres can store (no NUL, no lone surrogate) of 1 to
     ``limit`` characters; else an InvalidValue naming ``what``."""
     return validation.text(value, what, limit=limit)
 
 
-def _task_id(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
-        raise InvalidValue(f"a task id is a whole number from 1 to 2**63-1, got {shown(value)}")
-    return value
+SCOPES = ("forever", "active")
+"""Idempotency scopes: a key returns its task ever, or only while that task is unfinished."""
+
+
+def _scope(fn: object, given: object) -> str:
+    if given is None:
+        d = fn if isinstance(fn, Definition) else registry.get(fn) if isinstance(fn, str) else None
+        return d.idempotency if d is not None else "forever"
+    if given not in SCOPES:
+        raise InvalidValue(f"idempotency must be 'forever' or 'active', got {shown(given)}")
+    return str(given)
 
 
 def _outcome(task_id: int, status: str, result: Any, error: Any) -> Any:
@@ -367,66 +479,3 @@ class _forever:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-async def resolve_dsn(dsn: str | None = None) -> str | None:
-    """The database to use: ``dsn``, the environment, else the embedded server."""
-    if dsn is not None:
-        return dsn
-    from durable.settings import Settings
-
-    s = Settings.from_env()
-    if s.database_url is not None or s.use_libpq_env:
-        return s.database_url
-    from durable.embedded import EmbeddedServer
-    from durable.store import migrate
-
-    url = await anyio.to_thread.run_sync(EmbeddedServer(s.home).ensure_started)
-    await migrate(url)  # the embedded server is ours: keep its schema current
-    return url
-
-
-@asynccontextmanager
-async def connect(
-    dsn: str | None = None,
-    *,
-    max_size: int = 5,
-    server_settings: Mapping[str, str] | None = None,
-    listen_dsn: str | None = None,
-    statement_cache_size: int | None = None,
-) -> AsyncIterator[Client]:
-    """``async with durable.connect() as client:`` — a Client on a small pool
-    (``max_size`` connections, and one more kept for single enqueues).
-
-    ``dsn`` defaults to DURABLE_DATABASE_URL / DATABASE_URL / PG* variables, else the
-    embedded server (started if needed). ``server_settings``: Postgres settings for
-    the session of every connection (e.g. ``{"search_path": "app, public"}``).
-    ``listen_dsn``: where ``handle.result()`` listens for finished tasks, when ``dsn``
-    goes through PgBouncer in transaction mode (default: DURABLE_LISTEN_URL when ``dsn``
-    is not given, else ``dsn``). ``statement_cache_size``: prepared statements per
-    connection, 0 through such a pooler (default: DURABLE_STATEMENT_CACHE, else 100).
-    """
-    if statement_cache_size is None or (listen_dsn is None and dsn is None):
-        from durable.settings import Settings
-
-        # Only the variables read here: a connection given its URL does not fail on
-        # settings meant for the daemon.
-        env = Settings.from_env({
-            v: os.environ[v] for v in ("DURABLE_LISTEN_URL", "DURABLE_STATEMENT_CACHE")
-            if v in os.environ
-        })  # fmt: skip
-        if listen_dsn is None and dsn is None:
-            listen_dsn = env.listen_url
-        if statement_cache_size is None:
-            statement_cache_size = env.statement_cache
-    url = await resolve_dsn(dsn)
-    store = await Store.open(
-        url, min_size=1, max_size=max_size, name="durable-client", kept_enqueue=True,
-        server_settings=server_settings, statement_cache_size=statement_cache_size,
-    )
-    client = Client(store, url, listen_dsn)
-    try:
-        yield client
-    finally:
-        with anyio.CancelScope(shield=True):
-            await client.close()

@@ -66,6 +66,10 @@ class EventTimeout(DurableError, TimeoutError):
     """No event arrived before the timeout."""
 
 
+class DeadlineExceeded(DurableError):
+    """The task's deadline passed before it finished (it is not retried)."""
+
+
 class NonRetryable(DurableError):
     """Raise it in a task to fail at once, without further attempts."""
 

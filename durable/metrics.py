@@ -123,6 +123,8 @@ class Metrics:
         """(queue, queued, running, waiting, oldest ready age) per queue; None: unknown."""
         self.table: tuple[int, float | None] | None = None
         """durable.tasks's dead row versions and seconds since its last vacuum."""
+        self.paused: frozenset[str] = frozenset()
+        """Queues paused fleet-wide (`durable queues pause`)."""
         self._depth_at = -math.inf
         self._depth_lock = asyncio.Lock()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -150,6 +152,7 @@ class Metrics:
             try:
                 async with asyncio.timeout(DEPTH_TIMEOUT):
                     rows, table = await store.queue_depth()
+                    self.paused = frozenset(await store.paused_queues())
             except Exception as exc:
                 # The scrape still answers (with the daemon's own counters): a database
                 # outage shows as missing depth gauges, and on /healthz.
@@ -313,6 +316,14 @@ class _Collector(Collector):
             oldest.add_metric([queue], max(0.0, age or 0.0))
         yield tasks
         yield oldest
+        paused = GaugeMetricFamily(
+            "durable_queue_paused",
+            "1 while claiming from the queue is paused fleet-wide (`durable queues pause`).",
+            labels=["queue"],
+        )
+        for queue in sorted(set(queues) | self.m.paused):
+            paused.add_metric([queue], 1 if queue in self.m.paused else 0)
+        yield paused
         if self.m.table is not None:
             dead, age = self.m.table
             yield GaugeMetricFamily(

@@ -38,6 +38,8 @@ class Claimed(NamedTuple):
     cancel_requested: bool
     fresh: bool = False
     """Never claimed before: a workflow has no events yet (none need loading)."""
+    deadline: datetime | None = None
+    """When the task must be done by (``deadline=``), if it has one."""
     trace_context: str | None = None
     """The starter's trace context (JSON, W3C traceparent) when it was traced."""
 
@@ -75,6 +77,7 @@ class TaskInfo:
     finished_at: datetime | None
     version: str | None = None
     """The version of the code the task started on (None: unversioned)."""
+    deadline: datetime | None = None
 
     @property
     def finished(self) -> bool:
@@ -97,6 +100,15 @@ class Event:
     child_status: str | None = None
     child_result: str | None = None
     child_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The latest progress a task reported (``TaskContext.progress``)."""
+
+    value: Any
+    message: str | None
+    updated_at: datetime
 
 
 @dataclass(frozen=True)
@@ -156,6 +168,8 @@ class NewTask(NamedTuple):
     key_rate_limit: int | None = None
     key_rate_period: float | None = None
     version: str | None = None
+    deadline: float | None = None
+    """Seconds from the insert (on the database's clock) until the task's deadline."""
 
     @classmethod
     def from_definition(
@@ -187,6 +201,7 @@ class NewTask(NamedTuple):
             key_rate_limit=rate[0] if rate else None,
             key_rate_period=rate[1] if rate else None,
             version=definition.version,
+            deadline=definition.deadline,
         )
         if overrides:
             fields.update(overrides)  # one construction: a _replace costs a second
@@ -263,6 +278,7 @@ class TaskSummary:
     finished_at: datetime | None
     run_at: datetime
     version: str | None = None
+    progress: Progress | None = None
 
 
 @dataclass(frozen=True)
@@ -283,6 +299,7 @@ class QueueLimit:
     concurrency: int | None
     rate_limit: int | None
     rate_period: float | None
+    paused: bool = False
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ ENTRY_POINT_GROUP = "durable"
 MAX_VERSION = 100
 """Longest version string (durable.definitions holds it, and the claim compares it)."""
 
+MAX_DEADLINE = 10 * 365 * 86400.0
+"""Longest deadline, in seconds."""
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -45,6 +48,14 @@ class Definition(Generic[P, R]):
     started on, and only daemons with that version's code claim it. None: unversioned."""
     digest: str = ""
     """A digest of the function's source, for information (``durable definitions``)."""
+    idempotency: str = "forever"
+    """The scope of an idempotency key given to ``start``: ``"forever"`` or ``"active"``."""
+    deadline: float | None = None
+    """Seconds from its start by which the task must be done (across attempts, suspensions
+    and restarts), else it fails with ``DeadlineExceeded``."""
+    takes_context: bool = False
+    """A task whose first parameter is annotated ``durable.TaskContext``: the daemon
+    passes the running attempt's context there."""
 
     def key_for(self, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
         """The concurrency key of a call, from ``concurrency_key(*args, **kwargs)``."""
@@ -138,6 +149,19 @@ def _validated(d: Definition[Any, Any]) -> Definition[Any, Any]:
             f"{d.origin}: version must be text of 1 to {MAX_VERSION} printable characters, "
             f"got {d.version!r}"
         )
+    if d.deadline is not None and (
+        isinstance(d.deadline, bool)
+        or not isinstance(d.deadline, int | float)
+        or not 0 < d.deadline < MAX_DEADLINE
+    ):
+        raise ConfigurationError(
+            f"{d.origin}: deadline must be a positive number of seconds (under 10 years), "
+            f"got {d.deadline!r}"
+        )
+    if d.idempotency not in ("forever", "active"):
+        raise ConfigurationError(
+            f"{d.origin}: idempotency must be 'forever' or 'active', got {d.idempotency!r}"
+        )
     if d.schedule is not None:
         from durable.cron import parse
 
@@ -197,13 +221,21 @@ def _make(
     schedule: str | None = None,
     timezone: str = "UTC",
     version: str | None = None,
+    idempotency: str = "forever",
+    deadline: float | None = None,
 ) -> Definition[Any, Any]:
+    if retry is not None and retry.max_attempts is not None:
+        raise ConfigurationError(
+            f"{fn.__module__}:{fn.__qualname__}: RetryPolicy.max_attempts counts a step's "
+            f"tries; give a {kind}'s attempts as max_attempts= on the decorator"
+        )
     if not inspect.iscoroutinefunction(fn):
         raise ConfigurationError(
             f"{fn.__module__}:{fn.__qualname__}: a durable {kind} must be an async def function"
         )
     d = _validated(
         Definition(
+            takes_context=kind == "task" and _takes_context(fn),
             name=name or fn.__name__,
             fn=fn,
             kind=kind,
@@ -219,10 +251,29 @@ def _make(
             timezone=timezone,
             version=version,
             digest=code_digest(fn),
+            idempotency=idempotency,
+            deadline=deadline,
         )
     )
     registry.add(d)
     return d
+
+
+def _takes_context(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn``'s first parameter is annotated ``durable.TaskContext`` (a class or,
+    under ``from __future__ import annotations``, its name)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if not params or params[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ):
+        return False
+    note = params[0].annotation
+    if isinstance(note, type):  # by name: registry.py must not import the runtime's modules
+        return (note.__module__, note.__qualname__) == ("durable.taskcontext", "TaskContext")
+    return isinstance(note, str) and note.rpartition(".")[2] == "TaskContext"
 
 
 @overload
@@ -242,6 +293,8 @@ def task(
     schedule: str | None = None,
     timezone: str = "UTC",
     version: str | None = None,
+    idempotency: str = "forever",
+    deadline: float | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]: ...
 def task(
     fn: Callable[P, Awaitable[R]] | None = None,
@@ -259,6 +312,8 @@ def task(
     schedule: str | None = None,
     timezone: str = "UTC",
     version: str | None = None,
+    idempotency: str = "forever",
+    deadline: float | None = None,
 ) -> Definition[P, R] | Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]:
     """Register an ``async def`` function as a task that daemons run.
 
@@ -273,12 +328,15 @@ def task(
     ``key_rate=(10, 60)`` starts at most 10 per key per minute; a saturated key does not hold
     back other keys. ``schedule="*/5 * * * *"`` (with ``timezone=``) starts the task on a
     cron schedule, once per tick however many daemons run. ``version=`` as for
-    ``durable.workflow``.
+    ``durable.workflow``. ``idempotency="active"`` makes an idempotency key given to
+    ``start`` return the task only while it is unfinished (``"forever"``, the default: for
+    as long as the task exists).
     """
 
     def wrap(f: Callable[P, Awaitable[R]]) -> Definition[P, R]:
         return _make(f, "task", name, queue, max_attempts, timeout, priority, retry,
-                     concurrency_key, key_limit, key_rate, schedule, timezone, version)
+                     concurrency_key, key_limit, key_rate, schedule, timezone, version,
+                     idempotency, deadline)
 
     return wrap(fn) if fn is not None else wrap
 
@@ -300,6 +358,8 @@ def workflow(
     schedule: str | None = None,
     timezone: str = "UTC",
     version: str | None = None,
+    idempotency: str = "forever",
+    deadline: float | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]: ...
 def workflow(
     fn: Callable[P, Awaitable[R]] | None = None,
@@ -317,6 +377,8 @@ def workflow(
     schedule: str | None = None,
     timezone: str = "UTC",
     version: str | None = None,
+    idempotency: str = "forever",
+    deadline: float | None = None,
 ) -> Definition[P, R] | Callable[[Callable[P, Awaitable[R]]], Definition[P, R]]:
     """Register an ``async def fn(ctx: durable.Context, ...)`` as a durable workflow.
 
@@ -330,11 +392,16 @@ def workflow(
     has that version's code claims it, so during a rolling deploy runs started on the old
     code finish on daemons that still have it while new runs start on the new code. Give
     a new version when a change would break the replay of runs in flight.
+    ``deadline`` (seconds from its start) bounds the whole workflow: every attempt, sleep,
+    event wait and restart. When it passes the workflow fails with
+    ``durable.DeadlineExceeded`` (woken for it if it is waiting) and its unfinished
+    children are cancelled.
     """
 
     def wrap(f: Callable[P, Awaitable[R]]) -> Definition[P, R]:
         return _make(f, "workflow", name, queue, max_attempts, timeout, priority, retry,
-                     concurrency_key, key_limit, key_rate, schedule, timezone, version)
+                     concurrency_key, key_limit, key_rate, schedule, timezone, version,
+                     idempotency, deadline)
 
     return wrap(fn) if fn is not None else wrap
 

@@ -18,8 +18,20 @@ class RetryPolicy:
     factor: float = 2.0
     max_delay: float = 300.0
     jitter: float = 0.1
+    max_attempts: int | None = None
+    """Tries in all of a step run with this policy (``ctx.step(..., retry=...)``; default
+    3). A task's or workflow's attempts are its decorator's ``max_attempts`` instead."""
 
     def __post_init__(self) -> None:
+        if self.max_attempts is not None and (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or not 1 <= self.max_attempts <= 1000
+        ):
+            raise ValueError(
+                f"RetryPolicy.max_attempts must be a whole number from 1 to 1000, "
+                f"got {self.max_attempts!r}"
+            )
         if self.base < 0 or self.max_delay < 0:
             raise ValueError("RetryPolicy delays must be >= 0")
         if self.factor < 1:

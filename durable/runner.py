@@ -13,12 +13,13 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
-from durable import tracing
+from durable import taskcontext, tracing
 from durable.acks import Completion
 from durable.attempts import Attempt
 from durable.batch import Batcher
 from durable.codec import describe_error, dumps_spaced, error_text, loads
 from durable.errors import (
+    DeadlineExceeded,
     LeaseLost,
     NonDeterminismError,
     NonRetryable,
@@ -35,6 +36,7 @@ from durable.replay import CheckpointWriter, ContinueAsNew, StepTracer, Suspend
 from durable.retry import after_failure
 from durable.sticky import WorkflowRuns
 from durable.store import Store, is_fatal
+from durable.taskcontext import TaskContext
 
 log = get_logger("durable.runner")
 
@@ -126,20 +128,26 @@ class Runner:
     async def _execute(
         self, task: Claimed, definition: Definition[Any, Any] | None
     ) -> tuple[str, Any]:
+        by_deadline = False  # the attempt's time limit is the task's deadline
         try:
             if definition is None:
                 raise NonRetryable(f"no task or workflow named {task.name!r} is registered")
             args, kwargs = _arguments(task)
-            async with asyncio.timeout(task.timeout) if task.timeout else _untimed:
-                if self.hooks is not None:
-                    await self.hooks.before_call(task, definition.kind, task.name)
-                if definition.kind == "workflow":
-                    d = definition
-                    result = await self.workflows.run(
-                        task, lambda ctx: _call(d, task, ctx, *args, **kwargs)
-                    )
-                else:
-                    result = await _call(definition, task, *args, **kwargs)
+            limit = task.timeout
+            if task.deadline is not None:
+                left = (task.deadline - self.store.now()).total_seconds()
+                if left <= 0:
+                    raise DeadlineExceeded(f"the deadline {task.deadline.isoformat()} passed")
+                if limit is None or left < limit:
+                    limit, by_deadline = left, True
+            here = TaskContext(task, self.store, task.deadline)
+            entered = taskcontext.enter(here)
+            try:
+                result = await self._call(task, definition, here, args, kwargs, limit)
+            finally:
+                taskcontext.leave(entered)
+                if here.reported:  # a task that never reported awaits nothing here
+                    await here.finish()
             text = await dumps_spaced(result, what=f"the result of {task.name!r}")
             return ("completed", text)
         except Suspend as s:
@@ -147,6 +155,9 @@ class Runner:
         except ContinueAsNew as c:
             return ("continued", c)
         except TimeoutError as exc:
+            if by_deadline and not str(exc) and task.deadline is not None:
+                late = DeadlineExceeded(f"the deadline {task.deadline.isoformat()} passed")
+                return ("failed", (late, None, False))
             if not str(exc):
                 exc = TimeoutError(f"the attempt took longer than its timeout of {task.timeout}s")
             return ("failed", (exc, None, True))
@@ -158,7 +169,7 @@ class Runner:
             if exc.task_id == task.id:  # a workflow told that its cancel was asked for
                 return ("cancelled", None)
             return ("failed", (exc, None, True))
-        except (NonRetryable, NonDeterminismError, PayloadError) as exc:
+        except (NonRetryable, NonDeterminismError, PayloadError, DeadlineExceeded) as exc:
             return ("failed", (exc, None, False))
         except Exception as exc:
             return ("failed", (exc, None, True))
@@ -173,6 +184,29 @@ class Runner:
             # SystemExit, KeyboardInterrupt or any BaseException the task's code raises:
             # the attempt fails like any other, and the daemon and its other tasks go on.
             return ("failed", (exc, None, True))
+
+    async def _call(
+        self,
+        task: Claimed,
+        definition: Definition[Any, Any],
+        here: TaskContext,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        limit: float | None,
+    ) -> Any:
+        async with asyncio.timeout(limit) if limit is not None else _untimed:
+            if self.hooks is not None:
+                await self.hooks.before_call(task, definition.kind, task.name)
+            if definition.kind == "workflow":
+                d = definition
+                result = await self.workflows.run(
+                    task, lambda ctx: _call(d, task, ctx, *args, **kwargs)
+                )
+            elif definition.takes_context:
+                result = await _call(definition, task, here, *args, **kwargs)
+            else:
+                result = await _call(definition, task, *args, **kwargs)
+        return result
 
     async def _finish(
         self,
@@ -208,8 +242,9 @@ class Runner:
                 series.cancelled += 1
                 log.info("task_cancelled", **fields)
                 return
-            if s.wake_at is not None and status == "waiting":
-                self.on_timer(s.wake_at)
+            wake = min((w for w in (s.wake_at, task.deadline) if w is not None), default=None)
+            if wake is not None and status == "waiting":
+                self.on_timer(wake)  # durable.suspend wakes it at the deadline too
             log.info(
                 "task_suspended",
                 **fields,
@@ -263,6 +298,13 @@ class Runner:
                         "task_retrying", **fields, attempt=task.attempt,
                         delay=round(decision.delay, 3), error=err,
                     )
+            elif isinstance(exc, DeadlineExceeded):
+                ok = await written(
+                    lambda: self.store.fail_deadline(task.id, task.token, error), **fields
+                )
+                if ok:
+                    series.failed += 1
+                    log.error("task_deadline_exceeded", **fields, attempt=task.attempt, error=err)
             else:
                 ok = await written(lambda: self.store.fail(task.id, task.token, error), **fields)
                 if ok:

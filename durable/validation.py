@@ -168,3 +168,49 @@ def attribute_pair(item: str, field: str = "--attr") -> tuple[str, str | int | f
     if not equals or not name:
         raise InvalidValue(f"{field}: expected name=value or name:=JSON, got {shown(item)}")
     return name, value
+
+
+# -- what a caller passes to start ----------------------------------------------------
+
+
+MAX_KEY_BYTES = 2000
+"""Longest idempotency key, in UTF-8 bytes (a btree entry holds about 2700)."""
+
+
+def idempotency_key(value: object) -> None:
+    text(value, "idempotency_key", limit=None)
+    # Its unique index holds at most ~2700 bytes an entry.
+    assert isinstance(value, str)
+    if len(value.encode()) > MAX_KEY_BYTES:
+        raise InvalidValue(f"idempotency_key must be at most {MAX_KEY_BYTES} bytes")
+
+
+def seconds(value: object, what: str) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value < 10 * 365 * 86400
+    ):
+        raise InvalidValue(f"{what} must be a number of seconds from 0 to 10 years, got {shown(value)}")
+    return float(value)
+
+
+def debounce(
+    name: str, debounce: object, key: object, max_delay: object
+) -> tuple[float, str, float | None]:
+    if debounce is None:
+        raise InvalidValue("debounce_key and max_delay need debounce=seconds")
+    secs = seconds(debounce, "debounce")
+    limit = None if max_delay is None else seconds(max_delay, "max_delay")
+    if limit is not None and limit < secs:
+        raise InvalidValue(f"max_delay ({limit:g}s) must be at least debounce ({secs:g}s)")
+    key_text = name if key is None else text(key, "debounce_key", limit=None)
+    if len(key_text.encode()) > MAX_KEY_BYTES:
+        raise InvalidValue(f"debounce_key must be at most {MAX_KEY_BYTES} bytes")
+    return secs, key_text, limit
+
+
+def task_id(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
+        raise InvalidValue(f"a task id is a whole number from 1 to 2**63-1, got {shown(value)}")
+    return value

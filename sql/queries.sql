@@ -115,7 +115,7 @@ with cleared as (
      using durable.tasks w
      where w.id = $1 and w.claim_token = $2 and w.status = 'running' and w.kind = 'workflow'
        and not w.cancel_requested and e.task_id = w.id and e.branch = w.branch
-       and ((e.status = 'failed'
+       and (((e.status = 'failed' or e.kind = 'sleep')
              and e.seq in (select p::integer from jsonb_array_elements_text(
                                $4::jsonb -> 'replay' -> 'positions') as p)
              and not exists (select 1 from durable.events x
@@ -168,10 +168,11 @@ returning t.id
 -- first have to look up.
 insert into durable.tasks
     (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
-     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context, version)
+     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context, version,
+     deadline)
 values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now()),
         $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb,
-        $15::text)
+        $15::text, now() + make_interval(secs => $16::float8))
 returning id
 
 -- name: insert_task_keyed
@@ -179,10 +180,10 @@ returning id
 insert into durable.tasks as t
     (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
      concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context, version,
-     idempotency_key)
+     deadline, idempotency_key)
 values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now()),
         $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb,
-        $15::text, $16)
+        $15::text, now() + make_interval(secs => $16::float8), $17)
 on conflict (idempotency_key) where idempotency_key is not null
     do update set idempotency_key = excluded.idempotency_key
 returning t.id, (t.xmax = 0) as inserted
@@ -190,15 +191,16 @@ returning t.id, (t.xmax = 0) as inserted
 -- name: insert_many
 insert into durable.tasks (queue, name, kind, args, kwargs, priority, run_at, max_attempts,
                            timeout, concurrency_key, key_limit, key_rate_limit,
-                           key_rate_period, trace_context, version)
+                           key_rate_period, trace_context, version, deadline)
 select v.queue, v.name, v.kind, v.args::jsonb, v.kwargs::jsonb, v.priority,
        coalesce(v.run_at, now()), v.max_attempts, v.timeout, v.ckey, v.klimit, v.krate,
-       v.kperiod, v.trace_context::jsonb, v.version
+       v.kperiod, v.trace_context::jsonb, v.version, now() + make_interval(secs => v.deadline)
   from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
               $7::timestamptz[], $8::int[], $9::float8[], $10::text[], $11::int[],
-              $12::int[], $13::float8[], $14::text[], $15::text[])
+              $12::int[], $13::float8[], $14::text[], $15::text[], $16::float8[])
        with ordinality as v(queue, name, kind, args, kwargs, priority, run_at, max_attempts,
                             timeout, ckey, klimit, krate, kperiod, trace_context, version,
+                            deadline,
                             ord)
  order by v.ord
 returning id
@@ -207,7 +209,7 @@ returning id
 select id, queue, name, kind, args::text, kwargs::text, status, priority, run_at, attempt,
        max_attempts, timeout, lease_until, worker_id, result::text, error::text,
        idempotency_key, parent_id, root_id, branch, wake_at, waiting_on, waiting_event,
-       cancel_requested, created_at, started_at, finished_at, version
+       cancel_requested, created_at, started_at, finished_at, version, deadline
 from durable.tasks where id = $1
 
 -- name: list_tasks
@@ -320,15 +322,15 @@ values ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11, $12, $13, $1
 -- name: insert_children
 insert into durable.tasks (queue, name, kind, args, kwargs, priority, max_attempts, timeout,
                            parent_id, root_id, concurrency_key, key_limit, key_rate_limit,
-                           key_rate_period, trace_context, version)
+                           key_rate_period, trace_context, version, deadline)
 select v.queue, v.name, v.kind, v.args::jsonb, v.kwargs::jsonb, v.priority, v.max_attempts,
        v.timeout, $10, $11, v.ckey, v.klimit, v.krate, v.kperiod, v.trace_context::jsonb,
-       v.version
+       v.version, now() + make_interval(secs => v.deadline)
   from unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
               $7::int[], $8::float8[], $9::int[], $12::text[], $13::int[], $14::int[],
-              $15::float8[], $16::text[], $17::text[])
+              $15::float8[], $16::text[], $17::text[], $18::float8[])
        as v(queue, name, kind, args, kwargs, priority, max_attempts, timeout, ord, ckey,
-            klimit, krate, kperiod, trace_context, version)
+            klimit, krate, kperiod, trace_context, version, deadline)
  order by v.ord
 returning id
 
@@ -367,7 +369,31 @@ select s.id, s.payload::text from durable.signals s
 where s.id = (select durable.next_signal($1, $2, $3))
 
 -- name: send_event
-select durable.send_event($1, $2, $3::jsonb)
+select durable.send_event($1, $2, $3::jsonb, $4::text)
+
+-- name: set_queue_paused
+-- `durable queues pause` / `resume`: claims of the queue stop or go on, fleet-wide. A
+-- resume wakes the daemons serving the queue at once.
+with q as (
+    insert into durable.queues as c (name, paused, updated_at) values ($1, $2, now())
+    on conflict (name) do update set paused = excluded.paused, updated_at = now()
+    returning c.name, c.paused
+)
+select pg_notify('durable_ready', q.name) from q where not q.paused
+
+-- name: insert_task_active
+-- A task with an idempotency key of scope "active" ($17): the unfinished task started
+-- with it, if any; once that one has finished, a new task.
+insert into durable.tasks as t
+    (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
+     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context,
+     version, deadline, active_key)
+values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now()),
+        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb,
+        $15::text, now() + make_interval(secs => $16::float8), $17)
+on conflict (active_key) where active_key is not null and status in ('queued', 'running', 'waiting')
+    do update set active_key = excluded.active_key
+returning t.id, (t.xmax = 0) as inserted
 
 -- name: history
 select e.seq, e.kind, e.name, e.status, e.result::text, e.error::text, e.child_id,
@@ -383,7 +409,8 @@ select distinct branch from durable.events where task_id = $1 order by branch
 select durable.restart($1, $2, $3)
 
 -- name: queue_limits
-select name, concurrency, rate_limit, rate_period, updated_at from durable.queues order by name
+select name, concurrency, rate_limit, rate_period, updated_at, paused
+from durable.queues order by name
 
 -- name: set_queue_limits
 insert into durable.queues as c (name, concurrency, rate_limit, rate_period, updated_at)
@@ -452,6 +479,9 @@ select queue,
 from durable.tasks
 where status in ('queued', 'running', 'waiting')
 group by queue
+
+-- name: paused_queues
+select name from durable.queues where paused order by name
 
 -- name: table_health
 -- durable.tasks's dead row versions awaiting VACUUM (the statistics' estimate) and the
@@ -850,14 +880,14 @@ returning id
 -- name: insert_task_labelled
 -- insert_task_keyed with tags ($16, a text[]) and attributes ($17, a JSON object): the
 -- statement of a start that gives either; $15, the idempotency key, may be null; $18 the
--- definition's version.
+-- definition's version, $19 the seconds to its deadline.
 insert into durable.tasks as t
     (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
      concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context,
-     idempotency_key, tags, attributes, version)
+     idempotency_key, tags, attributes, version, deadline)
 values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6, coalesce($7, now()),
         $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb,
-        $15, $16::text[], $17::jsonb, $18::text)
+        $15, $16::text[], $17::jsonb, $18::text, now() + make_interval(secs => $19::float8))
 on conflict (idempotency_key) where idempotency_key is not null
     do update set idempotency_key = excluded.idempotency_key
 returning t.id, (t.xmax = 0) as inserted
@@ -882,3 +912,62 @@ select durable.continue_as_new($1, $2, $3::jsonb, $4::jsonb)
 -- name: chain
 -- The run a task continues and the run that continued it (ctx.continue_as_new).
 select continued_from, continued_as from durable.tasks where id = $1
+
+-- name: report_progress
+-- A running task's latest progress, under its claim ($2): a stale attempt writes nothing.
+-- Clients waiting on handle.progress() hear of it on `durable_progress` (payload: the id).
+with written as (
+    insert into durable.progress as p (task_id, value, message, updated_at)
+    select $1, $3::jsonb, $4, now()
+     where exists (select 1 from durable.tasks t where t.id = $1 and t.claim_token = $2)
+    on conflict (task_id) do update
+       set value = excluded.value, message = excluded.message, updated_at = excluded.updated_at
+    returning p.task_id
+)
+select pg_notify('durable_progress', w.task_id::text) from written w
+
+-- name: progress_state
+-- A task's status and latest progress (null when it never reported any).
+select t.status, p.value::text as value, p.message, p.updated_at
+from durable.tasks t left join durable.progress p on p.task_id = t.id
+where t.id = $1
+
+-- name: progress_of
+select task_id, value::text as value, message, updated_at from durable.progress
+where task_id = any($1::bigint[])
+
+-- name: fail_deadline
+-- The task's deadline passed: it fails (cancelled if a cancel came first, as `fail`) and
+-- every unfinished descendant is cancelled.
+with failed as (
+    update durable.tasks
+       set status = case when cancel_requested then 'cancelled' else 'failed' end,
+           error = $3::jsonb, finished_at = now(),
+           claim_token = null, lease_until = null
+     where id = $1 and claim_token = $2 and status = 'running'
+    returning id
+)
+select (select id from failed),
+       (select count(*) from durable.cancel_descendants(array(select id from failed)))
+
+-- name: insert_task_debounced
+-- start(..., debounce=$17, debounce_key=$18, max_delay=$19): the queued task of the key,
+-- if any, takes these arguments and runs $17 seconds from now, but never later than
+-- $19 seconds after that task's first start; else a new task, due in $17 seconds.
+insert into durable.tasks as t
+    (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
+     concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context,
+     version, deadline, debounce_key, debounce_until)
+values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6,
+        coalesce($7::timestamptz,  -- null: start refuses delay and run_at with debounce
+                 least(now() + make_interval(secs => $17::float8),
+                       now() + make_interval(secs => $19::float8))),
+        $8::integer, $9::float8, $10, $11::integer, $12::integer, $13::float8, $14::jsonb,
+        $15::text, now() + make_interval(secs => $16::float8), $18,
+        now() + make_interval(secs => $19::float8))
+on conflict (debounce_key) where debounce_key is not null and status = 'queued'
+    do update set args = excluded.args, kwargs = excluded.kwargs,
+                  trace_context = excluded.trace_context,
+                  run_at = least(excluded.run_at, t.debounce_until)
+        where t.name = excluded.name  -- a key pending for another task: no row, refused
+returning t.id, (t.xmax = 0) as inserted

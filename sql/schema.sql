@@ -92,6 +92,15 @@ create table durable.tasks (
     -- that continued this one.
     continued_from  bigint,
     continued_as    bigint,
+    -- An idempotency key of scope "active": unique only among unfinished tasks.
+    active_key      text,
+    -- The task must be done by then (deadline=): it fails with DeadlineExceeded, across
+    -- attempts, suspensions and restarts; a waiting workflow is woken for it.
+    deadline        timestamptz,
+    -- start(..., debounce=): a later start with the same key, while this one is still
+    -- queued, replaces its arguments and pushes its run_at, never past debounce_until.
+    debounce_key    text,
+    debounce_until  timestamptz,
     -- Labels to search by (client.start(tags=, attributes=), durable.tag): null when none.
     tags            text[],
     attributes      jsonb,
@@ -126,6 +135,14 @@ create index tasks_attributes_idx on durable.tasks using gin (attributes jsonb_p
     where attributes is not null;
 -- Finished tasks by when they finished: the dashboard's throughput over the last hour.
 create index tasks_finished_idx on durable.tasks (finished_at) where finished_at is not null;
+-- Rows without an active key never enter it; a task leaves it when it finishes, which
+-- frees its key (status changes already update every index: no HOT update is lost).
+create unique index tasks_active_key_idx on durable.tasks (active_key)
+    where active_key is not null and status in ('queued', 'running', 'waiting');
+-- The pending start of a debounce key: only while it is queued (a claimed one is left
+-- alone, and the next start makes a new task).
+create unique index tasks_debounce_idx on durable.tasks (debounce_key)
+    where debounce_key is not null and status = 'queued';
 
 create table durable.workers (
     id              uuid primary key,
@@ -240,10 +257,25 @@ create table durable.signals (
     task_id     bigint not null references durable.tasks (id) on delete cascade,
     name        text not null,
     payload     jsonb,
-    created_at  timestamptz not null default now()
+    created_at  timestamptz not null default now(),
+    -- send_event(..., idempotency_key): a producer that retries delivers once per task.
+    idempotency_key text
 );
 
 create index signals_task_idx on durable.signals (task_id, name, id);
+create unique index signals_idempotency_idx on durable.signals (task_id, idempotency_key)
+    where idempotency_key is not null;
+
+-- The latest progress a running task reported (TaskContext.progress, ctx.progress): one
+-- row per task, overwritten, so that a task reporting in a loop does not grow anything.
+-- Kept apart from durable.tasks: a report neither writes a version of the task's row nor
+-- runs its triggers. Gone with the task.
+create table durable.progress (
+    task_id     bigint primary key references durable.tasks (id) on delete cascade,
+    value       jsonb,
+    message     text,
+    updated_at  timestamptz not null default now()
+);
 
 -- NOTIFY `durable_ready` (payload: the queue) once per queue per statement when work
 -- is ready; `durable_done` (payload: the id) when a task someone awaits finishes;
@@ -649,8 +681,10 @@ end;
 $$;
 
 -- Deliver an event to a workflow, from any session or trigger. Returns false when the
--- task does not exist or has finished.
-create function durable.send_event(task_id bigint, name text, payload jsonb default null)
+-- task does not exist or has finished. With an idempotency key, a second delivery of the
+-- same key to the same task stores nothing and returns true (the producer's retry).
+create function durable.send_event(task_id bigint, name text, payload jsonb default null,
+                                   idempotency_key text default null)
 returns boolean
 language plpgsql
 set search_path = pg_catalog, pg_temp as $$
@@ -662,12 +696,29 @@ begin
         raise exception 'durable.send_event: name must be 1 to 200 characters, got %',
             coalesce(length(send_event.name) || ' characters', 'null') using errcode = '22023';
     end if;
+    if send_event.idempotency_key is not null
+       and octet_length(send_event.idempotency_key) not between 1 and 2000 then
+        raise exception 'durable.send_event: idempotency_key must be 1 to 2000 bytes, got %',
+            octet_length(send_event.idempotency_key) using errcode = '22023';
+    end if;
+    -- The row lock serialises every delivery to this task, so the key's check below sees
+    -- a concurrent producer's committed delivery.
     select t.status into st from durable.tasks t where t.id = send_event.task_id for update;
-    if st is null or st in ('completed', 'failed', 'cancelled') then
+    if st is null then
         return false;
     end if;
-    insert into durable.signals (task_id, name, payload)
-        values (send_event.task_id, send_event.name, send_event.payload);
+    if send_event.idempotency_key is not null and exists (
+        select 1 from durable.signals s
+         where s.task_id = send_event.task_id
+           and s.idempotency_key = send_event.idempotency_key) then
+        return true;  -- delivered before, even if the task has finished since
+    end if;
+    if st in ('completed', 'failed', 'cancelled') then
+        return false;
+    end if;
+    insert into durable.signals (task_id, name, payload, idempotency_key)
+        values (send_event.task_id, send_event.name, send_event.payload,
+                send_event.idempotency_key);
     update durable.tasks t
        set status = 'queued', run_at = now(), wake_at = null, waiting_event = null
      where t.id = send_event.task_id and t.status = 'waiting'
@@ -713,8 +764,9 @@ set search_path = pg_catalog, pg_temp as $$
 declare
     ready boolean := false;
     cancelling boolean;
+    due timestamptz;
 begin
-    select t.cancel_requested into cancelling from durable.tasks t
+    select t.cancel_requested, t.deadline into cancelling, due from durable.tasks t
      where t.id = task and t.claim_token = token and t.status = 'running' for update;
     if not found then
         return null;
@@ -744,6 +796,8 @@ begin
     if event_name is not null and durable.next_signal(task, br, event_name) is not null then
         ready := true;
     end if;
+    -- A deadline wakes the workflow too (its next claim fails it with DeadlineExceeded).
+    wake := least(wake, due);
     if wake is not null and wake <= now() then
         ready := true;
     end if;
@@ -829,7 +883,8 @@ begin
         new_branch := cur.branch;
         delete from durable.events e
          where e.task_id = task and e.branch = cur.branch
-           and ((e.status = 'failed'
+           -- (A step's failed tries and its backoff sleeps are named together.)
+           and (((e.status = 'failed' or e.kind = 'sleep')
                  and e.seq in (select p::integer from jsonb_array_elements_text(
                                    cur.error -> 'replay' -> 'positions') as p)
                  and not exists (select 1 from durable.events x
@@ -889,6 +944,8 @@ create table durable.queues (
     rate_limit    integer,
     rate_period   double precision,
     updated_at    timestamptz not null default now(),
+    -- `durable queues pause`: no daemon claims from the queue until it is resumed.
+    paused        boolean not null default false,
     constraint queues_concurrency_check check (concurrency is null or concurrency >= 1),
     constraint queues_rate_check check (
         (rate_limit is null or rate_limit >= 1)
@@ -950,7 +1007,7 @@ create function durable.claim(q text, names text[], n integer, lease double prec
 returns table (id bigint, queue text, name text, kind text, args text, kwargs text,
                attempt integer, max_attempts integer, timeout double precision,
                claim_token bigint, branch integer, parent_id bigint, root_id bigint,
-               cancel_requested boolean, fresh boolean)
+               cancel_requested boolean, fresh boolean, deadline timestamptz)
 language plpgsql
 set search_path = pg_catalog, pg_temp as $$
 #variable_conflict use_column
@@ -962,15 +1019,20 @@ declare
     busy integer;
     claimed integer := 0;
     level integer;
+    paused boolean;
 begin
     perform set_config('synchronous_commit', 'off', true);  -- for this transaction only
     -- Scalars, not a record: a record with a null field is neither null nor not null.
-    -- One statement reads the queue's limits and whether keyed tasks wait in it.
-    select c.concurrency, c.rate_limit, c.rate_period,
+    -- One statement reads the queue's limits, whether it is paused, and whether keyed
+    -- tasks wait in it.
+    select c.concurrency, c.rate_limit, c.rate_period, c.paused,
            exists (select 1 from durable.tasks t
                     where t.queue = q and t.status = 'queued' and t.concurrency_key is not null)
-      into conc, rate, period, keyed
+      into conc, rate, period, paused, keyed
       from (values (1)) as one left join durable.queues c on c.name = q;
+    if paused then  -- `durable queues pause`: claims nothing until resumed
+        return;
+    end if;
     -- A period past any timestamp's range (a row written by hand) means "per forever":
     -- clamped to 30 years rather than failing every claim of the queue.
     period := least(period, 946080000);
@@ -984,6 +1046,14 @@ begin
         -- keyed tasks serialise across queues: one lock for all of them, always taken
         -- after the queue's own (the order rules out a deadlock between the two).
         perform pg_advisory_xact_lock(hashtextextended('durable.keys', 0));
+    end if;
+    if conc is not null or rate is not null or keyed then
+        -- Paused while this claim waited for a lock above: the flag is read again in this
+        -- later statement's snapshot. (An unlimited queue's claim takes no lock and
+        -- skips this statement.)
+        if exists (select 1 from durable.queues c where c.name = q and c.paused) then
+            return;
+        end if;
     end if;
     if conc is not null then
         select count(*) into busy from durable.tasks t where t.queue = q and t.status = 'running';
@@ -1034,7 +1104,7 @@ begin
             returning t.id, t.queue::text, t.name::text, t.kind::text, t.args::text,
                       t.kwargs::text, t.attempt::integer, t.max_attempts::integer,
                       t.timeout::double precision, t.claim_token, t.branch, t.parent_id,
-                      t.root_id, t.cancel_requested, ready.started_at is null;
+                      t.root_id, t.cancel_requested, ready.started_at is null, t.deadline;
             get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
             claimed := claimed + busy;
             exit when claimed >= n;
@@ -1107,7 +1177,8 @@ begin
     )
     select s.id, s.queue::text, s.name::text, s.kind::text, s.args::text, s.kwargs::text,
            s.attempt::integer, s.max_attempts::integer, s.timeout::double precision,
-           s.claim_token, s.branch, s.parent_id, s.root_id, s.cancel_requested, s.fresh
+           s.claim_token, s.branch, s.parent_id, s.root_id, s.cancel_requested, s.fresh,
+           s.deadline
       from started s;
     perform set_config('durable.claiming', '', true);
 end;

@@ -127,7 +127,7 @@ async def session(args: argparse.Namespace) -> AsyncIterator[Session]:
     # Administrators often run these as a superuser: the sessions search the catalog
     # alone (see PINNED_SESSION).
     from durable.admin import Admin
-    from durable.client import connect
+    from durable.connection import connect
     from durable.store import PINNED_SESSION
 
     where = await target(settings(args))

@@ -27,11 +27,17 @@ from durable.validation import InvalidValue
 
 def add_commands(sub: Any) -> None:
     q = sub.add_parser(
-        "queues", help="queue depths, limits and serving daemons; `queues set` sets limits"
-    )
+        "queues",
+        help="queue depths, limits and serving daemons; `queues set` sets limits, `queues "
+        "pause`/`resume` stop and restart claiming",
+        description="`durable queues pause NAME` stops every daemon claiming from the queue "
+        "(running tasks finish; tasks started meanwhile wait, queued); `durable queues "
+        "resume NAME` lets them claim again at once. Within a queue, higher priorities run "
+        "first (`durable start --priority`), then the task due longest.",
+    )  # fmt: skip
     database_options(q)
-    q.add_argument("action", nargs="?", choices=["list", "set"], default="list")
-    q.add_argument("name", nargs="?", help="with set: the queue")
+    q.add_argument("action", nargs="?", choices=["list", "set", "pause", "resume"], default="list")
+    q.add_argument("name", nargs="?", help="with set, pause, resume: the queue")
     q.add_argument("--concurrency", help="with set: most tasks running at once across all "
                    "daemons, or 'none'")  # fmt: skip
     q.add_argument("--rate", help="with set: most starts per period across all daemons, e.g. "
@@ -66,6 +72,8 @@ def add_commands(sub: Any) -> None:
 def cmd_queues(args: argparse.Namespace) -> int:
     if args.action == "set":
         return cmd_queues_set(args)
+    if args.action in ("pause", "resume"):
+        return cmd_queues_pause(args)
     within = live_within(settings(args))
 
     async def go(s: Session) -> Any:
@@ -91,11 +99,14 @@ def cmd_queues(args: argparse.Namespace) -> int:
     for lim in limits:
         entry(lim.name)["limit"] = lim.concurrency
         entry(lim.name)["rate"] = describe_rate(lim.rate_limit, lim.rate_period)
+        if lim.paused:
+            entry(lim.name)["paused"] = True
     for u in unserved:  # queued names that no live daemon has the code for
         entry(u.queue)["unserved"] = list(u.names)
     rows = sorted(by_queue.values(), key=lambda r: r["queue"])
     emit(args, rows, ["queue", "queued", "running", "waiting", "completed", "failed",
-                      "cancelled", "oldest_ready_s", "daemons", "limit", "rate", "unserved"])  # fmt: skip
+                      "cancelled", "oldest_ready_s", "daemons", "limit", "rate", "paused",
+                      "unserved"])  # fmt: skip
     return 0
 
 
@@ -115,6 +126,28 @@ def cmd_queues_set(args: argparse.Namespace) -> int:
     with_session(args, go)
     shown = describe_rate(*rate) if rate else "none"
     print(f"queue {args.name}: concurrency {concurrency or 'unlimited'}, rate {shown}")
+    return 0
+
+
+def cmd_queues_pause(args: argparse.Namespace) -> int:
+    if not args.name:
+        raise CommandError(f"usage: durable queues {args.action} NAME", 2)
+    try:
+        validation.text(args.name, "NAME (the queue)")
+    except InvalidValue as exc:
+        raise CommandError(str(exc), 2) from None
+
+    async def go(s: Session) -> None:
+        if args.action == "pause":
+            await s.admin.pause_queue(args.name)
+        else:
+            await s.admin.resume_queue(args.name)
+
+    with_session(args, go)
+    if args.action == "pause":
+        print(f"queue {args.name}: paused (no daemon claims from it; running tasks finish)")
+    else:
+        print(f"queue {args.name}: resumed")
     return 0
 
 

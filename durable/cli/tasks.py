@@ -31,7 +31,7 @@ from durable.cli.core import (
     with_session,
 )
 from durable.errors import UnknownDefinition
-from durable.models import STATUSES, HistoryEntry
+from durable.models import STATUSES, HistoryEntry, Progress
 
 BATCH = 1000
 """Tasks per statement (and per transaction) of bulk retry and cancel."""
@@ -51,7 +51,9 @@ def add_commands(sub: Any) -> None:
                     "for arguments too large for a command line")  # fmt: skip
     st.add_argument("--kwargs", help="JSON object of keyword arguments")
     st.add_argument("--queue")
-    st.add_argument("--priority", type=whole(-(2**31), 2**31 - 1))
+    st.add_argument("--priority", type=whole(-(2**31), 2**31 - 1),
+                    help="higher runs first (default 0); within a priority, the task due "
+                    "longest")  # fmt: skip
     st.add_argument("--delay", type=duration, help="start after this long, e.g. 30s")
     st.add_argument("--idempotency-key")
     st.add_argument("--allow-unknown", action="store_true",
@@ -59,6 +61,9 @@ def add_commands(sub: Any) -> None:
                     "a daemon with its code)")  # fmt: skip
     _label_options(st, "label the task with this tag", "label the task: name=text, or "
                    "name:=3 / name:=true for a number or boolean")  # fmt: skip
+    st.add_argument("--idempotency", choices=["forever", "active"],
+                    help="with --idempotency-key: the key returns its task ever (forever), or "
+                    "only while that task is unfinished (active)")  # fmt: skip
     st.add_argument("--wait", action="store_true", help="wait for the result and print it")
     st.add_argument("--timeout", type=duration, help="with --wait: give up after this long")
     st.set_defaults(func=cmd_start)
@@ -124,6 +129,7 @@ def add_commands(sub: Any) -> None:
     e.add_argument("id", type=int)
     e.add_argument("name")
     e.add_argument("payload", nargs="?", help="JSON payload")
+    e.add_argument("--idempotency-key", help="deliver once per key and task, however often sent")
     e.set_defaults(func=cmd_event)
 
 
@@ -163,7 +169,8 @@ def cmd_start(args: argparse.Namespace) -> int:
             handle = await s.client.start(
                 args.name, *call_args, queue=args.queue, priority=args.priority,
                 delay=args.delay, idempotency_key=args.idempotency_key,
-                allow_unknown=args.allow_unknown, tags=tags, attributes=attributes, **kwargs,
+                idempotency=args.idempotency, allow_unknown=args.allow_unknown, tags=tags,
+                attributes=attributes, **kwargs,
             )  # fmt: skip
         except UnknownDefinition:
             refused = unknown(args.name, "pass --queue or --allow-unknown")
@@ -210,7 +217,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             status=args.status, queue=args.queue, name=args.name, since=_since(args.since),
             limit=args.limit,
         )  # fmt: skip
-        rows = [vars(t) for t in found]
+        rows = [{**vars(t), "progress": _progress(t.progress)} for t in found]
         if any(t.version is not None and t.status == "queued" for t in found):
             # A versioned task waits for a daemon with its version's code: say so when
             # no live one has it.
@@ -228,15 +235,26 @@ def cmd_ls(args: argparse.Namespace) -> int:
         columns[3:3] = ["version"]
     if any("waiting_for" in r for r in rows):
         columns.append("waiting_for")
+    columns.append("progress")
     emit(args, rows, columns)
     return 0
+
+
+def _progress(p: Progress | None) -> str | None:
+    """A progress report in a few words: its value and message."""
+    if p is None:
+        return None
+    value = "" if p.value is None else json.dumps(p.value)
+    return " ".join(x for x in (value, p.message or "") if x)[:80] or None
 
 
 def cmd_event(args: argparse.Namespace) -> int:
     payload = None if args.payload is None else json_value("PAYLOAD", args.payload)
 
     async def go(s: Session) -> bool:
-        return await s.client.send_event(args.id, args.name, payload)
+        return await s.client.send_event(
+            args.id, args.name, payload, idempotency_key=args.idempotency_key
+        )
 
     if not with_session(args, go):
         raise CommandError(f"task {args.id} does not exist or has finished; event not sent")
@@ -261,14 +279,18 @@ def cmd_show(args: argparse.Namespace) -> int:
         history = await s.client.history(args.id, branch)
         recorded = await s.admin.recorded(args.id, branch) if args.json else []
         chain = await s.client.chain(args.id)
-        return info, history, await s.client.branches(args.id), branch, recorded, chain
+        progress = await s.admin.progress(args.id)
+        return info, history, await s.client.branches(args.id), branch, recorded, chain, progress
 
-    info, history, branches, branch, recorded, (previous, following) = with_session(args, go)
+    info, history, branches, branch, recorded, (previous, following), progress = with_session(
+        args, go
+    )
     if args.json:
         from durable.verify import export
 
         out = {k: getattr(info, k) for k in info.__dataclass_fields__}
         out["continued_from"], out["continued_as"] = previous, following
+        out["progress"] = vars(progress) if progress is not None else None
         out["branch_shown"] = branch
         out["branches"] = branches
         out["events"] = [vars(e) for e in history]
@@ -282,6 +304,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"task {info.id}  {info.kind} {info.name!r}  queue {info.queue}")
     print(f"status     {info.status}{cancel}")
     print(f"attempt    {info.attempt} of {info.max_attempts}")
+    if info.deadline is not None:
+        print(f"deadline   {cell(info.deadline)}")
     print(f"arguments  {cut(f'{json.dumps(info.args)} {kwargs}'.rstrip(), full)}")
     print(f"created    {cell(info.created_at)}   started {cell(info.started_at)}   "
           f"finished {cell(info.finished_at)}")  # fmt: skip
@@ -290,6 +314,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if previous is not None or following is not None:
         # A chain of runs (ctx.continue_as_new).
         print(f"chain      previous {previous or '-'}   next {following or '-'}")
+    if progress is not None:
+        print(f"progress   {cut(_progress(progress) or '', full)}   (at {cell(progress.updated_at)})")
     if info.status == "waiting":
         what = []
         if info.waiting_on:
@@ -325,7 +351,8 @@ def timeline(start: datetime, history: Sequence[HistoryEntry]) -> list[dict[str,
         if e.kind == "child":
             outcome = f"child {e.child_id}: {e.child_status}"
         elif e.status == "failed" and e.error:
-            outcome = f"failed: {e.error.get('type')}: {e.error.get('message')}"
+            tried = f" (try {e.error['try']} of {e.error.get('tries')})" if "try" in e.error else ""
+            outcome = f"failed{tried}: {e.error.get('type')}: {e.error.get('message')}"
         elif e.kind == "sleep" and e.wake_at:
             outcome = f"until {cell(e.wake_at)}"
         elif e.status == "completed":

@@ -35,9 +35,16 @@ class Operations(Part):
 
     async def queue_limits(self) -> list[QueueLimit]:
         return [
-            QueueLimit(r["name"], r["concurrency"], r["rate_limit"], r["rate_period"])
+            QueueLimit(
+                r["name"], r["concurrency"], r["rate_limit"], r["rate_period"], r["paused"]
+            )
             for r in await self.pool.fetch(self.q["queue_limits"])
         ]
+
+    async def set_queue_paused(self, queue: str, paused: bool) -> None:
+        """Pause or resume claiming from ``queue`` on every daemon."""
+        validation.text(queue, "a queue name")
+        await self.pool.execute(self.q["set_queue_paused"], queue, paused)
 
     async def set_queue_limits(
         self, queue: str, concurrency: int | None, rate_limit: int | None, rate_period: float | None
@@ -152,6 +159,9 @@ class Operations(Part):
             (r["queue"], r["queued"], r["running"], r["waiting"], r["oldest_ready"]) for r in rows
         ]
         return depth, None if health is None else (health["dead"], health["vacuum_age"])
+
+    async def paused_queues(self) -> list[str]:
+        return [r["name"] for r in await self.pool.fetch(self.q["paused_queues"])]
 
     async def unserved_names(self, live_within: float) -> list[Unserved]:
         """Per queue, queued names that no daemon heard from lately can run."""

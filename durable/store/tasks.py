@@ -16,12 +16,14 @@ from durable.codec import dumps, loads
 from durable.models import (
     Claimed,
     NewTask,
+    Progress,
     QueueCount,
     TaskInfo,
     TaskSummary,
     WorkerInfo,
 )
 from durable.store.database import KeptConnection, Part
+from durable.validation import InvalidValue
 
 
 def _task_info(r: asyncpg.Record) -> TaskInfo:
@@ -54,6 +56,7 @@ def _task_info(r: asyncpg.Record) -> TaskInfo:
         started_at=r["started_at"],
         finished_at=r["finished_at"],
         version=r["version"],
+        deadline=r["deadline"],
     )
 
 
@@ -68,8 +71,11 @@ class Tasks(Part):
         *,
         idempotency_key: str | None = None,
         conn: Any = None,
+        active: bool = False,
+        debounce: tuple[float, str, float | None] | None = None,
     ) -> tuple[int, bool]:
-        """Insert one task; returns (id, inserted). An idempotency key returns the old id."""
+        """Insert one task; returns (id, inserted). An idempotency key returns the old id
+        (with ``active``, only while the old task is unfinished)."""
         params: tuple[Any, ...] = (
             t.queue,
             t.name,
@@ -86,14 +92,23 @@ class Tasks(Part):
             t.key_rate_period,
             t.trace_context,
             t.version,
+            t.deadline,
         )
         on: Any = conn
         if on is None:
             kept = self.db.enqueue
             on = kept if kept is not None and not kept.busy else self.pool
+        if debounce is not None:  # (seconds, key, max_delay)
+            found = await on.fetchrow(self.q["insert_task_debounced"], *params, *debounce)
+            if found is None:
+                raise InvalidValue(
+                    f"debounce_key {debounce[1]!r} is pending for a task other than {t.name!r}"
+                )
+            return found["id"], found["inserted"]
         if idempotency_key is None:
             return await on.fetchval(self.q["insert_task"], *params), True
-        row = await on.fetchrow(self.q["insert_task_keyed"], *params, idempotency_key)
+        query = self.q["insert_task_active" if active else "insert_task_keyed"]
+        row = await on.fetchrow(query, *params, idempotency_key)
         assert row is not None
         return row["id"], row["inserted"]
 
@@ -114,7 +129,7 @@ class Tasks(Part):
             t.queue, t.name, t.kind, t.args, t.kwargs, t.priority, t.run_at, t.max_attempts,
             t.timeout, t.concurrency_key, t.key_limit, t.key_rate_limit, t.key_rate_period,
             t.trace_context, idempotency_key,
-            list(tags) if tags is not None else None, attributes, t.version,
+            list(tags) if tags is not None else None, attributes, t.version, t.deadline,
         )  # fmt: skip
         assert row is not None
         return row["id"], row["inserted"]
@@ -138,6 +153,7 @@ class Tasks(Part):
             [t.key_rate_period for t in tasks],
             [t.trace_context for t in tasks],
             [t.version for t in tasks],
+            [t.deadline for t in tasks],
         )
         if conn is not None:
             rows = await conn.fetch(self.q["insert_many"], *params)
@@ -209,6 +225,10 @@ class Tasks(Part):
     async def fail(self, task_id: int, token: int, error: str) -> bool:
         return await self.pool.fetchval(self.q["fail"], task_id, token, error) is not None
 
+    async def fail_deadline(self, task_id: int, token: int, error: str) -> bool:
+        """Fail the task whose deadline passed and cancel its unfinished descendants."""
+        return await self.pool.fetchval(self.q["fail_deadline"], task_id, token, error) is not None
+
     async def mark_cancelled(self, task_id: int, token: int) -> bool:
         return await self.pool.fetchval(self.q["mark_cancelled"], task_id, token) is not None
 
@@ -235,6 +255,26 @@ class Tasks(Part):
     ) -> list[TaskSummary]:
         rows = await self.pool.fetch(self.q["list_tasks"], status, queue, name, since, limit)
         return [TaskSummary(**dict(r)) for r in rows]
+
+    async def report_progress(
+        self, task_id: int, token: int, value: str | None, message: str | None
+    ) -> None:
+        await self.pool.execute(self.q["report_progress"], task_id, token, value, message)
+
+    async def progress_state(self, task_id: int) -> tuple[str, Progress | None] | None:
+        """The task's status and latest progress; None when there is no such task."""
+        row = await self.pool.fetchrow(self.q["progress_state"], task_id)
+        if row is None:
+            return None
+        if row["updated_at"] is None:
+            return row["status"], None
+        return row["status"], Progress(loads(row["value"]), row["message"], row["updated_at"])
+
+    async def progress_of(self, ids: Sequence[int]) -> dict[int, Progress]:
+        rows = await self.pool.fetch(self.q["progress_of"], list(ids))
+        return {
+            r["task_id"]: Progress(loads(r["value"]), r["message"], r["updated_at"]) for r in rows
+        }
 
     async def watch_finish(self, task_id: int) -> tuple[str, Any, Any, int | None] | None:
         """(status, result, error, the run that continued it) of the task, which will

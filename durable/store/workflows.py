@@ -197,6 +197,7 @@ class Workflows(Part):
                     [c[2].key_rate_period for c in children],
                     [c[2].trace_context for c in children],
                     [c[2].version for c in children],
+                    [c[2].deadline for c in children],
                 )
             ]
             await conn.execute(
@@ -287,8 +288,12 @@ class Workflows(Part):
             event,
         )
 
-    async def send_event(self, task_id: int, name: str, payload: str | None) -> bool:
-        return bool(await self.pool.fetchval(self.q["send_event"], task_id, name, payload))
+    async def send_event(
+        self, task_id: int, name: str, payload: str | None, idempotency_key: str | None = None
+    ) -> bool:
+        return bool(
+            await self.pool.fetchval(self.q["send_event"], task_id, name, payload, idempotency_key)
+        )
 
     async def history(self, task_id: int, branch: int) -> list[HistoryEntry]:
         rows = await self.pool.fetch(self.q["history"], task_id, branch)

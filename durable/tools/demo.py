@@ -62,7 +62,7 @@ _database: str | None = None
 async def _demo_database() -> str | None:
     if _database is not None:
         return _database
-    from durable.client import resolve_dsn
+    from durable.connection import resolve_dsn
 
     return await resolve_dsn()  # a worker process: DURABLE_DATABASE_URL, as it was given
 

@@ -55,7 +55,8 @@ def test_the_publication_carries_every_option() -> None:
     assert row == {
         "name": "flow", "version": "7", "digest": "abc", "kind": "workflow", "queue": "q",
         "max_attempts": 5, "timeout": 30.0, "priority": 3,
-        "retry": {"base": 2.0, "factor": 2.0, "max_delay": 300.0, "jitter": 0.1},
+        "retry": {"base": 2.0, "factor": 2.0, "max_delay": 300.0, "jitter": 0.1,
+                  "max_attempts": None},
         "keyed": True, "key_limit": 2, "key_rate_limit": 10, "key_rate_period": 60.0,
     }  # fmt: skip
     assert spec(BASE)["keyed"] is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from typing import Any
 
 import pytest
 
@@ -68,9 +69,13 @@ def test_zero_base_never_waits() -> None:
         {"factor": 0.5},
         {"jitter": -0.01},
         {"jitter": 1.5},
+        {"max_attempts": 0},
+        {"max_attempts": 1001},
+        {"max_attempts": 2.5},
+        {"max_attempts": True},
     ],
 )
-def test_invalid_policies_are_rejected(kwargs: dict[str, float]) -> None:
+def test_invalid_policies_are_rejected(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         RetryPolicy(**kwargs)
 
