@@ -84,7 +84,7 @@ async def test_sql_tag_in_the_starting_transaction(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         task = await conn.fetchval(
-            "select durable.tag(durable.start('ql_noop'), array['b', 'a'], '{\"region\": \"eu\"}')"
+            "select durable.tag(durable.start('ql_noop', allow_unknown => true), array['b', 'a'], '{\"region\": \"eu\"}')"
         )
         # Tags add up as a set, attributes merge.
         await conn.execute("select durable.tag($1, array['a', 'c'], '{\"tries\": 2}')", task)
@@ -109,9 +109,9 @@ async def test_sql_tag_in_the_starting_transaction(dsn: str) -> None:
 
 
 async def test_cli_start_and_ls_by_tag_and_attribute(dsn: str) -> None:
-    out = durable_cli("start", "ql_noop", "--tag", "vip", "--attr", "region=eu", "--attr", "n:=2", dsn=dsn)
+    out = durable_cli("start", "ql_noop", "--allow-unknown", "--tag", "vip", "--attr", "region=eu", "--attr", "n:=2", dsn=dsn)
     task = int(out.stdout.strip())
-    durable_cli("start", "ql_noop", "--tag", "other", dsn=dsn)
+    durable_cli("start", "ql_noop", "--allow-unknown", "--tag", "other", dsn=dsn)
     found = durable_cli("ls", "--tag", "vip", "--attr", "n:=2", "--json", dsn=dsn)
     rows = [line for line in found.stdout.splitlines() if line]
     assert len(rows) == 1 and f'"id": {task}' in rows[0] and '"region": "eu"' in rows[0]

@@ -233,11 +233,11 @@ async def test_the_fixture_gives_a_worker_for_the_decorated_definitions(
 
 
 async def test_advance_moves_a_column_it_was_never_told_about(env: Env) -> None:
-    # A deadline column as another part of durable may add one: found in the catalog.
-    # A domain over timestamptz too, and a table of its own.
+    # A column as another part of durable may add one (as the deadline was): found in the
+    # catalog. A domain over timestamptz too, and a table of its own.
     await execute_all(
         env.dsn,
-        "alter table durable.tasks add column deadline timestamptz",
+        "alter table durable.tasks add column expires_at timestamptz",
         "create domain durable.moment as timestamptz",
         "create table durable.extra (at durable.moment, past timestamptz)",
         "insert into durable.extra values (now() + interval '3 hours', now() - interval '1 hour')",
@@ -246,13 +246,13 @@ async def test_advance_moves_a_column_it_was_never_told_about(env: Env) -> None:
     await env.run_until_idle()
     await execute_all(
         env.dsn,
-        f"update durable.tasks set deadline = now() + interval '10 hours' where id = {handle.id}",
+        f"update durable.tasks set expires_at = now() + interval '10 hours' where id = {handle.id}",
     )
     before = await fetchval(env.dsn, "select now()")
     await env.advance(hours=2)
     row = await fetchrow(
         env.dsn,
-        "select (t.deadline - now()) as deadline, (t.wake_at - now()) as wake,"
+        "select (t.expires_at - now()) as deadline, (t.wake_at - now()) as wake,"
         " (x.at - now()) as at, (now() - x.past) as past"
         f" from durable.tasks t, durable.extra x where t.id = {handle.id}",
     )
