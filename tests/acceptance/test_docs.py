@@ -27,7 +27,10 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 DOCUMENTED_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 """The server the docs' examples name: the tests' server stands in for it."""
 
-SMALL_BENCH = "--tasks 200 --concurrency 8 --workflows 40 --latency-tasks 20 --rate 200"
+SMALL_BENCH = (
+    "--tasks 200 --concurrency 8 --workflows 40 --latency-tasks 20 --rate 200"
+    " --entity-events 40 --duration 3s --keep 1s --every 1s"
+)
 """Sizes that keep a bench run to seconds; later flags override the documented ones."""
 
 
