@@ -317,6 +317,15 @@ def test_verify_history_raises_an_assertion_naming_position_and_both_calls() -> 
     assert "recorded step 'b'" in text and "the code now: step 'c'" in text
 
 
+def test_the_test_kit_exports_the_same_check() -> None:
+    # A user's suite reaches it as durable.testing.verify_history.
+    from durable import testing
+
+    assert testing.verify_history(flow, exported(COMPLETED)).ok
+    with pytest.raises(testing.HistoryMismatch, match="does not replay at position 2"):
+        testing.verify_history(v2_renamed, exported(COMPLETED))
+
+
 async def test_verify_history_works_inside_a_running_event_loop() -> None:
     assert verify_history(flow, COMPLETED).ok
 
