@@ -208,8 +208,9 @@ class Dashboard:
 
     async def workers(self, request: Request) -> Response:
         workers = await self.admin.workers(200)
+        definitions = await self.admin.definitions(LIVE_WITHIN)
         return self.page(request, "workers.html", workers=workers, live_within=LIVE_WITHIN,
-                         title="Definitions and workers")  # fmt: skip
+                         definitions=definitions, title="Definitions and workers")  # fmt: skip
 
     # -- live ----------------------------------------------------------------------------
 

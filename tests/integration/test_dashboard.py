@@ -123,7 +123,10 @@ async def test_every_page_opens_read_only_and_follows_a_workflow_live(dsn: str) 
         assert "since: expected a duration" in await page.inner_text("[role=alert]")
         await page.goto(base + "/workers")
         assert "live" in await page.inner_text("#workers")
-        assert await page.locator("#definitions").count() == 1
+        # The catalog the daemon published: its definitions, the daemon serving them.
+        row = page.locator("#definitions tr[data-name=ui_order]")
+        assert await row.count() == 1
+        assert "workflow" in await row.inner_text() and "ui" in await row.inner_text()
 
         await page.goto(f"{base}/tasks/{failed.id}")
         assert "payment service down for A-2" in await page.inner_text("main")
@@ -237,7 +240,9 @@ async def test_what_tasks_hold_is_shown_escaped(dsn: str) -> None:
     """Names, labels, arguments and errors are the users' data: never markup."""
     evil = "<script>alert(1)</script>"
     async with durable.connect(dsn) as client, dashboard(dsn) as base:
-        task = await client.start(evil, evil, tags=[evil], attributes={evil: evil})
+        task = await client.start(
+            evil, evil, allow_unknown=True, tags=[evil], attributes={evil: evil}
+        )
         async with httpx.AsyncClient() as http:
             for path in ("/", "/tasks", f"/tasks/{task.id}", "/tasks?tag=" + evil):
                 page = await http.get(base + path)
