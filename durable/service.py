@@ -131,12 +131,19 @@ async def serve(
         listen_dsn=settings.listen_url, burst=burst, pool_size=pool_size,
     )
     service = Service(daemon)
-    async with anyio.create_task_group() as tg:
-        await tg.start(service._run, handle_signals)
-        try:
-            yield service
-        finally:
-            daemon.stop()
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(service._run, handle_signals)
+            try:
+                yield service
+            finally:
+                daemon.stop()
+    except BaseExceptionGroup as group:
+        # One failure (the daemon's, or the block's own) is raised as itself, so that a
+        # caller sees "port already in use", not "unhandled errors in a TaskGroup".
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 def _queues(queues: str | Mapping[str, int] | Sequence[str]) -> str:
