@@ -418,26 +418,6 @@ async def scale(server: str, n: int, concurrency: int, daemons: list[int], progr
     )
 
 
-async def retention(
-    server: str, rate: float, seconds: float, keep: float, every: float, concurrency: int,
-    vacuum: str = "auto",
-) -> Result:
-    """Ingest and drain at a steady rate under a short DURABLE_RETENTION, sampling the
-    tables' and indexes' sizes and the claims (durable.tools.retention)."""
-    from durable.tools import retention as workload
-
-    async with scratch_database(server) as dsn:
-        samples, started = await workload.measure(
-            dsn, rate=rate, seconds=seconds, keep=keep, every=every, concurrency=concurrency,
-            vacuum=vacuum,
-        )
-    return Result(
-        "retention", workload.figures(samples, rate, seconds, keep),
-        verified=len(ran) == started,
-        notes=workload.series(samples),
-    )
-
-
 WORKLOADS = (
     "throughput", "latency", "floor", "workflows", "backlog", "scale", "retention", "entity",
 )
@@ -495,10 +475,13 @@ async def run(
         elif w == "scale":
             results.append(await scale(server, n, concurrency, [1, 2, 4], progress))
         elif w == "retention":
-            results.append(
-                await retention(server, opts["ingest_rate"], opts["duration"], opts["keep"],
-                                opts["every"], concurrency, opts.get("retention_vacuum", "auto"))
-            )
+            from durable.tools.retention import run as retention
+
+            name, figures, verified, notes = await retention(
+                server, opts["ingest_rate"], opts["duration"], opts["keep"], opts["every"],
+                concurrency, opts.get("retention_vacuum", "auto"), scratch_database,
+            )  # fmt: skip
+            results.append(Result(name, figures, verified=verified, notes=notes))
         elif w == "entity":
             from durable.tools.bench_entity import entity_run
 

@@ -190,3 +190,18 @@ def series(samples: list[Sample]) -> list[str]:
             f" {s.pruned:>7} {tasks_kb:>9} {events_kb:>10} {idx_kb:>11}"
         )
     return lines
+
+
+async def run(
+    server: str, rate: float, seconds: float, keep: float, every: float, concurrency: int,
+    vacuum: str, scratch_database: Any,
+) -> tuple[str, dict[str, Any], bool, list[str]]:
+    """Ingest and drain at a steady rate under a short DURABLE_RETENTION in a scratch
+    database of ``server``, sampling the tables' and indexes' sizes and the claims:
+    (workload, figures, verified, notes) for the bench's Result."""
+    async with scratch_database(server) as dsn:
+        samples, started = await measure(
+            dsn, rate=rate, seconds=seconds, keep=keep, every=every, concurrency=concurrency,
+            vacuum=vacuum,
+        )
+    return "retention", figures(samples, rate, seconds, keep), len(ran) == started, series(samples)
