@@ -27,12 +27,32 @@ from durable.models import (
     QueueLimit,
     ScheduleInfo,
     TaskFilter,
+    TaskPage,
     TaskRow,
     TaskSummary,
     Unserved,
     WorkerInfo,
 )
 from durable.store import Store
+
+STRETCH = 100_000
+"""Ids a filtered page of the dashboard's task list reads at most."""
+
+
+def narrowed(f: TaskFilter) -> bool:
+    """Whether ``f`` may skip rows of the id order (anything but an exact lookup or no
+    filter at all), so that a page of it could read far down the table."""
+    if f.task_id is not None or f.idempotency_key is not None:
+        return False
+    return any(v is not None for v in dataclasses.astuple(f))
+
+
+def stretch_floor(f: TaskFilter, top: int | None, stretch: int) -> int | None:
+    """The lowest id a page below ``top`` reads for filter ``f``: None reads on until the
+    page fills (the pk or a unique index answers), else ``stretch`` ids at most."""
+    if top is None or not narrowed(f):
+        return None
+    return max(1, top - stretch)
 
 
 class Admin:
@@ -86,6 +106,27 @@ class Admin:
         """The newest tasks matching ``f`` (tags, attributes, key, time range...) with an
         id below ``before`` (the last id of the previous page), newest first."""
         return await self._store.dashboard.search_tasks(f, before=before, limit=limit)
+
+    async def search_page(
+        self, f: TaskFilter, *, before: int | None = None, size: int = 50, stretch: int = STRETCH
+    ) -> TaskPage:
+        """A page of the task list that reads at most ``stretch`` ids below ``before``:
+        bounded time whatever the filter matches (the dashboard's list). When the page is
+        not full, ``searched`` says which ids were read and ``next_before`` where older
+        tasks start, skipping ids already pruned."""
+        dashboard = self._store.dashboard
+        top = before
+        if before is None and narrowed(f):
+            newest = await dashboard.newest_id_below(None)
+            top = None if newest is None else newest + 1
+        floor = stretch_floor(f, top, stretch)
+        rows = await dashboard.search_tasks(f, before=before, limit=size + 1, floor=floor)
+        if len(rows) > size:
+            return TaskPage(rows[:size], rows[size - 1].id)
+        if floor is None or top is None:
+            return TaskPage(rows, None)
+        below = await dashboard.newest_id_below(floor) if floor > 1 else None
+        return TaskPage(rows, None if below is None else below + 1, (floor, top - 1))
 
     async def queue_counts(self) -> list[QueueCount]:
         return await self._store.queue_stats()

@@ -415,6 +415,18 @@ class TaskRow:
 
 
 @dataclass(frozen=True)
+class TaskPage:
+    """One page of the task list. A filtered page reads one stretch of ids at most, so
+    it may hold fewer rows than asked while older matches exist: `searched` then names
+    the stretch read (lowest id, highest id) and `next_before` still leads on."""
+
+    rows: list[TaskRow]
+    next_before: int | None
+    """The keyset cursor of the next page (its ids are below this); None: the list ends."""
+    searched: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class Finished:
     """How many tasks of a queue ended in one status within one bucket of the last hour
     (bucket 0 the newest)."""

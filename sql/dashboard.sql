@@ -7,7 +7,9 @@
 -- The newest tasks matching the filters, below id $10 (keyset pagination: a page's last
 -- id is the next page's $10), newest first. $1 statuses, $2 queue, $3 name, $4 created
 -- since, $5 created before, $6 idempotency key, $7 id, $8 tags (all of them), $9
--- attributes (a JSON object the task's attributes contain), $11 the page's size.
+-- attributes (a JSON object the task's attributes contain), $11 the page's size, $12 the
+-- lowest id to read (the dashboard reads one stretch of ids per page, so a filter that
+-- matches little or nothing costs a bounded scan, not the whole table).
 select id, queue, name, kind, status, attempt, max_attempts, parent_id, idempotency_key,
        created_at, started_at, finished_at, run_at, tags, attributes::text,
        error ->> 'type' as error_type
@@ -22,8 +24,14 @@ where ($1::text[] is null or status = any($1::text[]))
   and ($8::text[] is null or tags @> $8::text[])
   and ($9::jsonb is null or attributes @> $9::jsonb)
   and ($10::bigint is null or id < $10::bigint)
+  and ($12::bigint is null or id >= $12::bigint)
 order by id desc
 limit $11
+
+-- name: newest_id_below
+-- Where the next stretch of the task list starts: the newest id below $1 (null: none),
+-- so that ids left empty by pruning are skipped in one step.
+select max(id) from durable.tasks where ($1::bigint is null or id < $1::bigint)
 
 -- name: finished_last_hour
 -- Tasks that finished within the last hour, per queue, status and five-minute bucket

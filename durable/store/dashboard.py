@@ -19,9 +19,15 @@ class Dashboard(Part):
         self.d = named_queries("dashboard.sql")
 
     async def search_tasks(
-        self, f: TaskFilter, *, before: int | None = None, limit: int = 50
+        self,
+        f: TaskFilter,
+        *,
+        before: int | None = None,
+        limit: int = 50,
+        floor: int | None = None,
     ) -> list[TaskRow]:
-        """The newest tasks matching ``f`` with an id below ``before``, newest first."""
+        """The newest tasks matching ``f`` with an id below ``before`` and not below
+        ``floor``, newest first."""
         rows = await self.pool.fetch(
             self.d["search_tasks"],
             list(f.statuses) if f.statuses else None,
@@ -35,6 +41,7 @@ class Dashboard(Part):
             json.dumps(f.attributes) if f.attributes else None,
             before,
             limit,
+            floor,
         )
         return [
             TaskRow(
@@ -49,6 +56,11 @@ class Dashboard(Part):
             )
             for r in rows
         ]
+
+    async def newest_id_below(self, before: int | None) -> int | None:
+        """The newest task id below ``before`` (any when None); None: no such task."""
+        value: int | None = await self.pool.fetchval(self.d["newest_id_below"], before)
+        return value
 
     async def finished_last_hour(self) -> list[Finished]:
         return [Finished(**dict(r)) for r in await self.pool.fetch(self.d["finished_last_hour"])]

@@ -170,13 +170,16 @@ class Dashboard:
             f, before = views.task_filter(params, self.store.now())
         except InvalidValue as exc:
             return self.page(request, "tasks.html", 400, rows=[], filter_error=str(exc),
-                             params=params, next_query=None, title="Tasks")  # fmt: skip
-        rows = await self.admin.search_tasks(f, before=before, limit=views.PAGE + 1)
-        more = len(rows) > views.PAGE
-        rows = rows[: views.PAGE]
-        next_query = views.filter_query(params, before=str(rows[-1].id)) if more else None
+                             searched=None, params=params, next_query=None,
+                             title="Tasks")  # fmt: skip
+        page = await self.admin.search_page(f, before=before, size=views.PAGE)
+        next_query = (
+            views.filter_query(params, before=str(page.next_before))
+            if page.next_before is not None else None
+        )  # fmt: skip
         return self.page(
-            request, "tasks.html", rows=rows, params=params, filter_error=None,
+            request, "tasks.html", rows=page.rows, params=params, filter_error=None,
+            searched=page.searched,
             next_query=next_query, first_query=views.filter_query(params, before=None),
             paged=before is not None, bulk=views.filter_query(params, before=None),
             title="Tasks",

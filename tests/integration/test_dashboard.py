@@ -292,3 +292,42 @@ async def test_fork_and_replay_make_branches_the_page_can_show(dsn: str, tmp_pat
         assert await page.locator("g.bar").count() == 3
         await page.click("#action-replay")
         assert "replayed on branch 2" in await page.inner_text("[role=status]")
+
+
+async def test_the_overview_updates_live_and_a_filter_reads_one_stretch(dsn: str) -> None:
+    """The overview changes in place as tasks arrive, run and finish (no reload); a task
+    list filter that matches nothing recent searches one stretch of ids, says so, and
+    leads on to the older match."""
+    FLAKY["fixed"] = True
+    # The old match, then more than one stretch of newer tasks.
+    await execute(
+        dsn,
+        "insert into durable.tasks (queue, name, status, finished_at) "
+        "select 'bulk', case when g = 1 then 'ui_rare' else 'ui_common' end, 'completed', "
+        "now() from generate_series(1, 100500) g",
+    )
+    async with durable.connect(dsn) as client, dashboard(dsn) as base, browser() as page:
+        await page.goto(base + "/")
+        await page.wait_for_selector("#live.on")
+        await page.evaluate("window.__kept = 'same page'")
+        assert await page.locator("tr[data-queue=ui]").count() == 0
+        task = await client.start(ui_flaky, "L-1")
+        row = page.locator("tr[data-queue=ui]")
+        await playwright_api.expect(row.locator("td.num").first).to_have_text("1", timeout=20000)
+        async with running_daemon(dsn, queues="ui"):
+            await wait_status(dsn, task.id, "completed")
+            await playwright_api.expect(row.locator("td.chart")).to_contain_text(
+                "1 ok", timeout=20000
+            )
+            await playwright_api.expect(row.locator("td.num").first).to_have_text("0")
+        assert await page.evaluate("window.__kept") == "same page"
+
+        await page.goto(base + "/tasks?name=ui_rare")
+        assert "No tasks match in this stretch" in await page.inner_text("#tasklist")
+        assert "older tasks are not searched yet" in await page.inner_text(".pager")
+        await page.click("a[rel=next]")
+        await page.wait_for_selector("table.tasks tbody tr[data-id]")
+        assert await page.locator("table.tasks tbody tr[data-id]").count() == 1
+        assert "ui_rare" in await page.inner_text("table.tasks")
+        assert ", the oldest." in await page.inner_text(".pager")
+        assert await page.locator("a[rel=next]").count() == 0

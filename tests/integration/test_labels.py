@@ -7,6 +7,7 @@ import asyncpg
 import pytest
 
 import durable
+from durable.admin import Admin
 from durable.models import TaskFilter
 from durable.store import named_queries
 from durable.validation import InvalidValue, attribute_pair, labels
@@ -124,7 +125,7 @@ async def explain_search(dsn: str, **given: object) -> str:
     """EXPLAIN of the task list's statement with these parameters, planned as the
     dashboard's pool plans it (for its parameters)."""
     order = ["statuses", "queue", "name", "since", "until", "key", "id", "tags", "attributes",
-             "before", "limit"]
+             "before", "limit", "floor"]
     conn = await asyncpg.connect(dsn, server_settings={"plan_cache_mode": "force_custom_plan"})
     try:
         await conn.execute(f"prepare search as {named_queries('dashboard.sql')['search_tasks']}")
@@ -151,3 +152,41 @@ async def test_search_uses_the_indexes(dsn: str) -> None:
     assert "tasks_idempotency_idx" in plan, plan
     plan = await explain_search(dsn, before="2500", limit="50")
     assert "tasks_pkey" in plan and "Seq Scan" not in plan, plan
+
+
+async def test_a_filtered_page_reads_one_stretch_of_ids_then_leads_on(dsn: str) -> None:
+    """The dashboard's list reads at most `stretch` ids a page: a filter matching nothing
+    costs a bounded scan. A page that is not full says what it searched and where older
+    tasks start, skipping ids that pruning left empty; the last stretch ends the list."""
+    async with durable.connect(dsn) as client:
+        ids = [r["id"] for r in await client.store.pool.fetch(
+            "insert into durable.tasks (queue, name, status, finished_at) "
+            "select 'q', case when g in (3, 56) then 'hit' else 'n' end, 'completed', now() "
+            "from generate_series(1, 60) g order by g returning id"
+        )]  # fmt: skip
+        admin = Admin(client.store)
+        hit = TaskFilter(name="hit")
+        top = ids[-1] + 1
+        page = await admin.search_page(hit, size=5, stretch=10)
+        assert [t.id for t in page.rows] == [ids[55]]
+        assert page.searched == (top - 10, top - 1) and page.next_before == top - 10
+        # Pruned ids are skipped: the next stretch starts at the newest task left below.
+        await client.store.pool.execute(
+            "delete from durable.tasks where id = any($1::bigint[])", ids[3:40]
+        )
+        page = await admin.search_page(hit, before=page.next_before, size=5, stretch=10)
+        assert page.rows == [] and page.searched == (top - 20, top - 11)
+        assert page.next_before == ids[2] + 1
+        page = await admin.search_page(hit, before=page.next_before, size=5, stretch=10)
+        assert [t.id for t in page.rows] == [ids[2]] and page.next_before is None
+        assert page.searched == (max(1, ids[2] + 1 - 10), ids[2])
+        # No filter, or an exact lookup: the page fills from the index, no stretch.
+        page = await admin.search_page(TaskFilter(), size=5, stretch=10)
+        assert [t.id for t in page.rows] == ids[-1:-6:-1] and page.next_before == ids[-5]
+        assert page.searched is None
+        page = await admin.search_page(TaskFilter(task_id=ids[0]), size=5, stretch=10)
+        assert [t.id for t in page.rows] == [ids[0]] and page.next_before is None
+        # A full page of a filter leads on from its last row, as any keyset page.
+        page = await admin.search_page(TaskFilter(name="n"), size=5, stretch=10)
+        assert [t.id for t in page.rows] == [ids[59], ids[58], ids[57], ids[56], ids[54]]
+        assert page.next_before == ids[54] and page.searched is None
