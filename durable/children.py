@@ -85,13 +85,15 @@ class Children:
         handles: list[ChildHandle | None] = []
         new: list[tuple[int, str, NewTask]] = []
         for call in calls:
-            d = self._definition(call.target)
-            dig = digest("child", d.name, [list(call.args), call.kwargs])
-            seq, event = self._log.next("child", d.name, dig)
+            target = call.target
+            name = target.name if isinstance(target, Definition) else target
+            dig = digest("child", name, [list(call.args), call.kwargs])
+            seq, event = self._log.next("child", name, dig)
             if event is not None:
                 assert event.child_id is not None
                 handles.append(ChildHandle(self, seq, event.child_id, event))
                 continue
+            d = await self._definition(target)
             # The child's attempts join this workflow's trace.
             trace = self._tracer.inject() or self._task.trace_context
             task = NewTask.from_definition(d, call.args, call.kwargs, trace_context=trace)
@@ -116,14 +118,17 @@ class Children:
                     handles[i] = ChildHandle(self, seq, child_id, None)
         return [h for h in handles if h is not None]
 
-    def _definition(self, target: Definition[Any, Any] | str) -> Definition[Any, Any]:
+    async def _definition(self, target: Definition[Any, Any] | str) -> Definition[Any, Any]:
+        """A child's definition: its own, this daemon's registry's, else the catalog's (a
+        child another service's daemons define and run gets their queue, kind and
+        defaults); a name nobody published starts with the defaults and waits, visibly."""
         if isinstance(target, Definition):
             return target
         d = self._registry_get(target)
-        if d is None:
-            # A child defined elsewhere (another service's daemon runs it).
-            return Definition.elsewhere(target)
-        return d
+        if d is not None:
+            return d
+        entry = await self._store.resolve_definition(target)
+        return entry.definition() if entry is not None else Definition.elsewhere(target)
 
     async def gather(self, *aws: ChildCall | ChildHandle) -> list[Any]:
         """Start every child among ``aws`` at once, then wait for all of them.

@@ -69,7 +69,13 @@ async def _fire(store: Store, registry: Registry, now: datetime, row: DueSchedul
     expected = row.next_run_at
     tick = cron.latest_at_or_before(now, expected - timedelta(microseconds=1)) or expected
     name = row.task_name
-    d = registry.get(name) or Definition.elsewhere(name)
+    d = registry.get(name)
+    if d is None:
+        # A task this daemon has no code for: the catalog knows its queue, kind and
+        # defaults (another service's daemons run it); a name nobody published starts
+        # with the defaults, on the schedule's queue if it has one.
+        entry = await store.resolve_definition(name)
+        d = entry.definition() if entry is not None else Definition.elsewhere(name)
     args, kwargs = loads(row.args), loads(row.kwargs)
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise DurableError(f"schedule {row.name!r}: args must be a JSON array and kwargs "

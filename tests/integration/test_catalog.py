@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 
 import durable
+from durable.admin import Admin
 from durable.errors import UnknownDefinition
 from durable.registry import Definition, Registry, code_digest
 from durable.retry import RetryPolicy
@@ -214,6 +215,54 @@ async def test_a_keyed_definition_needs_its_key_without_the_code(dsn: str) -> No
             "orders", 2, 10, 60.0,
         )  # fmt: skip
         assert await client.result(keyed, timeout=20) == "sent to a@b.c"
+
+
+async def _orders(ctx: durable.Context, order_id: str) -> Any:
+    return await ctx.run("fulfill", order_id)
+
+
+ORDERS: Definition[Any, Any] = Definition(
+    name="cat_orders", fn=_orders, kind="workflow", queue="parents", digest=code_digest(_orders)
+)
+
+
+async def test_a_child_and_a_schedule_by_name_take_the_definition_from_the_catalog(
+    dsn: str,
+) -> None:
+    """A daemon without a name's code starts it (a workflow's child, a schedule's tick)
+    with what the catalog says, not the defaults: the daemons that have the code serve
+    only its own queue."""
+    async with running_daemon(dsn, reg=registry_of(FULFILL), queues="orders=8"):
+        pass  # published, then gone
+    async with durable.connect(dsn) as client, running_daemon(
+        dsn, reg=registry_of(ORDERS), queues="parents=4"
+    ):
+        parent = await client.start(ORDERS, "o-20")
+
+        async def child() -> Any:
+            return await fetchval(
+                dsn, "select id from durable.tasks where parent_id = $1", parent.id
+            )
+
+        child_id = await wait_for(child)
+        from_catalog(await task_row(dsn, child_id))
+        await Admin(client.store).add_schedule(
+            "cat_nightly", "fulfill", "0 3 * * *", "UTC", ["o-21"], None,
+            first=client.store.now(),
+        )  # fmt: skip
+
+        async def fired() -> Any:
+            return await fetchval(
+                dsn, "select last_task_id from durable.schedules where name = 'cat_nightly'"
+            )
+
+        tick = await wait_for(fired)
+        from_catalog(await task_row(dsn, tick))
+        async with running_daemon(dsn, reg=registry_of(FULFILL), queues="orders=8"):
+            assert await parent.result(timeout=20) == {
+                "order": "o-20", "charge": "charged o-20",
+            }  # fmt: skip
+            assert (await client.result(tick, timeout=20))["order"] == "o-21"
 
 
 # -- publication -----------------------------------------------------------------------------
