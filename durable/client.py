@@ -247,19 +247,39 @@ class Client:
         resolved as by ``start``.
         """
         fn = await self._definition(fn, queue, allow_unknown, conn)
-        tasks = []
-        for call in calls:
-            if isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], dict):
-                args, kw = call[0], call[1]
-            else:
-                args, kw = call, {}
-            tasks.append(
+        pairs = [
+            (call[0], call[1])
+            if isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], dict)
+            else (call, {})
+            for call in calls
+        ]
+        if not pairs:
+            return []
+        d = fn if isinstance(fn, Definition) else registry.get(fn)
+        if d is not None and d.concurrency_key is not None:
+            # Each call has its own key and per-key limits: a row of its own each.
+            tasks = [
                 self._new_task(
                     fn, list(args), kw, queue=queue, priority=priority, delay=delay,
                     run_at=None, max_attempts=None, timeout=None,
                 )
+                for args, kw in pairs
+            ]
+            ids = await self.store.insert_many(tasks, conn=conn)
+        else:
+            # The usual case: the tasks differ only in their arguments. The options are
+            # checked once, and only the arguments travel as arrays.
+            first = self._new_task(
+                fn, list(pairs[0][0]), pairs[0][1], queue=queue, priority=priority,
+                delay=delay, run_at=None, max_attempts=None, timeout=None,
             )
-        ids = await self.store.insert_many(tasks, conn=conn) if tasks else []
+            what = f"the arguments of {first.name!r}"
+            args = [first.args]
+            args += [dumps(list(a), what=what) for a, _ in pairs[1:]]
+            kwargs: list[str] | None = None
+            if any(kw for _, kw in pairs):
+                kwargs = [dumps(kw, what=what) for _, kw in pairs]
+            ids = await self.store.insert_uniform(first, args, kwargs, conn=conn)
         return [Handle(self, i) for i in ids]
 
     async def _definition(

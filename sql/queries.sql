@@ -205,6 +205,18 @@ select v.queue, v.name, v.kind, v.args::jsonb, v.kwargs::jsonb, v.priority,
  order by v.ord
 returning id
 
+-- name: insert_uniform
+-- start_many's usual case: tasks alike but for their arguments, which alone go as arrays
+-- (a client checks every element of every array it sends). $5 null: no keyword arguments.
+insert into durable.tasks (queue, name, kind, args, kwargs, priority, run_at, max_attempts,
+                           timeout, trace_context, version, deadline)
+select $1::text, $2::text, $3::text, v.args::jsonb, coalesce(v.kwargs, '{}')::jsonb,
+       $6::integer, coalesce($7::timestamptz, now()), $8::integer, $9::float8, $10::jsonb,
+       $11::text, now() + make_interval(secs => $12::float8)
+  from unnest($4::text[], $5::text[]) with ordinality as v(args, kwargs, ord)
+ order by v.ord
+returning id
+
 -- name: get_task
 select id, queue, name, kind, args::text, kwargs::text, status, priority, run_at, attempt,
        max_attempts, timeout, lease_until, worker_id, result::text, error::text,

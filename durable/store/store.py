@@ -125,6 +125,7 @@ class Store:
 
     insert_task = _Via(_tasks, Tasks.insert_task)
     insert_many = _Via(_tasks, Tasks.insert_many)
+    insert_uniform = _Via(_tasks, Tasks.insert_uniform)
     claim = _Via(_tasks, Tasks.claim)
     trace_contexts = _Via(_tasks, Tasks.trace_contexts)
     claim_delay = _Via(_tasks, Tasks.claim_delay)

@@ -161,6 +161,24 @@ class Tasks(Part):
             rows = await self.pool.fetch(self.q["insert_many"], *params)
         return [r["id"] for r in rows]
 
+    async def insert_uniform(
+        self,
+        template: NewTask,
+        args: Sequence[str],
+        kwargs: Sequence[str] | None,
+        *,
+        conn: asyncpg.Connection | None = None,
+    ) -> list[int]:
+        """Tasks like ``template`` but for their arguments (JSON texts; ``kwargs`` None:
+        none has keyword arguments), in order; their ids."""
+        t = template
+        rows = await (conn or self.pool).fetch(
+            self.q["insert_uniform"], t.queue, t.name, t.kind, list(args), kwargs,
+            t.priority, t.run_at, t.max_attempts, t.timeout, t.trace_context, t.version,
+            t.deadline,
+        )  # fmt: skip
+        return [r["id"] for r in rows]
+
     # -- claiming and finishing -----------------------------------------------------
 
     async def claim(

@@ -159,6 +159,14 @@ async def test_start_many_enqueues_all_in_one_statement(dsn: str) -> None:
         # Arguments land in the order given.
         assert [(await client.get(i)).args for i in (ids[0], ids[17], ids[49])] == [[0], [17], [49]]
         assert await client.start_many(qc_double, []) == []
+        # The options apply to every row alike.
+        later = await client.start_many(qc_double, [[1], [2]], queue="later", priority=5, delay=3600)
+        rows = await fetchval(
+            dsn, "select array_agg(distinct (queue, priority, run_at > now() + interval '59 min',"
+            " kind, max_attempts)::text) from durable.tasks where id = any($1)",
+            [h.id for h in later],
+        )  # fmt: skip
+        assert rows == ["(later,5,t,task,3)"]
         await run_burst(dsn)
         assert [await h.result(timeout=10) for h in handles] == [2 * i for i in range(50)]
         assert [await h.result(timeout=10) for h in pairs] == ["x/y", "z"]
