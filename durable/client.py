@@ -274,11 +274,9 @@ class Client:
                 delay=delay, run_at=None, max_attempts=None, timeout=None,
             )
             what = f"the arguments of {first.name!r}"
-            args = [first.args]
-            args += [dumps(list(a), what=what) for a, _ in pairs[1:]]
-            kwargs: list[str] | None = None
-            if any(kw for _, kw in pairs):
-                kwargs = [dumps(kw, what=what) for _, kw in pairs]
+            args = [first.args, *(dumps(list(a), what=what) for a, _ in pairs[1:])]
+            keywords = any(kw for _, kw in pairs)
+            kwargs = [dumps(kw, what=what) for _, kw in pairs] if keywords else None
             ids = await self.store.insert_uniform(first, args, kwargs, conn=conn)
         return [Handle(self, i) for i in ids]
 
