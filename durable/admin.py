@@ -44,7 +44,7 @@ def narrowed(f: TaskFilter) -> bool:
     filter at all), so that a page of it could read far down the table."""
     if f.task_id is not None or f.idempotency_key is not None:
         return False
-    return any(v is not None for v in dataclasses.astuple(f))
+    return any(getattr(f, field.name) is not None for field in dataclasses.fields(f))
 
 
 def stretch_floor(f: TaskFilter, top: int | None, stretch: int) -> int | None:

@@ -84,6 +84,7 @@ class Children:
     async def _start_children(self, calls: Sequence[ChildCall]) -> list[ChildHandle]:
         handles: list[ChildHandle | None] = []
         new: list[tuple[int, str, NewTask]] = []
+        resolved: dict[str, Definition[Any, Any]] = {}  # a fan-out asks once per name
         for call in calls:
             target = call.target
             name = target.name if isinstance(target, Definition) else target
@@ -93,7 +94,8 @@ class Children:
                 assert event.child_id is not None
                 handles.append(ChildHandle(self, seq, event.child_id, event))
                 continue
-            d = await self._definition(target)
+            d = resolved.get(name) or await self._definition(target)
+            resolved[name] = d
             # The child's attempts join this workflow's trace.
             trace = self._tracer.inject() or self._task.trace_context
             task = NewTask.from_definition(d, call.args, call.kwargs, trace_context=trace)

@@ -10,37 +10,25 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
 import pytest
 
 import durable
-from tests.support.helpers import durable_cli, fetchval, kill, spawn_daemon, wait_for
+from tests.support.helpers import (
+    durable_cli,
+    exited,
+    fetchval,
+    kill,
+    reaped,
+    spawn_daemon,
+    statuses_in,
+    wait_for,
+)
 
 OLD, NEW = "tests.apps.ship_v1", "tests.apps.ship_v2_patched"
 ENV = {"DURABLE_LEASE": "2", "DURABLE_POLL_INTERVAL": "0.5", "DURABLE_QUEUES": "ship=8"}
-
-
-@contextmanager
-def reaped(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for proc in procs:
-            kill(proc)
-            proc.wait(timeout=30)
-
-
-async def exited(proc: subprocess.Popen[bytes]) -> int:
-    async def done() -> bool:
-        return proc.poll() is not None
-
-    await wait_for(done, timeout=30)
-    assert proc.returncode is not None
-    return proc.returncode
 
 
 async def serving(dsn: str, pid: int) -> None:
@@ -54,16 +42,6 @@ async def serving(dsn: str, pid: int) -> None:
         ))  # fmt: skip
 
     await wait_for(published, timeout=30)
-
-
-async def status_in(dsn: str, ids: list[int], *wanted: str) -> None:
-    async def there() -> bool:
-        found = await fetchval(
-            dsn, "select array_agg(status::text) from durable.tasks where id = any($1)", ids
-        )
-        return all(s in wanted for s in found)
-
-    await wait_for(there, timeout=30)
 
 
 async def log_of(dsn: str, task_id: int) -> list[str]:
@@ -92,8 +70,8 @@ async def test_a_patched_change_rolls_out_over_a_killed_and_a_stopped_daemon(
         async with durable.connect(dsn) as client:  # this process has none of the code
             old = [await client.start("ship", f"o-{i}") for i in range(4)]
             held = await client.start("ship", "held")  # its first step runs until the kill
-            await status_in(dsn, [h.id for h in old], "waiting")
-            await status_in(dsn, [held.id], "running")
+            await statuses_in(dsn, [h.id for h in old], "waiting")
+            await statuses_in(dsn, [held.id], "running")
             holder = await fetchval(
                 dsn, "select w.pid from durable.tasks t join durable.workers w"
                 " on w.id = t.worker_id where t.id = $1", held.id,
@@ -111,8 +89,8 @@ async def test_a_patched_change_rolls_out_over_a_killed_and_a_stopped_daemon(
             mixed = [await client.start("ship", f"m-{i}") for i in range(4)]
             for h in old[:2]:
                 assert await client.send_event(h.id, "picked")
-            await status_in(dsn, [h.id for h in mixed], "waiting")
-            await status_in(dsn, [held.id], "waiting")
+            await statuses_in(dsn, [h.id for h in mixed], "waiting")
+            await statuses_in(dsn, [held.id], "waiting")
 
             # Roll the other daemon, gracefully.
             survivor.send_signal(signal.SIGTERM)
@@ -121,7 +99,7 @@ async def test_a_patched_change_rolls_out_over_a_killed_and_a_stopped_daemon(
             procs.append(fourth)
             await serving(dsn, fourth.pid)
             new = [await client.start("ship", f"n-{i}") for i in range(4)]
-            await status_in(dsn, [h.id for h in new], "waiting")
+            await statuses_in(dsn, [h.id for h in new], "waiting")
 
             for h in [*old[2:], held, *mixed, *new]:
                 assert await client.send_event(h.id, "picked")

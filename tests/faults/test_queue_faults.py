@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -20,29 +17,9 @@ import pytest
 import durable
 from durable.store import Store
 from tests.apps.queue_tasks import create_tables, open_gate
-from tests.support.helpers import fetchval, kill, spawn_daemon, wait_for
+from tests.support.helpers import exited, fetchval, kill, reaped, spawn_daemon, wait_for
 
 APP = "tests.apps.queue_tasks"
-
-
-@contextmanager
-def reaped(*procs: subprocess.Popen[bytes]) -> Iterator[None]:
-    """Kill whatever is still running when the block ends."""
-    try:
-        yield
-    finally:
-        for proc in procs:
-            kill(proc)
-            proc.wait(timeout=30)
-
-
-async def exited(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
-    async def done() -> bool:
-        return proc.poll() is not None
-
-    await wait_for(done, timeout=timeout)
-    assert proc.returncode is not None
-    return proc.returncode
 
 
 async def runs(dsn: str, key: str) -> list[asyncpg.Record]:
@@ -105,7 +82,7 @@ async def test_sigkill_mid_task_is_finished_by_another_daemon_and_the_zombie_is_
     async with durable.connect(dsn) as client:
         handle = await client.start("q_block", "kill-9")
         first = spawn_daemon(dsn, APP, log=tmp_path / "first.log", **env)
-        with reaped(first):
+        with reaped([first]):
             [run] = await wait_runs(dsn, "kill-9", 1)
             assert run["pid"] == first.pid
             held = await task_row(dsn, handle.id)
@@ -118,7 +95,7 @@ async def test_sigkill_mid_task_is_finished_by_another_daemon_and_the_zombie_is_
             assert dead["status"] == "running" and dead["claim_token"] == zombie_token
 
             second = spawn_daemon(dsn, APP, log=tmp_path / "second.log", **env)
-            with reaped(second):
+            with reaped([second]):
                 _, rerun = await wait_runs(dsn, "kill-9", 2)
                 assert rerun["pid"] == second.pid
                 # Taken over only once the lease had run out.
@@ -169,7 +146,7 @@ async def test_sigterm_lets_the_running_task_finish_within_the_grace(
     async with durable.connect(dsn) as client:
         handle = await client.start("q_block", "graceful")
         proc = spawn_daemon(dsn, APP, log=log, DURABLE_SHUTDOWN_GRACE="30", DURABLE_LEASE="2")
-        with reaped(proc):
+        with reaped([proc]):
             await wait_runs(dsn, "graceful", 1)
             proc.send_signal(signum)
             await wait_logged(log, "daemon_draining")
@@ -198,7 +175,7 @@ async def test_a_task_that_outlives_the_grace_is_released_and_run_by_another_dae
     async with durable.connect(dsn) as client:
         handle = await client.start("q_block", "outlives")
         first = spawn_daemon(dsn, APP, log=log, **env)
-        with reaped(first):
+        with reaped([first]):
             await wait_runs(dsn, "outlives", 1)
             first.send_signal(signal.SIGTERM)
             assert await exited(first) == 0
@@ -212,7 +189,7 @@ async def test_a_task_that_outlives_the_grace_is_released_and_run_by_another_dae
 
         await open_gate(dsn, "outlives")
         second = spawn_daemon(dsn, APP, log=tmp_path / "second.log", **env)
-        with reaped(second):
+        with reaped([second]):
             assert await handle.result(timeout=20) == f"finished by {second.pid}"
         info = await client.get(handle.id)
         assert info.status == "completed" and info.attempt == 1
@@ -226,7 +203,7 @@ async def test_a_second_sigterm_skips_the_grace(dsn: str, tmp_path: Path) -> Non
     async with durable.connect(dsn) as client:
         handle = await client.start("q_block", "impatient")
         proc = spawn_daemon(dsn, APP, log=log, DURABLE_SHUTDOWN_GRACE="600", DURABLE_LEASE="60")
-        with reaped(proc):
+        with reaped([proc]):
             await wait_runs(dsn, "impatient", 1)
             proc.send_signal(signal.SIGTERM)
             await wait_logged(log, "daemon_draining")

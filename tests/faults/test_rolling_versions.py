@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import anyio
@@ -17,33 +15,23 @@ import asyncpg
 import pytest
 
 import durable
-from tests.support.helpers import durable_cli, fetchval, kill, spawn_daemon, wait_for
+from tests.support.helpers import (
+    durable_cli,
+    exited,
+    fetchval,
+    kill,
+    reaped,
+    spawn_daemon,
+    statuses_in,
+    wait_for,
+)
 
 APP = "tests.apps.versioned_flow"
 ENV = {"DURABLE_LEASE": "2", "DURABLE_POLL_INTERVAL": "0.5", "DURABLE_QUEUES": "roll=8"}
 
 
-@contextmanager
-def reaped(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for proc in procs:
-            kill(proc)
-            proc.wait(timeout=30)
-
-
 def daemon(dsn: str, version: str, log: Path) -> subprocess.Popen[bytes]:
     return spawn_daemon(dsn, APP, log=log, VERSIONED_FLOW=version, **ENV)
-
-
-async def exited(proc: subprocess.Popen[bytes]) -> int:
-    async def done() -> bool:
-        return proc.poll() is not None
-
-    await wait_for(done, timeout=30)
-    assert proc.returncode is not None
-    return proc.returncode
 
 
 async def catalog_version(dsn: str, version: str, pid: int) -> None:
@@ -62,16 +50,6 @@ async def catalog_version(dsn: str, version: str, pid: int) -> None:
         ))  # fmt: skip
 
     await wait_for(published, timeout=30)
-
-
-async def statuses(dsn: str, ids: list[int], *wanted: str) -> None:
-    async def there() -> bool:
-        found = await fetchval(
-            dsn, "select array_agg(status::text) from durable.tasks where id = any($1)", ids
-        )
-        return all(s in wanted for s in found)
-
-    await wait_for(there, timeout=30)
 
 
 async def rows(dsn: str, ids: list[int]) -> dict[int, asyncpg.Record]:
@@ -103,8 +81,8 @@ async def test_a_rolling_restart_keeps_old_runs_on_old_code_and_new_runs_on_new(
             held = await client.start("rolling_flow", 0, str(gate))
             old = [await client.start("rolling_flow", i) for i in range(1, 5)]
             stranded = await client.start("rolling_flow", 5)  # its event comes too late
-            await statuses(dsn, [h.id for h in [*old, stranded]], "waiting")
-            await statuses(dsn, [held.id], "running")
+            await statuses_in(dsn, [h.id for h in [*old, stranded]], "waiting")
+            await statuses_in(dsn, [held.id], "running")
             holder = await fetchval(
                 dsn, "select w.pid from durable.tasks t join durable.workers w"
                 " on w.id = t.worker_id where t.id = $1", held.id,
@@ -118,7 +96,7 @@ async def test_a_rolling_restart_keeps_old_runs_on_old_code_and_new_runs_on_new(
             procs.append(third)
             await catalog_version(dsn, "2", third.pid)
             new = [await client.start("rolling_flow", i) for i in range(10, 14)]
-            await statuses(dsn, [h.id for h in new], "waiting")
+            await statuses_in(dsn, [h.id for h in new], "waiting")
 
             gate.unlink()
             for h in [held, *old, *new]:
@@ -149,7 +127,7 @@ async def test_a_rolling_restart_keeps_old_runs_on_old_code_and_new_runs_on_new(
 
             # A version-1 run woken now has no daemon with its code: it waits, and says so.
             assert await client.send_event(stranded.id, "go")
-            await statuses(dsn, [stranded.id], "queued")
+            await statuses_in(dsn, [stranded.id], "queued")
 
             async def victim_lost() -> bool:  # silent for longer than its lease
                 return bool(await fetchval(

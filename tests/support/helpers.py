@@ -7,8 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +176,38 @@ async def blocked_or_done(
 
     outcome: str = await wait_for(check, timeout=timeout, interval=0.005)
     return outcome == "blocked"
+
+
+@contextmanager
+def reaped(procs: list[subprocess.Popen[bytes]]) -> Iterator[None]:
+    """Kill whatever of ``procs`` still runs when the block ends (the list may grow
+    inside it, as daemons are replaced)."""
+    try:
+        yield
+    finally:
+        for proc in procs:
+            kill(proc)
+            proc.wait(timeout=30)
+
+
+async def exited(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    """Wait until ``proc`` has exited; its return code."""
+
+    async def done() -> bool:
+        return proc.poll() is not None
+
+    await wait_for(done, timeout=timeout)
+    assert proc.returncode is not None
+    return proc.returncode
+
+
+async def statuses_in(dsn: str, ids: list[int], *wanted: str, timeout: float = 30) -> None:
+    """Wait until every task of ``ids`` is in one of the ``wanted`` statuses."""
+
+    async def there() -> bool:
+        found = await fetchval(
+            dsn, "select array_agg(status::text) from durable.tasks where id = any($1)", ids
+        )
+        return all(s in wanted for s in found)
+
+    await wait_for(there, timeout=timeout)
