@@ -102,9 +102,7 @@ class Database:
     def __init__(self, pool: asyncpg.Pool, *, kept_enqueue: bool = False) -> None:
         self.pool = pool
         self.q = queries()
-        self.clock_offset = 0.0
-        """Seconds the database's clock is ahead of this process's, as last measured (at
-        open, then by every heartbeat of a daemon)."""
+        self._offset = timedelta(0)
         self.enqueue = KeptConnection(pool) if kept_enqueue else None
         """Single enqueues' own connection, one beyond the pool's size, if kept."""
 
@@ -152,12 +150,24 @@ class Database:
             raise
         return store
 
+    @property
+    def clock_offset(self) -> float:
+        """Seconds the database's clock is ahead of this process's, as last measured (at
+        open, then by every heartbeat of a daemon)."""
+        return self._offset.total_seconds()
+
+    @clock_offset.setter
+    def clock_offset(self, seconds: float) -> None:
+        # Kept as a timedelta: now() runs for every step, and building one costs more
+        # than reading the clock.
+        self._offset = timedelta(seconds=seconds)
+
     def now(self) -> datetime:
         """The database's time, read off this process's clock corrected by the last
         measured offset. Every deadline the database compares (a sleep's end, an event's
         timeout, a delayed start, a schedule's tick) is computed on this clock: a process
         whose clock is off by an hour must neither spin nor fire early."""
-        return datetime.now(UTC) + timedelta(seconds=self.clock_offset)
+        return datetime.now(UTC) + self._offset
 
     async def measure_clock(self, via: Any = None) -> None:
         """Measure the database clock's offset from this process's, with one round trip."""
