@@ -77,12 +77,14 @@ class Housekeeping:
     # -- timers ---------------------------------------------------------------------
 
     async def _timers(self) -> None:
-        """Wake suspended workflows when their timers are due, without busy polling."""
+        """Wake suspended workflows when their timers are due, and fail the tasks whose
+        deadline passed before they ran, without busy polling."""
         while True:
             self._timer_wakeup.clear()
             timeout = self.poll_interval
             try:
                 await self.store.wake_timers()
+                await self.expire_deadlines()
                 nxt = await self.store.next_timer()
                 if nxt is not None:
                     until = (nxt - self.store.now()).total_seconds()
@@ -92,6 +94,16 @@ class Housekeeping:
                 self._failed("timers", exc)
             with anyio.move_on_after(timeout):
                 await self._timer_wakeup.wait()
+
+    async def expire_deadlines(self) -> None:
+        """Fail every task whose deadline passed while it was queued or waiting (a claim
+        would fail it too, but nothing says one will come)."""
+        expired = await self.store.expire_deadlines()
+        if expired:
+            self.metrics.deadlines_expired += len(expired)
+            for task_id, name, status in expired:
+                log.error("task_deadline_exceeded", task_id=task_id, name=name, status=status,
+                          note="its deadline passed before it ran")
 
     # -- cron schedules -------------------------------------------------------------
 

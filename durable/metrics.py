@@ -113,6 +113,7 @@ class Metrics:
     def __init__(self) -> None:
         self.series: dict[tuple[str, str], TaskSeries] = {}
         self.leases_reclaimed = 0
+        self.deadlines_expired = 0
         self.checkpoints_written = 0
         self.tasks_pruned = 0
         self.workflows = WorkflowCounts()
@@ -242,6 +243,11 @@ class _Collector(Collector):
             "durable_leases_reclaimed",
             "Expired leases (of any daemon) this daemon's reaper handed back or failed.",
             value=m.leases_reclaimed,
+        )
+        yield CounterMetricFamily(
+            "durable_deadlines_expired",
+            "Tasks this daemon failed because their deadline passed before they ran.",
+            value=m.deadlines_expired,
         )
         yield CounterMetricFamily(
             "durable_checkpoints_written",

@@ -279,7 +279,43 @@ update durable.tasks
 returning id
 
 -- name: next_timer
-select min(wake_at) from durable.tasks where status = 'waiting'
+-- The next timer due, or the next deadline of a task not yet running.
+select least((select min(wake_at) from durable.tasks where status = 'waiting'),
+             (select min(deadline) from durable.tasks
+               where deadline is not null and status in ('queued', 'waiting')))
+
+-- name: expire_deadlines
+-- Tasks whose deadline passed before they ran again: nobody serves them, none of their
+-- daemons had a slot, or they wait (a workflow is woken at its deadline, but only a claim
+-- would fail it). They end as the runner ends a task past its deadline: failed with
+-- DeadlineExceeded (cancelled if a cancel came first), their unfinished descendants
+-- cancelled. A task a claim holds is skipped: its runner fails it.
+with due as (
+    -- The message the runner writes: the deadline in ISO 8601, as Python prints it.
+    select id, 'the deadline '
+               || to_char(deadline at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
+               || case when extract(microseconds from deadline)::bigint % 1000000 = 0
+                       then '' else to_char(deadline at time zone 'UTC', '.US') end
+               || '+00:00 passed' as message
+      from durable.tasks
+     where deadline <= now() and status in ('queued', 'waiting')
+     order by deadline limit 1000
+     for update skip locked
+), failed as (
+    update durable.tasks t
+       set status = case when t.cancel_requested then 'cancelled' else 'failed' end,
+           error = jsonb_build_object(
+               'type', 'durable.errors.DeadlineExceeded', 'message', due.message,
+               'traceback', 'durable.errors.DeadlineExceeded: ' || due.message || E'\n',
+               'args', jsonb_build_array(due.message), 'attrs', '{}'::jsonb),
+           finished_at = now(), wake_at = null, waiting_on = null, waiting_event = null
+      from due
+     where t.id = due.id
+    returning t.id, t.name, t.status
+)
+select f.id, f.name, f.status,
+       (select count(*) from durable.cancel_descendants(array(select id from failed))) as cancelled
+  from failed f
 
 -- name: load_events
 select e.seq, e.kind, e.name, e.digest, e.status, e.result::text, e.error::text, e.child_id,

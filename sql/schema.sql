@@ -135,6 +135,9 @@ create index tasks_attributes_idx on durable.tasks using gin (attributes jsonb_p
     where attributes is not null;
 -- Finished tasks by when they finished: the dashboard's throughput over the last hour.
 create index tasks_finished_idx on durable.tasks (finished_at) where finished_at is not null;
+-- Tasks not yet running whose deadline will pass: the timer loop fails them when it does.
+create index tasks_deadline_idx on durable.tasks (deadline)
+    where deadline is not null and status in ('queued', 'waiting');
 -- Rows without an active key never enter it; a task leaves it when it finishes, which
 -- frees its key (status changes already update every index: no HOT update is lost).
 create unique index tasks_active_key_idx on durable.tasks (active_key)

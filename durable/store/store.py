@@ -155,6 +155,7 @@ class Store:
 
     wake_timers = _Via(_workflows, Workflows.wake_timers)
     next_timer = _Via(_workflows, Workflows.next_timer)
+    expire_deadlines = _Via(_workflows, Workflows.expire_deadlines)
     load_events = _Via(_workflows, Workflows.load_events)
     load_tail = _Via(_workflows, Workflows.load_tail)
     checkpoint_many = _Via(_workflows, Workflows.checkpoint_many)

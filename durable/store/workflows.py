@@ -31,6 +31,11 @@ class Workflows(Part):
     async def next_timer(self) -> datetime | None:
         return await self.pool.fetchval(self.q["next_timer"])  # type: ignore[no-any-return]
 
+    async def expire_deadlines(self) -> list[tuple[int, str, str]]:
+        """Fail the tasks not running whose deadline passed: (id, name, status) of each."""
+        rows = await self.pool.fetch(self.q["expire_deadlines"])
+        return [(r["id"], r["name"], r["status"]) for r in rows]
+
     async def load_events(self, task_id: int, branch: int) -> list[Event]:
         rows = await self.pool.fetch(self.q["load_events"], task_id, branch)
         return [

@@ -93,6 +93,32 @@ async def test_a_running_task_past_its_deadline_is_not_retried(dsn: str) -> None
             await past.result(timeout=30)
 
 
+async def test_a_queued_task_nobody_serves_fails_at_its_deadline(dsn: str) -> None:
+    """No daemon serves its queue, so no claim ever comes: the timer loop of a daemon that
+    serves other queues fails it at its deadline, with the message the runner writes."""
+    async with durable.connect(dsn) as client, running_daemon(dsn) as daemon:
+        soon = await client.start(dl_unserved, deadline=0.3)
+        later = await client.start(dl_unserved, deadline=30)
+        # A deadline on a whole second, which Python prints without a fraction.
+        await fetchval(dsn, "update durable.tasks set deadline = date_trunc('second', now())"
+                            " + interval '1 second' where id = $1", later.id)
+        for handle in (soon, later):
+            with pytest.raises(durable.TaskFailed, match="DeadlineExceeded"):
+                await handle.result(timeout=30)
+        infos = [await client.get(h.id) for h in (soon, later)]
+    assert daemon.metrics.deadlines_expired == 2
+    assert b"durable_deadlines_expired_total 2.0" in daemon.metrics.render()
+    for info in infos:
+        assert info.status == "failed" and info.started_at is None  # it never ran
+        assert info.deadline is not None and info.finished_at is not None
+        assert info.finished_at >= info.deadline
+        assert info.error is not None
+        assert info.error["type"] == "durable.errors.DeadlineExceeded"
+        # The runner's own words, so the two paths read alike (whole seconds print bare).
+        assert info.error["message"] == f"the deadline {info.deadline.isoformat()} passed"
+    assert "." not in infos[1].error["message"]  # type: ignore[index]
+
+
 async def test_bad_deadlines_are_refused(dsn: str) -> None:
     async with durable.connect(dsn) as client:
         for bad in ("soon", float("nan"), 1e12, True, datetime(2030, 1, 1)):
