@@ -518,6 +518,8 @@ create trigger tasks_notify_ready after update on durable.tasks
 -- resolved through the catalog (durable.definitions): the task gets its definition's
 -- kind, queue, defaults and version, and the arguments given here override them. A name
 -- no daemon ever published is refused unless a queue is given or allow_unknown is true.
+-- deadline (seconds from now), idempotency ('forever' or 'active') and debounce,
+-- debounce_key, max_delay mean what they mean to client.start.
 create function durable.start(
     name text,
     args jsonb default '[]',
@@ -531,7 +533,12 @@ create function durable.start(
     kind text default null,
     concurrency_key text default null,
     key_limit integer default null,
-    allow_unknown boolean default false
+    allow_unknown boolean default false,
+    deadline double precision default null,
+    idempotency text default null,
+    debounce double precision default null,
+    debounce_key text default null,
+    max_delay double precision default null
 ) returns bigint
 language plpgsql
 set search_path = pg_catalog, pg_temp as $$
@@ -541,6 +548,7 @@ declare
     d durable.definitions%rowtype;
     rate_limit integer;
     rate_period double precision;
+    bounce_key text;
 begin
     if jsonb_typeof(args) is distinct from 'array' then
         raise exception 'durable.start: args must be a JSON array, not %', jsonb_typeof(args)
@@ -611,14 +619,103 @@ begin
         raise exception 'durable.start: idempotency_key must be 1 to 2000 bytes, got %',
             octet_length(start.idempotency_key) using errcode = '22023';
     end if;
+    -- The rest as client.start checks them (durable.validation), in its words.
+    if start.deadline is not null
+       and not (start.deadline > '-infinity' and start.deadline < 10 * 365 * 86400) then
+        raise exception 'durable.start: deadline must be within 10 years, got %',
+            start.deadline using errcode = '22023';
+    end if;
+    if start.idempotency is not null then
+        if start.idempotency not in ('forever', 'active') then
+            raise exception 'durable.start: idempotency must be ''forever'' or ''active'', got %',
+                left(to_json(start.idempotency)::text, 60) using errcode = '22023';
+        end if;
+        if start.idempotency_key is null then
+            raise exception 'durable.start: idempotency needs an idempotency_key'
+                using errcode = '22023';
+        end if;
+    end if;
+    if start.debounce is null
+       and (start.debounce_key is not null or start.max_delay is not null) then
+        raise exception 'durable.start: debounce_key and max_delay need debounce => seconds'
+            using errcode = '22023';
+    end if;
+    if start.debounce is not null then
+        if not (start.debounce >= 0 and start.debounce < 10 * 365 * 86400) then
+            raise exception 'durable.start: debounce must be a number of seconds from 0 to 10 years, got %',
+                start.debounce using errcode = '22023';
+        end if;
+        if start.max_delay is not null
+           and not (start.max_delay >= 0 and start.max_delay < 10 * 365 * 86400) then
+            raise exception 'durable.start: max_delay must be a number of seconds from 0 to 10 years, got %',
+                start.max_delay using errcode = '22023';
+        end if;
+        if start.max_delay < start.debounce then
+            raise exception 'durable.start: max_delay (%s) must be at least debounce (%s)',
+                start.max_delay, start.debounce using errcode = '22023';
+        end if;
+        if start.idempotency_key is not null or start.run_at is not null then
+            raise exception 'durable.start: debounce cannot be combined with idempotency_key or run_at'
+                using errcode = '22023';
+        end if;
+        bounce_key := coalesce(start.debounce_key, start.name);
+        if octet_length(bounce_key) not between 1 and 2000 then
+            raise exception 'durable.start: debounce_key must be 1 to 2000 bytes, got %',
+                octet_length(bounce_key) using errcode = '22023';
+        end if;
+        -- As client.start(debounce=...): the queued task of the key, if any, takes these
+        -- arguments and runs `debounce` seconds from now, never later than `max_delay`
+        -- seconds after the first of its starts; else a new task.
+        insert into durable.tasks as t
+            (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
+             concurrency_key, key_limit, key_rate_limit, key_rate_period, version, deadline,
+             debounce_key, debounce_until)
+        values
+            (start.queue, start.name, start.kind, start.args, start.kwargs, start.priority,
+             least(now() + make_interval(secs => start.debounce),
+                   now() + make_interval(secs => start.max_delay)),
+             start.max_attempts, start.timeout, start.concurrency_key, start.key_limit,
+             rate_limit, rate_period, d.version,
+             now() + make_interval(secs => start.deadline), bounce_key,
+             now() + make_interval(secs => start.max_delay))
+        on conflict (debounce_key) where debounce_key is not null and status = 'queued'
+            do update set args = excluded.args, kwargs = excluded.kwargs,
+                          run_at = least(excluded.run_at, t.debounce_until)
+                where t.name = excluded.name
+        returning t.id into new_id;
+        if new_id is null then
+            raise exception 'durable.start: debounce_key % is pending for a task other than %',
+                left(to_json(bounce_key)::text, 200), left(to_json(start.name)::text, 200)
+                using errcode = '22023';
+        end if;
+        return new_id;
+    end if;
+    if start.idempotency = 'active' then
+        -- The key returns its task only while that one is unfinished (insert_task_active).
+        insert into durable.tasks as t
+            (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
+             concurrency_key, key_limit, key_rate_limit, key_rate_period, version, deadline,
+             active_key)
+        values
+            (start.queue, start.name, start.kind, start.args, start.kwargs, start.priority,
+             coalesce(start.run_at, now()), start.max_attempts, start.timeout,
+             start.concurrency_key, start.key_limit, rate_limit, rate_period, d.version,
+             now() + make_interval(secs => start.deadline), start.idempotency_key)
+        on conflict (active_key)
+            where active_key is not null and status in ('queued', 'running', 'waiting')
+            do update set active_key = excluded.active_key
+        returning t.id into new_id;
+        return new_id;
+    end if;
     insert into durable.tasks as t
         (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
-         idempotency_key, concurrency_key, key_limit, key_rate_limit, key_rate_period, version)
+         idempotency_key, concurrency_key, key_limit, key_rate_limit, key_rate_period, version,
+         deadline)
     values
         (start.queue, start.name, start.kind, start.args, start.kwargs, start.priority,
          coalesce(start.run_at, now()), start.max_attempts, start.timeout,
          start.idempotency_key, start.concurrency_key, start.key_limit, rate_limit,
-         rate_period, d.version)
+         rate_period, d.version, now() + make_interval(secs => start.deadline))
     on conflict (idempotency_key) where idempotency_key is not null
         do update set idempotency_key = excluded.idempotency_key
     returning t.id into new_id;

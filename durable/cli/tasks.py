@@ -64,6 +64,15 @@ def add_commands(sub: Any) -> None:
     st.add_argument("--idempotency", choices=["forever", "active"],
                     help="with --idempotency-key: the key returns its task ever (forever), or "
                     "only while that task is unfinished (active)")  # fmt: skip
+    st.add_argument("--deadline", type=duration,
+                    help="the whole run must be done within this long, e.g. 1h (else it "
+                    "fails with DeadlineExceeded)")  # fmt: skip
+    st.add_argument("--debounce", type=duration,
+                    help="run this long after the last start of its debounce key; a start "
+                    "while one is queued replaces its arguments")  # fmt: skip
+    st.add_argument("--debounce-key", help="with --debounce (default: the name)")
+    st.add_argument("--max-delay", type=duration,
+                    help="with --debounce: never later than this long after the first start")
     st.add_argument("--wait", action="store_true", help="wait for the result and print it")
     st.add_argument("--timeout", type=duration, help="with --wait: give up after this long")
     st.set_defaults(func=cmd_start)
@@ -170,7 +179,8 @@ def cmd_start(args: argparse.Namespace) -> int:
                 args.name, *call_args, queue=args.queue, priority=args.priority,
                 delay=args.delay, idempotency_key=args.idempotency_key,
                 idempotency=args.idempotency, allow_unknown=args.allow_unknown, tags=tags,
-                attributes=attributes, **kwargs,
+                attributes=attributes, deadline=args.deadline, debounce=args.debounce,
+                debounce_key=args.debounce_key, max_delay=args.max_delay, **kwargs,
             )  # fmt: skip
         except UnknownDefinition:
             refused = unknown(args.name, "pass --queue or --allow-unknown")

@@ -219,6 +219,30 @@ async def test_start_without_wait_prints_the_id_and_enqueues(dsn: str) -> None:
     assert bad.returncode == 2 and "ARGS is not JSON" in one_line_error(bad)
 
 
+async def test_start_takes_a_deadline_and_debounces(dsn: str) -> None:
+    timed = await cli("start", "q_cli_add", "[1, 2]", "--deadline", "1h", "--queue", "elsewhere",
+                      dsn=dsn)
+    assert timed.returncode == 0, timed.stderr
+    first = await cli("start", "q_cli_add", "[1, 1]", "--debounce", "1m", "--debounce-key",
+                      "cli-dk", "--max-delay", "5m", "--queue", "elsewhere", dsn=dsn)
+    again = await cli("start", "q_cli_add", "[2, 2]", "--debounce", "1m", "--debounce-key",
+                      "cli-dk", "--queue", "elsewhere", dsn=dsn)
+    assert first.returncode == 0 and again.stdout == first.stdout, again.stderr
+    async with durable.connect(dsn) as client:
+        info = await client.get(int(timed.stdout))
+        bounced = await client.get(int(first.stdout))
+    assert info.deadline is not None
+    assert 3599 <= (info.deadline - info.created_at).total_seconds() < 3601
+    assert bounced.args == [2, 2] and bounced.status == "queued"  # the last start's
+    assert 60 <= (bounced.run_at - bounced.created_at).total_seconds() <= 300
+    mixed = await cli("start", "q_cli_add", "--debounce", "1m", "--idempotency-key", "k",
+                      "--allow-unknown", dsn=dsn)
+    assert mixed.returncode == 2
+    assert "debounce cannot be combined with idempotency_key" in one_line_error(mixed)
+    lone = await cli("start", "q_cli_add", "--max-delay", "1m", "--allow-unknown", dsn=dsn)
+    assert lone.returncode == 2 and "need debounce" in one_line_error(lone)
+
+
 async def test_ls_json_and_show(dsn: str) -> None:
     async with durable.connect(dsn) as client:
         ok = await client.start(q_cli_add, 20, 22)

@@ -71,7 +71,8 @@ async def test_a_granted_role_runs_the_daemon_and_clients_and_cannot_change_the_
             "create table durable.intruder (i int)",
             "truncate durable.signals",
             "drop function durable.start(text, jsonb, jsonb, text, integer, timestamptz,"
-            " integer, double precision, text, text, text, integer, boolean)",
+            " integer, double precision, text, text, text, integer, boolean,"
+            " double precision, text, double precision, text, double precision)",
             "create or replace function durable.ping() returns int language sql as 'select 1'",
             "insert into durable.migrations (version, name) values (999, 'evil')",
             "drop schema durable cascade",
