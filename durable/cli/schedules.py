@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from durable import validation
+from durable.catalog import unknown
 from durable.cli.core import CommandError, Session, database_options, emit, json_value, with_session
 from durable.cron import next_run
 from durable.errors import ConfigurationError
@@ -25,6 +26,9 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--timezone", default="UTC", help="add: IANA time zone (default UTC)")
     s.add_argument("--args", help="add: JSON array of arguments")
     s.add_argument("--queue", help="add: queue (default: the task's)")
+    s.add_argument("--allow-unknown", action="store_true",
+                   help="add: a task no daemon has published yet (its runs wait for a daemon "
+                   "with its code)")  # fmt: skip
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_schedules)
 
@@ -59,9 +63,19 @@ def _add(args: argparse.Namespace) -> int:
     if not isinstance(call_args, list):
         raise CommandError("--args must be a JSON array", 2)
 
+    task = args.task or args.name
+
     async def add(s: Session) -> None:
+        if (
+            args.queue is None
+            and not args.allow_unknown
+            and await s.client.store.resolve_definition(task) is None
+        ):
+            # As `durable start`: a typo would otherwise start a task nobody runs, on
+            # every tick, in the default queue.
+            raise CommandError(str(unknown(task, "pass --queue or --allow-unknown")), 2)
         await s.admin.add_schedule(
-            args.name, args.task or args.name, args.cron, args.timezone, call_args, args.queue,
+            args.name, task, args.cron, args.timezone, call_args, args.queue,
             first,
         )  # fmt: skip
 

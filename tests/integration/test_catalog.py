@@ -185,6 +185,26 @@ async def test_a_name_nobody_published_is_refused_on_every_path(dsn: str) -> Non
         assert waited.stderr.strip().endswith("did not finish within 0.2s (it is queued)")
 
 
+async def test_a_schedule_of_a_name_nobody_published_is_refused(dsn: str) -> None:
+    cron = ("--cron", "0 3 * * *")
+    refused = durable_cli("schedules", "add", "nightly", "--task", "nosuchtask", *cron, dsn=dsn)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "'nosuchtask'" in refused.stderr and "--allow-unknown" in refused.stderr
+    assert durable_cli("schedules", "--json", dsn=dsn).stdout.strip() == ""
+    async with running_daemon(dsn, reg=registry_of(FULFILL), queues="orders=8"):
+        pass  # published
+    known = durable_cli("schedules", "add", "fulfil-nightly", "--task", "fulfill", *cron, dsn=dsn)
+    later = durable_cli("schedules", "add", "a", "--task", "nosuchtask", "--queue", "later",
+                        *cron, dsn=dsn)  # fmt: skip
+    anyway = durable_cli("schedules", "add", "b", "--task", "nosuchtask", "--allow-unknown",
+                         *cron, dsn=dsn)  # fmt: skip
+    for ok in (known, later, anyway):
+        assert ok.returncode == 0, ok.stderr
+    listed = durable_cli("schedules", "--json", dsn=dsn)
+    assert sorted(json.loads(line)["name"] for line in listed.stdout.splitlines()) == [
+        "a", "b", "fulfil-nightly"]
+
+
 async def test_a_name_stays_known_after_its_daemons_are_gone(dsn: str) -> None:
     async with running_daemon(dsn, reg=registry_of(FULFILL), queues="orders=8"):
         pass
