@@ -135,7 +135,7 @@ class Context(Children, Patching):
         if retry is not None or timeout is not None:
             return await steps.run(
                 self._log, self._store, self._tracer, "step", name, fn, args, kwargs, retry,
-                timeout,
+                timeout, self._hooks,
             )
         check_name("step", name)
         dig = digest("step", name, [args, kwargs])
@@ -190,7 +190,7 @@ class Context(Children, Patching):
         if retry is not None or timeout is not None:
             return await steps.run(
                 self._log, self._store, self._tracer, "transaction", name, fn, args, kwargs,
-                retry, timeout,
+                retry, timeout, self._hooks,
             )
         check_name("transaction", name)
         dig = digest("transaction", name, [args, kwargs])

@@ -31,3 +31,8 @@ class Hooks(Protocol):
         """After a step's function returned or raised, before its checkpoint is written:
         the window in which a crash makes the step run again."""
         ...
+
+    async def backoff(self, seconds: float) -> None:
+        """A step's backoff short enough to be waited inside the run (``steps``), in place
+        of sleeping it. Longer ones are durable sleeps, on the moved clock."""
+        ...

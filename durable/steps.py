@@ -26,6 +26,7 @@ from durable.replay import Suspend, as_recorded, check_name
 from durable.retry import RetryPolicy
 
 if TYPE_CHECKING:
+    from durable.hooks import Hooks
     from durable.replay import Journal, StepTracer
     from durable.store import Store
 
@@ -67,8 +68,10 @@ async def run(
     kwargs: dict[str, Any],
     retry: RetryPolicy | None,
     timeout: float | None,
+    hooks: Hooks | None = None,
 ) -> Any:
-    """``ctx.step`` / ``ctx.transaction`` under a retry policy and a per-try timeout."""
+    """``ctx.step`` / ``ctx.transaction`` under a retry policy and a per-try timeout;
+    ``hooks`` are the test kit's seams, around each try and at each short backoff."""
     check_name(kind, name)
     check_options(retry, timeout)
     policy = retry or ONE_TRY
@@ -92,6 +95,8 @@ async def run(
                 with tracer.step_span(name, seq, kind):
                     try:
                         async with asyncio.timeout(timeout):
+                            if hooks is not None:
+                                await hooks.before_call(log.task, kind, name)
                             if kind == "step":
                                 result = fn(*args, **kwargs)
                                 if inspect.isawaitable(result):
@@ -107,6 +112,8 @@ async def run(
                         )
                     except Exception as exc:
                         failure = exc
+                    if hooks is not None and kind == "step":
+                        await hooks.after_call(log.task, kind, name)
                 if failure is None:
                     if kind == "step":
                         text = await dumps_spaced(result, what=f"the result of step {name!r}")
@@ -144,7 +151,7 @@ async def run(
                 continue  # the next try is recorded: replay it
             delay = policy.delay(n)
             if delay <= INLINE_BACKOFF:
-                await asyncio.sleep(delay)
+                await (hooks.backoff(delay) if hooks is not None else asyncio.sleep(delay))
                 continue
             at, _ = log.next("sleep", pause, pause_dig)
             positions.append(at)

@@ -60,6 +60,11 @@ class _Hooks:
             env._kills.discard((name, "after"))
             await env._die(f"kill_at({name!r}, after=True)")
 
+    async def backoff(self, seconds: float) -> None:
+        # Time-skipping: the tries run back to back. The clock does not move for it (that
+        # would move every other task's timers too); the test reads env.backoffs.
+        self.env.backoffs.append(seconds)
+
 
 class Env:
     """A client and a worker on one database, for a test (the ``durable_env`` fixture).
@@ -108,6 +113,9 @@ class Env:
         self._stop: asyncio.Event | None = None
         self._killed: str | None = None
         self._dead_workers: list[Any] = []
+        self.backoffs: list[float] = []
+        """The seconds of each step backoff taken inside a run, in order: the test kit
+        skips them (a longer backoff is a durable sleep, which ``advance`` passes)."""
 
     # -- lifetime ---------------------------------------------------------------------
 

@@ -45,6 +45,13 @@ async def flaky(ctx: durable.Context) -> int:
     return calls["call"]
 
 
+async def flaky_retried(ctx: durable.Context) -> int:
+    """A step with a retry policy of its own: backoffs of 4 s then 5 s, taken in the run."""
+    policy = durable.RetryPolicy(max_attempts=3, base=4, factor=1.25, jitter=0)
+    await ctx.step("call", counted, "call", retry=policy)
+    return calls["call"]
+
+
 async def flaky_task() -> str:
     counted("flaky_task")
     return "ok"
@@ -64,7 +71,7 @@ async def tasks_elsewhere(ctx: durable.Context) -> Any:
     return await ctx.run("not_here")
 
 
-for fn in (day_long, until, flaky, two_steps, tasks_elsewhere):
+for fn in (day_long, until, flaky, flaky_retried, two_steps, tasks_elsewhere):
     registry.add(durable.Definition(name=fn.__name__, fn=fn, kind="workflow", queue=QUEUE))
 registry.add(durable.Definition(
     name="flaky_task", fn=flaky_task, queue=QUEUE, retry=durable.RetryPolicy(base=60, jitter=0)

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
+import anyio
 import asyncpg
 import pytest
 
@@ -122,6 +123,35 @@ async def test_fail_once_fails_the_first_try_of_a_step(env: Env) -> None:
     assert await env.client.history(handle.id) == []
     assert (info.error or {}).get("type") == f"{InjectedFault.__module__}.InjectedFault"
     await env.advance(seconds=5)
+    await env.run_until_idle()
+    assert await env.result(handle) == 1
+
+
+async def test_a_step_with_its_own_retry_policy_is_failed_and_retried_in_one_attempt(
+    env: Env,
+) -> None:
+    """fail_once reaches a step run under a retry policy too; the step's short backoffs
+    (4 s, then 5 s: taken inside the run, not as durable sleeps) take no time under the
+    test kit, so the bound below is far under the nine seconds they would wait."""
+    env.fail_once("call", times=2)
+    handle = await env.start("flaky_retried")
+    with anyio.fail_after(4):
+        await env.run_until_idle()
+    assert await env.result(handle) == 1
+    info = await handle.get()
+    assert info.attempt == 1  # the step's retries, not the workflow's
+    tries = [(e.kind, e.name, e.status) for e in await env.client.history(handle.id)]
+    assert tries == [("step", "call", "failed")] * 2 + [("step", "call", "completed")]
+    assert env.backoffs == [4.0, 5.0]
+    assert flows.calls == {"call": 1}  # the injected faults came before its code
+
+
+async def test_kill_at_reaches_a_step_with_a_retry_policy(env: Env) -> None:
+    env.kill_at("call")
+    handle = await env.start("flaky_retried")
+    await env.run_until_idle()
+    assert env.killed and flows.calls == {}
+    await env.resume()
     await env.run_until_idle()
     assert await env.result(handle) == 1
 
