@@ -31,7 +31,7 @@ another name and version that spell the same text."""
 
 SPEC_FIELDS = (
     "kind", "queue", "max_attempts", "timeout", "priority", "retry", "keyed", "key_limit",
-    "key_rate_limit", "key_rate_period",
+    "key_rate_limit", "key_rate_period", "deadline", "idempotency",
 )  # fmt: skip
 """The options a definition publishes besides its name, version and digest."""
 
@@ -62,6 +62,8 @@ def spec(d: Definition[Any, Any]) -> dict[str, Any]:
         "key_limit": d.key_limit,
         "key_rate_limit": rate[0] if rate else None,
         "key_rate_period": rate[1] if rate else None,
+        "deadline": d.deadline,
+        "idempotency": d.idempotency,
     }
 
 
@@ -93,6 +95,8 @@ class CatalogEntry:
     digest: str
     published_by: UUID
     published_at: datetime
+    deadline: float | None = None
+    idempotency: str = "forever"
 
     def definition(self) -> Definition[Any, Any]:
         """A Definition with these options, for a start without the code. A definition
@@ -110,7 +114,8 @@ class CatalogEntry:
         return dataclasses.replace(
             Definition.elsewhere(self.name), kind=self.kind, queue=self.queue,
             max_attempts=self.max_attempts, timeout=self.timeout, priority=self.priority,
-            retry=retry, version=self.version, digest=self.digest,
+            retry=retry, version=self.version, digest=self.digest, deadline=self.deadline,
+            idempotency=self.idempotency,
         )  # fmt: skip
 
 
@@ -201,6 +206,8 @@ def describe(
             "key_limit": e.key_limit,
             "key_rate": (None if e.key_rate_limit is None
                          else f"{e.key_rate_limit}/{e.key_rate_period:g}s"),
+            "deadline": e.deadline,
+            "idempotency": e.idempotency,
             "versions": sorted({version_label(s.version) for s in daemons}),
             "daemons": [
                 {"id": str(s.worker_id), "host": s.host, "pid": s.pid, "version": s.version,

@@ -764,24 +764,29 @@ with v as (
     select * from jsonb_to_recordset($2::jsonb) as v(
         name text, kind text, queue text, max_attempts integer, timeout float8,
         priority integer, retry jsonb, keyed boolean, key_limit integer,
-        key_rate_limit integer, key_rate_period float8, version text, digest text)
+        key_rate_limit integer, key_rate_period float8, version text, digest text,
+        deadline float8, idempotency text)
 ), me as (
     select w.started_at from durable.workers w where w.id = $1
 )
 insert into durable.definitions as d
     (name, kind, queue, max_attempts, timeout, priority, retry, keyed, key_limit,
-     key_rate_limit, key_rate_period, version, digest, published_by, published_at)
+     key_rate_limit, key_rate_period, version, digest, published_by, published_at, deadline,
+     idempotency)
 select v.name, v.kind, v.queue, v.max_attempts, v.timeout, v.priority, v.retry, v.keyed,
-       v.key_limit, v.key_rate_limit, v.key_rate_period, v.version, v.digest, $1, now()
+       v.key_limit, v.key_rate_limit, v.key_rate_period, v.version, v.digest, $1, now(),
+       v.deadline, coalesce(v.idempotency, 'forever')
   from v, me
  where not exists (
            select 1 from durable.definitions x
             where x.name = v.name
               and (x.kind, x.queue, x.max_attempts, x.timeout, x.priority, x.retry, x.keyed,
-                   x.key_limit, x.key_rate_limit, x.key_rate_period, x.version, x.digest)
+                   x.key_limit, x.key_rate_limit, x.key_rate_period, x.version, x.digest,
+                   x.deadline, x.idempotency)
                   is not distinct from
                   (v.kind, v.queue, v.max_attempts, v.timeout, v.priority, v.retry, v.keyed,
-                   v.key_limit, v.key_rate_limit, v.key_rate_period, v.version, v.digest))
+                   v.key_limit, v.key_rate_limit, v.key_rate_period, v.version, v.digest,
+                   v.deadline, coalesce(v.idempotency, 'forever')))
    and not exists (
            select 1 from durable.worker_definitions wd
              join durable.workers w on w.id = wd.worker_id
@@ -794,18 +799,21 @@ on conflict (name) do update
        keyed = excluded.keyed, key_limit = excluded.key_limit,
        key_rate_limit = excluded.key_rate_limit, key_rate_period = excluded.key_rate_period,
        version = excluded.version, digest = excluded.digest,
+       deadline = excluded.deadline, idempotency = excluded.idempotency,
        published_by = excluded.published_by, published_at = excluded.published_at
 returning name
 
 -- name: resolve_definition
 -- A name as the catalog resolves it (a start without the code).
 select name, kind, queue, max_attempts, timeout, priority, retry::text, keyed, key_limit,
-       key_rate_limit, key_rate_period, version, digest, published_by, published_at
+       key_rate_limit, key_rate_period, version, digest, published_by, published_at,
+       deadline, idempotency
 from durable.definitions where name = $1
 
 -- name: list_definitions
 select name, kind, queue, max_attempts, timeout, priority, retry::text, keyed, key_limit,
-       key_rate_limit, key_rate_period, version, digest, published_by, published_at
+       key_rate_limit, key_rate_period, version, digest, published_by, published_at,
+       deadline, idempotency
 from durable.definitions order by name
 
 -- name: served_definitions

@@ -183,11 +183,17 @@ create table durable.definitions (
     digest          text not null,
     published_by    uuid not null,
     published_at    timestamptz not null default now(),
+    -- The definition's deadline (seconds from a start) and idempotency scope, which a
+    -- start by name applies as a start with the code does.
+    deadline        double precision,
+    idempotency     text not null default 'forever',
     constraint definitions_name_check check (
         length(name) between 1 and 200 and length(queue) between 1 and 200),
     constraint definitions_kind_check check (kind in ('task', 'workflow')),
     constraint definitions_attempts_check check (max_attempts >= 1),
-    constraint definitions_version_check check (version is null or length(version) between 1 and 100)
+    constraint definitions_version_check check (version is null or length(version) between 1 and 100),
+    constraint definitions_deadline_check check (deadline > 0),
+    constraint definitions_idempotency_check check (idempotency in ('forever', 'active'))
 );
 
 -- What each daemon serves, as it published it (its code does not change while it runs).
@@ -581,6 +587,7 @@ begin
     priority := coalesce(start.priority, d.priority, 0);
     max_attempts := coalesce(start.max_attempts, d.max_attempts, 3);
     timeout := coalesce(start.timeout, d.timeout);
+    deadline := coalesce(start.deadline, d.deadline);
     if start.concurrency_key is not null then
         key_limit := coalesce(start.key_limit, d.key_limit);
         rate_limit := d.key_rate_limit;
@@ -690,7 +697,8 @@ begin
         end if;
         return new_id;
     end if;
-    if start.idempotency = 'active' then
+    if start.idempotency_key is not null
+       and coalesce(start.idempotency, d.idempotency) = 'active' then
         -- The key returns its task only while that one is unfinished (insert_task_active).
         insert into durable.tasks as t
             (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,

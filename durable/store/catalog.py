@@ -19,6 +19,7 @@ def _entry(r: asyncpg.Record) -> CatalogEntry:
         keyed=r["keyed"], key_limit=r["key_limit"], key_rate_limit=r["key_rate_limit"],
         key_rate_period=r["key_rate_period"], version=r["version"], digest=r["digest"],
         published_by=r["published_by"], published_at=r["published_at"],
+        deadline=r["deadline"], idempotency=r["idempotency"],
     )  # fmt: skip
 
 

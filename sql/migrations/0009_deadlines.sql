@@ -1,12 +1,19 @@
 -- 0009: a task whose deadline passes while it is queued or waiting fails then, whether or
--- not a daemon serves it (each daemon's timer loop looks, by this index); and
--- durable.start takes the options client.start has: deadline, idempotency scope and
--- debounce.
+-- not a daemon serves it (each daemon's timer loop looks, by this index); the catalog
+-- holds each definition's deadline and idempotency scope; and durable.start takes the
+-- options client.start has: deadline, idempotency scope and debounce.
 
 -- Only tasks with a deadline that have not started running enter it: the rest cost it
 -- nothing.
 create index tasks_deadline_idx on durable.tasks (deadline)
     where deadline is not null and status in ('queued', 'waiting');
+
+-- What a start by name takes from the catalog besides the options it had.
+alter table durable.definitions
+    add column deadline double precision,
+    add column idempotency text not null default 'forever',
+    add constraint definitions_deadline_check check (deadline > 0),
+    add constraint definitions_idempotency_check check (idempotency in ('forever', 'active'));
 
 -- A new signature (five arguments more, with defaults): the old function goes, or a call
 -- would match both. Explicit grants on it are carried over to the new one.
@@ -84,6 +91,7 @@ begin
     priority := coalesce(start.priority, d.priority, 0);
     max_attempts := coalesce(start.max_attempts, d.max_attempts, 3);
     timeout := coalesce(start.timeout, d.timeout);
+    deadline := coalesce(start.deadline, d.deadline);
     if start.concurrency_key is not null then
         key_limit := coalesce(start.key_limit, d.key_limit);
         rate_limit := d.key_rate_limit;
@@ -193,7 +201,8 @@ begin
         end if;
         return new_id;
     end if;
-    if start.idempotency = 'active' then
+    if start.idempotency_key is not null
+       and coalesce(start.idempotency, d.idempotency) = 'active' then
         -- The key returns its task only while that one is unfinished (insert_task_active).
         insert into durable.tasks as t
             (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,

@@ -48,6 +48,12 @@ KEYED: Definition[Any, Any] = Definition(
 )  # fmt: skip
 
 
+TIMED: Definition[Any, Any] = Definition(
+    name="cat_timed", fn=_send, queue="orders", deadline=600.0, idempotency="active",
+    digest=code_digest(_send),
+)  # fmt: skip
+
+
 def registry_of(*definitions: Definition[Any, Any]) -> Registry:
     reg = Registry()
     for d in definitions:
@@ -183,6 +189,35 @@ async def test_a_name_nobody_published_is_refused_on_every_path(dsn: str) -> Non
                              "0.2s", dsn=dsn)  # fmt: skip
         assert waited.returncode == 1
         assert waited.stderr.strip().endswith("did not finish within 0.2s (it is queued)")
+
+
+async def test_a_start_by_name_takes_the_deadline_and_the_idempotency_scope(dsn: str) -> None:
+    async with running_daemon(dsn, reg=registry_of(TIMED), queues="elsewhere=1"):
+        pass  # published; nobody serves "orders", so the tasks stay queued
+    left = ("select extract(epoch from deadline - created_at) from durable.tasks"
+            " where id = $1")
+    async with durable.connect(dsn) as client:
+        by_python = (await client.start("cat_timed", "a")).id
+        by_sql = await fetchval(dsn, "select durable.start('cat_timed', '[\"b\"]')")
+        by_cli = int(durable_cli("start", "cat_timed", '["c"]', dsn=dsn).stdout)
+        given = await fetchval(dsn, "select durable.start('cat_timed', deadline => 5)")
+        for task_id in (by_python, by_sql, by_cli):
+            assert 600 <= await fetchval(dsn, left, task_id) < 601
+        assert 5 <= await fetchval(dsn, left, given) < 6  # the caller's wins
+
+        # The definition's idempotency="active": a key frees once its task has finished.
+        keyed = "select durable.start('cat_timed', '[\"d\"]', idempotency_key => $1)"
+        first = await fetchval(dsn, keyed, "k-sql")
+        assert await fetchval(dsn, keyed, "k-sql") == first
+        await client.cancel(first)
+        assert await fetchval(dsn, keyed, "k-sql") != first
+        handle = await client.start("cat_timed", "e", idempotency_key="k-py")
+        await client.cancel(handle.id)
+        assert (await client.start("cat_timed", "e", idempotency_key="k-py")).id != handle.id
+    listed = durable_cli("definitions", "--json", dsn=dsn)
+    [row] = [json.loads(line) for line in listed.stdout.splitlines()
+             if json.loads(line)["name"] == "cat_timed"]
+    assert (row["deadline"], row["idempotency"]) == (600.0, "active")
 
 
 async def test_a_schedule_of_a_name_nobody_published_is_refused(dsn: str) -> None:

@@ -49,7 +49,7 @@ def test_the_publication_carries_every_option() -> None:
     d = dataclasses.replace(
         BASE, max_attempts=5, timeout=30.0, priority=3, retry=RetryPolicy(base=2.0),
         concurrency_key=lambda n: n, key_limit=2, key_rate=(10, 60.0), version="7",
-        digest="abc",
+        digest="abc", deadline=3600.0, idempotency="active",
     )  # fmt: skip
     [row] = json.loads(publication([d]))
     assert row == {
@@ -58,6 +58,7 @@ def test_the_publication_carries_every_option() -> None:
         "retry": {"base": 2.0, "factor": 2.0, "max_delay": 300.0, "jitter": 0.1,
                   "max_attempts": None},
         "keyed": True, "key_limit": 2, "key_rate_limit": 10, "key_rate_period": 60.0,
+        "deadline": 3600.0, "idempotency": "active",
     }  # fmt: skip
     assert spec(BASE)["keyed"] is False
 
@@ -87,9 +88,11 @@ def entry(**changes: Any) -> CatalogEntry:
 
 
 def test_a_start_without_the_code_gets_the_published_options() -> None:
-    d = entry(max_attempts=4, timeout=9.0, priority=2).definition()
-    assert (d.name, d.kind, d.queue, d.max_attempts, d.timeout, d.priority, d.version) == (
-        "flow", "workflow", "q", 4, 9.0, 2, "2",
+    d = entry(max_attempts=4, timeout=9.0, priority=2, deadline=60.0, idempotency="active")
+    got = d.definition()
+    assert (got.name, got.kind, got.queue, got.max_attempts, got.timeout, got.priority,
+            got.version, got.deadline, got.idempotency) == (
+        "flow", "workflow", "q", 4, 9.0, 2, "2", 60.0, "active",
     )  # fmt: skip
     # A retry policy this version cannot read is informational: the default stands in.
     assert entry(retry={"nonsense": 1}).definition().retry == RetryPolicy()
