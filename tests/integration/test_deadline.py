@@ -119,6 +119,37 @@ async def test_a_queued_task_nobody_serves_fails_at_its_deadline(dsn: str) -> No
     assert "." not in infos[1].error["message"]  # type: ignore[index]
 
 
+@durable.task(name="dl_counted")
+async def dl_counted() -> None:
+    calls["counted"] = calls.get("counted", 0) + 1
+
+
+async def test_claims_and_the_timer_loop_race_for_expired_tasks_and_each_ends_once(
+    dsn: str,
+) -> None:
+    """Tasks whose deadline passed before any daemon ran: the claim (which fails them
+    unrun) and the timer loop (which fails them where they wait) both reach for them. Each
+    ends exactly once, failed with DeadlineExceeded, and none runs its code."""
+    calls.clear()
+    n = 300
+    async with durable.connect(dsn) as client:
+        handles = await client.start_many(dl_counted, [[] for _ in range(n)])
+        await fetchval(dsn, "update durable.tasks set deadline = now() - interval '1 second'"
+                            " where name = 'dl_counted'")
+        async with running_daemon(dsn, queues="default=50") as daemon:
+            for h in handles:
+                with pytest.raises(durable.TaskFailed, match="DeadlineExceeded"):
+                    await h.result(timeout=30)
+        expired = daemon.metrics.deadlines_expired
+        series = daemon.metrics.task("default", "dl_counted")
+    assert calls == {}  # no task past its deadline ran
+    assert await fetchval(
+        dsn, "select count(*) from durable.tasks where name = 'dl_counted' and status = 'failed'"
+             " and error ->> 'type' = 'durable.errors.DeadlineExceeded'") == n
+    # Each failed once, by one path or the other.
+    assert expired + series.failed == n, (expired, series.failed)
+
+
 async def test_bad_deadlines_are_refused(dsn: str) -> None:
     async with durable.connect(dsn) as client:
         for bad in ("soon", float("nan"), 1e12, True, datetime(2030, 1, 1)):
