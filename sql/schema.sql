@@ -1128,8 +1128,12 @@ declare
     claimed integer := 0;
     level integer;
     paused boolean;
+    lowest integer;
+    ignored text;
 begin
-    perform set_config('synchronous_commit', 'off', true);  -- for this transaction only
+    -- Assignments, not PERFORM: a plain function call assigned is evaluated in place,
+    -- where PERFORM runs a query.
+    ignored := set_config('synchronous_commit', 'off', true);  -- for this transaction only
     -- Scalars, not a record: a record with a null field is neither null nor not null.
     -- One statement reads the queue's limits, whether it is paused, and whether keyed
     -- tasks wait in it.
@@ -1181,9 +1185,11 @@ begin
         -- priority level at a time, highest first. Within a level tasks_ready_idx holds
         -- them in due order, so the scan ends at the first task not yet due, and tasks
         -- scheduled for later cost nothing however many wait.
-        perform set_config('durable.claiming', 'on', true);  -- see tasks_after_update
-        level := (select max(t.priority) from durable.tasks t
-                   where t.queue = q and t.status = 'queued');
+        ignored := set_config('durable.claiming', 'on', true);  -- see tasks_after_update
+        -- The lowest level too: a claim that took fewer than n from it looks no further
+        -- (most queues have one level).
+        select max(t.priority), min(t.priority) into level, lowest
+          from durable.tasks t where t.queue = q and t.status = 'queued';
         while level is not null loop
             return query
             with ready as (
@@ -1215,11 +1221,11 @@ begin
                       t.root_id, t.cancel_requested, ready.started_at is null, t.deadline;
             get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
             claimed := claimed + busy;
-            exit when claimed >= n;
+            exit when claimed >= n or level = lowest;
             level := (select max(t.priority) from durable.tasks t
                        where t.queue = q and t.status = 'queued' and t.priority < level);
         end loop;
-        perform set_config('durable.claiming', '', true);
+        ignored := set_config('durable.claiming', '', true);
         if rate is not null and claimed > 0 then
             insert into durable.rate_log (bucket, at)
                 select 'q:' || q, now() from generate_series(1, claimed);
@@ -1227,7 +1233,7 @@ begin
         return;
     end if;
 
-    perform set_config('durable.claiming', 'on', true);
+    ignored := set_config('durable.claiming', 'on', true);
     return query
     with keys as (
         select k.concurrency_key as key,
@@ -1288,7 +1294,7 @@ begin
            s.claim_token, s.branch, s.parent_id, s.root_id, s.cancel_requested, s.fresh,
            s.deadline
       from started s;
-    perform set_config('durable.claiming', '', true);
+    ignored := set_config('durable.claiming', '', true);
 end;
 $$;
 

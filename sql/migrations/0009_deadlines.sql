@@ -263,3 +263,207 @@ begin
     end if;
 end;
 $$;
+
+-- The claim without two of its statements: its transaction settings are set by assignment
+-- (PERFORM runs a query), and a claim that took fewer tasks than asked from the lowest
+-- priority level with queued tasks does not look for a lower one.
+-- Claim up to n ready tasks of queue q that this daemon can run. Queues with a fleet-wide
+-- limit serialise their claimers on an advisory lock, and claimers of keyed tasks on
+-- another, shared by every queue: the counts below are read after the lock is granted
+-- (each statement of this function takes a new snapshot), so concurrent claimers can
+-- never overshoot a limit. Every row is locked and its status checked again before it is
+-- taken: a task is claimed once. `fresh`: never claimed before, so a workflow has no
+-- events to load.
+--
+-- A claim commits asynchronously: its commit does not wait for the WAL flush. A
+-- claim lost in a server crash leaves its tasks queued, and they run again, as after any
+-- crash. Whatever makes an attempt's work durable (a checkpoint, a completion, a
+-- transactional step) commits synchronously, fenced on the claim token, and flushes the
+-- WAL before it, the claim's included.
+create or replace function durable.claim(q text, names text[], n integer, lease double precision,
+                              worker uuid)
+returns table (id bigint, queue text, name text, kind text, args text, kwargs text,
+               attempt integer, max_attempts integer, timeout double precision,
+               claim_token bigint, branch integer, parent_id bigint, root_id bigint,
+               cancel_requested boolean, fresh boolean, deadline timestamptz)
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
+#variable_conflict use_column
+declare
+    conc integer;
+    rate integer;
+    period double precision;
+    keyed boolean;
+    busy integer;
+    claimed integer := 0;
+    level integer;
+    paused boolean;
+    lowest integer;
+    ignored text;
+begin
+    -- Assignments, not PERFORM: a plain function call assigned is evaluated in place,
+    -- where PERFORM runs a query.
+    ignored := set_config('synchronous_commit', 'off', true);  -- for this transaction only
+    -- Scalars, not a record: a record with a null field is neither null nor not null.
+    -- One statement reads the queue's limits, whether it is paused, and whether keyed
+    -- tasks wait in it.
+    select c.concurrency, c.rate_limit, c.rate_period, c.paused,
+           exists (select 1 from durable.tasks t
+                    where t.queue = q and t.status = 'queued' and t.concurrency_key is not null)
+      into conc, rate, period, paused, keyed
+      from (values (1)) as one left join durable.queues c on c.name = q;
+    if paused then  -- `durable queues pause`: claims nothing until resumed
+        return;
+    end if;
+    -- A period past any timestamp's range (a row written by hand) means "per forever":
+    -- clamped to 30 years rather than failing every claim of the queue.
+    period := least(period, 946080000);
+    -- A transaction-level advisory lock: it serialises this queue's claimers without
+    -- writing to any row.
+    if conc is not null or rate is not null then
+        perform pg_advisory_xact_lock(hashtextextended('durable.queue:' || q, 0));
+    end if;
+    if keyed then
+        -- A key's limits count its running tasks in every queue, so the claimers of
+        -- keyed tasks serialise across queues: one lock for all of them, always taken
+        -- after the queue's own (the order rules out a deadlock between the two).
+        perform pg_advisory_xact_lock(hashtextextended('durable.keys', 0));
+    end if;
+    if conc is not null or rate is not null or keyed then
+        -- Paused while this claim waited for a lock above: the flag is read again in this
+        -- later statement's snapshot. (An unlimited queue's claim takes no lock and
+        -- skips this statement.)
+        if exists (select 1 from durable.queues c where c.name = q and c.paused) then
+            return;
+        end if;
+    end if;
+    if conc is not null then
+        select count(*) into busy from durable.tasks t where t.queue = q and t.status = 'running';
+        n := least(n, conc - busy);
+    end if;
+    if rate is not null then
+        delete from durable.rate_log r
+         where r.bucket = 'q:' || q and r.at <= now() - make_interval(secs => period);
+        select count(*) into busy from durable.rate_log r where r.bucket = 'q:' || q;
+        n := least(n, rate - busy);
+    end if;
+    if n <= 0 then
+        return;
+    end if;
+    if not keyed then
+        -- The plain claim (unlimited queues take no lock), within any count above: one
+        -- priority level at a time, highest first. Within a level tasks_ready_idx holds
+        -- them in due order, so the scan ends at the first task not yet due, and tasks
+        -- scheduled for later cost nothing however many wait.
+        ignored := set_config('durable.claiming', 'on', true);  -- see tasks_after_update
+        -- The lowest level too: a claim that took fewer than n from it looks no further
+        -- (most queues have one level).
+        select max(t.priority), min(t.priority) into level, lowest
+          from durable.tasks t where t.queue = q and t.status = 'queued';
+        while level is not null loop
+            return query
+            with ready as (
+                -- Keyed tasks only under the keys' lock, by the branch below: one
+                -- committed after the first statement looked would escape its limits.
+                select t.id, t.started_at from durable.tasks t
+                where t.queue = q and t.status = 'queued' and t.priority = level
+                  and t.run_at <= now() and t.name = any(names)
+                  -- A versioned task only where this daemon has its version: `names`
+                  -- holds name || chr(31) || version for each versioned definition. An
+                  -- unversioned task pays one null test.
+                  and (t.version is null or t.name || chr(31) || t.version = any(names))
+                  and t.concurrency_key is null
+                order by t.run_at, t.id
+                limit n - claimed
+                for update skip locked
+            )
+            update durable.tasks t
+               set status = 'running', claim_token = durable.new_token(),
+                   lease_until = now() + make_interval(secs => lease), worker_id = worker,
+                   started_at = coalesce(t.started_at, now())
+              from ready
+             where t.id = ready.id
+            -- The domains' values go out as their base types (RETURN QUERY wants exactly
+            -- the declared types).
+            returning t.id, t.queue::text, t.name::text, t.kind::text, t.args::text,
+                      t.kwargs::text, t.attempt::integer, t.max_attempts::integer,
+                      t.timeout::double precision, t.claim_token, t.branch, t.parent_id,
+                      t.root_id, t.cancel_requested, ready.started_at is null, t.deadline;
+            get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
+            claimed := claimed + busy;
+            exit when claimed >= n or level = lowest;
+            level := (select max(t.priority) from durable.tasks t
+                       where t.queue = q and t.status = 'queued' and t.priority < level);
+        end loop;
+        ignored := set_config('durable.claiming', '', true);
+        if rate is not null and claimed > 0 then
+            insert into durable.rate_log (bucket, at)
+                select 'q:' || q, now() from generate_series(1, claimed);
+        end if;
+        return;
+    end if;
+
+    ignored := set_config('durable.claiming', 'on', true);
+    return query
+    with keys as (
+        select k.concurrency_key as key,
+               (select count(*) from durable.tasks r
+                 where r.status = 'running' and r.concurrency_key = k.concurrency_key) as running,
+               (select count(*) from durable.rate_log l
+                 where l.bucket = 'k:' || k.concurrency_key
+                   and l.at > now() - make_interval(
+                                         secs => least(k.key_rate_period, 946080000))) as recent,
+               k.key_limit, k.key_rate_limit
+          from (select distinct on (t.concurrency_key) t.concurrency_key, t.key_limit,
+                       t.key_rate_limit, t.key_rate_period
+                  from durable.tasks t
+                 where t.queue = q and t.status = 'queued' and t.concurrency_key is not null
+                 order by t.concurrency_key, t.id desc) k
+    ), ranked as (
+        select t.id, t.priority, t.run_at, t.concurrency_key,
+               row_number() over (partition by t.concurrency_key
+                                  order by t.priority desc, t.run_at, t.id) as rn
+          from durable.tasks t
+         where t.queue = q and t.status = 'queued' and t.run_at <= now()
+           and t.name = any(names)
+           -- A versioned task only where this daemon has its version: `names`
+           -- holds name || chr(31) || version for each versioned definition. An
+           -- unversioned task pays one null test.
+           and (t.version is null or t.name || chr(31) || t.version = any(names))
+    ), chosen as (
+        select r.id from ranked r left join keys k on k.key = r.concurrency_key
+         where r.concurrency_key is null
+            or (r.rn + k.running <= coalesce(k.key_limit, 2147483647)
+                and r.rn + k.recent <= coalesce(k.key_rate_limit, 2147483647))
+         order by r.priority desc, r.run_at, r.id
+         limit n
+    ), ready as (
+        -- The status again, on the locked row: a row that another claim or a
+        -- cancel changed after this statement's snapshot is re-checked by these conditions
+        -- once its lock is granted, and the join's alone would let it through.
+        select t.id, t.started_at from durable.tasks t join chosen using (id)
+         where t.status = 'queued'
+         for update of t skip locked
+    ), started as (
+        update durable.tasks t
+           set status = 'running', claim_token = durable.new_token(),
+               lease_until = now() + make_interval(secs => lease), worker_id = worker,
+               started_at = coalesce(t.started_at, now())
+          from ready
+         where t.id = ready.id
+        returning t.*, ready.started_at is null as fresh
+    ), logged as (
+        insert into durable.rate_log (bucket, at)
+        select 'q:' || q, now() from started where rate is not null
+        union all
+        select 'k:' || s.concurrency_key, now() from started s
+         where s.concurrency_key is not null and s.key_rate_limit is not null
+    )
+    select s.id, s.queue::text, s.name::text, s.kind::text, s.args::text, s.kwargs::text,
+           s.attempt::integer, s.max_attempts::integer, s.timeout::double precision,
+           s.claim_token, s.branch, s.parent_id, s.root_id, s.cancel_requested, s.fresh,
+           s.deadline
+      from started s;
+    ignored := set_config('durable.claiming', '', true);
+end;
+$$;

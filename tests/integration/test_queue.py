@@ -324,6 +324,27 @@ async def test_priority_first_then_fifo_within_a_priority(dsn: str) -> None:
     assert info.status == "queued" and info.started_at is None
 
 
+async def test_one_claim_takes_every_priority_level_down_to_the_lowest(dsn: str) -> None:
+    """A claim that empties a level goes on to the next one down, to the lowest level
+    that has queued tasks, and stops there."""
+    import uuid
+
+    from durable.store import Store
+
+    plan = [("x", 0), ("y", 10), ("z", -5), ("w", 5), ("v", 5)]
+    store = await Store.open(dsn)
+    try:
+        async with durable.connect(dsn) as client:
+            for label, priority in plan:
+                await client.start(q_order, label, priority=priority, queue="levels")
+        claimed = await store.claim("levels", ["q_order"], 10, 30.0, uuid.uuid4())
+        again = await store.claim("levels", ["q_order"], 10, 30.0, uuid.uuid4())
+    finally:
+        await store.close()
+    assert [c.args for c in claimed] == ['["y"]', '["w"]', '["v"]', '["x"]', '["z"]']
+    assert again == []
+
+
 async def test_delayed_task_waits_for_run_at_then_starts_promptly(dsn: str) -> None:
     async with durable.connect(dsn) as client, running_daemon(dsn, poll_interval="60"):
         now = await client.start(q_echo, "now")
