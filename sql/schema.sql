@@ -1128,7 +1128,6 @@ declare
     claimed integer := 0;
     level integer;
     paused boolean;
-    lowest integer;
     ignored text;
 begin
     -- Assignments, not PERFORM: a plain function call assigned is evaluated in place,
@@ -1186,10 +1185,8 @@ begin
         -- them in due order, so the scan ends at the first task not yet due, and tasks
         -- scheduled for later cost nothing however many wait.
         ignored := set_config('durable.claiming', 'on', true);  -- see tasks_after_update
-        -- The lowest level too: a claim that took fewer than n from it looks no further
-        -- (most queues have one level).
-        select max(t.priority), min(t.priority) into level, lowest
-          from durable.tasks t where t.queue = q and t.status = 'queued';
+        level := (select max(t.priority) from durable.tasks t
+                   where t.queue = q and t.status = 'queued');
         while level is not null loop
             return query
             with ready as (
@@ -1221,7 +1218,7 @@ begin
                       t.root_id, t.cancel_requested, ready.started_at is null, t.deadline;
             get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
             claimed := claimed + busy;
-            exit when claimed >= n or level = lowest;
+            exit when claimed >= n;
             level := (select max(t.priority) from durable.tasks t
                        where t.queue = q and t.status = 'queued' and t.priority < level);
         end loop;

@@ -264,9 +264,10 @@ begin
 end;
 $$;
 
--- The claim without two of its statements: its transaction settings are set by assignment
--- (PERFORM runs a query), and a claim that took fewer tasks than asked from the lowest
--- priority level with queued tasks does not look for a lower one.
+-- The claim sets its transaction settings by assignment: PERFORM runs each as a query.
+-- (Looking up the lowest level along with the highest, to spare the last look for a lower
+-- one, was tried: min() reads the level's dead index entries from their start, a second
+-- pass over them that tests/integration/test_hot_path.py forbids.)
 -- Claim up to n ready tasks of queue q that this daemon can run. Queues with a fleet-wide
 -- limit serialise their claimers on an advisory lock, and claimers of keyed tasks on
 -- another, shared by every queue: the counts below are read after the lock is granted
@@ -298,7 +299,6 @@ declare
     claimed integer := 0;
     level integer;
     paused boolean;
-    lowest integer;
     ignored text;
 begin
     -- Assignments, not PERFORM: a plain function call assigned is evaluated in place,
@@ -356,10 +356,8 @@ begin
         -- them in due order, so the scan ends at the first task not yet due, and tasks
         -- scheduled for later cost nothing however many wait.
         ignored := set_config('durable.claiming', 'on', true);  -- see tasks_after_update
-        -- The lowest level too: a claim that took fewer than n from it looks no further
-        -- (most queues have one level).
-        select max(t.priority), min(t.priority) into level, lowest
-          from durable.tasks t where t.queue = q and t.status = 'queued';
+        level := (select max(t.priority) from durable.tasks t
+                   where t.queue = q and t.status = 'queued');
         while level is not null loop
             return query
             with ready as (
@@ -391,7 +389,7 @@ begin
                       t.root_id, t.cancel_requested, ready.started_at is null, t.deadline;
             get diagnostics busy = row_count;  -- the rows RETURN QUERY returned
             claimed := claimed + busy;
-            exit when claimed >= n or level = lowest;
+            exit when claimed >= n;
             level := (select max(t.priority) from durable.tasks t
                        where t.queue = q and t.status = 'queued' and t.priority < level);
         end loop;
