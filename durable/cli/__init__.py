@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from durable.cli import db, queues, run, schedules, tasks, tools, ui, verify
+from durable.cli import db, queues, run, schedules, show, tasks, tools, ui, verify
 from durable.cli.core import CommandError, Parser
 from durable.errors import ConfigurationError, DurableError
 from durable.validation import InvalidValue
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"durable {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in (run, db, tasks, queues, schedules, tools, verify, ui):
+    for group in (run, db, tasks, show, queues, schedules, tools, verify, ui):
         group.add_commands(sub)
     return p
 

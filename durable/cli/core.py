@@ -20,6 +20,7 @@ from durable.settings import Settings, masked_url, parse_duration
 if TYPE_CHECKING:
     from durable.admin import Admin
     from durable.client import Client
+    from durable.models import Progress
 
 T = TypeVar("T")
 
@@ -235,6 +236,14 @@ def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def progress_words(p: Progress | None) -> str | None:
+    """A progress report in a few words: its value and message."""
+    if p is None:
+        return None
+    value = "" if p.value is None else json.dumps(p.value)
+    return " ".join(x for x in (value, p.message or "") if x)[:80] or None
 
 
 def cell(v: Any) -> str:

@@ -1,10 +1,9 @@
-"""Commands on tasks: start, ls, show, retry, cancel, replay, fork, event."""
+"""Commands on tasks: start, ls, retry, cancel, replay, fork, event (`show` is show.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,7 +11,6 @@ from durable.catalog import unknown
 from durable.cli.core import (
     CommandError,
     Session,
-    cell,
     confirm,
     database_options,
     duration,
@@ -21,25 +19,23 @@ from durable.cli.core import (
     json_value,
     live_within,
     progress,
+    progress_words,
     read_text,
     report,
     run,
     session,
     settings,
-    table,
     whole,
     with_session,
 )
 from durable.errors import UnknownDefinition
-from durable.models import STATUSES, HistoryEntry, Progress
+from durable.models import STATUSES
 
 BATCH = 1000
 """Tasks per statement (and per transaction) of bulk retry and cancel."""
 
 UNFINISHED = ("queued", "running", "waiting")
 RETRYABLE = ("failed", "cancelled")
-SHOWN = 2000
-"""Characters of an argument, result or traceback `show` prints before cutting."""
 
 
 def add_commands(sub: Any) -> None:
@@ -89,16 +85,6 @@ def add_commands(sub: Any) -> None:
     ls.add_argument("--idempotency-key", help="only the task started with this key")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_ls)
-
-    sh = sub.add_parser("show", help="a task's status, error and event log (a timeline)")
-    database_options(sh)
-    sh.add_argument("id", type=int)
-    sh.add_argument("--branch", type=whole(0), help="show this branch of the event log")
-    sh.add_argument("--full", action="store_true",
-                    help=f"print arguments, results and tracebacks whole (else cut at {SHOWN} "
-                    "characters)")  # fmt: skip
-    sh.add_argument("--json", action="store_true")
-    sh.set_defaults(func=cmd_show)
 
     for what, helptext, statuses, default in (
         ("retry", "run a finished task again keeping its history, or every task matching "
@@ -227,7 +213,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             status=args.status, queue=args.queue, name=args.name, since=_since(args.since),
             limit=args.limit,
         )  # fmt: skip
-        rows = [{**vars(t), "progress": _progress(t.progress)} for t in found]
+        rows = [{**vars(t), "progress": progress_words(t.progress)} for t in found]
         if any(t.version is not None and t.status == "queued" for t in found):
             # A versioned task waits for a daemon with its version's code: say so when
             # no live one has it.
@@ -250,14 +236,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(p: Progress | None) -> str | None:
-    """A progress report in a few words: its value and message."""
-    if p is None:
-        return None
-    value = "" if p.value is None else json.dumps(p.value)
-    return " ".join(x for x in (value, p.message or "") if x)[:80] or None
-
-
 def cmd_event(args: argparse.Namespace) -> int:
     payload = None if args.payload is None else json_value("PAYLOAD", args.payload)
 
@@ -270,119 +248,6 @@ def cmd_event(args: argparse.Namespace) -> int:
         raise CommandError(f"task {args.id} does not exist or has finished; event not sent")
     print(f"event {args.name!r} sent to task {args.id}")
     return 0
-
-
-# -- show -----------------------------------------------------------------------------------
-
-
-def cut(text: str, full: bool) -> str:
-    """``text``, or its first SHOWN characters and how much was left out."""
-    if full or len(text) <= SHOWN:
-        return text
-    return f"{text[:SHOWN]}... ({len(text) - SHOWN:,} more characters; --full prints all)"
-
-
-def cmd_show(args: argparse.Namespace) -> int:
-    async def go(s: Session) -> Any:
-        info = await s.client.get(args.id)
-        branch = args.branch if args.branch is not None else info.branch
-        history = await s.client.history(args.id, branch)
-        recorded = await s.admin.recorded(args.id, branch) if args.json else []
-        chain = await s.client.chain(args.id)
-        progress = await s.admin.progress(args.id)
-        return info, history, await s.client.branches(args.id), branch, recorded, chain, progress
-
-    info, history, branches, branch, recorded, (previous, following), progress = with_session(
-        args, go
-    )
-    if args.json:
-        from durable.verify import export
-
-        out = {k: getattr(info, k) for k in info.__dataclass_fields__}
-        out["continued_from"], out["continued_as"] = previous, following
-        out["progress"] = vars(progress) if progress is not None else None
-        out["branch_shown"] = branch
-        out["branches"] = branches
-        out["events"] = [vars(e) for e in history]
-        # A workflow's export is also a history `durable verify --file` replays.
-        print(json.dumps(export(out, branch, recorded) if info.kind == "workflow" else out,
-                         default=str, indent=2))  # fmt: skip
-        return 0
-    full = args.full
-    cancel = "  (cancel requested)" if info.cancel_requested and info.status == "running" else ""
-    kwargs = json.dumps(info.kwargs) if info.kwargs else ""
-    print(f"task {info.id}  {info.kind} {info.name!r}  queue {info.queue}")
-    print(f"status     {info.status}{cancel}")
-    print(f"attempt    {info.attempt} of {info.max_attempts}")
-    if info.deadline is not None:
-        print(f"deadline   {cell(info.deadline)}")
-    print(f"arguments  {cut(f'{json.dumps(info.args)} {kwargs}'.rstrip(), full)}")
-    print(f"created    {cell(info.created_at)}   started {cell(info.started_at)}   "
-          f"finished {cell(info.finished_at)}")  # fmt: skip
-    if info.parent_id:
-        print(f"parent     {info.parent_id}")
-    if previous is not None or following is not None:
-        # A chain of runs (ctx.continue_as_new).
-        print(f"chain      previous {previous or '-'}   next {following or '-'}")
-    if progress is not None:
-        print(f"progress   {cut(_progress(progress) or '', full)}   (at {cell(progress.updated_at)})")
-    if info.status == "waiting":
-        what = []
-        if info.waiting_on:
-            what.append(f"children {', '.join(map(str, info.waiting_on))}")
-        if info.waiting_event:
-            what.append(f"event {info.waiting_event!r}")
-        if info.wake_at:
-            what.append(f"until {cell(info.wake_at)}")
-        print(f"waiting    {'; '.join(what)}")
-    if info.status == "completed":
-        print(f"result     {cut(json.dumps(info.result), full)}")
-    if info.error:
-        label = "error     " if info.status == "failed" else "last error"
-        print(f"{label} {info.error.get('type')}: {cut(str(info.error.get('message')), full)}")
-        if info.error.get("traceback"):
-            print("traceback")
-            for line in cut(str(info.error["traceback"]), full).rstrip().splitlines():
-                print(f"  {line}")
-    if info.kind == "workflow" or history:
-        others = [b for b in branches if b != branch]
-        extra = f" (other branches: {', '.join(map(str, others))})" if others else ""
-        print(f"\nevent log, branch {branch}{extra}")
-        print(table(timeline(info.started_at or info.created_at, history),
-                    ["seq", "at", "took", "kind", "name", "attempt", "outcome"]))  # fmt: skip
-    return 0
-
-
-def timeline(start: datetime, history: Sequence[HistoryEntry]) -> list[dict[str, Any]]:
-    """The event log as rows: when each event began (from ``start``) and how long it took."""
-    rows = []
-    for e in history:
-        outcome = e.status
-        if e.kind == "child":
-            outcome = f"child {e.child_id}: {e.child_status}"
-        elif e.status == "failed" and e.error:
-            tried = f" (try {e.error['try']} of {e.error.get('tries')})" if "try" in e.error else ""
-            outcome = f"failed{tried}: {e.error.get('type')}: {e.error.get('message')}"
-        elif e.kind == "sleep" and e.wake_at:
-            outcome = f"until {cell(e.wake_at)}"
-        elif e.status == "completed":
-            outcome = f"-> {json.dumps(e.result)}"[:60]
-        took = (e.finished_at - e.started_at).total_seconds() if e.finished_at else None
-        rows.append({
-            "seq": e.seq, "kind": e.kind, "name": e.name, "attempt": e.attempt,
-            "at": f"+{_seconds((e.started_at - start).total_seconds())}",
-            "took": _seconds(took) if took is not None else "...",
-            "outcome": outcome,
-        })  # fmt: skip
-    return rows
-
-
-def _seconds(s: float) -> str:
-    if s < 1:
-        return f"{max(s, 0) * 1000:.1f}ms"
-    if s < 120:
-        return f"{s:.2f}s"
-    return str(timedelta(seconds=round(s)))
 
 
 # -- retry, cancel, replay, fork -------------------------------------------------------------
