@@ -20,6 +20,7 @@ from tests.support.helpers import (
     durable_cli,
     exited,
     fetchval,
+    holder_pid,
     kill,
     reaped,
     spawn_daemon,
@@ -72,10 +73,7 @@ async def test_a_patched_change_rolls_out_over_a_killed_and_a_stopped_daemon(
             held = await client.start("ship", "held")  # its first step runs until the kill
             await statuses_in(dsn, [h.id for h in old], "waiting")
             await statuses_in(dsn, [held.id], "running")
-            holder = await fetchval(
-                dsn, "select w.pid from durable.tasks t join durable.workers w"
-                " on w.id = t.worker_id where t.id = $1", held.id,
-            )  # fmt: skip
+            holder = await holder_pid(dsn, held.id)
             victim, survivor = (first, second) if holder == first.pid else (second, first)
 
             # Roll the daemon running `held`: killed mid-step, replaced by the new code.

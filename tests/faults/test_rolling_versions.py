@@ -19,6 +19,7 @@ from tests.support.helpers import (
     durable_cli,
     exited,
     fetchval,
+    holder_pid,
     kill,
     reaped,
     spawn_daemon,
@@ -83,10 +84,7 @@ async def test_a_rolling_restart_keeps_old_runs_on_old_code_and_new_runs_on_new(
             stranded = await client.start("rolling_flow", 5)  # its event comes too late
             await statuses_in(dsn, [h.id for h in [*old, stranded]], "waiting")
             await statuses_in(dsn, [held.id], "running")
-            holder = await fetchval(
-                dsn, "select w.pid from durable.tasks t join durable.workers w"
-                " on w.id = t.worker_id where t.id = $1", held.id,
-            )  # fmt: skip
+            holder = await holder_pid(dsn, held.id)
             victim, survivor = (first, second) if holder == first.pid else (second, first)
 
             # Roll the first daemon: killed mid-step, replaced by one with version 2.

@@ -211,3 +211,12 @@ async def statuses_in(dsn: str, ids: list[int], *wanted: str, timeout: float = 3
         return all(s in wanted for s in found)
 
     await wait_for(there, timeout=timeout)
+
+
+async def holder_pid(dsn: str, task_id: int) -> int:
+    """The process id of the daemon whose worker holds (or last held) ``task_id``."""
+    pid: int = await fetchval(
+        dsn, "select w.pid from durable.tasks t join durable.workers w"
+        " on w.id = t.worker_id where t.id = $1", task_id,
+    )  # fmt: skip
+    return pid
