@@ -116,6 +116,22 @@ async def test_bad_options_are_refused_naming_the_argument(
     assert await conn.fetchval("select count(*) from durable.tasks") == before
 
 
+async def test_limits_hold_at_and_past_their_edge(conn: asyncpg.Connection) -> None:
+    ten_years = 10 * 365 * 86400
+    start = "select durable.start('ss_echo', queue => $1, {})"
+    for ok in (f"deadline => {ten_years - 1}", "deadline => -1", "debounce => 0",
+               f"debounce => {ten_years - 1}, debounce_key => 'edge'",
+               "debounce => 1, max_delay => 1, debounce_key => 'same'",
+               f"debounce => 1, debounce_key => '{'k' * 2000}'"):
+        assert await conn.fetchval(start.format(ok), QUEUE) is not None, ok
+    for bad, message in ((f"deadline => {ten_years}", "deadline must be within 10 years"),
+                         (f"debounce => {ten_years}", "debounce must be a number of seconds"),
+                         (f"debounce => 1, debounce_key => '{'k' * 2001}'",
+                          "debounce_key must be 1 to 2000 bytes")):
+        with pytest.raises(asyncpg.PostgresError, match=message):
+            await conn.fetchval(start.format(bad), QUEUE)
+
+
 NEW = ("durable.start(text, jsonb, jsonb, text, integer, timestamptz, integer,"
        " double precision, text, text, text, integer, boolean, double precision, text,"
        " double precision, text, double precision)")
