@@ -144,7 +144,7 @@ class Context(Children, Patching):
             seq, event = self._log.next("step", name, dig)
             if event is not None:
                 return self._log.recorded(seq, event)
-            started = self._store.now()
+            started = self._store.epoch()
             failure: Exception | None = None
             with self._tracer.step_span(name, seq, "step"):
                 try:

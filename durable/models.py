@@ -144,8 +144,10 @@ class Checkpoint(NamedTuple):
     result: str | None
     error: str | None
     attempt: int
-    started_at: datetime
-    wake_at: datetime | None = None
+    started_at: float
+    """Seconds since the epoch on the database's clock, as are ``wake_at``'s: encoding a
+    datetime costs more than the rest of the row (see durable.checkpoint_epoch_row)."""
+    wake_at: float | None = None
 
 
 class NewTask(NamedTuple):

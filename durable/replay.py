@@ -394,13 +394,15 @@ class Journal:
         status: str = "completed",
         result: str | None = None,
         error: str | None = None,
-        started_at: datetime | None = None,
+        started_at: float | None = None,
         wake_at: datetime | None = None,
     ) -> Checkpoint:
+        """``started_at``: seconds since the epoch on the database's clock (Store.epoch)."""
         t = self.task
         return Checkpoint(
             t.id, t.token, t.branch, seq, kind, name, dig, status, result, error, t.attempt,
-            started_at or self.now(), wake_at,
+            started_at or self.now().timestamp(),
+            wake_at.timestamp() if wake_at is not None else None,
         )
 
     async def commit(self, cp: Checkpoint) -> None:

@@ -90,7 +90,7 @@ async def run(
                     return loads(event.result)
                 error = loads(event.error) or {}
             else:
-                started = store.now()
+                started = store.epoch()
                 failure: BaseException | None = None
                 with tracer.step_span(name, seq, kind):
                     try:

@@ -326,14 +326,14 @@ where e.task_id = $1 and e.branch = $2
 order by e.seq
 
 -- name: checkpoint
--- Group-committed checkpoints of many workflows, one durable.checkpoint_row each; a row
+-- Group-committed checkpoints of many workflows, one durable.checkpoint_epoch_row each; a row
 -- whose claim token no longer matches (a zombie) or whose position is taken is left out
 -- of the result. A plain insert behind NOT EXISTS, not ON CONFLICT: a speculative insert
 -- writes one WAL record more per event (four instead of three), and no concurrent insert
 -- can race this one for a position: the fence admits only the claim that holds the
 -- task, and that claim writes each position once.
 with v as (
-    select * from unnest($1::durable.checkpoint_row[])
+    select * from unnest($1::durable.checkpoint_epoch_row[])
 ), fence as (
     -- FOR SHARE waits for a concurrent reclaim and then sees its new token.
     select t.id, t.claim_token from durable.tasks t
@@ -344,7 +344,7 @@ insert into durable.events as e
     (task_id, branch, seq, kind, name, digest, status, result, error, wake_at, attempt,
      started_at, finished_at)
 select v.task_id, v.branch, v.seq, v.kind, v.name, v.digest, v.status, v.result::jsonb,
-       v.error::jsonb, v.wake_at, v.attempt, v.started_at,
+       v.error::jsonb, to_timestamp(v.wake_at), v.attempt, to_timestamp(v.started_at),
        case when v.status = 'pending' then null else now() end
   from v
   join fence f on f.id = v.task_id and f.claim_token = v.token
@@ -364,8 +364,8 @@ for update
 insert into durable.events
     (task_id, branch, seq, kind, name, digest, status, result, error, child_id, signal_id,
      wake_at, attempt, started_at, finished_at)
-values ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11, $12, $13, $14,
-        case when $7 = 'pending' then null else now() end)
+values ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11, $12, $13,
+        to_timestamp($14::double precision), case when $7 = 'pending' then null else now() end)
 
 -- name: insert_children
 insert into durable.tasks (queue, name, kind, args, kwargs, priority, max_attempts, timeout,

@@ -103,6 +103,7 @@ class Database:
         self.pool = pool
         self.q = queries()
         self._offset = timedelta(0)
+        self._offset_s = 0.0
         self.enqueue = KeptConnection(pool) if kept_enqueue else None
         """Single enqueues' own connection, one beyond the pool's size, if kept."""
 
@@ -158,9 +159,10 @@ class Database:
 
     @clock_offset.setter
     def clock_offset(self, seconds: float) -> None:
-        # Kept as a timedelta: now() runs for every step, and building one costs more
-        # than reading the clock.
+        # Kept as a timedelta too: now() runs often, and building one costs more than
+        # reading the clock.
         self._offset = timedelta(seconds=seconds)
+        self._offset_s = seconds
 
     def now(self) -> datetime:
         """The database's time, read off this process's clock corrected by the last
@@ -168,6 +170,10 @@ class Database:
         timeout, a delayed start, a schedule's tick) is computed on this clock: a process
         whose clock is off by an hour must neither spin nor fire early."""
         return datetime.now(UTC) + self._offset
+
+    def epoch(self) -> float:
+        """:meth:`now` in seconds since the epoch (what every step's checkpoint records)."""
+        return time.time() + self._offset_s
 
     async def measure_clock(self, via: Any = None) -> None:
         """Measure the database clock's offset from this process's, with one round trip."""

@@ -103,6 +103,10 @@ class Store:
         """The database's time (see Database.now)."""
         return self.db.now()
 
+    def epoch(self) -> float:
+        """The database's time in seconds since the epoch (see Database.now)."""
+        return self.db.epoch()
+
     @property
     def clock_offset(self) -> float:
         return self.db.clock_offset

@@ -86,7 +86,7 @@ class Workflows(Part):
         self, items: Sequence[Checkpoint], via: KeptConnection | None = None
     ) -> set[tuple[int, int]]:
         """Write many workflows' checkpoints in one commit; returns the (task, seq) accepted."""
-        # A Checkpoint is a tuple in the field order of durable.checkpoint_row.
+        # A Checkpoint is a tuple in the field order of durable.checkpoint_epoch_row.
         rows = await (via or self.pool).fetch(self.q["checkpoint"], items)
         return {(r["task_id"], r["seq"]) for r in rows}
 

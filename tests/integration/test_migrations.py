@@ -120,17 +120,25 @@ async def test_concurrent_migrations_queue_on_the_lock(two_databases: tuple[str,
 
 
 async def test_a_checkpoint_travels_as_the_row_type_field_for_field(dsn: str) -> None:
-    """The daemon passes Checkpoint tuples as durable.checkpoint_row values, by position."""
+    """The daemon passes Checkpoint tuples as durable.checkpoint_epoch_row values, by
+    position; the older durable.checkpoint_row keeps the same fields for daemons of the
+    previous release."""
     conn = await asyncpg.connect(dsn)
     try:
         fields = await conn.fetch(
             "select attribute_name from information_schema.attributes"
-            " where udt_schema = 'durable' and udt_name = 'checkpoint_row'"
-            " order by ordinal_position"
+            " where udt_schema = 'durable' and udt_name = $1 order by ordinal_position",
+            "checkpoint_epoch_row",
+        )
+        old = await conn.fetch(
+            "select attribute_name from information_schema.attributes"
+            " where udt_schema = 'durable' and udt_name = $1 order by ordinal_position",
+            "checkpoint_row",
         )
     finally:
         await conn.close()
     assert [r[0] for r in fields] == list(Checkpoint._fields)
+    assert [r[0] for r in old] == list(Checkpoint._fields)
 
 
 async def test_the_task_columns_refuse_what_their_checks_refuse(dsn: str) -> None:

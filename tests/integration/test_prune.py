@@ -145,6 +145,30 @@ async def test_a_task_deleted_by_hand_takes_its_events_with_it(dsn: str) -> None
             assert [tuple(r) for r in rows] == [(kept, 2)]
 
 
+async def test_a_parent_deleted_by_hand_leaves_its_children_without_a_parent(dsn: str) -> None:
+    # parent_id has no foreign key (its check cost every insert); the delete trigger does
+    # what ON DELETE SET NULL did: children of a deleted task, one or many deleted at
+    # once, no longer name it, a child deleted with its parent is simply gone, and a
+    # delete that orphans nobody touches no other row.
+    async with connection(dsn) as conn:
+        p1, p2, p3 = [await make(conn, "completed") for _ in range(3)]
+        kids = [await make(conn, "completed", parent=p) for p in (p1, p1, p2, p3)]
+        grandchild = await make(conn, "completed", parent=kids[3])
+        versions = "select id, xmin::text from durable.tasks where id <> $1 order by id"
+        before = await conn.fetch(versions, grandchild)
+        await conn.execute("delete from durable.tasks where id = $1", grandchild)
+        assert await conn.fetch(versions, grandchild) == before
+        await conn.execute("delete from durable.tasks where id = $1", p1)
+        await conn.execute("delete from durable.tasks where id = any($1::bigint[])", [p2, kids[3]])
+        rows = await conn.fetch("select id, parent_id from durable.tasks order by id")
+        assert [tuple(r) for r in rows] == [(p3, None), (kids[0], None), (kids[1], None),
+                                            (kids[2], None)]  # fmt: skip
+        # The one whose parent stays keeps it.
+        kept = await make(conn, "completed", parent=p3)
+        await conn.execute("delete from durable.tasks where id = $1", kids[0])
+        assert await conn.fetchval("select parent_id from durable.tasks where id = $1", kept) == p3
+
+
 async def test_prune_cutoff_is_the_age_of_the_finish(dsn: str) -> None:
     async with connection(dsn) as conn:
         old = await make(conn, "completed", finished="2 hours")

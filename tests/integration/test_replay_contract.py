@@ -355,7 +355,7 @@ async def test_one_refused_checkpoint_fails_only_its_own_row(dsn: str) -> None:
     try:
         now = await fetchval(dsn, "select now()")
         rows = [
-            Checkpoint(t, 7, 0, 0, "step", name, "d", "completed", "1", None, 1, now)
+            Checkpoint(t, 7, 0, 0, "step", name, "d", "completed", "1", None, 1, now.timestamp())
             for t, name in zip(ids, ["good", "bad\x00", "good too"], strict=True)
         ]
         results = await Acks(store, Metrics()).checkpoint(rows)
