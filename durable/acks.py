@@ -118,7 +118,7 @@ class Acks:
     async def checkpoint(self, items: Sequence[Checkpoint]) -> list[Any]:
         """Accepted or not, for each checkpoint; an exception for one the server refused."""
         try:
-            accepted = await self.store.checkpoint_many(items, _idle(self.checkpointing))
+            refused = await self.store.checkpoint_many(items, _idle(self.checkpointing))
         except Exception as exc:
             if is_transient(exc) or len(items) == 1:
                 raise
@@ -127,18 +127,23 @@ class Acks:
             # they get here; this is the last line).
             log.warning("checkpoint_batch_refused", rows=len(items), error=f"{type(exc).__name__}: {exc}")
             return [await self._checkpoint_one(c) for c in items]
-        self.metrics.checkpoints_written += len(accepted)
-        return [(c.task_id, c.seq) in accepted for c in items]
+        if not refused:
+            self.metrics.checkpoints_written += len(items)
+            return [True] * len(items)
+        self.metrics.checkpoints_written += len(items) - len(refused)
+        return [(c.task_id, c.seq) not in refused for c in items]
 
     async def _checkpoint_one(self, item: Checkpoint) -> Any:
         try:
-            accepted = await self.store.checkpoint_many([item])
+            refused = await self.store.checkpoint_many([item])
         except Exception as exc:
             if is_transient(exc):
                 raise
             return exc
-        self.metrics.checkpoints_written += len(accepted)
-        return (item.task_id, item.seq) in accepted
+        if refused:
+            return False
+        self.metrics.checkpoints_written += 1
+        return True
 
 
 def _by_size(rows: list[tuple[int, int, str]]) -> list[list[tuple[int, int, str]]]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from durable import steps
 from durable.children import ChildCall, ChildHandle, Children
-from durable.codec import digest, dumps, dumps_spaced, error_text, loads, loads_as_stored
+from durable.codec import digest, dumps, dumps_spaced, error_text, heavy, loads, loads_as_stored
 from durable.errors import (
     EventTimeout,
     LeaseLost,
@@ -164,8 +164,14 @@ class Context(Children, Patching):
                         self._log.checkpoint(seq, "step", name, dig, status="failed", error=error, started_at=started)
                     )
                     raise self._log.failure([seq], loads_as_stored(error))
-                text = await dumps_spaced(result, what=f"the result of step {name!r}")
-                await self._log.commit(self._log.checkpoint(seq, "step", name, dig, result=text, started_at=started))
+                what = f"the result of step {name!r}"
+                # The common case without the coroutines of dumps_spaced and Journal.commit:
+                # every level a step's wait passes through costs each resumption.
+                text = dumps(result, what=what) if not heavy(result) else await dumps_spaced(result, what=what)
+                cp = self._log.checkpoint(seq, "step", name, dig, result=text, started_at=started)
+                ok = await self._log.writer.submit(cp)
+                if ok is not True:
+                    self._log.refused(cp, ok)
             return as_recorded(result, text)
         finally:
             self._log.busy = None

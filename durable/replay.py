@@ -13,7 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from durable.codec import loads, loads_as_stored
 from durable.errors import (
@@ -406,18 +406,24 @@ class Journal:
         )
 
     async def commit(self, cp: Checkpoint) -> None:
+        """Write ``cp`` and wait until it is durable (see :meth:`refused`)."""
         ok = await self.writer.submit(cp)
         if ok is not True:
-            if isinstance(ok, Exception):  # the server refused this row alone
-                raise PayloadError(
-                    f"the database refused the checkpoint of {cp.kind} {cp.name!r} at position "
-                    f"{cp.seq}: {type(ok).__name__}: {ok}"
-                ) from ok
-            raise self.aborted(
-                LeaseLost(
-                    f"task {cp.task_id}: checkpoint {cp.seq} rejected; another worker holds the task"
-                )
+            self.refused(cp, ok)
+
+    def refused(self, cp: Checkpoint, ok: Any) -> NoReturn:
+        """Raise for a checkpoint the writer did not accept: ``ok`` is the server's error
+        for this row alone, or False when the attempt no longer holds the task."""
+        if isinstance(ok, Exception):
+            raise PayloadError(
+                f"the database refused the checkpoint of {cp.kind} {cp.name!r} at position "
+                f"{cp.seq}: {type(ok).__name__}: {ok}"
+            ) from ok
+        raise self.aborted(
+            LeaseLost(
+                f"task {cp.task_id}: checkpoint {cp.seq} rejected; another worker holds the task"
             )
+        )
 
     def check_consumed(self) -> None:
         if self.abort is not None:

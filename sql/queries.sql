@@ -326,11 +326,11 @@ where e.task_id = $1 and e.branch = $2
 order by e.seq
 
 -- name: checkpoint
--- Group-committed checkpoints of many workflows, one durable.checkpoint_epoch_row each; a row
--- whose claim token no longer matches (a zombie) or whose position is taken is left out
--- of the result. A plain insert behind NOT EXISTS, not ON CONFLICT: a speculative insert
--- writes one WAL record more per event (four instead of three), and no concurrent insert
--- can race this one for a position: the fence admits only the claim that holds the
+-- Group-committed checkpoints of many workflows, one durable.checkpoint_epoch_row each;
+-- returns the rows not written: a row whose claim token no longer matches (a zombie) or
+-- whose position is taken. Usually none, so nothing comes back to decode. A plain insert
+-- behind NOT EXISTS, not ON CONFLICT: a speculative insert writes one WAL record more per
+-- event (four instead of three), and no concurrent insert can race this one for a position: the fence admits only the claim that holds the
 -- task, and that claim writes each position once.
 with v as (
     select * from unnest($1::durable.checkpoint_epoch_row[])
@@ -339,18 +339,21 @@ with v as (
     select t.id, t.claim_token from durable.tasks t
     where t.id = any(array(select v.task_id from v)) and t.claim_token is not null
     for share of t
+), written as (
+    insert into durable.events as e
+        (task_id, branch, seq, kind, name, digest, status, result, error, wake_at, attempt,
+         started_at, finished_at)
+    select v.task_id, v.branch, v.seq, v.kind, v.name, v.digest, v.status, v.result::jsonb,
+           v.error::jsonb, to_timestamp(v.wake_at), v.attempt, to_timestamp(v.started_at),
+           case when v.status = 'pending' then null else now() end
+      from v
+      join fence f on f.id = v.task_id and f.claim_token = v.token
+     where not exists (select 1 from durable.events x
+                        where x.task_id = v.task_id and x.branch = v.branch and x.seq = v.seq)
+    returning e.task_id, e.seq
 )
-insert into durable.events as e
-    (task_id, branch, seq, kind, name, digest, status, result, error, wake_at, attempt,
-     started_at, finished_at)
-select v.task_id, v.branch, v.seq, v.kind, v.name, v.digest, v.status, v.result::jsonb,
-       v.error::jsonb, to_timestamp(v.wake_at), v.attempt, to_timestamp(v.started_at),
-       case when v.status = 'pending' then null else now() end
-  from v
-  join fence f on f.id = v.task_id and f.claim_token = v.token
- where not exists (select 1 from durable.events x
-                    where x.task_id = v.task_id and x.branch = v.branch and x.seq = v.seq)
-returning e.task_id, e.seq
+select v.task_id, v.seq from v
+ where not exists (select 1 from written w where w.task_id = v.task_id and w.seq = v.seq)
 
 -- name: fence_lock
 -- Lock the task row for a write made in the same transaction (transactional steps,

@@ -85,10 +85,11 @@ class Workflows(Part):
     async def checkpoint_many(
         self, items: Sequence[Checkpoint], via: KeptConnection | None = None
     ) -> set[tuple[int, int]]:
-        """Write many workflows' checkpoints in one commit; returns the (task, seq) accepted."""
+        """Write many workflows' checkpoints in one commit; returns the (task, seq) of those
+        not written (a zombie's, or a position taken): usually none."""
         # A Checkpoint is a tuple in the field order of durable.checkpoint_epoch_row.
         rows = await (via or self.pool).fetch(self.q["checkpoint"], items)
-        return {(r["task_id"], r["seq"]) for r in rows}
+        return {(r[0], r[1]) for r in rows} if rows else set()
 
     @asynccontextmanager
     async def fenced(

@@ -137,9 +137,9 @@ async def test_completions_and_checkpoints_commit_on_kept_connections(dsn: str) 
             return accepted
 
         async def checkpointing(items: Any, via: KeptConnection | None = None) -> Any:
-            accepted = await checkpoint_many(items, via)
+            refused = await checkpoint_many(items, via)
             used.append(("checkpoint", _pid(via)))
-            return accepted
+            return refused
 
         store.complete_many = completing
         store.checkpoint_many = checkpointing
