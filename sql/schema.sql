@@ -328,7 +328,7 @@ create function durable.tasks_after_update() returns trigger
 language plpgsql
 set search_path = pg_catalog, pg_temp as $$
 declare
-    freed text[];
+    limited text[];
     keyed text[];
     done bigint[];
     parents bigint[];
@@ -347,8 +347,13 @@ begin
     -- quadratic in the batch. So each condition reads the row's new state only: a row
     -- updated again in a state it was already in (rare) sends a spare, harmless notice.
     -- Work becoming ready is announced by tasks_notify_ready, row by row.
-    select array_agg(distinct n.queue) filter (
-               where n.status not in ('running', 'queued')),
+    -- The queues under a fleet-wide limit where a slot came free are looked up in the
+    -- same statement (an aggregate of this pass inside its subquery): most completions
+    -- free a slot in a queue without one, and a second statement would cost them all.
+    select (select array_agg(c.name) from durable.queues c
+             where c.concurrency is not null
+               and c.name = any(array_agg(distinct n.queue) filter (
+                                    where n.status not in ('running', 'queued')))),
            array_agg(distinct n.queue) filter (
                where n.status not in ('running', 'queued') and n.concurrency_key is not null),
            array_agg(n.id) filter (
@@ -357,7 +362,7 @@ begin
                where n.parent_id is not null
                  and n.status in ('completed', 'failed', 'cancelled')),
            array_agg(n.id) filter (where n.status = 'cancelled')
-      into freed, keyed, done, parents, ended
+      into limited, keyed, done, parents, ended
       from new_rows n where n.status not in ('running', 'queued');
     if ended is not null and current_setting('durable.cascading', true) is distinct from 'on'
     then
@@ -366,13 +371,10 @@ begin
         -- started after the cancel's own cascade ran.
         perform durable.cancel_descendants(ended);
     end if;
-    if freed is not null then
+    if limited is not null or keyed is not null then
         -- A slot under a fleet-wide or per-key limit came free: claimers may wait for it.
         for q in
-            select k from unnest(keyed) k
-            union
-            select c.name from durable.queues c
-             where c.name = any(freed) and c.concurrency is not null
+            select k from unnest(keyed) k union select k from unnest(limited) k
         loop
             perform pg_notify('durable_ready', q);  -- a repeat within a transaction is dropped
         end loop;

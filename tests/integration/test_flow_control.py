@@ -402,3 +402,40 @@ async def test_key_rate_limit_spaces_one_keys_starts(dsn: str) -> None:
     assert acme[-1] - acme[0] >= timedelta(seconds=2)  # 7 starts at 3 per second
     # Other keys were not held back behind the rate-limited one.
     assert max(others) < acme[-1]
+
+
+async def test_a_slot_freed_under_a_limit_is_announced_and_one_without_is_not(dsn: str) -> None:
+    # Claimers of a queue under a fleet-wide limit, and of keyed tasks, wait for a slot to
+    # come free: the update trigger announces those queues on `durable_ready`, once each,
+    # whatever ends the task, and stays quiet for a queue with no limit.
+    heard: list[str] = []
+    listen = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await listen.add_listener("durable_ready", lambda *a: heard.append(a[3]))
+        await conn.execute(
+            "insert into durable.queues (name, concurrency) values ('lim', 2), ('open', null)"
+        )
+        await conn.execute(
+            """
+            insert into durable.tasks (queue, name, status, claim_token, lease_until,
+                                       concurrency_key)
+            select q, 'n', 'running', 1, now() + interval '1 hour', k
+              from (values ('lim', null), ('lim', null), ('open', null), ('free', null),
+                           ('keyed', 'k1')) as v(q, k)
+            """
+        )
+        await conn.execute(
+            "update durable.tasks set status = case when queue = 'open' then 'failed'"
+            " else 'completed' end, claim_token = null, lease_until = null"
+        )
+        await conn.execute("select pg_notify('durable_ready', 'end-of-test')")
+
+        async def ended() -> bool:
+            return "end-of-test" in heard
+
+        await wait_for(ended, timeout=10)
+        assert sorted(heard) == ["end-of-test", "keyed", "lim"]
+    finally:
+        await conn.close()
+        await listen.close()
