@@ -61,7 +61,7 @@ create table durable.tasks (
     error           jsonb,
     idempotency_key text,
     -- No foreign key: its check would run for every task inserted, queued and fired per
-    -- row even when null (about a fifth of a bulk insert's server time). A child is
+    -- row even when null (about a tenth of a bulk insert's server time). A child is
     -- inserted only in its running parent's fenced transaction, which locks the parent's
     -- row before it commits; tasks_after_delete clears the reference when the parent goes.
     parent_id       bigint,

@@ -23,7 +23,7 @@ create type durable.checkpoint_epoch_row as (
 
 -- parent_id loses its foreign key. The key's check ran for every task inserted, as a
 -- trigger event queued and fired per row even when parent_id is null (most tasks): about
--- a fifth of a bulk insert's server time. A child is inserted only in its running
+-- a tenth of a bulk insert's server time. A child is inserted only in its running
 -- parent's fenced transaction, which locks the parent's row before it commits, so the
 -- reference holds when written; what ON DELETE SET NULL did is done by the delete trigger
 -- below, once per statement.
