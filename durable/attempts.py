@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 import anyio
 
@@ -57,7 +58,7 @@ class Attempts:
     def __init__(
         self,
         store: Store,
-        run: Callable[[Attempt], Awaitable[None]],
+        run: Callable[[Attempt], Coroutine[Any, Any, None]],
         shutdown: Shutdown,
         metrics: Metrics,
         *,
@@ -109,24 +110,28 @@ class Attempts:
         if not self.burst:
             attempt.release_slot = release_once
 
-        async def go() -> None:
-            try:
-                await self._run(attempt)
-            except Exception:
-                # A fault in durable itself must not take the daemon down with it; the
-                # task's lease expires and another attempt runs it.
-                log.exception("runner_error", task_id=task.id, name=task.name)
-            finally:
-                self._forget(attempt)
-                release_once()
+        def ended(job: asyncio.Task[None]) -> None:
+            self._jobs.discard(job)
+            self._forget(attempt)
+            release_once()
+            if not job.cancelled():
+                error = job.exception()
+                if isinstance(error, Exception):
+                    # A fault in durable itself must not take the daemon down with it;
+                    # the task's lease expires and another attempt runs it.
+                    log.error("runner_error", task_id=task.id, name=task.name,
+                              exc_info=error)
 
         loop = self._loop
         if loop is None:
             # Asked once: asking asyncio for the running loop costs a getpid() call.
             loop = self._loop = asyncio.get_running_loop()
-        attempt.job = job = loop.create_task(go())
+        # The runner's coroutine is the task's own, with what ends the attempt in a done
+        # callback: a workflow resumes once per step through every coroutine level
+        # between its task and the step, and a wrapper here would be one more.
+        attempt.job = job = loop.create_task(self._run(attempt))
         self._jobs.add(job)
-        job.add_done_callback(self._jobs.discard)
+        job.add_done_callback(ended)
 
     def _forget(self, attempt: Attempt) -> None:
         if self.held.get(attempt.task.id) is attempt:

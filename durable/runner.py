@@ -143,7 +143,20 @@ class Runner:
             here = TaskContext(task, self.store, task.deadline)
             entered = taskcontext.enter(here)
             try:
-                result = await self._call(task, definition, here, args, kwargs, limit)
+                # Inline rather than a coroutine of its own: a workflow resumes once per
+                # step through every coroutine level between its task and the step.
+                async with asyncio.timeout(limit) if limit is not None else _untimed:
+                    if self.hooks is not None:
+                        await self.hooks.before_call(task, definition.kind, task.name)
+                    if definition.kind == "workflow":
+                        d = definition
+                        result = await self.workflows.run(
+                            task, lambda ctx: _call(d, task, ctx, *args, **kwargs)
+                        )
+                    elif definition.takes_context:
+                        result = await _call(definition, task, here, *args, **kwargs)
+                    else:
+                        result = await _call(definition, task, *args, **kwargs)
             finally:
                 taskcontext.leave(entered)
                 if here.reported:  # a task that never reported awaits nothing here
@@ -184,29 +197,6 @@ class Runner:
             # SystemExit, KeyboardInterrupt or any BaseException the task's code raises:
             # the attempt fails like any other, and the daemon and its other tasks go on.
             return ("failed", (exc, None, True))
-
-    async def _call(
-        self,
-        task: Claimed,
-        definition: Definition[Any, Any],
-        here: TaskContext,
-        args: list[Any],
-        kwargs: dict[str, Any],
-        limit: float | None,
-    ) -> Any:
-        async with asyncio.timeout(limit) if limit is not None else _untimed:
-            if self.hooks is not None:
-                await self.hooks.before_call(task, definition.kind, task.name)
-            if definition.kind == "workflow":
-                d = definition
-                result = await self.workflows.run(
-                    task, lambda ctx: _call(d, task, ctx, *args, **kwargs)
-                )
-            elif definition.takes_context:
-                result = await _call(definition, task, here, *args, **kwargs)
-            else:
-                result = await _call(definition, task, *args, **kwargs)
-        return result
 
     async def _finish(
         self,

@@ -197,25 +197,46 @@ class WorkflowRuns:
     ) -> Any:
         """Run (or resume) the workflow of ``task``: its result, or ``Suspend`` raised."""
         entry = self.parked.pop(task.id, None)
-        if entry is not None:
-            known = await self._warm(task, entry)
-            if known is not None:
-                return await self._step(task, entry.ctx, entry.coro, entry.park.start, known)
-        events: list[Event] = []
-        if not task.fresh:
-            events = await self.store.load_events(task.id, task.branch)
-            self.counts.cold += 1
-            self.counts.loaded += len(events)
-        # Without a table, a plain Context: its waits raise Suspend through the workflow.
-        kind = ParkingContext if self.size > 0 else Context
-        ctx = kind(
-            self.store, task, events, self.checkpoints, self.registry_get, self.tracer,
-            self.hooks,
+        known = await self._warm(task, entry) if entry is not None else None
+        ctx: Context
+        if entry is not None and known is not None:
+            ctx, coro, start = entry.ctx, entry.coro, entry.park.start
+        else:
+            events: list[Event] = []
+            if not task.fresh:
+                events = await self.store.load_events(task.id, task.branch)
+                self.counts.cold += 1
+                self.counts.loaded += len(events)
+            # Without a table, a plain Context: its waits raise Suspend through the workflow.
+            kind = ParkingContext if self.size > 0 else Context
+            ctx = kind(
+                self.store, task, events, self.checkpoints, self.registry_get, self.tracer,
+                self.hooks,
+            )
+            made = call(ctx)
+            if not asyncio.iscoroutine(made):
+                return await made  # not an async function: fails as awaiting it does
+            coro, start, known = made, 0, len(events)
+        # Stepped here rather than in a coroutine of its own: a workflow resumes once per
+        # step through every coroutine level between its task and the step.
+        try:
+            outcome = await _Drive(coro)
+        finally:
+            self._count(task, ctx, start, known)
+        if isinstance(outcome, Finished):
+            ctx.check_consumed()
+            return outcome.value
+        assert isinstance(ctx, ParkingContext)  # only a ParkingContext parks
+        # Kept before the suspension is written: a claim of the task that comes back
+        # first finds it. load_tail decides whether it may continue it.
+        ctx._log.events = {}  # what it replayed; a resume reads what it needs again
+        self.parked[task.id] = Parked(
+            task.id, task.token, task.branch, task.attempt, coro, ctx, outcome
         )
-        coro = call(ctx)
-        if not asyncio.iscoroutine(coro):
-            return await coro  # not an async function: fails as awaiting it does
-        return await self._step(task, ctx, coro, 0, len(events))
+        while len(self.parked) > self.size:
+            _, oldest = self.parked.popitem(last=False)
+            self._drop(oldest, "full")
+        raise outcome.suspend
 
     async def _warm(self, task: Claimed, entry: Parked) -> int | None:
         """Prepare a parked workflow for this claim: the number of events read, or None
@@ -237,35 +258,6 @@ class WorkflowRuns:
                 return len(tail)
         self._drop(entry, "stale")
         return None
-
-    async def _step(
-        self,
-        task: Claimed,
-        ctx: Context,
-        coro: Coroutine[Any, Any, Any],
-        start: int,
-        known: int,
-    ) -> Any:
-        """Step the coroutine from position ``start``, with the ``known`` events from
-        there on in its journal."""
-        try:
-            outcome = await _Drive(coro)
-        finally:
-            self._count(task, ctx, start, known)
-        if isinstance(outcome, Finished):
-            ctx.check_consumed()
-            return outcome.value
-        assert isinstance(ctx, ParkingContext)  # only a ParkingContext parks
-        # Kept before the suspension is written: a claim of the task that comes back
-        # first finds it. load_tail decides whether it may continue it.
-        ctx._log.events = {}  # what it replayed; a resume reads what it needs again
-        self.parked[task.id] = Parked(
-            task.id, task.token, task.branch, task.attempt, coro, ctx, outcome
-        )
-        while len(self.parked) > self.size:
-            _, oldest = self.parked.popitem(last=False)
-            self._drop(oldest, "full")
-        raise outcome.suspend
 
     def _count(self, task: Claimed, ctx: Context, start: int, known: int) -> None:
         self.counts.replayed += min(known, max(0, ctx.position - start))

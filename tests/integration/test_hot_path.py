@@ -4,17 +4,28 @@ claim's rows in the shape the daemon reads them."""
 from __future__ import annotations
 
 import contextlib
+import inspect
+import sys
 import json
 import uuid
 
 import asyncpg
 import pytest
 
+import durable
 from durable.daemon import WARM_CONNECTIONS
 from durable.models import Claimed
+from durable.attempts import Attempt
+from durable.registry import Definition, Registry
+from durable.runner import Runner
 from durable.store import Store, queries
 from durable.store.database import WARM_UP
-from tests.support.helpers import execute, running_daemon
+from tests.support.helpers import execute, running_daemon, wait_for
+
+RESUMABLE = inspect.CO_COROUTINE | inspect.CO_GENERATOR
+PATH_LIMIT = 5
+"""Coroutine frames a step's resumption passes, from the attempt's task down to
+Context.step: every one costs each resumption, once per step of every workflow."""
 
 
 async def test_a_daemon_starts_with_its_hot_statements_prepared(dsn: str) -> None:
@@ -223,3 +234,69 @@ async def test_a_claim_reads_past_the_dead_entries_of_claimed_tasks_once(dsn: st
     # about 200 against 350 when the level was found from the start of the range.
     assert pages > 140
     assert min(read[1:]) < 2 * pages, (read, pages)
+
+
+async def test_a_step_resumes_through_few_coroutine_levels(dsn: str) -> None:
+    """The frames between an attempt's task and ``Context.step`` when a workflow resumes
+    after its first checkpoint (the second step's function runs inside that resumption)."""
+    path: list[str] = []
+
+    def second(x: int) -> int:
+        frame = sys._getframe(1)
+        # Up to the first frame that is not a coroutine's or a generator's: the loop's.
+        while frame is not None and frame.f_code.co_flags & RESUMABLE:
+            path.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}")
+            frame = frame.f_back
+        return x + 1
+
+    async def flow(ctx: durable.Context, x: int) -> int:
+        x = await ctx.step("first", lambda: x + 1)
+        return int(await ctx.step("second", second, x))
+
+    reg = Registry()
+    reg.add(Definition(name="hp_levels", fn=flow, kind="workflow", queue="hp_levels"))
+    async with durable.connect(dsn) as client, running_daemon(
+        dsn, reg=reg, queues="hp_levels=1"
+    ):
+        handle = await client.start("hp_levels", 1, queue="hp_levels")
+        assert await handle.result(timeout=20) == 3
+    # The workflow's own frame and the step's are the user's; the rest are durable's.
+    levels = [f for f in path if f not in ("test_hot_path.py:flow",)]
+    assert levels[0] == "context.py:step", path
+    assert len(levels) <= PATH_LIMIT, path
+
+
+async def test_a_fault_in_the_runner_is_logged_and_frees_the_slot(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bug in durable's own runner (not in the task's code) ends that attempt with a
+    ``runner_error`` and its traceback; the slot goes back and the daemon goes on."""
+    original = Runner.run
+
+    async def faulty(self: Runner, attempt: Attempt) -> None:
+        if attempt.task.name == "hp_faulty":
+            raise RuntimeError("a bug in the runner")
+        await original(self, attempt)
+
+    monkeypatch.setattr(Runner, "run", faulty)
+
+    async def job() -> str:
+        return "ran"
+
+    reg = Registry()
+    reg.add(Definition(name="hp_faulty", fn=job, queue="hp_fault"))
+    reg.add(Definition(name="hp_fine", fn=job, queue="hp_fault"))
+    async with durable.connect(dsn) as client, running_daemon(
+        dsn, reg=reg, queues="hp_fault=1"
+    ) as daemon:
+        await client.start("hp_faulty", queue="hp_fault")
+        fine = await client.start("hp_fine", queue="hp_fault")
+        # One slot: the second task runs only once the faulty attempt gave it back.
+        assert await fine.result(timeout=20) == "ran"
+        await wait_for(lambda: _true(not daemon.attempts))
+    out = capsys.readouterr().out
+    assert "runner_error" in out and "RuntimeError: a bug in the runner" in out
+
+
+async def _true(value: bool) -> bool:
+    return value
