@@ -7,7 +7,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from durable.codec import digest
+from durable.codec import digest, error_text
 from durable.errors import LeaseLost, TaskCancelled, TaskFailed
 from durable.models import TERMINAL, Claimed, Event, NewTask
 from durable.registry import Definition
@@ -154,10 +154,13 @@ class Children:
         calls = [a for a in aws if isinstance(a, ChildCall)]
         started = iter(await self._start_children(calls)) if calls else iter(())
         handles = [next(started) if isinstance(a, ChildCall) else a for a in aws]
+        # A child that no longer exists (deleted by hand, or pruned with a tree that was
+        # restarted meanwhile) counts as failed: waiting on it would wait for ever.
         waiting = [
             h.id for h in handles
             if h._event is None
-            or (h._event.status == "pending" and h._event.child_status not in TERMINAL)
+            or (h._event.status == "pending" and h._event.child_status is not None
+                and h._event.child_status not in TERMINAL)
         ]
         if waiting:
             raise Suspend(waiting_on=waiting)
@@ -192,6 +195,9 @@ class Children:
                 rows.append((h.seq, "completed", ev.child_result, None))
             elif ev.child_status == "cancelled":
                 rows.append((h.seq, "failed", None, CANCELLED))
+            elif ev.child_status is None:
+                gone = LookupError(f"child task {h.id} no longer exists: it was deleted")
+                rows.append((h.seq, "failed", None, error_text(gone)))
             else:
                 rows.append((h.seq, "failed", None, ev.child_error or "{}"))
         t = self._task

@@ -310,8 +310,16 @@ def secret_file(name: str, raw: object) -> Path:
     return Path(text.strip()).expanduser()
 
 
+MAX_RETENTION = 100 * 365 * 86400.0
+"""A century: the cutoff (now minus this) must stay a date PostgreSQL and Python both hold."""
+
+
 def retention(name: str, raw: object) -> float:
-    return _duration(name, raw, 0.0, False, "a positive duration such as 7d, 12h or 30m")
+    expected = "a duration from 1s to 36500d such as 7d, 12h or 30m"
+    seconds = _duration(name, raw, 1.0, True, expected)
+    if seconds > MAX_RETENTION:
+        _fail(name, expected, _shown(raw))
+    return seconds
 
 
 MAX_STATEMENT_CACHE = 100_000
@@ -467,7 +475,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "retention", "DURABLE_RETENTION", "--retention", retention, None, "(keep forever)",
         "delete finished tasks, with their events, this long after they finished, e.g. 7d "
-        "(one daemon at a time prunes, every few minutes)", metavar="DURATION",
+        "(1s to 36500d; one daemon at a time prunes, every few minutes)", metavar="DURATION",
     ),
     Option(
         "retention_vacuum", "DURABLE_RETENTION_VACUUM", "--retention-vacuum",

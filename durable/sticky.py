@@ -21,6 +21,7 @@ docs/architecture.md ("Warm resumes") says why a parked coroutine and not a repl
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,15 @@ class ParkingContext(Context):
 
     A suspending call (sleep, wait_for_event, children) keeps its position; once resumed
     with the events from that position on, it runs again, as a replay would run it."""
+
+    async def sleep(self, seconds: float, *, name: str = "sleep") -> None:
+        while True:
+            start = self._log.seq
+            try:
+                # Run again after a resume, it finds its recorded wake-up time.
+                return await super().sleep(seconds, name=name)
+            except Suspend as s:
+                await Park(s, start, start)
 
     async def sleep_until(self, when: datetime, *, name: str = "sleep") -> None:
         while True:
@@ -121,6 +131,9 @@ class Parked:
     coro: Coroutine[Any, Any, Any]
     ctx: ParkingContext
     park: Park
+    context: contextvars.Context
+    """The attempt's context variables as it parked (its task context, its log fields):
+    an unwinding runs in them, not in those of whichever attempt dropped it."""
 
 
 class Finished:
@@ -230,8 +243,12 @@ class WorkflowRuns:
         # Kept before the suspension is written: a claim of the task that comes back
         # first finds it. load_tail decides whether it may continue it.
         ctx._log.events = {}  # what it replayed; a resume reads what it needs again
+        stale = self.parked.pop(task.id, None)
+        if stale is not None:  # parked by an attempt that lost its claim meanwhile
+            self._drop(stale, "replaced")
         self.parked[task.id] = Parked(
-            task.id, task.token, task.branch, task.attempt, coro, ctx, outcome
+            task.id, task.token, task.branch, task.attempt, coro, ctx, outcome,
+            contextvars.copy_context(),
         )
         while len(self.parked) > self.size:
             _, oldest = self.parked.popitem(last=False)
@@ -284,13 +301,10 @@ class WorkflowRuns:
     def _drop(self, entry: Parked, reason: str) -> None:
         self.counts.evicted += 1
         log.debug("workflow_evicted", task_id=entry.task_id, reason=reason)
-        self._unwind(entry.coro, entry.ctx)
-
-    def _unwind(self, coro: Coroutine[Any, Any, Any], ctx: Context) -> None:
-        ctx._log.abort = LeaseLost(
-            f"task {ctx.task_id}: this daemon no longer keeps its suspended run"
+        entry.ctx._log.abort = LeaseLost(
+            f"task {entry.task_id}: this daemon no longer keeps its suspended run"
         )
-        t = asyncio.get_running_loop().create_task(_unwind(coro))
+        t = asyncio.get_running_loop().create_task(_unwind(entry.coro), context=entry.context)
         self._unwinding.add(t)
         t.add_done_callback(self._unwinding.discard)
 

@@ -584,6 +584,8 @@ order by id
 with picked as materialized (
     select t.id from durable.tasks t
     where t.id = any($1::bigint[]) and t.status = any($2::text[])
+      -- A run that continued as new is not restarted (see durable.restart).
+      and t.continued_as is null
       and not (t.parent_id is not null
                and exists (select 1 from durable.events e
                            where e.child_id = t.id and e.status <> 'pending'))
@@ -672,14 +674,20 @@ with locked as materialized (
     union all
     (select l.id from locked l join allowed a on a.k = l.id
       where not exists (select 1 from durable.tasks d where d.root_id = l.id))
+), gone as (
+    -- The status again: a task restarted while this statement waited for its row (a child
+    -- retried on its own, whose root this statement does not lock) is checked anew once
+    -- the restart commits, and stays, with its events. Its tree's root stays too: the
+    -- next statement finds an unfinished task under it.
+    delete from durable.tasks t where t.id = any(array(select id from victims))
+       and t.status in ('completed', 'failed', 'cancelled')
+    returning t.id
 ), ev as (
-    delete from durable.events e where e.task_id = any(array(select id from victims))
+    delete from durable.events e where e.task_id = any(array(select id from gone))
     returning 1
 ), sg as (
-    delete from durable.signals s where s.task_id = any(array(select id from victims))
+    delete from durable.signals s where s.task_id = any(array(select id from gone))
     returning 1
-), gone as (
-    delete from durable.tasks t where t.id = any(array(select id from victims)) returning 1
 )
 select (select count(*) from gone)::bigint as tasks,
        (select count(*) from ev)::bigint as events,

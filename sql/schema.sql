@@ -954,8 +954,10 @@ end;
 $$;
 
 -- End a workflow's run and start its next one (ctx.continue_as_new): a new task of the
--- same name and options with arguments `new_args`/`new_kwargs` and an empty log, which
--- takes over the idempotency key; the run ends completed, `continued_as` the new one.
+-- same name and options (version, deadline, labels, limits) with arguments
+-- `new_args`/`new_kwargs` and an empty log, which takes over the idempotency key of
+-- either scope and the events sent to this run that it did not take; the run ends
+-- completed, `continued_as` the new one. The deadline is the chain's: it does not move.
 -- Returns the new task's id; null when the claim token no longer matches; 0 when a
 -- cancel was requested while the run went on (it ends cancelled and nothing starts).
 create function durable.continue_as_new(task bigint, token bigint, new_args jsonb,
@@ -979,17 +981,36 @@ begin
          where t.id = task;
         return 0;
     end if;
-    -- The key is unique: it leaves this run before the next one takes it.
-    update durable.tasks t set idempotency_key = null where t.id = task;
+    -- The keys are unique: they leave this run before the next one takes them.
+    update durable.tasks t set idempotency_key = null, active_key = null where t.id = task;
     insert into durable.tasks (queue, name, kind, args, kwargs, priority, max_attempts,
-                               timeout, idempotency_key, concurrency_key, key_limit,
-                               key_rate_limit, key_rate_period, trace_context,
-                               notify_finish, continued_from)
+                               timeout, idempotency_key, active_key, concurrency_key,
+                               key_limit, key_rate_limit, key_rate_period, trace_context,
+                               notify_finish, continued_from, version, deadline, tags,
+                               attributes)
     values (cur.queue, cur.name, cur.kind, new_args, new_kwargs, cur.priority,
             coalesce(cur.attempt_budget, cur.max_attempts), cur.timeout,
-            cur.idempotency_key, cur.concurrency_key, cur.key_limit, cur.key_rate_limit,
-            cur.key_rate_period, cur.trace_context, cur.notify_finish, task)
+            cur.idempotency_key, cur.active_key, cur.concurrency_key, cur.key_limit,
+            cur.key_rate_limit, cur.key_rate_period, cur.trace_context, cur.notify_finish,
+            task, cur.version, cur.deadline, cur.tags, cur.attributes)
     returning id into next_id;
+    -- Events sent to this run and not taken by it (send_event accepted them while it was
+    -- the chain's current run) are the next run's too, in the order they were sent, with
+    -- their idempotency keys: a producer that sends one again, to either run, delivers it
+    -- once. No sender can add one meanwhile: send_event locks this row first, and then
+    -- finds the run completed.
+    insert into durable.signals (task_id, name, payload, created_at, idempotency_key)
+    select next_id, s.name, s.payload, s.created_at, s.idempotency_key
+      from durable.signals s
+     where s.task_id = task
+       -- Taken oldest first by name (see next_signal): the untaken ones of a name are
+       -- those after the newest taken one.
+       and s.id > coalesce((select e.signal_id from durable.events e
+                             where e.task_id = task and e.branch = cur.branch
+                               and e.name = s.name and e.signal_id is not null
+                             order by e.signal_id desc
+                             limit 1), 0)
+     order by s.id;
     update durable.tasks t
        set status = 'completed', result = null, finished_at = now(), continued_as = next_id,
            claim_token = null, lease_until = null, worker_id = null
@@ -1000,9 +1021,11 @@ $$;
 
 -- Run a finished task again: 'retry' keeps its history but the failure that ended it (the
 -- events its error names under `replay`, when nothing was recorded after the workflow saw
--- them, and children that failed or were cancelled before it saw them: those run again);
+-- them, and children that failed, were cancelled or were deleted before it saw them:
+-- those run again);
 -- 'replay' starts a new, empty branch; 'fork' starts a new branch holding the events
--- before position `at`. Returns the branch.
+-- before position `at`. Returns the branch. A run that continued as new (ctx.continue_as_new)
+-- is refused: run again, it would start a second next run beside the chain's own.
 create function durable.restart(task bigint, mode text, at integer default null)
 returns integer
 language plpgsql
@@ -1011,13 +1034,18 @@ declare
     cur record;
     new_branch integer;
 begin
-    select t.status, t.branch, t.error into cur from durable.tasks t where t.id = task for update;
+    select t.status, t.branch, t.error, t.continued_as into cur
+      from durable.tasks t where t.id = task for update;
     if not found then
         raise exception 'no task %', task using errcode = 'P0002';
     end if;
     if cur.status not in ('completed', 'failed', 'cancelled') then
         raise exception 'task % is %: only a finished task can be restarted (cancel it first)',
             task, cur.status using errcode = '55000';
+    end if;
+    if cur.continued_as is not null then
+        raise exception 'task % continued as task %: restart the last run of its chain',
+            task, cur.continued_as using errcode = '55000';
     end if;
     if mode = 'retry' then
         new_branch := cur.branch;
@@ -1031,8 +1059,9 @@ begin
                                   where x.task_id = task and x.branch = cur.branch
                                     and x.seq >= (cur.error -> 'replay' ->> 'at')::integer))
                 or (e.kind = 'child' and e.status = 'pending'
-                    and exists (select 1 from durable.tasks c
-                                where c.id = e.child_id and c.status in ('failed', 'cancelled')))
+                    and not exists (select 1 from durable.tasks c
+                                    where c.id = e.child_id
+                                      and c.status not in ('failed', 'cancelled')))
                 -- An error stored before errors named their positions: the last event,
                 -- when it failed.
                 or (cur.error -> 'replay' is null and e.status = 'failed'

@@ -27,6 +27,7 @@ from durable.cli.core import (
     whole,
 )
 from durable.models import PruneResult
+from durable.options import MAX_RETENTION
 
 BATCH = 1000
 """Tasks per statement (and per transaction) of prune."""
@@ -84,8 +85,10 @@ def _seconds(text: str) -> float:
 
 
 def _older_than(text: str) -> str:
-    if duration(duration_text(text)) <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive duration, e.g. 7d, got {text!r}")
+    if not 0 < duration(duration_text(text)) <= MAX_RETENTION:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive duration up to 36500d, e.g. 7d, got {text!r}"
+        )
     return text
 
 

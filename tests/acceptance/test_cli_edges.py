@@ -168,6 +168,7 @@ async def test_show_cuts_huge_values_and_full_prints_them(dsn: str) -> None:
         ["workers", "--limit", "-3"],
         ["check", "--timeout", "never"],
         ["prune", "--older-than", "0"],
+        ["prune", "--older-than", "1000000d"],
         ["prune", "--older-than", "1d", "--batch-size", "0"],
         ["run", "--lease", "0.5s"],
         ["run", "--concurrency", "0"],

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import sys
 import json
+import sys
 import uuid
+from types import FrameType
 
 import asyncpg
 import pytest
 
 import durable
+from durable.attempts import Attempt
 from durable.daemon import WARM_CONNECTIONS
 from durable.models import Claimed
-from durable.attempts import Attempt
 from durable.registry import Definition, Registry
 from durable.runner import Runner
 from durable.store import Store, queries
@@ -242,7 +243,7 @@ async def test_a_step_resumes_through_few_coroutine_levels(dsn: str) -> None:
     path: list[str] = []
 
     def second(x: int) -> int:
-        frame = sys._getframe(1)
+        frame: FrameType | None = sys._getframe(1)
         # Up to the first frame that is not a coroutine's or a generator's: the loop's.
         while frame is not None and frame.f_code.co_flags & RESUMABLE:
             path.append(f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}")
