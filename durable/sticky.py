@@ -23,10 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from durable.context import ChildCall, ChildHandle, Context
 from durable.errors import LeaseLost
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from durable.store import Store
 
 log = get_logger("durable.sticky")
+
+T = TypeVar("T")
 
 UNWIND_TIMEOUT = 5.0
 """Seconds a dropped workflow's unwinding (its own ``finally`` blocks) gets at shutdown."""
@@ -72,27 +74,23 @@ class ParkingContext(Context):
     with the events from that position on, it runs again, as a replay would run it."""
 
     async def sleep(self, seconds: float, *, name: str = "sleep") -> None:
-        while True:
-            start = self._log.seq
-            try:
-                # Run again after a resume, it finds its recorded wake-up time.
-                return await super().sleep(seconds, name=name)
-            except Suspend as s:
-                await Park(s, start, start)
+        # Run again after a resume, it finds its recorded wake-up time.
+        await self._parking(lambda: super(ParkingContext, self).sleep(seconds, name=name))
 
     async def sleep_until(self, when: datetime, *, name: str = "sleep") -> None:
-        while True:
-            start = self._log.seq
-            try:
-                return await super().sleep_until(when, name=name)
-            except Suspend as s:
-                await Park(s, start, start)
+        await self._parking(lambda: super(ParkingContext, self).sleep_until(when, name=name))
 
     async def wait_for_event(self, name: str, *, timeout: float | None = None) -> Any:
+        return await self._parking(
+            lambda: super(ParkingContext, self).wait_for_event(name, timeout=timeout)
+        )
+
+    async def _parking(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``; where it would suspend, park, and run it again once resumed."""
         while True:
             start = self._log.seq
             try:
-                return await super().wait_for_event(name, timeout=timeout)
+                return await call()
             except Suspend as s:
                 await Park(s, start, start)
 

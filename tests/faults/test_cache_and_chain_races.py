@@ -19,11 +19,18 @@ import pytest
 import durable
 from durable.codec import dumps, loads
 from durable.context import Context
-from durable.models import Checkpoint, Claimed
+from durable.models import Claimed
 from durable.replay import ContinueAsNew, Suspend
 from durable.sticky import WorkflowRuns
 from durable.store import Store
-from tests.support.helpers import execute, fetchval, running_daemon, wait_for, wait_status
+from tests.support.helpers import (
+    DirectCheckpoints,
+    execute,
+    fetchval,
+    running_daemon,
+    wait_for,
+    wait_status,
+)
 
 QUEUE = "attack_sticky"
 CHAIN_QUEUE = "attack_chain"
@@ -110,22 +117,12 @@ async def store(dsn: str) -> AsyncIterator[Store]:
         await s.close()
 
 
-class Direct:
-    """Checkpoints written one statement each (the daemon group-commits them)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    async def submit(self, cp: Checkpoint) -> bool:
-        return not await self.store.checkpoint_many([cp])
-
-
 class Harness:
     """One daemon's workflow runs (its warm cache), with claims and outcomes made by hand."""
 
     def __init__(self, store: Store, size: int = 10) -> None:
         self.store = store
-        self.runs = WorkflowRuns(store, Direct(store), lambda _: None, size=size)
+        self.runs = WorkflowRuns(store, DirectCheckpoints(store), lambda _: None, size=size)
         self.worker = uuid.uuid4()
 
     async def claim(self, names: list[str] | None = None, queue: str = QUEUE) -> Claimed:

@@ -18,11 +18,12 @@ import pytest
 import durable
 from durable.codec import digest, dumps
 from durable.context import Context
-from durable.models import Checkpoint, Claimed
+from durable.models import Claimed
 from durable.replay import Suspend
 from durable.sticky import WorkflowRuns
 from durable.store import Store
 from durable.store.schema import named_queries
+from tests.support.helpers import DirectCheckpoints
 
 QUEUE = "wf_cache"
 STARTS: list[int] = []
@@ -47,23 +48,13 @@ async def wf_entity(ctx: durable.Context, n: int) -> list[int]:
     return out
 
 
-class Direct:
-    """Checkpoints written one statement each (the daemon group-commits them)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    async def submit(self, cp: Checkpoint) -> bool:
-        return not await self.store.checkpoint_many([cp])  # none refused
-
-
 class Harness:
     """One daemon's workflow runs, with claims and suspensions made by hand."""
 
     def __init__(self, store: Store, size: int = 10, warn_at: int | None = None) -> None:
         self.store = store
         self.runs = WorkflowRuns(
-            store, Direct(store), lambda _: None, size=size, history_warning=warn_at
+            store, DirectCheckpoints(store), lambda _: None, size=size, history_warning=warn_at
         )
         self.worker = uuid.uuid4()
 
