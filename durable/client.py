@@ -128,7 +128,7 @@ class Client:
                 raise InvalidValue(
                     f"deadline must be seconds from now or an aware datetime, got {shown(deadline)}"
                 )
-            if not (math.isfinite(seconds) and seconds < 10 * 365 * 86400):
+            if not (math.isfinite(seconds) and abs(seconds) < 10 * 365 * 86400):
                 raise InvalidValue(f"deadline must be within 10 years, got {shown(deadline)}")
             overrides["deadline"] = seconds  # a past datetime: the task fails at its claim
         return NewTask.from_definition(

@@ -263,6 +263,10 @@ class Daemon:
         command, _, arg = payload.partition(":")
         if command == "cancel" and arg.isdigit() and self._attempts is not None:
             self._attempts.cancel(int(arg))
+        elif command == "pause":
+            w = self.workers.get(arg)
+            if w is not None:
+                w.paused()
 
     def _catch_up(self) -> None:
         """The listener is back: what it may have missed is looked for now (ready work,

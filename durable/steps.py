@@ -27,6 +27,7 @@ from durable.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from durable.hooks import Hooks
+    from durable.models import Event
     from durable.replay import Journal, StepTracer
     from durable.store import Store
 
@@ -94,16 +95,18 @@ async def run(
                 failure: BaseException | None = None
                 with tracer.step_span(name, seq, kind):
                     try:
-                        async with asyncio.timeout(timeout):
-                            if hooks is not None:
-                                await hooks.before_call(log.task, kind, name)
-                            if kind == "step":
+                        if kind == "step":
+                            async with asyncio.timeout(timeout):
+                                if hooks is not None:
+                                    await hooks.before_call(log.task, kind, name)
                                 result = fn(*args, **kwargs)
                                 if inspect.isawaitable(result):
                                     result = await result
-                            else:
-                                cp = log.checkpoint(seq, kind, name, dig, started_at=started)
-                                result = await store.transaction_step(cp, fn, args, kwargs)
+                        else:
+                            if hooks is not None:
+                                await hooks.before_call(log.task, kind, name)
+                            cp = log.checkpoint(seq, kind, name, dig, started_at=started)
+                            result = await store.transaction_step(cp, fn, args, kwargs, timeout)
                     except LeaseLost as exc:
                         raise log.aborted(exc) from None
                     except TimeoutError as exc:
@@ -122,11 +125,17 @@ async def run(
                         )
                         return as_recorded(result, text)
                     return as_recorded(result, dumps(result))  # committed with its event
-                if kind == "transaction" and n == tries:
+                if kind == "transaction":
                     from durable.store import is_transient
 
                     if is_transient(failure):
-                        raise failure  # rolled back, nothing to record (see ctx.transaction)
+                        # A connection lost at the commit leaves its outcome unknown: the
+                        # transaction may have committed, with its event at this position.
+                        done = await _committed(store, log, seq)
+                        if done is not None:
+                            return loads(done.result)
+                        if n == tries:
+                            raise failure  # rolled back, nothing to record (ctx.transaction)
                 error = loads(error_text(failure))
                 error["try"], error["tries"] = n, tries
                 if isinstance(failure, NonRetryable):
@@ -162,3 +171,11 @@ async def run(
     finally:
         log.busy = None
 
+
+async def _committed(store: Store, log: Journal, seq: int) -> Event | None:
+    """The completed event at ``seq`` of this attempt's branch, if a transaction wrote it."""
+    _, tail = await store.load_tail(log.task.id, log.task.branch, seq)
+    for event in tail:
+        if event.seq == seq and event.status == "completed":
+            return event
+    return None

@@ -106,6 +106,10 @@ class QueueWorker:
         self.given_back = 0
         self.wakeups = {"notify": 0, "poll": 0}
         self.waiting: deque[tuple[float, Attempt]] = deque()
+        self._returning: list[Attempt] = []
+        """Claimed ahead, to go back to the queue unstarted (the queue was paused)."""
+        self._pauses = 0
+        """Pauses of the queue heard so far (`durable queues pause`)."""
         """Claimed ahead of a free slot, oldest first, with the time each was claimed."""
         self._releases = 0
         """Slots freed since the loop started: the claim-ahead rate is measured on it, and
@@ -144,6 +148,15 @@ class QueueWorker:
         claiming = self._claiming
         if claiming is not None:
             claiming.deadline = min(claiming.deadline, anyio.current_time() + CLAIM_STOP_TIMEOUT)
+        self.notify()
+        self._slot_freed.set()
+
+    def paused(self) -> None:
+        """The queue was paused: what was claimed ahead goes back unstarted, as does what
+        a claim in flight brings (running tasks finish)."""
+        self._pauses += 1
+        self._returning.extend(a for _, a in self.waiting)
+        self.waiting.clear()
         self.notify()
         self._slot_freed.set()
 
@@ -190,6 +203,9 @@ class QueueWorker:
     async def _serve(self) -> None:
         backoff = 0.1
         while not self._stopping:
+            if self._returning:
+                await self._give_back(self._returning)
+                self._returning = []
             self._launch_waiting()
             free = self.limit - self.in_flight
             target = self._ahead()
@@ -202,6 +218,7 @@ class QueueWorker:
             self._notified = False
             started = time.monotonic()
             releases = self._releases
+            pauses = self._pauses
             tasks: list[Claimed] = []
             self._claiming = claim = anyio.CancelScope()
             try:
@@ -243,7 +260,11 @@ class QueueWorker:
                     log.debug("tasks_claimed", queue=self.queue, ids=[t.id for t in tasks])
             for task in tasks:
                 self.claimed += 1
-                self.waiting.append((now, self.hold(task)))
+                held = self.hold(task)
+                if pauses == self._pauses:
+                    self.waiting.append((now, held))
+                else:  # paused while this claim was in flight
+                    self._returning.append(held)
             self._launch_waiting()
             if len(tasks) == room:
                 continue  # there may be more ready work: claim again once there is room
@@ -297,10 +318,14 @@ class QueueWorker:
             await self._give_back_waiting()
 
     async def _give_back_waiting(self) -> None:
-        if not self.waiting:
-            return
-        attempts = [a for _, a in self.waiting]
+        attempts = self._returning + [a for _, a in self.waiting]
+        self._returning = []
         self.waiting.clear()
+        await self._give_back(attempts)
+
+    async def _give_back(self, attempts: list[Attempt]) -> None:
+        if not attempts:
+            return
         await self.give_back(attempts)
         self.given_back += len(attempts)  # once written: whoever reads it finds them queued
 

@@ -424,13 +424,16 @@ select durable.send_event($1, $2, $3::jsonb, $4::text)
 
 -- name: set_queue_paused
 -- `durable queues pause` / `resume`: claims of the queue stop or go on, fleet-wide. A
--- resume wakes the daemons serving the queue at once.
+-- pause tells the daemons serving the queue to hand back what they claimed ahead and have
+-- not started; a resume wakes them at once.
 with q as (
     insert into durable.queues as c (name, paused, updated_at) values ($1, $2, now())
     on conflict (name) do update set paused = excluded.paused, updated_at = now()
     returning c.name, c.paused
 )
-select pg_notify('durable_ready', q.name) from q where not q.paused
+select pg_notify(case when q.paused then 'durable_control' else 'durable_ready' end,
+                 case when q.paused then 'pause:' || q.name else q.name end)
+  from q
 
 -- name: insert_task_active
 -- A task with an idempotency key of scope "active" ($17): the unfinished task started
@@ -584,8 +587,13 @@ order by id
 with picked as materialized (
     select t.id from durable.tasks t
     where t.id = any($1::bigint[]) and t.status = any($2::text[])
-      -- A run that continued as new is not restarted (see durable.restart).
+      -- Nor what durable.restart refuses: a run that continued as new, a task whose
+      -- idempotency key of scope "active" another unfinished task holds now.
       and t.continued_as is null
+      and not (t.active_key is not null
+               and exists (select 1 from durable.tasks o
+                            where o.active_key = t.active_key and o.id <> t.id
+                              and o.status in ('queued', 'running', 'waiting')))
       and not (t.parent_id is not null
                and exists (select 1 from durable.events e
                            where e.child_id = t.id and e.status <> 'pending'))

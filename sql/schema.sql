@@ -660,7 +660,7 @@ begin
     end if;
     -- The rest as client.start checks them (durable.validation), in its words.
     if start.deadline is not null
-       and not (start.deadline > '-infinity' and start.deadline < 10 * 365 * 86400) then
+       and not (start.deadline > -10 * 365 * 86400 and start.deadline < 10 * 365 * 86400) then
         raise exception 'durable.start: deadline must be within 10 years, got %',
             start.deadline using errcode = '22023';
     end if;
@@ -1033,8 +1033,9 @@ set search_path = pg_catalog, pg_temp as $$
 declare
     cur record;
     new_branch integer;
+    other bigint;
 begin
-    select t.status, t.branch, t.error, t.continued_as into cur
+    select t.status, t.branch, t.error, t.continued_as, t.active_key into cur
       from durable.tasks t where t.id = task for update;
     if not found then
         raise exception 'no task %', task using errcode = 'P0002';
@@ -1046,6 +1047,14 @@ begin
     if cur.continued_as is not null then
         raise exception 'task % continued as task %: restart the last run of its chain',
             task, cur.continued_as using errcode = '55000';
+    end if;
+    -- An idempotency key of scope "active" names one unfinished task at a time.
+    select o.id into other from durable.tasks o
+     where o.active_key = cur.active_key and o.id <> task
+       and o.status in ('queued', 'running', 'waiting');
+    if found then
+        raise exception 'task % has the idempotency key of task %, which has not finished: '
+            'finish or cancel that one first', task, other using errcode = '55000';
     end if;
     if mode = 'retry' then
         new_branch := cur.branch;
@@ -1093,7 +1102,9 @@ begin
            result = null, error = null,
            finished_at = null, branch = new_branch, cancel_requested = false,
            wake_at = null, waiting_on = null, waiting_event = null, worker_id = null,
-           claim_token = null, lease_until = null
+           claim_token = null, lease_until = null,
+           -- Run again, not started again: later debounced starts make a task of their own.
+           debounce_key = null, debounce_until = null
      where t.id = task;
     return new_branch;
 end;
@@ -1164,7 +1175,9 @@ create table durable.schedules (
 -- (each statement of this function takes a new snapshot), so concurrent claimers can
 -- never overshoot a limit. Every row is locked and its status checked again before it is
 -- taken: a task is claimed once. `fresh`: never claimed before, so a workflow has no
--- events to load.
+-- events to load. A claimed task forgets its debounce key: later starts with the key make
+-- a task of their own, and whatever brings this one back to the queue (a retry, a wake-up,
+-- an expired lease) must not meet theirs on the key's unique index.
 --
 -- A claim commits asynchronously: its commit does not wait for the WAL flush. A
 -- claim lost in a server crash leaves its tasks queued, and they run again, as after any
@@ -1190,6 +1203,10 @@ declare
     level integer;
     paused boolean;
     ignored text;
+    -- The time this claim starts its tasks, taken once any lock below is granted: a
+    -- claim that waited for a limit's lock, stamping its starts with its transaction's
+    -- earlier now(), let the next claim count them out of the rate window too soon.
+    stamp timestamptz;
 begin
     -- Assignments, not PERFORM: a plain function call assigned is evaluated in place,
     -- where PERFORM runs a query.
@@ -1227,13 +1244,14 @@ begin
             return;
         end if;
     end if;
+    stamp := clock_timestamp();
     if conc is not null then
         select count(*) into busy from durable.tasks t where t.queue = q and t.status = 'running';
         n := least(n, conc - busy);
     end if;
     if rate is not null then
         delete from durable.rate_log r
-         where r.bucket = 'q:' || q and r.at <= now() - make_interval(secs => period);
+         where r.bucket = 'q:' || q and r.at <= stamp - make_interval(secs => period);
         select count(*) into busy from durable.rate_log r where r.bucket = 'q:' || q;
         n := least(n, rate - busy);
     end if;
@@ -1255,7 +1273,7 @@ begin
                 -- committed after the first statement looked would escape its limits.
                 select t.id, t.started_at from durable.tasks t
                 where t.queue = q and t.status = 'queued' and t.priority = level
-                  and t.run_at <= now() and t.name = any(names)
+                  and t.run_at <= stamp and t.name = any(names)
                   -- A versioned task only where this daemon has its version: `names`
                   -- holds name || chr(31) || version for each versioned definition. An
                   -- unversioned task pays one null test.
@@ -1267,8 +1285,8 @@ begin
             )
             update durable.tasks t
                set status = 'running', claim_token = durable.new_token(),
-                   lease_until = now() + make_interval(secs => lease), worker_id = worker,
-                   started_at = coalesce(t.started_at, now())
+                   lease_until = stamp + make_interval(secs => lease), worker_id = worker,
+                   started_at = coalesce(t.started_at, stamp), debounce_key = null
               from ready
              where t.id = ready.id
             -- The domains' values go out as their base types (RETURN QUERY wants exactly
@@ -1286,7 +1304,7 @@ begin
         ignored := set_config('durable.claiming', '', true);
         if rate is not null and claimed > 0 then
             insert into durable.rate_log (bucket, at)
-                select 'q:' || q, now() from generate_series(1, claimed);
+                select 'q:' || q, stamp from generate_series(1, claimed);
         end if;
         return;
     end if;
@@ -1299,7 +1317,7 @@ begin
                  where r.status = 'running' and r.concurrency_key = k.concurrency_key) as running,
                (select count(*) from durable.rate_log l
                  where l.bucket = 'k:' || k.concurrency_key
-                   and l.at > now() - make_interval(
+                   and l.at > stamp - make_interval(
                                          secs => least(k.key_rate_period, 946080000))) as recent,
                k.key_limit, k.key_rate_limit
           from (select distinct on (t.concurrency_key) t.concurrency_key, t.key_limit,
@@ -1312,7 +1330,7 @@ begin
                row_number() over (partition by t.concurrency_key
                                   order by t.priority desc, t.run_at, t.id) as rn
           from durable.tasks t
-         where t.queue = q and t.status = 'queued' and t.run_at <= now()
+         where t.queue = q and t.status = 'queued' and t.run_at <= stamp
            and t.name = any(names)
            -- A versioned task only where this daemon has its version: `names`
            -- holds name || chr(31) || version for each versioned definition. An
@@ -1335,16 +1353,16 @@ begin
     ), started as (
         update durable.tasks t
            set status = 'running', claim_token = durable.new_token(),
-               lease_until = now() + make_interval(secs => lease), worker_id = worker,
-               started_at = coalesce(t.started_at, now())
+               lease_until = stamp + make_interval(secs => lease), worker_id = worker,
+               started_at = coalesce(t.started_at, stamp), debounce_key = null
           from ready
          where t.id = ready.id
         returning t.*, ready.started_at is null as fresh
     ), logged as (
         insert into durable.rate_log (bucket, at)
-        select 'q:' || q, now() from started where rate is not null
+        select 'q:' || q, stamp from started where rate is not null
         union all
-        select 'k:' || s.concurrency_key, now() from started s
+        select 'k:' || s.concurrency_key, stamp from started s
          where s.concurrency_key is not null and s.key_rate_limit is not null
     )
     select s.id, s.queue::text, s.name::text, s.kind::text, s.args::text, s.kwargs::text,

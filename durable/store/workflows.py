@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -127,10 +128,15 @@ class Workflows(Part):
         fn: Callable[..., Awaitable[Any]],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        timeout: float | None = None,
     ) -> Any:
-        """Run ``fn(conn, *args)`` and write its checkpoint in the same transaction."""
+        """Run ``fn(conn, *args)`` and write its checkpoint in the same transaction.
+
+        ``timeout`` bounds ``fn`` alone: a commit cut short by it could have gone through
+        all the same, and then the try it ended would be neither failed nor done."""
         async with self.fenced(cp.task_id, cp.token) as conn:
-            result = await fn(conn, *args, **kwargs)
+            async with asyncio.timeout(timeout):
+                result = await fn(conn, *args, **kwargs)
             text = dumps(result, what=f"the result of transaction {cp.name!r}")
             await self._insert_event(conn, cp, status="completed", result=text)
         return result

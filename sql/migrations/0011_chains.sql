@@ -3,9 +3,12 @@
 -- ctx.continue_as_new carries the run's version, deadline, tags and attributes and its
 -- idempotency key of scope "active" to the next run, and the events sent to the run that
 -- it did not take (accepted by send_event, they were lost). durable.restart refuses a run
--- that continued (retried, it started a second next run: two live chains), and a retry
--- also runs again the children of the workflow that no longer exist (a tree pruned in
--- part while the retry came: the workflow waited for ever on a missing child).
+-- that continued (retried, it started a second next run: two live chains) and a task
+-- whose idempotency key of scope "active" another unfinished task holds now (it failed on
+-- the unique index), and forgets the task's debounce key (it failed on that index when a
+-- newer task held the key); a retry also runs again the children of the workflow that no
+-- longer exist (a tree pruned in part while the retry came: the workflow waited for ever
+-- on a missing child).
 
 -- End a workflow's run and start its next one (ctx.continue_as_new): a new task of the
 -- same name and options (version, deadline, labels, limits) with arguments
@@ -87,8 +90,9 @@ set search_path = pg_catalog, pg_temp as $$
 declare
     cur record;
     new_branch integer;
+    other bigint;
 begin
-    select t.status, t.branch, t.error, t.continued_as into cur
+    select t.status, t.branch, t.error, t.continued_as, t.active_key into cur
       from durable.tasks t where t.id = task for update;
     if not found then
         raise exception 'no task %', task using errcode = 'P0002';
@@ -100,6 +104,14 @@ begin
     if cur.continued_as is not null then
         raise exception 'task % continued as task %: restart the last run of its chain',
             task, cur.continued_as using errcode = '55000';
+    end if;
+    -- An idempotency key of scope "active" names one unfinished task at a time.
+    select o.id into other from durable.tasks o
+     where o.active_key = cur.active_key and o.id <> task
+       and o.status in ('queued', 'running', 'waiting');
+    if found then
+        raise exception 'task % has the idempotency key of task %, which has not finished: '
+            'finish or cancel that one first', task, other using errcode = '55000';
     end if;
     if mode = 'retry' then
         new_branch := cur.branch;
@@ -147,7 +159,9 @@ begin
            result = null, error = null,
            finished_at = null, branch = new_branch, cancel_requested = false,
            wake_at = null, waiting_on = null, waiting_event = null, worker_id = null,
-           claim_token = null, lease_until = null
+           claim_token = null, lease_until = null,
+           -- Run again, not started again: later debounced starts make a task of their own.
+           debounce_key = null, debounce_until = null
      where t.id = task;
     return new_branch;
 end;
