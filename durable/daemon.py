@@ -255,18 +255,15 @@ class Daemon:
     # -- what the listener hears ----------------------------------------------------
 
     def _on_ready(self, queue: str) -> None:
-        w = self.workers.get(queue)
-        if w is not None:
+        if (w := self.workers.get(queue)) is not None:
             w.notify()
 
     def _on_control(self, payload: str) -> None:
         command, _, arg = payload.partition(":")
         if command == "cancel" and arg.isdigit() and self._attempts is not None:
             self._attempts.cancel(int(arg))
-        elif command == "pause":
-            w = self.workers.get(arg)
-            if w is not None:
-                w.paused()
+        elif command == "pause" and (w := self.workers.get(arg)) is not None:
+            w.paused()  # what it claimed ahead goes back unstarted
 
     def _catch_up(self) -> None:
         """The listener is back: what it may have missed is looked for now (ready work,
