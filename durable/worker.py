@@ -204,8 +204,8 @@ class QueueWorker:
         backoff = 0.1
         while not self._stopping:
             if self._returning:
-                await self._give_back(self._returning)
-                self._returning = []
+                returning, self._returning = self._returning, []
+                await self._give_back(returning)
             self._launch_waiting()
             free = self.limit - self.in_flight
             target = self._ahead()
