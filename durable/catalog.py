@@ -20,14 +20,14 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from durable.errors import DurableError, UnknownDefinition
+from durable.errors import ConfigurationError, DurableError, UnknownDefinition
 from durable.registry import Definition
 from durable.retry import RetryPolicy
 
 VERSION_SEPARATOR = "\x1f"
 """Joins a name and its version in the names a daemon claims (chr(31) in durable.claim).
-Versions cannot hold it (control characters are refused); a name holding it could meet
-another name and version that spell the same text."""
+Neither a version nor a name can hold it (both are refused where they are defined), so
+no name and version spell another's."""
 
 SPEC_FIELDS = (
     "kind", "queue", "max_attempts", "timeout", "priority", "retry", "keyed", "key_limit",
@@ -42,6 +42,9 @@ def claim_names(definitions: Iterable[Definition[Any, Any]]) -> list[str]:
     version is)."""
     names: list[str] = []
     for d in definitions:
+        if VERSION_SEPARATOR in d.name:
+            # Built without the decorators' checks: its name could spell another's version.
+            raise ConfigurationError(f"{d.name!r}: a name cannot hold the control character \\x1f")
         names.append(d.name)
         if d.version is not None:
             names.append(d.name + VERSION_SEPARATOR + d.version)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime
+import decimal
+import enum
+import fractions
 import hashlib
 import json
 import json.scanner
 import re
 import traceback as _traceback
+import uuid
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -194,19 +200,72 @@ def _type_name(v: Any) -> str:
     return f"<{type(v).__module__}.{type(v).__qualname__}>"
 
 
+class _Described:
+    """The digest's view of values that are not JSON: by type and value where the value
+    reads the same in every process (sets, decimals, dates and times, UUIDs, bytes,
+    enums, dataclasses), else by type alone (a repr may hold a memory address)."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, v: Any) -> Any:
+        self.seen = True
+        tag = _type_name(v)
+        if isinstance(v, set | frozenset):
+            return {tag: sorted(_canonical(item) for item in v)}
+        if isinstance(v, _BY_TEXT):
+            return {tag: str(v)}
+        if isinstance(v, bytes | bytearray | memoryview):
+            return {tag: bytes(v).hex()}
+        if isinstance(v, enum.Enum):
+            return {tag: v.value}
+        if isinstance(v, complex):
+            return {tag: [v.real, v.imag]}
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {tag: {f.name: getattr(v, f.name) for f in dataclasses.fields(v)}}
+        return tag
+
+
+_BY_TEXT = (decimal.Decimal, fractions.Fraction, datetime.date, datetime.time,
+            datetime.timedelta, uuid.UUID)  # fmt: skip
+_described = _Described()
+
 # Stored digests depend on these exact options: changing any of them makes every recorded
-# call look like another one (NonDeterminismError on replay); a test pins two digests.
-_canonical = json_encoder(default=_type_name, ascii_only=True, sort_keys=True, allow_nan=True)
+# call look like another one (NonDeterminismError on replay); a test pins the digests.
+_canonical = json_encoder(default=_described, ascii_only=True, sort_keys=True, allow_nan=True)
+# How digests saw values that are not JSON before they saw their values: by type alone.
+# A call recorded then still matches its digest (LegacyDigest).
+_canonical_by_type = json_encoder(
+    default=_type_name, ascii_only=True, sort_keys=True, allow_nan=True
+)
 
 
 def canonical(value: Any) -> str:
-    """A stable encoding for digests: sorted keys; values that are not JSON by type name."""
+    """A stable encoding for digests: sorted keys; values that are not JSON as _Described."""
     return _canonical(value)
+
+
+class LegacyDigest(str):
+    """A digest of arguments that are not all JSON, with the digest the same call had
+    when such values were digested by type alone: a log recorded then still matches."""
+
+    __slots__ = ("legacy",)
+    legacy: str
 
 
 def digest(kind: str, name: str, payload: Any) -> str:
     """The identity of a durable call: kind, name and arguments."""
-    return hashlib.sha256(_canonical([kind, name, payload]).encode()).hexdigest()[:32]
+    _described.seen = False
+    value = [kind, name, payload]
+    text = _canonical(value)
+    out = hashlib.sha256(text.encode()).hexdigest()[:32]
+    if not _described.seen:
+        return out  # JSON alone: the two encodings agree
+    d = LegacyDigest(out)
+    d.legacy = hashlib.sha256(_canonical_by_type(value).encode()).hexdigest()[:32]
+    return d
 
 
 def _jsonb_key(pair: tuple[str, Any]) -> tuple[int, str]:

@@ -116,6 +116,10 @@ def _validated(d: Definition[Any, Any]) -> Definition[Any, Any]:
         raise ConfigurationError(f"{d.origin}: a queue name must have 1 to 200 characters")
     if "\0" in d.name or "\0" in d.queue:
         raise ConfigurationError(f"{d.origin}: names cannot hold NUL characters (Postgres text cannot)")
+    if "\x1f" in d.name:
+        # The claim joins a name and its version with chr(31): a name holding it could
+        # spell another name's version, and a daemon would claim runs it has no code for.
+        raise ConfigurationError(f"{d.origin}: a name cannot hold the control character \\x1f")
     if d.max_attempts < 1:
         raise ConfigurationError(f"{d.origin}: max_attempts must be >= 1, got {d.max_attempts}")
     if d.timeout is not None and not d.timeout > 0:

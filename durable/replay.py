@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from typing import Any, NoReturn, Protocol
 
-from durable.codec import loads, loads_as_stored
+from durable.codec import LegacyDigest, loads, loads_as_stored
 from durable.errors import (
     LeaseLost,
     NonDeterminismError,
@@ -130,7 +130,11 @@ def match(event: Event | None, seq: int, kind: str, name: str, dig: str) -> Even
     """The recorded event at ``seq`` if it is this call; raise if it is another call."""
     if event is None:
         return None
-    if (event.kind, event.name, event.digest) != (kind, name, dig):
+    if (event.kind, event.name, event.digest) != (kind, name, dig) and not (
+        (event.kind, event.name) == (kind, name)
+        and isinstance(dig, LegacyDigest)
+        and event.digest == dig.legacy
+    ):
         raise NonDeterminismError(
             f"at position {seq} the event log holds {describe(event.kind, event.name, event.digest)}"
             f" but the code asked for {describe(kind, name, dig)}"

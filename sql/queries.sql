@@ -107,9 +107,10 @@ returning t.id, t.cancel_requested
 -- a cancel was requested while it ran (its notification came too late to stop it). A
 -- workflow's next attempt keeps its history but the failure that ended this attempt, as
 -- `durable retry` does (see durable.restart): the events its error ($4) names under
--- `replay`, when nothing was recorded after the workflow saw them, and children that
--- failed or were cancelled before the workflow saw them. Failures the workflow handled
--- stay, so its next attempt takes the same branches.
+-- `replay`, when nothing was recorded after the workflow saw them, children that failed,
+-- were cancelled or were deleted before the workflow saw them, and a patch marker the log
+-- would then end with (see durable.restart). Failures the workflow handled stay, so its
+-- next attempt takes the same branches.
 with cleared as (
     delete from durable.events e
      using durable.tasks w
@@ -122,8 +123,19 @@ with cleared as (
                               where x.task_id = w.id and x.branch = w.branch
                                 and x.seq >= ($4::jsonb -> 'replay' ->> 'at')::integer))
             or (e.kind = 'child' and e.status = 'pending'
-                and exists (select 1 from durable.tasks c
-                            where c.id = e.child_id and c.status in ('failed', 'cancelled'))))
+                and not exists (select 1 from durable.tasks c
+                                where c.id = e.child_id
+                                  and c.status not in ('failed', 'cancelled'))))
+    returning e.seq
+), markers as (
+    delete from durable.events m
+     using durable.tasks w
+     where w.id = $1 and w.claim_token = $2 and w.status = 'running' and w.kind = 'workflow'
+       and not w.cancel_requested and m.task_id = w.id and m.branch = w.branch
+       and m.kind = 'patch'
+       and not exists (select 1 from durable.events x
+                        where x.task_id = w.id and x.branch = w.branch and x.seq > m.seq
+                          and x.kind <> 'patch' and x.seq not in (select seq from cleared))
 )
 update durable.tasks
    set status = case when cancel_requested then 'cancelled' else 'queued' end,

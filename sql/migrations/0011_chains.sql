@@ -8,7 +8,8 @@
 -- the unique index), and forgets the task's debounce key (it failed on that index when a
 -- newer task held the key); a retry also runs again the children of the workflow that no
 -- longer exist (a tree pruned in part while the retry came: the workflow waited for ever
--- on a missing child).
+-- on a missing child), and drops a patch marker the log would end with (code from before
+-- the patch stepped over it and recorded its own branch after it).
 
 -- End a workflow's run and start its next one (ctx.continue_as_new): a new task of the
 -- same name and options (version, deadline, labels, limits) with arguments
@@ -152,6 +153,14 @@ begin
     else
         raise exception 'unknown restart mode %', mode using errcode = '22023';
     end if;
+    -- A patch marker the log now ends with goes too: nothing recorded after it depends on
+    -- its answer, and code from before the patch would step over it and record the old
+    -- branch after it, a log no version of the code replays. The run asks again.
+    delete from durable.events e
+     where e.task_id = task and e.branch = new_branch and e.kind = 'patch'
+       and not exists (select 1 from durable.events x
+                        where x.task_id = task and x.branch = new_branch
+                          and x.seq > e.seq and x.kind <> 'patch');
     update durable.tasks t
        set status = 'queued', run_at = now(), attempt = t.attempt + 1,
            attempt_budget = coalesce(t.attempt_budget, t.max_attempts),

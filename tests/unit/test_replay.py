@@ -6,12 +6,17 @@ from __future__ import annotations
 import os
 import re
 import sys
-from enum import IntEnum
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from enum import Enum, IntEnum
 from pathlib import Path
+from typing import Any
+from uuid import UUID
 
 import pytest
 
-from durable.codec import digest, dumps, error_text, loads, loads_as_stored
+from durable.codec import LegacyDigest, digest, dumps, error_text, loads, loads_as_stored
 from durable.errors import NonDeterminismError, TaskFailed
 from durable.models import Event
 from durable.replay import as_recorded, match, rebuild_error, unconsumed
@@ -198,7 +203,55 @@ def test_digests_stay_what_earlier_versions_stored() -> None:
         "a4865aa0c8d7b25d38e3500d012975a8"
     )
     mixed = ["é☃", 1.5, -0.0, 1e300, 10**30, True, None, float("nan"), {"b": 1, "a": [{1, 2}, b"x"]}]
-    assert digest("step", "s", [mixed, {"z": [], "y": {}}]) == "975dcc3067178087fe6389426b29fae6"
+    dig = digest("step", "s", [mixed, {"z": [], "y": {}}])
+    assert dig == "2d512e90b758ba50bdd1027a23a0a6db"
+    # Before values that are not JSON were digested by value, they were by type alone: a
+    # call recorded then still matches.
+    assert isinstance(dig, LegacyDigest) and dig.legacy == "975dcc3067178087fe6389426b29fae6"
+    recorded = Event(0, "step", "s", "975dcc3067178087fe6389426b29fae6", "completed", "1", None,
+                     None, None)  # fmt: skip
+    assert match(recorded, 0, "step", "s", dig) is recorded
+
+
+class Colour(Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclass(frozen=True)
+class Point:
+    x: int
+    y: int
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({1, 2}, {3, 4}),
+        (frozenset("ab"), frozenset("ac")),
+        (Decimal("10.00"), Decimal("99.99")),
+        (datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 2, tzinfo=UTC)),
+        (date(2026, 1, 1), date(2026, 1, 2)),
+        (timedelta(seconds=1), timedelta(seconds=2)),
+        (UUID(int=1), UUID(int=2)),
+        (b"a", b"b"),
+        (Colour.RED, Colour.BLUE),
+        (Point(1, 2), Point(1, 3)),
+        (1 + 2j, 1 + 3j),
+    ],
+    ids=lambda v: type(v).__name__,
+)
+def test_a_changed_argument_that_is_not_json_changes_the_digest(before: Any, after: Any) -> None:
+    # Digested by type alone, a changed set or decimal replayed the other call's result.
+    assert digest("step", "s", [[before], {}]) != digest("step", "s", [[after], {}])
+    # The same value, built again, digests the same (sets in any order).
+    again = type(before)(list(before)) if isinstance(before, set | frozenset) else before
+    assert digest("step", "s", [[before], {}]) == digest("step", "s", [[again], {}])
+    with pytest.raises(NonDeterminismError, match="at position 3"):
+        recorded = Event(3, "step", "s", digest("step", "s", [[before], {}]), "completed",
+                         "1", None, None, None)  # fmt: skip
+        match(recorded, 3, "step", "s", digest("step", "s", [[after], {}]))
+
 
 
 def test_a_cyclic_argument_is_an_error_not_a_digest() -> None:
