@@ -163,7 +163,7 @@ class Daemon:
         self.store = store = await Store.open(
             self.dsn, min_size=min(WARM_CONNECTIONS, self.pool_size) + kept,
             max_size=self.pool_size + kept + FLUSH_CONNECTIONS, warm=True,
-            statement_cache_size=self.settings.statement_cache,
+            statement_cache_size=self.settings.statement_cache, lease=self.settings.lease,
         )
         self.acks = acks = Acks(store, self.metrics)
         try:

@@ -370,10 +370,22 @@ select v.task_id, v.seq from v
 -- name: fence_lock
 -- Lock the task row for a write made in the same transaction (transactional steps,
 -- children); no row means the claim was lost. Whether a cancel was asked for: a
--- workflow being cancelled starts no more children.
-select cancel_requested from durable.tasks
+-- workflow being cancelled starts no more children. The lease is renewed for $3 seconds
+-- from now (not from the transaction's start): while the row is locked, until the commit
+-- ends (deferred triggers, a lock the commit waits for), heartbeats pass it by, and a
+-- lease that ran out meanwhile was reaped the moment the lock went, the attempt still
+-- running (see also renew_lease).
+update durable.tasks
+   set lease_until = greatest(lease_until, clock_timestamp() + make_interval(secs => $3))
 where id = $1 and claim_token = $2 and status = 'running'
-for update
+returning cancel_requested
+
+-- name: renew_lease
+-- A fenced transaction's commit outlasted a heartbeat's interval: renew the lease the
+-- heartbeat could not (it passes locked rows by), waiting for the commit's lock.
+update durable.tasks
+   set lease_until = greatest(lease_until, clock_timestamp() + make_interval(secs => $3))
+where id = $1 and claim_token = $2 and status = 'running'
 
 -- name: insert_event
 insert into durable.events

@@ -105,6 +105,8 @@ class Database:
         self._offset = timedelta(0)
         self._offset_s = 0.0
         self.enqueue = KeptConnection(pool) if kept_enqueue else None
+        self.lease = 30.0
+        """Seconds a fenced transaction renews its task's lease for (see Database.open)."""
         """Single enqueues' own connection, one beyond the pool's size, if kept."""
 
     @classmethod
@@ -119,6 +121,7 @@ class Database:
         kept_enqueue: bool = False,
         server_settings: Mapping[str, str] | None = None,
         statement_cache_size: int = 100,
+        lease: float = 30.0,
     ) -> Self:
         """A pool of ``min_size`` to ``max_size`` connections. ``warm``: each connection
         runs the hot path's statements once, with nothing to do, as it opens, so they are
@@ -127,7 +130,8 @@ class Database:
         ``server_settings``: session settings for every connection, besides its name.
         ``statement_cache_size``: asyncpg's prepared statements per connection; 0 behind a
         transaction pooler, where a named statement prepared in one transaction is gone
-        (or someone else's) in the next."""
+        (or someone else's) in the next. ``lease``: seconds a fenced transaction renews
+        its task's lease for as it locks the row (the daemon's DURABLE_LEASE)."""
         q = queries()
 
         async def init(conn: asyncpg.Connection) -> None:
@@ -144,6 +148,7 @@ class Database:
             statement_cache_size=statement_cache_size,
         )
         store = cls(pool, kept_enqueue=kept_enqueue)
+        store.lease = lease
         try:
             await store.measure_clock()
         except BaseException:

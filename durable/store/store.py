@@ -91,12 +91,13 @@ class Store:
         kept_enqueue: bool = False,
         server_settings: Mapping[str, str] | None = None,
         statement_cache_size: int = 100,
+        lease: float = 30.0,
     ) -> Self:
         """A store on a new pool (see Database.open)."""
         return cls(await Database.open(
             dsn, min_size=min_size, max_size=max_size, name=name, warm=warm,
             kept_enqueue=kept_enqueue, server_settings=server_settings,
-            statement_cache_size=statement_cache_size,
+            statement_cache_size=statement_cache_size, lease=lease,
         ))
 
     def now(self) -> datetime:

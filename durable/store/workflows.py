@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import datetime
 from typing import Any
 
@@ -100,20 +100,28 @@ class Workflows(Part):
         with ``unless_cancelled``, only while no cancel was asked for: TaskCancelled).
 
         The fence is checked at the end, just before commit, so a long user transaction
-        does not hold the task row's lock (heartbeats would queue behind it).
+        does not hold the task row's lock (heartbeats would queue behind it). From then
+        until the commit ends, heartbeats pass the row by: the fence renews the lease, and
+        a commit that outlasts a heartbeat's interval has a renewal queued behind it.
         """
+        renewal: _Renewal | None = None
         async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
                     yield conn
-                    cancelling = await conn.fetchval(self.q["fence_lock"], task_id, token)
+                    cancelling = await conn.fetchval(
+                        self.q["fence_lock"], task_id, token, self.db.lease
+                    )
                     if cancelling is None:
                         raise LeaseLost(f"task {task_id}: the claim was lost; not committing")
                     if cancelling and unless_cancelled:
                         # Under the row's lock: a cancel either committed before (seen
                         # here) or waits for this commit and then reaches what it wrote.
                         raise TaskCancelled(task_id)
+                    renewal = _Renewal(self, task_id, token)
             finally:
+                if renewal is not None:
+                    await renewal.settle()
                 # User code had this connection (a SET, a LISTEN, a session lock would
                 # outlive its transaction): reset it before the pool hands it on.
                 with anyio.CancelScope(shield=True):
@@ -365,3 +373,31 @@ class Workflows(Part):
             )
             for r in runs
         ]
+
+
+class _Renewal:
+    """A lease renewal for a commit that outlasts a heartbeat's interval: sent then, it
+    waits for the row's lock behind the commit, and so takes the row the moment the commit
+    lets it go, ahead of any reaper (a reaper skips a row someone waits for). Without it,
+    a lease that ran out during the commit was reaped at once, the attempt still running."""
+
+    def __init__(self, part: Workflows, task_id: int, token: int) -> None:
+        self.sent = False
+        self.job = asyncio.get_running_loop().create_task(self._renew(part, task_id, token))
+
+    async def _renew(self, part: Workflows, task_id: int, token: int) -> None:
+        await asyncio.sleep(part.db.lease / 3)
+        self.sent = True
+        await part.pool.execute(part.q["renew_lease"], task_id, token, part.db.lease)
+
+    async def settle(self) -> None:
+        """Once the commit has ended: a renewal not sent is dropped, one sent is awaited
+        (it follows the commit at once); a failed one is the next heartbeat's to make."""
+        if not self.sent:
+            self.job.cancel()
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(5.0),
+            suppress(asyncio.CancelledError, Exception),
+        ):
+            await self.job
