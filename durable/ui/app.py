@@ -58,6 +58,9 @@ class Dashboard:
         self.auth = auth
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.globals.update(duration=views.duration_text, ago=self._ago)
+        self._guessing = asyncio.Lock()
+        """Held through the pause after a wrong secret: guesses, by the form or by header,
+        in parallel or not, come one at a time, at most two a second."""
 
     def _ago(self, when: datetime | None) -> str:
         if when is None:
@@ -75,6 +78,17 @@ class Dashboard:
         if sid is None and header.startswith("Bearer ") and self.auth.check_secret(header[7:]):
             sid = "bearer"
         return sid
+
+    async def signed_in(self, request: Request) -> str | None:
+        """``session``, paying for a wrong secret in a header as the sign-in form does."""
+        sid = self.session(request)
+        if sid is None and request.headers.get("authorization", "").startswith("Bearer "):
+            await self._wrong_secret()
+        return sid
+
+    async def _wrong_secret(self) -> None:
+        async with self._guessing:
+            await anyio.sleep(0.5)
 
     def page(self, request: Request, template: str, status: int = 200, **context: Any) -> Response:
         sid = self.session(request)
@@ -96,7 +110,7 @@ class Dashboard:
         """Pages: with a secret configured, only for a signed-in session."""
 
         async def guarded(request: Request) -> Response:
-            if self.auth is not None and self.session(request) is None:
+            if self.auth is not None and await self.signed_in(request) is None:
                 return RedirectResponse("/login?next=" + quote(request.url.path), 303)
             return await handler(request)
 
@@ -111,15 +125,12 @@ class Dashboard:
         async def acting(request: Request) -> Response:
             if self.auth is None:
                 return PlainTextResponse(READ_ONLY, 403)
-            sid = self.session(request)
+            sid = await self.signed_in(request)
             if sid is None:
                 return PlainTextResponse("sign in first", 403)
-            origin = request.headers.get("origin")
-            if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
-                return PlainTextResponse("refused: the form came from another site", 403)
-            form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
-            if sid != "bearer" and not self.auth.check_csrf(sid, form.get("csrf")):
-                return PlainTextResponse("refused: missing or wrong CSRF token", 403)
+            form, refused = await self._checked_form(request, sid)
+            if refused is not None:
+                return refused
             back = form.get("back") or "/"
             if not back.startswith("/") or back.startswith("//"):
                 back = "/"
@@ -134,6 +145,20 @@ class Dashboard:
             return RedirectResponse(f"{back}{sep}msg={quote(done)}", 303)
 
         return acting
+
+    async def _checked_form(
+        self, request: Request, sid: str
+    ) -> tuple[dict[str, str], Response | None]:
+        """The form posted, or why it is refused: from another site, or without the CSRF
+        token of its session (a Bearer header carries none)."""
+        assert self.auth is not None
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+            return {}, PlainTextResponse("refused: the form came from another site", 403)
+        form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+        if sid != "bearer" and not self.auth.check_csrf(sid, form.get("csrf")):
+            return form, PlainTextResponse("refused: missing or wrong CSRF token", 403)
+        return form, None
 
     # -- pages ---------------------------------------------------------------------------
 
@@ -187,12 +212,12 @@ class Dashboard:
 
     async def task(self, request: Request) -> Response:
         task_id = int(request.path_params["task_id"])
-        info = await self.store.get_task(task_id)
+        info = await self.store.get_task(task_id) if task_id < 2**63 else None
         if info is None:
             return self.page(request, "missing.html", 404, task_id=task_id, title="No such task")
         branches = await self.store.branches(task_id) or [info.branch]
         raw = request.query_params.get("branch", "")
-        branch = int(raw) if raw.isdigit() and int(raw) in branches else info.branch
+        branch = int(raw) if _digits(raw) and int(raw) in branches else info.branch
         history = await self.store.history(task_id, branch)
         tags, attributes = await self.store.dashboard.task_labels(task_id)
         bars, ticks = views.timeline(history, info.created_at, info.finished_at, self.store.now())
@@ -219,7 +244,7 @@ class Dashboard:
 
     async def events(self, request: Request) -> Response:
         raw = request.query_params.get("task", "")
-        task_id = int(raw) if raw.isdigit() and 0 < int(raw) < 2**63 else None
+        task_id = int(raw) if _digits(raw) and 0 < int(raw) < 2**63 else None
 
         async def stream() -> AsyncIterator[bytes]:
             async with self.hub.subscribe() as queue:
@@ -265,7 +290,7 @@ class Dashboard:
         if not target.startswith("/") or target.startswith("//"):
             target = "/"
         if not isinstance(given, str) or not self.auth.check_secret(given):
-            await anyio.sleep(0.5)  # slow down guessing
+            await self._wrong_secret()
             return self.page(request, "login.html", 403, next=target, failed=True, title="Sign in")
         response = RedirectResponse(target, 303)
         response.set_cookie(
@@ -275,6 +300,14 @@ class Dashboard:
         return response
 
     async def logout(self, request: Request) -> Response:
+        """A form like the actions (our origin, the session's CSRF token): the session
+        ends for good, whatever kept a copy of its cookie."""
+        sid = self.session(request)
+        if self.auth is not None and sid is not None and sid != "bearer":
+            _form, refused = await self._checked_form(request, sid)
+            if refused is not None:
+                return refused
+            self.auth.end(request.cookies.get(COOKIE))
         response = RedirectResponse("/login" if self.auth else "/", 303)
         response.delete_cookie(COOKIE)
         return response
@@ -292,8 +325,21 @@ class Dashboard:
             return f"task {task_id} replayed on branch {branch}"
         if what == "fork":
             at = form.get("at", "")
-            if not at.isdigit():
+            if not _digits(at):
                 raise InvalidValue(f"fork: at must be an event position (0, 1, ...), got {at!r}")
+            info = await self.store.get_task(task_id) if task_id < 2**63 else None
+            if info is not None and info.kind != "workflow":
+                raise InvalidValue(
+                    f"fork: task {task_id} is a plain task, not a workflow: it has no event "
+                    "log to fork (retry runs it again)"
+                )
+            if info is not None:
+                events = len(await self.store.history(task_id, info.branch))
+                if int(at) > events:
+                    raise InvalidValue(
+                        f"fork: {at} is past the end of the event log (branch {info.branch} "
+                        f"has {events} event(s)): give 0 to {events}"
+                    )
             branch = await self.store.restart(task_id, "fork", int(at))
             return f"task {task_id} forked at {at} on branch {branch}"
         if what == "cancel":
@@ -307,6 +353,8 @@ class Dashboard:
                 payload = json.loads(text)
             except ValueError:
                 raise InvalidValue(f"event payload: expected JSON, got {text[:60]!r}") from None
+            except RecursionError:
+                raise InvalidValue("event payload: nested too deeply") from None
             from durable.codec import dumps
             from durable.validation import text as valid_text
 
@@ -329,9 +377,18 @@ class Dashboard:
                 break
             ids += [t.id for t in page]
             before = page[-1].id
+        more = len(ids) >= BULK_LIMIT and bool(
+            await self.admin.search_tasks(wanted, before=before, limit=1)
+        )
+        ids = ids[:BULK_LIMIT]
         retried = 0
         for i in range(0, len(ids), 1000):
             retried += await self.admin.retry_many(ids[i : i + 1000], statuses)
+        if more:
+            return (
+                f"retried {retried} of the newest {len(ids)} matching task(s): more match, "
+                f"past the limit of {BULK_LIMIT} one retry takes; retry again for the rest"
+            )
         return f"retried {retried} of {len(ids)} matching task(s)"
 
 
@@ -370,3 +427,7 @@ async def _failed(request: Request, exc: Exception) -> Response:
     log.error("ui_handler_error", path=request.url.path, error=redact(f"{type(exc).__name__}: {exc}"))
     return HTMLResponse("<h1>Internal error</h1><p>See the dashboard's log.</p>", 500)
 
+
+def _digits(text: str) -> bool:
+    """Only the ASCII digits ``int`` reads ("²" is a digit to ``str.isdigit``)."""
+    return text.isascii() and text.isdigit()

@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from durable.errors import ConfigurationError
@@ -49,13 +49,16 @@ class Auth:
     kind: str
     """"token" or "password": what the login form asks for."""
     key: bytes
+    ended: dict[str, int] = field(default_factory=dict)
+    """Sessions signed out, until they would have expired: a cookie kept from before the
+    sign-out opens nothing."""
 
     @classmethod
     def from_file(cls, field: str, path: str | Path, kind: str) -> Auth:
         return cls(read_secret(field, path), kind, secrets.token_bytes(32))
 
     def check_secret(self, given: str) -> bool:
-        return hmac.compare_digest(given.encode(), self.secret.encode())
+        return hmac.compare_digest(_raw(given), _raw(self.secret))
 
     def new_session(self, now: float | None = None) -> str:
         """A cookie value: session id, expiry, signature."""
@@ -68,17 +71,35 @@ class Auth:
         if not cookie or cookie.count(".") != 2:
             return None
         sid, expires, signature = cookie.split(".")
-        if not hmac.compare_digest(signature, self._sign(f"{sid}.{expires}")):
+        if not hmac.compare_digest(_raw(signature), _raw(self._sign(f"{sid}.{expires}"))):
             return None
-        if not expires.isdigit() or int(expires) < (now if now is not None else time.time()):
+        if not (expires.isascii() and expires.isdigit()):
+            return None
+        if int(expires) < (now if now is not None else time.time()) or sid in self.ended:
             return None
         return sid
+
+    def end(self, cookie: str | None, now: float | None = None) -> None:
+        """Sign the session of ``cookie`` out for good (see ``ended``)."""
+        sid = self.session(cookie, now)
+        if sid is None or cookie is None:
+            return
+        at = now if now is not None else time.time()
+        for old in [s for s, until in self.ended.items() if until < at]:
+            del self.ended[old]
+        self.ended[sid] = int(cookie.split(".")[1])
 
     def csrf(self, sid: str) -> str:
         return self._sign(f"csrf:{sid}")
 
     def check_csrf(self, sid: str, given: str | None) -> bool:
-        return given is not None and hmac.compare_digest(given, self.csrf(sid))
+        return given is not None and hmac.compare_digest(_raw(given), _raw(self.csrf(sid)))
 
     def _sign(self, text: str) -> str:
         return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def _raw(text: str) -> bytes:
+    """``text`` as bytes for a constant-time comparison, whatever it holds (compare_digest
+    refuses a str that is not ASCII)."""
+    return text.encode("utf-8", "surrogatepass")

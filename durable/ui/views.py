@@ -43,7 +43,12 @@ def _when(text: str, field: str, now: datetime) -> datetime:
             f"{field}: expected a duration ago such as 15m, 1h or 7d, or a date and time "
             f"such as 2026-01-31T12:00, got {text!r}"
         ) from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    when = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    try:
+        when.astimezone(UTC)  # as the database will compare it
+    except OverflowError:
+        raise FilterError(f"{field}: {text!r} is out of the calendar's range in UTC") from None
+    return when
 
 
 def _id(text: str, field: str) -> int:
@@ -75,6 +80,8 @@ def task_filter(params: Mapping[str, str], now: datetime) -> tuple[TaskFilter, i
     for field in ("queue", "name", "key"):
         if field in got and len(got[field]) > 2000:
             raise FilterError(f"{field}: at most 2000 characters")
+        if field in got and "\0" in got[field]:
+            raise FilterError(f"{field}: must not contain NUL characters")
     f = TaskFilter(
         statuses=statuses or None,
         queue=got.get("queue"),
