@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from durable.errors import PayloadError
+from durable.redaction import redact, redact_json
 
 MAX_PAYLOAD = 16 * 1024 * 1024
 """Largest encoded arguments or result accepted, in bytes (Postgres allows 255 MB)."""
@@ -407,6 +408,13 @@ def _error_text(exc: BaseException) -> str:
     payload = error_payload(exc)
     for key in ("type", "message", "traceback"):
         payload[key] = _clean(payload[key])
+    # A stored error is shown (durable show, the dashboard) and kept: an exception that
+    # quotes a database URL must not take its password along.
+    payload["message"] = redact(payload["message"])
+    payload["traceback"] = redact(payload["traceback"])
+    for key in ("args", "attrs", "init"):
+        if key in payload:
+            payload[key] = redact_json(payload[key])
     payload["type"] = _cut(payload["type"], 1024, "type name")
     payload["message"] = _cut(payload["message"], ERROR_LIMIT // 4, "message")
     state = dumps([payload["args"], payload["attrs"]])

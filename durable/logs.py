@@ -16,37 +16,17 @@ import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 from durable.codec import json_encoder
+from durable.redaction import MASK, redact
 
 __all__ = ["LEVELS", "configure", "enabled", "get_logger", "redact", "redact_secrets"]
 
 LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("auto", "json", "console")
-MASK = "***"
 
-# scheme://user:password@host. The password runs greedily to the last "@" of the
-# whitespace/quote-delimited token: an unencoded "@" inside a password is common,
-# and masking too much is better than leaking the tail of a password.
-_URL_PASSWORD = re.compile(
-    r"(?i)\b([a-z][a-z0-9+.-]*://[^:/?#@\s'\"]*:)([^\s'\"]*)(@)",
-)
-# password=xxx in key/value DSNs and query strings; also 'password': 'xxx' in reprs.
-_KEY_PASSWORD = re.compile(
-    r"(?i)\b(\w*(?:password|passwd)['\"]?\s*[=:]\s*)"
-    r"('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|[^\s&;,'\"]+)",
-)
 _SECRET_KEY = re.compile(r"(?i)password|passwd|secret")
 # Values that cannot carry a secret; skip the repr() check for them.
 _PLAIN = (int, float, bool, type(None), uuid.UUID, datetime.datetime, datetime.date, enum.Enum)
 _MAX_DEPTH = 4
-
-
-def redact(text: str) -> str:
-    """`text` with URL passwords and password=... values replaced by ***."""
-    if "@" in text:
-        text = _URL_PASSWORD.sub(rf"\g<1>{MASK}\g<3>", text)
-    if "ass" in text.lower():  # cheap pre-check before the second regex
-        text = _KEY_PASSWORD.sub(rf"\g<1>{MASK}", text)
-    return text
 
 
 def _redact_value(value: object, depth: int = 0) -> object:
