@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-import anyio
-
 from durable import catalog, tracing, validation
 from durable.codec import dumps
-from durable.errors import DurableError, TaskCancelled, TaskFailed
-from durable.models import TERMINAL, CancelResult, HistoryEntry, NewTask, Progress, TaskInfo
+from durable.errors import DurableError
+from durable.models import CancelResult, HistoryEntry, NewTask, Progress, TaskInfo
+from durable.outcomes import Outcomes
 from durable.registry import Definition, registry
-from durable.store import Connection, Store, Subscription
+from durable.store import Connection, Store
 from durable.validation import MAX_NAME, InvalidValue, shown
 from durable.validation import debounce as _debounce
 from durable.validation import idempotency_key as _key
@@ -38,8 +36,10 @@ class Handle:
         """Wait for the task to finish and return its result.
 
         Raises ``TaskFailed`` (with the remote error type, message and traceback),
-        ``TaskCancelled``, or ``TimeoutError`` after ``timeout`` seconds. Woken by a
-        notification when the task finishes; it re-checks now and then in case one is lost.
+        ``TaskCancelled``, or ``TimeoutError`` after ``timeout`` seconds (0: look once, and
+        return the result of a task that has finished). Woken by a notification when the
+        task finishes; it re-checks now and then in case one is lost, and listens again
+        when its connection was lost.
         """
         return await self.client.result(self.id, timeout=timeout)
 
@@ -66,15 +66,10 @@ class Client:
         self.listen_dsn = listen_dsn or dsn
         """Where ``result()`` LISTENs: the server itself when ``dsn`` goes through a
         transaction pooler, which cannot hold a LISTEN."""
-        self._waiters: dict[int, list[asyncio.Event]] = {}
-        self._progress_waiters: dict[int, list[asyncio.Event]] = {}
-        self._sub: Subscription | None = None
-        self._sub_lock = asyncio.Lock()
+        self.outcomes = Outcomes(store, self.listen_dsn)
 
     async def close(self) -> None:
-        if self._sub is not None:
-            await self._sub.close()
-            self._sub = None
+        await self.outcomes.close()
         await self.store.close()
 
     # -- starting work ---------------------------------------------------------------
@@ -325,90 +320,12 @@ class Client:
         return await self.store.branches(_task_id(task_id))
 
     async def result(self, task_id: int, timeout: float | None = None) -> Any:
-        await self._subscribe()
-        event = asyncio.Event()
-        self._waiters.setdefault(task_id, []).append(event)
-        try:
-            with anyio.fail_after(timeout) if timeout is not None else _forever():
-                while True:
-                    # LISTEN is live before the flag is set, so no finish can slip past.
-                    state = await self.store.watch_finish(_task_id(task_id))
-                    if state is None:
-                        raise DurableError(f"no task {task_id}")
-                    status, result, error, continued_as = state
-                    if continued_as is not None:
-                        # The run continued as a new one (ctx.continue_as_new): the chain's
-                        # outcome is its last run's.
-                        return await self.result(continued_as, timeout=timeout)
-                    if status in TERMINAL:
-                        return _outcome(task_id, status, result, error)
-                    with anyio.move_on_after(5.0):  # a fallback in case a notification is lost
-                        await event.wait()
-                    event.clear()
-        finally:
-            waiters = self._waiters.get(task_id, [])
-            if event in waiters:
-                waiters.remove(event)
-            if not waiters:
-                self._waiters.pop(task_id, None)
+        """See :meth:`Handle.result`."""
+        return await self.outcomes.result(task_id, timeout)
 
-    async def progress(self, task_id: int) -> AsyncIterator[Progress]:
+    def progress(self, task_id: int) -> AsyncIterator[Progress]:
         """See :meth:`Handle.progress`."""
-        task_id = _task_id(task_id)
-        await self._subscribe()
-        event = asyncio.Event()
-        # Progress notifications and the finish both wake this iterator.
-        self._waiters.setdefault(task_id, []).append(event)
-        self._progress_waiters.setdefault(task_id, []).append(event)
-        try:
-            if await self.store.watch_finish(task_id) is None:
-                raise DurableError(f"no task {task_id}")
-            last: Progress | None = None
-            while True:
-                state = await self.store.progress_state(task_id)
-                if state is None:
-                    raise DurableError(f"no task {task_id}")
-                status, latest = state
-                if latest is not None and latest != last:
-                    last = latest
-                    yield latest
-                if status in TERMINAL:
-                    return
-                with anyio.move_on_after(5.0):  # a fallback in case a notification is lost
-                    await event.wait()
-                event.clear()
-        finally:
-            for table in (self._waiters, self._progress_waiters):
-                waiters = table.get(task_id, [])
-                if event in waiters:
-                    waiters.remove(event)
-                if not waiters:
-                    table.pop(task_id, None)
-
-    async def _subscribe(self) -> None:
-        async with self._sub_lock:
-            if self._sub is not None and not self._sub.is_closed():
-                return
-            self._sub = await Subscription.open(
-                self.listen_dsn,
-                {"durable_done": self._on_done, "durable_progress": self._on_progress},
-                on_lost=self._wake_all,
-            )
-
-    def _on_done(self, payload: str) -> None:
-        if payload.isdigit():
-            for e in self._waiters.get(int(payload), []):
-                e.set()
-
-    def _on_progress(self, payload: str) -> None:
-        if payload.isdigit():
-            for e in self._progress_waiters.get(int(payload), []):
-                e.set()
-
-    def _wake_all(self) -> None:
-        for events in self._waiters.values():
-            for e in events:
-                e.set()
+        return self.outcomes.progress(task_id)
 
     # -- acting on tasks ------------------------------------------------------------------
 
@@ -480,20 +397,3 @@ def _scope(fn: object, given: object) -> str:
     if given not in SCOPES:
         raise InvalidValue(f"idempotency must be 'forever' or 'active', got {shown(given)}")
     return str(given)
-
-
-def _outcome(task_id: int, status: str, result: Any, error: Any) -> Any:
-    if status == "completed":
-        return result
-    if status == "cancelled":
-        raise TaskCancelled(task_id)
-    err = error or {}
-    raise TaskFailed(task_id, str(err.get("type")), str(err.get("message")), err.get("traceback"))
-
-
-class _forever:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

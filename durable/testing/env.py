@@ -406,7 +406,8 @@ class Env:
 
 
 class _MovedClient(Client):
-    """A Client whose ``run_at`` is on the test's moved clock."""
+    """A Client whose ``run_at`` and ``deadline`` (as datetimes) are on the test's moved
+    clock."""
 
     def __init__(self, store: Store, dsn: str | None, env: Env) -> None:
         super().__init__(store, dsn)
@@ -416,6 +417,9 @@ class _MovedClient(Client):
                     run_at: datetime | None = None, **kwargs: Any) -> Handle:
         if isinstance(run_at, datetime) and run_at.tzinfo is not None:
             run_at = run_at - self._env._shift
+        deadline = kwargs.get("deadline")
+        if isinstance(deadline, datetime) and deadline.tzinfo is not None:
+            kwargs["deadline"] = deadline - self._env._shift
         return await super().start(fn, *args, run_at=run_at, **kwargs)
 
 
