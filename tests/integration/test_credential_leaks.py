@@ -3,10 +3,8 @@ database URL, the spawned daemon's process, and the dashboard secrets."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import urllib.request
 from functools import partial
 from pathlib import Path
 
@@ -19,8 +17,10 @@ from tests.apps.credential_leaks_app import QUEUE
 from tests.support.helpers import (
     daemon_env,
     durable_cli,
+    fetch_text,
     fetchval,
     kill,
+    logged,
     spawn_daemon_logged,
     wait_for,
     wait_status,
@@ -28,23 +28,6 @@ from tests.support.helpers import (
 from tests.support.roles import PASSWORD, app_role, as_app
 
 APP = "tests.apps.credential_leaks_app"
-
-
-def logged(path: Path, event: str) -> list[dict[str, object]]:
-    found = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("event") == event:
-            found.append(record)
-    return found
-
-
-def fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return str(response.read().decode())
 
 
 @pytest.mark.timeout(120)
@@ -73,7 +56,7 @@ async def test_daemon_log_and_process_hold_no_password(dsn: str, tmp_path: Path)
             await wait_status(dsn, task.id, "failed", timeout=30)
             await wait_status(dsn, flow.id, "failed", timeout=30)
         for path in ("/metrics", "/healthz", "/readyz"):
-            seen.append(await anyio.to_thread.run_sync(fetch, f"http://127.0.0.1:{port}{path}"))
+            seen.append(await anyio.to_thread.run_sync(fetch_text, f"http://127.0.0.1:{port}{path}"))
         cmdline = (await anyio.Path(f"/proc/{proc.pid}/cmdline").read_bytes()).decode(errors="replace")
         environ = (await anyio.Path(f"/proc/{proc.pid}/environ").read_bytes()).decode(errors="replace")
         seen.append(cmdline)
@@ -168,7 +151,7 @@ async def test_the_dashboard_page_of_a_task_error_quoting_the_url_hides_its_pass
         await tg.start(server.run)
         base = f"http://127.0.0.1:{server.port}"
         for path in (f"/tasks/{task_id}", f"/tasks/{flow_id}", "/tasks?status=failed", "/"):
-            pages.append(await anyio.to_thread.run_sync(fetch, base + path))
+            pages.append(await anyio.to_thread.run_sync(fetch_text, base + path))
         tg.cancel_scope.cancel()
     assert "could not connect to" in pages[0]
     for page in pages:

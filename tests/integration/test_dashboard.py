@@ -4,14 +4,10 @@ nothing is downloaded) against a real daemon and database. Task names start with
 
 from __future__ import annotations
 
-import os
 import shutil
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 
@@ -20,10 +16,12 @@ from durable.ui.auth import Auth
 from durable.ui.server import UiServer
 from tests.support.helpers import execute, running_daemon, wait_status
 from tests.support.roles import literal
+from tests.support.ui import CHROMIUM, browser, dashboard
 
 playwright_api = pytest.importorskip("playwright.async_api")
+WIDE = {"width": 1280, "height": 900}
+"""The window the pages are drawn in."""
 
-CHROMIUM = os.environ.get("DURABLE_CHROMIUM", "/usr/bin/chromium")
 TOKEN = "open-sesame-42"
 pytestmark = [
     pytest.mark.slow,
@@ -57,27 +55,6 @@ async def _reserve(order: str) -> str:
     return f"held {order}"
 
 
-@asynccontextmanager
-async def dashboard(dsn: str, auth: Auth | None = None) -> AsyncIterator[str]:
-    server = UiServer("127.0.0.1", 0, dsn, auth)
-    await server.listen()
-    async with anyio.create_task_group() as tg:
-        await tg.start(server.run)
-        yield f"http://127.0.0.1:{server.port}"
-        tg.cancel_scope.cancel()
-
-
-@asynccontextmanager
-async def browser() -> AsyncIterator[Any]:
-    async with playwright_api.async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            context = await b.new_context(viewport={"width": 1280, "height": 900})
-            yield await context.new_page()
-        finally:
-            await b.close()
-
-
 def token_auth(tmp_path: Path) -> Auth:
     path = tmp_path / "token"
     path.write_text(TOKEN + "\n")
@@ -98,7 +75,7 @@ async def sign_in(page: Any, base: str) -> None:
 async def test_every_page_opens_read_only_and_follows_a_workflow_live(dsn: str) -> None:
     FLAKY["fixed"] = False
     async with durable.connect(dsn) as client, running_daemon(dsn, queues="ui"), \
-            dashboard(dsn) as base, browser() as page:  # fmt: skip
+            dashboard(dsn) as base, browser(viewport=WIDE) as page:  # fmt: skip
         order = await client.start(ui_order, "A-1", tags=["vip"], attributes={"region": "eu"})
         failed = await client.start(ui_flaky, "A-2")
         await client.start("ui_nobody_serves", queue="ui")
@@ -156,7 +133,7 @@ async def test_every_page_opens_read_only_and_follows_a_workflow_live(dsn: str) 
 async def test_retry_through_the_dashboard_with_a_token(dsn: str, tmp_path: Path) -> None:
     FLAKY["fixed"] = False
     async with durable.connect(dsn) as client, running_daemon(dsn, queues="ui"), \
-            dashboard(dsn, token_auth(tmp_path)) as base, browser() as page:  # fmt: skip
+            dashboard(dsn, token_auth(tmp_path)) as base, browser(viewport=WIDE) as page:  # fmt: skip
         failed = await client.start(ui_flaky, "B-1")
         others = [await client.start(ui_flaky, f"B-{i}", tags=["batch"]) for i in (2, 3)]
         for task in (failed, *others):
@@ -224,7 +201,7 @@ async def test_a_role_that_can_only_read(dsn: str, tmp_path: Path) -> None:
     async with durable.connect(dsn) as client, running_daemon(dsn, queues="ui"):
         failed = await client.start(ui_flaky, "C-1", tags=["ro"])
         await wait_status(dsn, failed.id, "failed")
-    async with dashboard(reader, token_auth(tmp_path)) as base, browser() as page:
+    async with dashboard(reader, token_auth(tmp_path)) as base, browser(viewport=WIDE) as page:
         await sign_in(page, base)
         for path in ("/", "/tasks", "/tasks?tag=ro", f"/tasks/{failed.id}", "/workers"):
             response = await page.goto(base + path)
@@ -270,7 +247,7 @@ async def test_the_daemon_serves_the_dashboard_beside_its_probes(dsn: str) -> No
 
 async def test_fork_and_replay_make_branches_the_page_can_show(dsn: str, tmp_path: Path) -> None:
     async with durable.connect(dsn) as client, running_daemon(dsn, queues="ui"), \
-            dashboard(dsn, token_auth(tmp_path)) as base, browser() as page:  # fmt: skip
+            dashboard(dsn, token_auth(tmp_path)) as base, browser(viewport=WIDE) as page:  # fmt: skip
         order = await client.start(ui_order, "D-1")
         await wait_status(dsn, order.id, "waiting")
         await client.send_event(order.id, "approved", "first")
@@ -306,7 +283,7 @@ async def test_the_overview_updates_live_and_a_filter_reads_one_stretch(dsn: str
         "select 'bulk', case when g = 1 then 'ui_rare' else 'ui_common' end, 'completed', "
         "now() from generate_series(1, 100500) g",
     )
-    async with durable.connect(dsn) as client, dashboard(dsn) as base, browser() as page:
+    async with durable.connect(dsn) as client, dashboard(dsn) as base, browser(viewport=WIDE) as page:
         await page.goto(base + "/")
         await page.wait_for_selector("#live.on")
         await page.evaluate("window.__kept = 'same page'")

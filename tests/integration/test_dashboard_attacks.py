@@ -6,7 +6,6 @@ downloaded). Each guards what held, or what was broken and is fixed.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -24,12 +23,11 @@ import httpx
 import pytest
 
 from durable.ui.auth import COOKIE, Auth
-from durable.ui.server import UiServer
 from tests.support.helpers import execute, fetchval
+from tests.support.ui import CHROMIUM, browser, dashboard
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
-CHROMIUM = os.environ.get("DURABLE_CHROMIUM", "/usr/bin/chromium")
 TOKEN = "open-sesame-42"
 pytestmark = [
     pytest.mark.slow,
@@ -44,27 +42,6 @@ EVIL = (
 
 
 # -- plumbing ---------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def dashboard(dsn: str, auth: Auth | None = None) -> AsyncIterator[str]:
-    server = UiServer("127.0.0.1", 0, dsn, auth)
-    await server.listen()
-    async with anyio.create_task_group() as tg:
-        await tg.start(server.run)
-        yield f"http://127.0.0.1:{server.port}"
-        tg.cancel_scope.cancel()
-
-
-@asynccontextmanager
-async def browser() -> AsyncIterator[Any]:
-    async with playwright_api.async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            context = await b.new_context()
-            yield await context.new_page()
-        finally:
-            await b.close()
 
 
 @contextmanager

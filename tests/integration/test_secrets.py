@@ -3,9 +3,7 @@ loses and regains its connections), not in errors, `durable show`, or /metrics."
 
 from __future__ import annotations
 
-import json
 import signal
-import urllib.request
 from pathlib import Path
 
 import anyio
@@ -14,25 +12,16 @@ import pytest
 import durable
 from durable.store import grant
 from tests.apps.secret_tasks import QUEUE
-from tests.support.helpers import durable_cli, execute, kill, spawn_daemon_logged, wait_for
+from tests.support.helpers import (
+    durable_cli,
+    execute,
+    fetch_text,
+    kill,
+    logged,
+    spawn_daemon_logged,
+    wait_for,
+)
 from tests.support.roles import APP_ROLE, PASSWORD, app_role, as_app
-
-
-def logged(path: Path, event: str) -> list[dict[str, object]]:
-    found = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("event") == event:
-            found.append(record)
-    return found
-
-
-def fetch(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return str(response.read().decode())
 
 
 @pytest.mark.timeout(90)
@@ -78,7 +67,7 @@ async def test_a_password_in_the_url_never_appears_anywhere(dsn: str, tmp_path: 
             again = await client.start("sec_echo", "again")
             assert await again.result(timeout=30) == "again"
             for path in ("/metrics", "/healthz", "/readyz"):
-                seen.append(await anyio.to_thread.run_sync(fetch, f"http://127.0.0.1:{port}{path}"))
+                seen.append(await anyio.to_thread.run_sync(fetch_text, f"http://127.0.0.1:{port}{path}"))
             assert "durable_" in seen[0]
         for args in (("show", str(flow.id)), ("show", str(failing.id), "--json"), ("ls",),
                      ("workers",), ("queues",), ("check",)):

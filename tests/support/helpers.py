@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -233,3 +235,22 @@ class DirectCheckpoints:
 
     async def submit(self, cp: Checkpoint) -> bool:
         return not await self.store.checkpoint_many([cp])  # none refused
+
+
+def logged(path: Path, event: str) -> list[dict[str, object]]:
+    """The JSON log records of ``event`` in the log file at ``path``."""
+    found = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == event:
+            found.append(record)
+    return found
+
+
+def fetch_text(url: str) -> str:
+    """The body of a GET of ``url`` (a daemon's probe), as text."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
