@@ -45,11 +45,11 @@ def read_secret(field: str, path: str | Path) -> str:
 class Auth:
     """The dashboard's secret and the key that signs its sessions."""
 
-    secret: str
+    secret: str = field(repr=False)
     kind: str
     """"token" or "password": what the login form asks for."""
-    key: bytes
-    ended: dict[str, int] = field(default_factory=dict)
+    key: bytes = field(repr=False)
+    ended: dict[str, int] = field(default_factory=dict, repr=False)
     """Sessions signed out, until they would have expired: a cookie kept from before the
     sign-out opens nothing."""
 

@@ -13,6 +13,7 @@ import pytest
 
 import durable
 from durable.store import grant
+from durable.ui.auth import Auth
 from tests.apps.credential_leaks_app import QUEUE
 from tests.support.helpers import (
     daemon_env,
@@ -173,6 +174,16 @@ def test_ui_secret_files_never_show(tmp_path: Path) -> None:
         outputs.append(done.stdout + done.stderr)
     assert all(str(tmp_path) in out for out in outputs)
     assert not any("s3cr3t" in out for out in outputs)
+
+
+def test_the_dashboards_secret_is_not_in_its_repr(tmp_path: Path) -> None:
+    """What holds the dashboard's secret prints without it (a log line or a traceback
+    that shows the object must not show the token, nor the key that signs sessions)."""
+    path = tmp_path / "token"
+    path.write_text("s3cr3t-token-value\n")
+    auth = Auth.from_file("--token-file", path, "token")
+    shown = repr(auth) + str(auth)
+    assert "s3cr3t" not in shown and auth.key.hex() not in shown and "token" in shown
 
 
 def test_a_url_file_never_shows_its_password(tmp_path: Path) -> None:
