@@ -382,22 +382,27 @@ class _Renewal:
     a lease that ran out during the commit was reaped at once, the attempt still running."""
 
     def __init__(self, part: Workflows, task_id: int, token: int) -> None:
-        self.sent = False
-        self.job = asyncio.get_running_loop().create_task(self._renew(part, task_id, token))
+        self.part, self.task_id, self.token = part, task_id, token
+        self.job: asyncio.Task[Any] | None = None
+        # A timer, not a task: most commits end long before it fires, and then it is
+        # only cancelled.
+        self.timer = asyncio.get_running_loop().call_later(part.db.lease / 3, self._send)
 
-    async def _renew(self, part: Workflows, task_id: int, token: int) -> None:
-        await asyncio.sleep(part.db.lease / 3)
-        self.sent = True
-        await part.pool.execute(part.q["renew_lease"], task_id, token, part.db.lease)
+    def _send(self) -> None:
+        p = self.part
+        self.job = asyncio.get_running_loop().create_task(
+            p.pool.execute(p.q["renew_lease"], self.task_id, self.token, p.db.lease)
+        )
 
     async def settle(self) -> None:
         """Once the commit has ended: a renewal not sent is dropped, one sent is awaited
         (it follows the commit at once); a failed one is the next heartbeat's to make."""
-        if not self.sent:
-            self.job.cancel()
+        self.timer.cancel()
+        if self.job is None:
+            return
         with (
             anyio.CancelScope(shield=True),
             anyio.move_on_after(5.0),
-            suppress(asyncio.CancelledError, Exception),
+            suppress(Exception),
         ):
             await self.job
