@@ -215,7 +215,7 @@ class WorkflowRuns:
         else:
             events: list[Event] = []
             if not task.fresh:
-                events = await self.store.load_events(task.id, task.branch)
+                events = await self.store.resume_events(task.id, task.branch, task.token)
                 self.counts.cold += 1
                 self.counts.loaded += len(events)
             # Without a table, a plain Context: its waits raise Suspend through the workflow.

@@ -329,6 +329,30 @@ select f.id, f.name, f.status,
        (select count(*) from durable.cancel_descendants(array(select id from failed))) as cancelled
   from failed f
 
+-- name: resume_events
+-- A claimed workflow's cold start: its event log, once patch markers the log ends with are
+-- dropped (under claim $3). A marker recorded just before the daemon died was answered
+-- by an attempt that recorded nothing after it: code from before the patch, stepping over
+-- it, would record its own branch behind it, a log that code with the patch cannot
+-- replay. Dropped, the marker is asked for again by whichever code runs next. (The
+-- select reads the snapshot from before the delete: it leaves out what was dropped.)
+with dropped as (
+    delete from durable.events m
+     using durable.tasks w
+     where w.id = $1 and w.claim_token = $3 and m.task_id = w.id and m.branch = $2
+       and m.kind = 'patch'
+       and not exists (select 1 from durable.events x
+                        where x.task_id = w.id and x.branch = $2 and x.seq > m.seq
+                          and x.kind <> 'patch')
+    returning m.seq
+)
+select e.seq, e.kind, e.name, e.digest, e.status, e.result::text, e.error::text, e.child_id,
+       e.wake_at, c.status as child_status, c.result::text as child_result,
+       c.error::text as child_error
+from durable.events e left join durable.tasks c on c.id = e.child_id
+where e.task_id = $1 and e.branch = $2 and e.seq not in (select seq from dropped)
+order by e.seq
+
 -- name: load_events
 select e.seq, e.kind, e.name, e.digest, e.status, e.result::text, e.error::text, e.child_id,
        e.wake_at, c.status as child_status, c.result::text as child_result,

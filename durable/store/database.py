@@ -35,7 +35,7 @@ WARM_UP: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("complete", ([], [], [])),
     ("checkpoint", ([],)),
     ("extend_leases", ([], [], 1.0)),
-    ("load_events", (0, 0)),
+    ("resume_events", (0, 0, 0)),
 )
 """The daemon's hot statements, each with arguments that touch no row."""
 

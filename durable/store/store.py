@@ -162,6 +162,7 @@ class Store:
     next_timer = _Via(_workflows, Workflows.next_timer)
     expire_deadlines = _Via(_workflows, Workflows.expire_deadlines)
     load_events = _Via(_workflows, Workflows.load_events)
+    resume_events = _Via(_workflows, Workflows.resume_events)
     load_tail = _Via(_workflows, Workflows.load_tail)
     checkpoint_many = _Via(_workflows, Workflows.checkpoint_many)
     fenced = _Via(_workflows, Workflows.fenced)

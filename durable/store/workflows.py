@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime
 from typing import Any
@@ -38,24 +38,13 @@ class Workflows(Part):
         return [(r["id"], r["name"], r["status"]) for r in rows]
 
     async def load_events(self, task_id: int, branch: int) -> list[Event]:
-        rows = await self.pool.fetch(self.q["load_events"], task_id, branch)
-        return [
-            Event(
-                seq=r["seq"],
-                kind=r["kind"],
-                name=r["name"],
-                digest=r["digest"],
-                status=r["status"],
-                result=r["result"],
-                error=r["error"],
-                child_id=r["child_id"],
-                wake_at=r["wake_at"],
-                child_status=r["child_status"],
-                child_result=r["child_result"],
-                child_error=r["child_error"],
-            )
-            for r in rows
-        ]
+        """One branch of a workflow's event log, as recorded."""
+        return _events(await self.pool.fetch(self.q["load_events"], task_id, branch))
+
+    async def resume_events(self, task_id: int, branch: int, token: int) -> list[Event]:
+        """The event log a claimed workflow replays cold, once patch markers it ends with
+        are dropped (see resume_events in queries.sql)."""
+        return _events(await self.pool.fetch(self.q["resume_events"], task_id, branch, token))
 
     async def load_tail(
         self, task_id: int, branch: int, start: int
@@ -64,24 +53,7 @@ class Workflows(Part):
         attempt that last suspended the task (None: none did, or another ran it since)."""
         rows = await self.pool.fetch(self.q["load_tail"], task_id, branch, start)
         token = rows[0]["suspend_token"] if rows else None
-        return token, [
-            Event(
-                seq=r["seq"],
-                kind=r["kind"],
-                name=r["name"],
-                digest=r["digest"],
-                status=r["status"],
-                result=r["result"],
-                error=r["error"],
-                child_id=r["child_id"],
-                wake_at=r["wake_at"],
-                child_status=r["child_status"],
-                child_result=r["child_result"],
-                child_error=r["child_error"],
-            )
-            for r in rows
-            if r["seq"] is not None
-        ]
+        return token, _events(r for r in rows if r["seq"] is not None)
 
     async def checkpoint_many(
         self, items: Sequence[Checkpoint], via: KeptConnection | None = None
@@ -406,3 +378,23 @@ class _Renewal:
             suppress(Exception),
         ):
             await self.job
+
+
+def _events(rows: Iterable[Any]) -> list[Event]:
+    return [
+        Event(
+            seq=r["seq"],
+            kind=r["kind"],
+            name=r["name"],
+            digest=r["digest"],
+            status=r["status"],
+            result=r["result"],
+            error=r["error"],
+            child_id=r["child_id"],
+            wake_at=r["wake_at"],
+            child_status=r["child_status"],
+            child_result=r["child_result"],
+            child_error=r["child_error"],
+        )
+        for r in rows
+    ]
