@@ -19,7 +19,7 @@ from durable.logs import get_logger, redact
 from durable.metrics import Metrics
 from durable.models import Claimed
 from durable.shutdown import Shutdown
-from durable.store import Store, is_fatal, is_transient
+from durable.store import Store, is_fatal
 
 log = get_logger("durable.attempts")
 
@@ -164,9 +164,11 @@ class Attempts:
             try:
                 released = await self.store.release([(a.task.id, a.task.token) for a in attempts])
             except Exception as exc:
-                if not is_transient(exc):
+                # Whatever keeps the database from answering now (a connection lost, a
+                # login refused as the pool replaces it), the leases settle it later.
+                if is_fatal(exc):
                     raise
-                error = redact(str(exc))
+                error = redact(f"{type(exc).__name__}: {exc}")
         if released is None:
             log.warning("tasks_not_released", count=len(attempts), error=error,
                         note="their leases will expire and they will run then")

@@ -33,7 +33,7 @@ from durable.registry import Registry
 from durable.runner import Hooks, Runner
 from durable.settings import Settings
 from durable.shutdown import FINAL_WRITES, Shutdown
-from durable.store import Store, is_transient
+from durable.store import Store, is_fatal
 from durable.worker import QueueWorker
 
 __all__ = ["FINAL_WRITES", "GC_YOUNG", "WARM_CONNECTIONS", "Daemon", "tune_gc"]
@@ -48,7 +48,6 @@ KEPT_CONNECTIONS = 8
 
 GC_YOUNG = 10_000
 """Allocations between collections of the youngest generation (Python's default: 700)."""
-
 
 def tune_gc() -> None:
     """Set the garbage collector for a process that is a daemon, once its code is loaded.
@@ -168,12 +167,12 @@ class Daemon:
         self.acks = acks = Acks(store, self.metrics)
         try:
             if self.settings.http is not None:
-                host, port = self.settings.http
                 ui = (self.settings, self.dsn) if self.settings.ui else None
                 self.http = await endpoint(
-                    host, port, store, self.metrics, lambda: self.listener, ui)
+                    *self.settings.http, store, self.metrics, lambda: self.listener, ui)
             publisher = Publisher(store, self.id, self.registry.definitions(), self.settings.lease)
-            await publisher.start(queues)  # registers this daemon, before its first claim
+            # This daemon registers before its first claim.
+            await self.shutdown.persist("register", lambda: publisher.start(queues))
             self.housekeeping = housekeeping = Housekeeping(
                 store, self.registry, self.metrics, self.clock,
                 poll_interval=self.settings.poll_interval, lease=self.settings.lease,
@@ -205,6 +204,7 @@ class Daemon:
                 await root.start(acks.run)
                 root.start_soon(attempts.heartbeats)
                 root.start_soon(publisher.run)
+                await self.shutdown.persist("declare_schedules", housekeeping.declare_schedules)
                 await root.start(housekeeping.run)
                 for i, (queue, limit) in enumerate(queues.items()):
                     self.workers[queue] = QueueWorker(
@@ -244,7 +244,7 @@ class Daemon:
             try:
                 await store.worker_stopped(self.id)
             except Exception as exc:
-                if not is_transient(exc):
+                if is_fatal(exc):  # else the heartbeat's age tells that it stopped
                     raise
             await store.close()
         if scope.cancelled_caught:

@@ -60,8 +60,8 @@ class Housekeeping:
         self._errors = {"timers": Once(), "schedules": Once(), "reaping": Once()}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Record the schedules declared in code, then run every loop until cancelled."""
-        await self.declare_schedules()
+        """Run every loop until cancelled (the daemon has recorded the schedules declared
+        in code first: declare_schedules)."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._timers)
             tg.start_soon(self._schedules)

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 
 import anyio
+
+from durable.logs import get_logger, redact
+from durable.store import is_transient
+
+log = get_logger("durable.shutdown")
 
 FINAL_WRITES = 5.0
 """Seconds a shutdown gives its last writes once the grace period is over: outcomes still
@@ -12,6 +18,9 @@ being written, the hand-back of unfinished tasks, flushes in flight, the daemon'
 the pool's close. A network path that stops answering never errors, so without a bound
 those writes would hold the daemon until it is killed; a server that has not answered by
 then is taken for unreachable, and the tasks' leases hand them over when they expire."""
+
+STARTUP_BACKOFF = 10.0
+"""Seconds between tries of a startup statement at most (see Shutdown.persist)."""
 
 
 class Shutdown:
@@ -56,3 +65,24 @@ class Shutdown:
         if deadline == math.inf:
             deadline = anyio.current_time() + FINAL_WRITES
         return anyio.CancelScope(shield=True, deadline=deadline)
+
+    async def persist(self, step: str, write: Callable[[], Awaitable[None]]) -> None:
+        """``await write()``, a statement of the daemon's startup, tried again after errors
+        a later try may get past, until it goes through or a stop is asked for. The pool
+        has connected by then: the server is there, and a session lost under the statement
+        (a backend terminated, a restart) is a blip to ride out, not a reason to exit."""
+        delay = 0.1
+        while True:
+            try:
+                await write()
+                return
+            except Exception as exc:
+                if not is_transient(exc) or self.requested.is_set():
+                    raise
+                log.warning("startup_retrying", step=step, retry_in=round(delay, 2),
+                            error=redact(f"{type(exc).__name__}: {exc}"))
+                with anyio.move_on_after(delay):
+                    await self.requested.wait()
+                if self.requested.is_set():
+                    raise
+            delay = min(delay * 2, STARTUP_BACKOFF)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -338,14 +339,17 @@ class Tasks(Part):
     async def register_worker(
         self, worker_id: uuid.UUID, queues: dict[str, int], names: Sequence[str]
     ) -> None:
-        await self.pool.execute(
-            self.q["register_worker"],
-            worker_id,
-            socket.gethostname(),
-            _pid(),
-            dumps(queues),
-            list(names),
-        )
+        # Tried again after a try that committed but lost its answer with its connection:
+        # ids are random, so a row already there is this daemon's own.
+        with contextlib.suppress(asyncpg.UniqueViolationError):
+            await self.pool.execute(
+                self.q["register_worker"],
+                worker_id,
+                socket.gethostname(),
+                _pid(),
+                dumps(queues),
+                list(names),
+            )
 
     async def worker_heartbeat(self, worker_id: uuid.UUID) -> None:
         """Record that the daemon is alive, and measure the clock's offset again."""
