@@ -186,8 +186,10 @@ class Client:
 
         ``debounce=seconds`` runs the task that many seconds after the *last* start of its
         ``debounce_key`` (default: the task's name): a start while an earlier one is still
-        queued replaces its arguments and pushes its run time back, never past
-        ``max_delay`` seconds after the first of them. The handle is that queued task's.
+        queued replaces its arguments and options (the last start wins; an option left out
+        takes the definition's default) and pushes its run time back, never past
+        ``max_delay`` seconds after the first of them (a later start's ``max_delay`` may
+        bring that time closer, never push it back). The handle is that queued task's.
         """
         labels = validation.labels(
             list(tags) if isinstance(tags, list | tuple) else tags,

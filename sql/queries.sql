@@ -1075,8 +1075,11 @@ select (select id from failed),
 
 -- name: insert_task_debounced
 -- start(..., debounce=$17, debounce_key=$18, max_delay=$19): the queued task of the key,
--- if any, takes these arguments and runs $17 seconds from now, but never later than
--- $19 seconds after that task's first start; else a new task, due in $17 seconds.
+-- if any, takes these arguments and options (the last start wins; it keeps its id, name,
+-- key, created_at, tags and attributes) and runs $17 seconds from now, but never later
+-- than $19 seconds after that task's first start (any start's $19: a later one may bring
+-- that time closer, never push it back); else a new task, due in $17 seconds. As
+-- durable.start's debounced insert.
 insert into durable.tasks as t
     (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
      concurrency_key, key_limit, key_rate_limit, key_rate_period, trace_context,
@@ -1089,8 +1092,18 @@ values ($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb, $6,
         $15::text, now() + make_interval(secs => $16::float8), $18,
         now() + make_interval(secs => $19::float8))
 on conflict (debounce_key) where debounce_key is not null and status = 'queued'
-    do update set args = excluded.args, kwargs = excluded.kwargs,
-                  trace_context = excluded.trace_context,
-                  run_at = least(excluded.run_at, t.debounce_until)
+    do update set queue = excluded.queue, kind = excluded.kind, args = excluded.args,
+                  kwargs = excluded.kwargs, priority = excluded.priority,
+                  max_attempts = excluded.max_attempts, timeout = excluded.timeout,
+                  concurrency_key = excluded.concurrency_key, key_limit = excluded.key_limit,
+                  key_rate_limit = excluded.key_rate_limit,
+                  key_rate_period = excluded.key_rate_period,
+                  trace_context = excluded.trace_context, version = excluded.version,
+                  deadline = excluded.deadline,
+                  -- Every expression reads the row as it was: the bound is computed for both.
+                  debounce_until = least(t.debounce_until,
+                                         t.created_at + make_interval(secs => $19::float8)),
+                  run_at = least(excluded.run_at, t.debounce_until,
+                                 t.created_at + make_interval(secs => $19::float8))
         where t.name = excluded.name  -- a key pending for another task: no row, refused
 returning t.id, (t.xmax = 0) as inserted

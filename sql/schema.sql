@@ -102,7 +102,8 @@ create table durable.tasks (
     -- attempts, suspensions and restarts; a waiting workflow is woken for it.
     deadline        timestamptz,
     -- start(..., debounce=): a later start with the same key, while this one is still
-    -- queued, replaces its arguments and pushes its run_at, never past debounce_until.
+    -- queued, replaces its arguments and options and pushes its run_at, never past
+    -- debounce_until (the earliest bound any of its starts' max_delay set).
     debounce_key    text,
     debounce_until  timestamptz,
     -- Labels to search by (client.start(tags=, attributes=), durable.tag): null when none.
@@ -702,9 +703,11 @@ begin
             raise exception 'durable.start: debounce_key must be 1 to 2000 bytes, got %',
                 octet_length(bounce_key) using errcode = '22023';
         end if;
-        -- As client.start(debounce=...): the queued task of the key, if any, takes these
-        -- arguments and runs `debounce` seconds from now, never later than `max_delay`
-        -- seconds after the first of its starts; else a new task.
+        -- As client.start(debounce=...): the queued task of the key, if any, takes this
+        -- start's arguments and options (the last start wins) and runs `debounce` seconds
+        -- from now, never later than `max_delay` seconds after the first of its starts (any
+        -- start's: a later one may bring that time closer, never push it back); else a new
+        -- task. It keeps its id, name, key, created_at, tags and attributes.
         insert into durable.tasks as t
             (queue, name, kind, args, kwargs, priority, run_at, max_attempts, timeout,
              concurrency_key, key_limit, key_rate_limit, key_rate_period, version, deadline,
@@ -718,8 +721,21 @@ begin
              now() + make_interval(secs => start.deadline), bounce_key,
              now() + make_interval(secs => start.max_delay))
         on conflict (debounce_key) where debounce_key is not null and status = 'queued'
-            do update set args = excluded.args, kwargs = excluded.kwargs,
-                          run_at = least(excluded.run_at, t.debounce_until)
+            do update set queue = excluded.queue, kind = excluded.kind, args = excluded.args,
+                          kwargs = excluded.kwargs, priority = excluded.priority,
+                          max_attempts = excluded.max_attempts, timeout = excluded.timeout,
+                          concurrency_key = excluded.concurrency_key,
+                          key_limit = excluded.key_limit,
+                          key_rate_limit = excluded.key_rate_limit,
+                          key_rate_period = excluded.key_rate_period,
+                          trace_context = excluded.trace_context, version = excluded.version,
+                          deadline = excluded.deadline,
+                          -- Every expression reads the row as it was: the bound is
+                          -- computed for both columns.
+                          debounce_until = least(t.debounce_until, t.created_at
+                              + make_interval(secs => start.max_delay)),
+                          run_at = least(excluded.run_at, t.debounce_until, t.created_at
+                              + make_interval(secs => start.max_delay))
                 where t.name = excluded.name
         returning t.id into new_id;
         if new_id is null then
@@ -1345,7 +1361,8 @@ begin
            -- unversioned task pays one null test.
            and (t.version is null or t.name || chr(31) || t.version = any(names))
     ), chosen as (
-        select r.id from ranked r left join keys k on k.key = r.concurrency_key
+        select r.id, r.concurrency_key
+          from ranked r left join keys k on k.key = r.concurrency_key
          where r.concurrency_key is null
             or (r.rn + k.running <= coalesce(k.key_limit, 2147483647)
                 and r.rn + k.recent <= coalesce(k.key_rate_limit, 2147483647))
@@ -1354,9 +1371,13 @@ begin
     ), ready as (
         -- The status again, on the locked row: a row that another claim or a
         -- cancel changed after this statement's snapshot is re-checked by these conditions
-        -- once its lock is granted, and the join's alone would let it through.
-        select t.id, t.started_at from durable.tasks t join chosen using (id)
-         where t.status = 'queued'
+        -- once its lock is granted, and the join's alone would let it through. So are
+        -- what a later debounced start of a pending task replaces (durable.start): its
+        -- queue, run time, version and concurrency key.
+        select t.id, t.started_at from durable.tasks t join chosen c using (id)
+         where t.status = 'queued' and t.queue = q and t.run_at <= stamp
+           and (t.version is null or t.name || chr(31) || t.version = any(names))
+           and t.concurrency_key is not distinct from c.concurrency_key
          for update of t skip locked
     ), started as (
         update durable.tasks t
