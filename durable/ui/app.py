@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +33,7 @@ from durable.models import TERMINAL, TaskFilter
 from durable.store import DatabaseError, Store
 from durable.ui import views
 from durable.ui.auth import COOKIE, SESSION_SECONDS, Auth
+from durable.ui.flash import PARAM, Flashes, with_flash
 from durable.ui.live import TICK, LiveHub, sse
 from durable.validation import InvalidValue
 
@@ -56,6 +58,7 @@ class Dashboard:
         self.admin = Admin(store)
         self.hub = hub
         self.auth = auth
+        self.flashes = Flashes()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.globals.update(duration=views.duration_text, ago=self._ago)
         self._guessing = asyncio.Lock()
@@ -74,17 +77,24 @@ class Dashboard:
         if self.auth is None:
             return None
         sid = self.auth.session(request.cookies.get(COOKIE))
-        header = request.headers.get("authorization", "")
-        if sid is None and header.startswith("Bearer ") and self.auth.check_secret(header[7:]):
+        bearer = _bearer(request)
+        if sid is None and bearer is not None and self.auth.check_secret(bearer):
             sid = "bearer"
         return sid
 
     async def signed_in(self, request: Request) -> str | None:
         """``session``, paying for a wrong secret in a header as the sign-in form does."""
         sid = self.session(request)
-        if sid is None and request.headers.get("authorization", "").startswith("Bearer "):
+        if sid is None and _bearer(request) is not None:
             await self._wrong_secret()
         return sid
+
+    def refused(self, request: Request) -> Response | None:
+        """A request with a wrong Bearer header: 401, as HTTP has it for a bad credential."""
+        if _bearer(request) is None:
+            return None
+        return PlainTextResponse("refused: wrong Bearer token", 401,
+                                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})  # fmt: skip
 
     async def _wrong_secret(self) -> None:
         async with self._guessing:
@@ -92,12 +102,14 @@ class Dashboard:
 
     def page(self, request: Request, template: str, status: int = 200, **context: Any) -> Response:
         sid = self.session(request)
+        said = self.flashes.open(sid or "", request.query_params.get(PARAM))
+        kind, text = said if said is not None else ("", None)
         return self.templates.TemplateResponse(
             request, template,
             {"auth": self.auth, "can_act": sid is not None,
              "csrf": self.auth.csrf(sid) if self.auth is not None and sid else "",
-             "read_only": READ_ONLY, "message": request.query_params.get("msg"),
-             "error": request.query_params.get("err"), "now": self.store.now(), **context},
+             "read_only": READ_ONLY, "message": text if kind == "ok" else None,
+             "error": text if kind == "error" else None, "now": self.store.now(), **context},
             status_code=status,
             headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY",
                      "Content-Security-Policy": "default-src 'self'; style-src 'self'; "
@@ -111,7 +123,8 @@ class Dashboard:
 
         async def guarded(request: Request) -> Response:
             if self.auth is not None and await self.signed_in(request) is None:
-                return RedirectResponse("/login?next=" + quote(request.url.path), 303)
+                login = RedirectResponse("/login?next=" + quote(request.url.path), 303)
+                return self.refused(request) or login
             return await handler(request)
 
         return guarded
@@ -127,22 +140,20 @@ class Dashboard:
                 return PlainTextResponse(READ_ONLY, 403)
             sid = await self.signed_in(request)
             if sid is None:
-                return PlainTextResponse("sign in first", 403)
+                return self.refused(request) or PlainTextResponse("sign in first", 403)
             form, refused = await self._checked_form(request, sid)
             if refused is not None:
                 return refused
             back = form.get("back") or "/"
             if not back.startswith("/") or back.startswith("//"):
                 back = "/"
-            sep = "&" if "?" in back else "?"
             try:
-                done = await handler(request, form)
+                kind, said = "ok", await handler(request, form)
             except (DurableError, InvalidValue, ValueError) as exc:
-                return RedirectResponse(f"{back}{sep}err={quote(str(exc))}", 303)
+                kind, said = "error", str(exc)
             except DatabaseError as exc:
-                error = redact(f"the database refused: {exc}").splitlines()[0]
-                return RedirectResponse(f"{back}{sep}err={quote(error)}", 303)
-            return RedirectResponse(f"{back}{sep}msg={quote(done)}", 303)
+                kind, said = "error", redact(f"the database refused: {exc}").splitlines()[0]
+            return RedirectResponse(with_flash(back, self.flashes.seal(sid, kind, said)), 303)
 
         return acting
 
@@ -190,7 +201,7 @@ class Dashboard:
         )  # fmt: skip
 
     async def tasks(self, request: Request) -> Response:
-        params = dict(request.query_params)
+        params = {k: v for k, v in request.query_params.items() if k != PARAM}
         try:
             f, before = views.task_filter(params, self.store.now())
         except InvalidValue as exc:
@@ -230,7 +241,7 @@ class Dashboard:
             request, "task.html", info=info, branches=branches, branch=branch, history=history,
             bars=bars, ticks=ticks, values=values, tags=tags, attributes=attributes,
             children=await self.store.dashboard.children(task_id), cut=views.cut,
-            error=request.query_params.get("err"), title=f"Task {task_id}",
+            title=f"Task {task_id}", event_key=secrets.token_urlsafe(18),
             finished=info.status in TERMINAL,
         )  # fmt: skip
 
@@ -356,10 +367,17 @@ class Dashboard:
             except RecursionError:
                 raise InvalidValue("event payload: nested too deeply") from None
             from durable.codec import dumps
+            from durable.validation import idempotency_key
             from durable.validation import text as valid_text
 
             valid_text(name, "event name")
-            sent = await self.store.send_event(task_id, name, dumps(payload, what="payload"))
+            # The form's one-time key: the same form posted again (a double click, a
+            # browser resending it) delivers nothing more.
+            key = form.get("key") or None
+            if key is not None:
+                key = f"dashboard:{key}"
+                idempotency_key(key)
+            sent = await self.store.send_event(task_id, name, dumps(payload, what="payload"), key)
             return f"event {name!r} sent" if sent else f"task {task_id} has finished: not sent"
         raise InvalidValue(f"no action {what!r}")
 
@@ -426,6 +444,13 @@ def _probe(probe: Probe) -> Callable[[Request], Awaitable[Response]]:
 async def _failed(request: Request, exc: Exception) -> Response:
     log.error("ui_handler_error", path=request.url.path, error=redact(f"{type(exc).__name__}: {exc}"))
     return HTMLResponse("<h1>Internal error</h1><p>See the dashboard's log.</p>", 500)
+
+
+def _bearer(request: Request) -> bytes | None:
+    """The token of an ``Authorization: Bearer`` header as the bytes sent (Starlette reads
+    a header as Latin-1, which gives them back whatever they were), else None."""
+    header = request.headers.get("authorization", "")
+    return header[7:].encode("latin-1") if header.startswith("Bearer ") else None
 
 
 def _digits(text: str) -> bool:

@@ -5,7 +5,9 @@ downloaded). Each guards what held, or what was broken and is fixed.
 
 from __future__ import annotations
 
+import html
 import json
+import os
 import re
 import shutil
 import socket
@@ -139,12 +141,21 @@ async def sign_in(page: Any, base: str) -> None:
     await page.wait_for_url(base + "/")
 
 
-def flash(response: httpx.Response) -> str:
-    """The one-line outcome an action redirects with."""
+FLASH = re.compile(r'<p class="flash (ok|failed)" role="(?:status|alert)">([^<]*)</p>')
+
+
+def shown(page: httpx.Response) -> list[str]:
+    """The one-line outcomes a page shows, an error's after "error: "."""
+    return [("error: " if kind == "failed" else "") + html.unescape(text)
+            for kind, text in FLASH.findall(page.text)]  # fmt: skip
+
+
+async def flash(http: httpx.AsyncClient, response: httpx.Response) -> str:
+    """The one-line outcome an action redirects with, as the page it sends back to shows it."""
     assert response.status_code == 303, (response.status_code, response.text)
-    return httpx.URL(response.headers["location"]).params.get("msg") or "error: " + (
-        httpx.URL(response.headers["location"]).params.get("err") or ""
-    )
+    said = shown(await http.get(response.headers["location"]))
+    assert len(said) == 1, said
+    return said[0]
 
 
 # -- authentication and authorisation -----------------------------------------------------
@@ -194,7 +205,8 @@ async def test_no_spelling_method_or_header_makes_an_action_act(
             head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             answer = await anyio.to_thread.run_sync(raw, port or 0, head.encode() + body)
             status = int(answer.split(b" ", 2)[1])
-            assert status in (403, 404, 405, 307), (method, url, headers, answer[:200])
+            # 401: a wrong Bearer token, refused as HTTP has it.
+            assert status in (401, 403, 404, 405, 307), (method, url, headers, answer[:200])
             if status == 307:  # the trailing slash: sent on to the guarded path
                 location = re.search(rb"location: (\S+)", answer, re.I)
                 assert location is not None and location.group(1).decode() == f"{base}/tasks/{task}/retry"
@@ -240,7 +252,7 @@ async def test_csrf_tokens_are_bound_to_the_session_the_key_and_the_form(
         assert await status_of(dsn, task) == "failed"
         # The right token, as a multipart form too, acts.
         done = await http.post(url, files={"csrf": (None, csrf), "back": (None, "/")})
-        assert flash(done) == f"task {task} retried"
+        assert await flash(http, done) == f"task {task} retried"
         assert await status_of(dsn, task) == "queued"
 
 
@@ -352,7 +364,7 @@ async def test_guessing_the_secret_by_header_is_as_slow_as_by_the_form(
             started = time.monotonic()
             for i in range(5):
                 guess = await http.get("/", headers={"Authorization": f"Bearer guess-{i:04}"})
-                assert guess.status_code == 303
+                assert guess.status_code == 401
             assert time.monotonic() - started >= 5 * 0.5
 
 
@@ -368,6 +380,87 @@ async def test_a_non_ascii_cookie_or_csrf_token_is_refused_not_a_500(
             act = await http.post(f"/tasks/{task}/retry", data={"csrf": "\u00e9"})
             assert act.status_code == 403, act.status_code
     assert await status_of(dsn, task) == "failed"
+
+
+async def test_a_non_ascii_bearer_token_or_secret_is_a_401_not_a_500(
+    dsn: str, tmp_path: Path
+) -> None:
+    """The header's bytes are compared as sent, in constant time, whatever they hold."""
+    task = await failed_task(dsn)
+    path = tmp_path / "password"
+    path.write_text("p\u00e4ssw\u00f6rd-\u263a\n")
+    async with dashboard(dsn, Auth.from_file("--password-file", path, "password")) as base:
+        port = urlsplit(base).port or 0
+        tokens = [b"\xe9", "\u00e9\u263a".encode(), b"\xff\xfe\x80", b"\xed\xa0\x80",
+                  "p\u00e4ssw\u00f6rd-\u263a".encode("latin-1", "replace")]  # fmt: skip
+        for token in tokens:
+            for head in (b"GET / HTTP/1.1", f"POST /tasks/{task}/retry HTTP/1.1".encode()):
+                request = (head + b"\r\nHost: x\r\nAuthorization: Bearer " + token
+                           + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")  # fmt: skip
+                answer = await anyio.to_thread.run_sync(raw, port, request)
+                assert answer.startswith(b"HTTP/1.1 401 "), (token, head, answer[:200])
+                assert b"www-authenticate: bearer" in answer.lower()
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            # The right secret, sent as UTF-8 bytes, opens; typed in the form, too.
+            good = [(b"Authorization", "Bearer p\u00e4ssw\u00f6rd-\u263a".encode())]
+            assert (await http.get("/", headers=good)).status_code == 200
+            form = await http.post("/login", data={"secret": "p\u00e4ssw\u00f6rd-\u263a"})
+            assert form.status_code == 303 and COOKIE in form.cookies
+            # A lone surrogate (UTF-8 of U+D800) in the form: refused, not a 500.
+            odd = await http.post("/login", content=b"secret=%ED%A0%80",
+                                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+            assert odd.status_code == 403, odd.status_code
+    assert await status_of(dsn, task) == "failed"
+
+
+async def test_a_rotated_secret_file_is_read_again_without_a_restart(
+    dsn: str, tmp_path: Path
+) -> None:
+    from structlog.testing import capture_logs
+
+    new = "rotated-token-0001"
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+
+    def rotate(text: str) -> None:
+        """As a secret manager does: a new file renamed over the old one."""
+        fresh = tmp_path / "token.new"
+        fresh.write_text(text)
+        os.replace(fresh, path)
+
+    async with dashboard(dsn, Auth.from_file("--token-file", path, "token")) as base, \
+            session(base) as signed, httpx.AsyncClient(base_url=base, timeout=30) as http:  # fmt: skip
+
+        async def opens(token: str) -> int:
+            return (await http.get("/", headers={"Authorization": f"Bearer {token}"})).status_code
+
+        assert await opens(TOKEN) == 200 and (await signed.get("/")).status_code == 200
+        rotate(new + "\n")
+        assert await opens(new) == 200
+        assert await opens(TOKEN) == 401
+        # A new secret signs everyone out, as a restart does.
+        assert (await signed.get("/")).status_code == 303
+        # Written over in place (same inode), a token of another length: read again too.
+        path.write_text(new + "-2\n")
+        assert await opens(new + "-2") == 200 and await opens(new) == 401
+        with capture_logs() as logs:
+            for broken in ("", "short\n", None):
+                if broken is None:
+                    path.unlink()
+                else:
+                    rotate(broken)
+                # Fail closed: no secret opens, and the form refuses too.
+                assert await opens(new + "-2") == 401 and await opens("short") == 401
+                refused = await http.post("/login", data={"secret": new + "-2"})
+                assert refused.status_code == 403 and COOKIE not in refused.cookies
+        said = [e for e in logs if e["event"] == "ui_secret_unusable"]
+        # One line a change, naming the file, never the secret.
+        assert len(said) == 3, logs
+        assert all(e["log_level"] == "error" and str(path) in e["problem"] for e in said), said
+        assert "--token-file" in said[0]["problem"] and "8 to" in said[1]["problem"]
+        assert not any(new in repr(e) or TOKEN in repr(e) for e in logs), logs
+        rotate(TOKEN)
+        assert await opens(TOKEN) == 200 and await opens(new + "-2") == 401
 
 
 # -- injection -----------------------------------------------------------------------------
@@ -581,7 +674,9 @@ async def test_actions_on_finished_tasks_and_a_double_submit_say_so_in_one_line(
         csrf = await csrf_of(http, task)
 
         async def act(what: str, **form: str) -> str:
-            return flash(await http.post(f"/tasks/{task}/{what}", data={"csrf": csrf, **form}))
+            return await flash(
+                http, await http.post(f"/tasks/{task}/{what}", data={"csrf": csrf, **form})
+            )
 
         assert await act("cancel") == f"task {task} had finished"
         assert await act("event", name="go", payload="{}") == f"task {task} has finished: not sent"
@@ -595,7 +690,77 @@ async def test_actions_on_finished_tasks_and_a_double_submit_say_so_in_one_line(
         assert await status_of(dsn, task) == "queued"
         # An id past bigint, on an action: one line, not a 500.
         huge = await http.post("/tasks/99999999999999999999/retry", data={"csrf": csrf})
-        assert flash(huge).startswith("error: the database refused")
+        assert (await flash(http, huge)).startswith("error: the database refused")
+
+
+async def test_the_event_form_posted_twice_delivers_the_event_once(
+    dsn: str, tmp_path: Path
+) -> None:
+    """A double click, or the browser sending the form again after a reload: the form's
+    one-time key delivers it once; the form drawn again sends anew."""
+    flow = int(await fetchval(
+        dsn, "insert into durable.tasks (queue, name, kind, status) "
+        "values ('atk', 'atk_flow', 'workflow', 'queued') returning id",
+    ))  # fmt: skip
+
+    async def event_form(http: httpx.AsyncClient) -> dict[str, str]:
+        page = await http.get(f"/tasks/{flow}")
+        form = re.search(r'<form[^>]*action="/tasks/\d+/event".*?</form>', page.text, re.S)
+        assert form is not None, page.text
+        fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', form.group(0)))
+        assert {"csrf", "back", "key"} <= set(fields), fields
+        return {**fields, "name": "go", "payload": '{"n": 1}'}
+
+    async with dashboard(dsn, token_auth(tmp_path)) as base, session(base) as http:
+        form = await event_form(http)
+        for _ in range(3):
+            assert await flash(http, await http.post(f"/tasks/{flow}/event", data=form)) == \
+                "event 'go' sent"  # fmt: skip
+        signals = "select count(*) from durable.signals where task_id = $1"
+        assert await fetchval(dsn, signals, flow) == 1
+        again = await event_form(http)
+        assert again["key"] != form["key"]
+        await http.post(f"/tasks/{flow}/event", data=again)
+        assert await fetchval(dsn, signals, flow) == 2
+        # A key no index could hold: one line, nothing sent.
+        huge = await http.post(f"/tasks/{flow}/event", data={**again, "key": "k" * 3000})
+        assert (await flash(http, huge)).startswith("error: idempotency_key must be at most")
+        assert await fetchval(dsn, signals, flow) == 2
+
+
+async def test_a_flash_message_cannot_be_forged_by_a_link(dsn: str, tmp_path: Path) -> None:
+    """A link to the real dashboard saying what its sender likes shows nothing: an outcome
+    shows only to the session whose action it was, for a minute."""
+    from durable.ui.flash import Flashes
+
+    task = await failed_task(dsn)
+    lie = "Your session expired: paste your token at evil.example"
+    fake = Flashes().seal("any", "error", lie)
+    forged = [
+        f"?err={quote(lie)}", f"?msg={quote(lie)}", f"?flash={quote(fake)}",
+        f"?flash={quote(fake.split('.')[0])}.{'0' * 64}", "?flash=%C3%A9.%C3%A9", "?flash=..",
+    ]  # fmt: skip
+    async with dashboard(dsn, token_auth(tmp_path)) as base, browser() as page:
+        await sign_in(page, base)
+        for query in forged:
+            await page.goto(f"{base}/tasks/{task}{query}")
+            assert await page.locator("p.flash").count() == 0, query
+            assert lie not in await page.inner_text("main"), query
+        # The real outcome: after the redirect, after a reload.
+        await page.click("#action-retry")
+        assert await page.inner_text("[role=status]") == f"task {task} retried"
+        await page.reload()
+        assert await page.inner_text("[role=status]") == f"task {task} retried"
+        # The same link, opened by another session: nothing.
+        async with session(base) as other:
+            assert shown(await other.get(page.url)) == []
+    # Sealed for a session, it opens for that session only, and only for a minute.
+    flashes = Flashes()
+    sealed = flashes.seal("sid", "ok", "done", now=1000.0)
+    assert flashes.open("sid", sealed, now=1059.0) == ("ok", "done")
+    assert flashes.open("sid", sealed, now=1061.0) is None
+    assert flashes.open("other", sealed, now=1001.0) is None
+    assert Flashes().open("sid", sealed, now=1001.0) is None  # a restart draws a new key
 
 
 async def test_a_deeply_nested_event_payload_is_refused_in_one_line(
@@ -617,8 +782,12 @@ async def test_a_fork_past_the_end_or_of_a_plain_task_is_refused(
     flow = await failed_task(dsn, "workflow")
     async with dashboard(dsn, token_auth(tmp_path)) as base, session(base) as http:
         csrf = await csrf_of(http, flow)
-        past = flash(await http.post(f"/tasks/{flow}/fork", data={"csrf": csrf, "at": "999"}))
-        of_plain = flash(await http.post(f"/tasks/{plain}/fork", data={"csrf": csrf, "at": "0"}))
+        past = await flash(
+            http, await http.post(f"/tasks/{flow}/fork", data={"csrf": csrf, "at": "999"})
+        )
+        of_plain = await flash(
+            http, await http.post(f"/tasks/{plain}/fork", data={"csrf": csrf, "at": "0"})
+        )
         assert past.startswith("error:") and "past the end" in past, past
         assert of_plain.startswith("error:") and "not a workflow" in of_plain, of_plain
 
@@ -632,8 +801,8 @@ async def test_a_bulk_retry_past_its_limit_says_what_it_left(dsn: str, tmp_path:
     some = int(await fetchval(dsn, "select max(id) from durable.tasks"))
     async with dashboard(dsn, token_auth(tmp_path)) as base, session(base) as http:
         csrf = await csrf_of(http, some)
-        done = flash(
-            await http.post("/tasks/retry?status=failed&queue=bulk", data={"csrf": csrf})
+        done = await flash(
+            http, await http.post("/tasks/retry?status=failed&queue=bulk", data={"csrf": csrf})
         )
         queued = await fetchval(dsn, "select count(*) from durable.tasks where status = 'queued'")
         assert queued == 10_000 and done.startswith("retried 10000"), done
