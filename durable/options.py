@@ -465,7 +465,9 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "(unset: read-only)",
         "a file holding a token (8 characters or more) that signs in to the dashboard and "
         "enables its actions (retry, replay, fork, cancel, events); without it or "
-        "DURABLE_UI_PASSWORD_FILE the dashboard is read-only", metavar="PATH",
+        "DURABLE_UI_PASSWORD_FILE the dashboard is read-only. Read again when it changes: "
+        "a rotated token needs no restart (and ends the sessions of the old one)",
+        metavar="PATH",
     ),
     Option(
         "ui_password_file", "DURABLE_UI_PASSWORD_FILE", "--ui-password-file", secret_file,
