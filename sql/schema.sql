@@ -863,11 +863,22 @@ begin
     if st is null then
         return false;
     end if;
+    -- Delivered before, even if the task has finished since; or delivered to an earlier
+    -- run of its chain (ctx.continue_as_new): a producer that finds the chain's current
+    -- run again (a start with the chain's idempotency key) and resends an event the run
+    -- before took must not deliver it twice. The earlier runs are reached through
+    -- continued_from, one probe each; retention ends the walk where it pruned the chain.
     if send_event.idempotency_key is not null and exists (
+        with recursive chain (id) as (
+            select send_event.task_id
+            union all
+            select t.continued_from from durable.tasks t join chain c on t.id = c.id
+             where t.continued_from is not null
+        )
         select 1 from durable.signals s
-         where s.task_id = send_event.task_id
+         where s.task_id in (select id from chain)
            and s.idempotency_key = send_event.idempotency_key) then
-        return true;  -- delivered before, even if the task has finished since
+        return true;
     end if;
     if st in ('completed', 'failed', 'cancelled') then
         return false;

@@ -397,6 +397,30 @@ async def test_an_event_accepted_by_a_run_that_then_continues_is_delivered_to_th
     assert (runs, keyed) == (3, 2)
 
 
+async def test_a_keyed_event_the_run_before_took_is_not_delivered_to_the_next_again(
+    dsn: str,
+) -> None:
+    """An entity took a keyed event and continued as new. Its producer, whose reply was
+    lost, finds the chain's current run again and resends the event there: the key holds
+    across the chain, so the next run does not get it a second time."""
+    async with durable.connect(dsn) as client:
+        first = await client.start(wf_attack_acc, 0, 1, 3, idempotency_key="entity-7")
+        assert await client.send_event(first.id, "add", 1, idempotency_key="k")
+        async with running_daemon(dsn, queues=CHAIN_QUEUE, workflow_cache=10):
+            second = await successor(dsn, first.id)  # the first run took "k"
+            current = await client.start(wf_attack_acc, 0, 1, 3, idempotency_key="entity-7")
+            assert current.id == second
+            assert await client.send_event(current.id, "add", 1, idempotency_key="k")
+            assert await client.send_event(current.id, "add", 1)
+            third = await successor(dsn, second)
+            assert await client.send_event(third, "add", 1)
+            assert await client.result(first.id, timeout=30) == 3
+        keyed = await fetchval(
+            dsn, "select array_agg(task_id) from durable.signals where idempotency_key = 'k'"
+        )
+    assert keyed == [first.id]
+
+
 async def test_a_versioned_runs_successor_stays_on_its_version(dsn: str, store: Store) -> None:
     v1 = Harness(store)
     name = wf_attack_versioned.name
