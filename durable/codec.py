@@ -37,6 +37,43 @@ _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _FLOAT_FIX = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|(-?)(\d)(?:\.(\d+))?e\+(\d+)|-0\.0(?!\d)')
 
 
+# JSON keys are text: the encoder writes a key of 1, 1.5, True or None as "1", "1.5",
+# "true" or "null", and a dict holding both 1 and "1" would come back from jsonb with one
+# of their values. Such a key shows in the text as a key that reads as a number or a
+# constant; only a text holding one is walked to look for two keys that meet.
+_NUMERIC_KEY = re.compile(r'[{,]"(?:-?[0-9][0-9.eE+-]*|true|false|null)":')
+
+
+def _check_keys(value: Any, what: str) -> None:
+    """Raise PayloadError when a dict in ``value`` has two keys of the same JSON text."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if any(type(k) is not str for k in item):
+                seen: dict[str, Any] = {}
+                for k in item:
+                    text = _key_text(k)
+                    if text in seen:
+                        raise PayloadError(
+                            f"{what} must be JSON: the keys {seen[text]!r} and {k!r} of one "
+                            f"dict are both {text!r} in JSON (one of their values would be lost)"
+                        )
+                    seen[text] = k
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
+def _key_text(key: Any) -> str:
+    """A dict key as the JSON encoder writes it."""
+    if isinstance(key, str):
+        return key
+    if key is True or key is False or key is None:
+        return json.dumps(key)
+    return float.__repr__(key) if isinstance(key, float) else int.__repr__(key)
+
+
 def _fix_float(m: re.Match[str]) -> str:
     exponent = m.group(4)
     if exponent is None:
@@ -112,6 +149,8 @@ def dumps(value: Any, *, what: str = "value") -> str:
         raise PayloadError(f"{what} must be JSON: {exc}") from None
     except RecursionError:
         raise PayloadError(f"{what} is nested too deeply to encode") from None
+    if _NUMERIC_KEY.search(text) is not None:
+        _check_keys(value, what)
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise PayloadError(f"{what} must not contain NUL characters (Postgres jsonb rejects them)")
     if "e+" in text or _has_negative_zero(text):

@@ -108,8 +108,9 @@ def test_floats_are_written_so_that_jsonb_keeps_them_floats(value: Any, text: st
 
 
 def test_loads_as_stored_orders_keys_as_jsonb_does() -> None:
-    value = {"b": 1, "aa": {"zz": [], "y": 2}, "a": 3, "é": 4, "z": 5, 1: "int key", "1": "dup"}
-    back = loads_as_stored(dumps(value))
+    value = {"b": 1, "aa": {"zz": [], "y": 2}, "a": 3, "é": 4, "z": 5, 1: "int key"}
+    text = dumps(value)[:-1] + ',"1":"dup"}'  # a text another writer made, a key twice
+    back = loads_as_stored(text)
     # By UTF-8 length, then bytewise; of duplicate keys ("1" twice) the last one.
     assert list(back) == ["1", "a", "b", "z", "aa", "é"]
     assert list(back["aa"]) == ["y", "zz"] and back["1"] == "dup"
@@ -196,3 +197,36 @@ def test_error_text_keeps_json_attributes_and_leaves_out_the_rest() -> None:
     exc.response = object()  # type: ignore[attr-defined]
     value = stored(exc)
     assert value["args"] == ["no"] and value["attrs"] == {"status": 503}
+
+
+@pytest.mark.parametrize(
+    ("value", "keys"),
+    [
+        ({1: "int key", "1": "str key"}, "1 and '1'"),
+        ([{"deep": {True: 1, "true": 2}}], "True and 'true'"),
+        ({None: 1, "null": 2}, "None and 'null'"),
+        (({2.5: 0, "2.5": 1},), "2.5 and '2.5'"),
+        ({"-3": 0, -3: 1}, "'-3' and -3"),
+    ],
+    ids=repr,
+)
+def test_two_keys_of_one_dict_that_meet_in_json_are_refused(value: Any, keys: str) -> None:
+    # jsonb keeps one value of a key written twice: the other would be lost in silence.
+    with pytest.raises(PayloadError, match=f"the arguments must be JSON: the keys {re.escape(keys)} "):
+        dumps(value, what="the arguments")
+
+
+def test_keys_that_only_read_as_numbers_are_kept() -> None:
+    value = {1: "a", "2": "b", "x": [{3: "c", "true": "d"}], "text": '{"1":"in a string"}'}
+    assert loads(dumps(value)) == {"1": "a", "2": "b", "x": [{"3": "c", "true": "d"}],
+                                   "text": '{"1":"in a string"}'}
+
+
+def test_the_key_walk_runs_only_when_a_key_reads_as_a_number(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def exploding(value: Any, what: str) -> None:
+        raise AssertionError("walked a value whose keys are all plain text")
+
+    monkeypatch.setattr(codec, "_check_keys", exploding)
+    assert dumps({"a": ["1", "2"], "b": {"c": "1:"}, "d": '","1":'}) is not None
