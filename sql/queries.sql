@@ -868,6 +868,18 @@ on conflict (name) do update
        version = excluded.version, digest = excluded.digest,
        deadline = excluded.deadline, idempotency = excluded.idempotency,
        published_by = excluded.published_by, published_at = excluded.published_at
+ -- The row as it is now, locked: the test above read this statement's snapshot, which
+ -- may predate a newer daemon that registered and published the name since (the row
+ -- then holds its definition). Taken over only from this daemon itself, or from a
+ -- publisher seen to be older, stopped or silent, or gone and not heard from within $3.
+ where d.published_by is not distinct from $1
+    or exists (select 1 from durable.workers w, me
+                where w.id = d.published_by
+                  and (w.stopped_at is not null
+                       or w.heartbeat_at <= now() - make_interval(secs => $3)
+                       or (w.started_at, w.id) < (me.started_at, $1)))
+    or (d.published_at <= now() - make_interval(secs => $3)
+        and not exists (select 1 from durable.workers w where w.id = d.published_by))
 returning name
 
 -- name: resolve_definition

@@ -9,8 +9,10 @@ the caller imports nothing of the worker's."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import uuid
 from typing import Any
 
 import anyio
@@ -483,3 +485,56 @@ async def test_a_task_of_another_version_is_not_due_for_a_daemon(dsn: str) -> No
         assert await store.next_due("flows", claim_names([V2])) is not None
         await client.start(dataclasses.replace(V1, version=None))  # runs on any version
         assert await store.next_due("flows", claim_names([V1])) is not None
+
+
+async def test_an_older_daemon_whose_publish_began_first_does_not_overwrite_a_newer_one(
+    dsn: str,
+) -> None:
+    """The older daemon's publish statement took its snapshot, then waited (here for a row
+    another session holds); meanwhile a newer daemon registered and published the name.
+    The older one's snapshot does not show the newer daemon, but the row it meets does:
+    it leaves it."""
+    from durable.catalog import publication
+    from durable.store import Store
+
+    other = Definition(name="cat_other", fn=_tag, queue="orders", digest=code_digest(_tag))
+    old = dataclasses.replace(FULFILL, max_attempts=2)
+    new = dataclasses.replace(FULFILL, max_attempts=7)
+    older_id, newer_id = uuid.uuid4(), uuid.uuid4()
+    store = await Store.open(dsn)
+    try:
+        await store.register_worker(older_id, {"orders": 1}, ["cat_other", "fulfill"])
+        await store.register_definitions(older_id, publication([other, old]))
+        await store.publish_definitions(older_id, publication([other]), 5.0)
+        holder = await asyncpg.connect(dsn)
+        try:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute(
+                "select 1 from durable.definitions where name = 'cat_other' for update"
+            )
+            changed = dataclasses.replace(other, max_attempts=9)  # so it writes cat_other
+            publishing = asyncio.ensure_future(
+                store.publish_definitions(older_id, publication([changed, old]), 5.0)
+            )
+
+            async def waiting() -> bool:
+                return bool(await fetchval(
+                    dsn, "select count(*) from pg_stat_activity where wait_event_type = 'Lock'"
+                    " and query like '%durable.definitions%'",
+                ))  # fmt: skip
+
+            await wait_for(waiting)
+            await store.register_worker(newer_id, {"orders": 1}, ["fulfill"])
+            await store.register_definitions(newer_id, publication([new]))
+            assert await store.publish_definitions(newer_id, publication([new]), 5.0) == [
+                "fulfill"
+            ]
+            await tx.rollback()
+            assert await publishing == ["cat_other"]
+        finally:
+            await holder.close()
+    finally:
+        await store.close()
+    row = await definitions_row(dsn, "fulfill")
+    assert (row["max_attempts"], row["published_by"]) == (7, newer_id)
