@@ -301,18 +301,26 @@ select least((select min(wake_at) from durable.tasks where status = 'waiting'),
 -- daemons had a slot, or they wait (a workflow is woken at its deadline, but only a claim
 -- would fail it). They end as the runner ends a task past its deadline: failed with
 -- DeadlineExceeded (cancelled if a cancel came first), their unfinished descendants
--- cancelled. A task a claim holds is skipped: its runner fails it.
-with due as (
+-- cancelled. A task a claim took meanwhile is left alone (the update checks the status
+-- again once the row is locked): its runner fails it.
+-- Their trees are locked first, children before parents (durable.lock_trees): locking a
+-- waiting workflow and then its children deadlocked with a child finishing, which locks
+-- its own row and then its waiting parent's.
+with candidates as materialized (
+    select array(select id from durable.tasks
+                  where deadline <= now() and status in ('queued', 'waiting')
+                  order by deadline limit 1000) as ids
+), locked as materialized (
+    select c.ids, durable.lock_trees(c.ids) from candidates c
+), due as (
     -- The message the runner writes: the deadline in ISO 8601, as Python prints it.
-    select id, 'the deadline '
-               || to_char(deadline at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
-               || case when extract(microseconds from deadline)::bigint % 1000000 = 0
-                       then '' else to_char(deadline at time zone 'UTC', '.US') end
+    select t.id, 'the deadline '
+               || to_char(t.deadline at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
+               || case when extract(microseconds from t.deadline)::bigint % 1000000 = 0
+                       then '' else to_char(t.deadline at time zone 'UTC', '.US') end
                || '+00:00 passed' as message
-      from durable.tasks
-     where deadline <= now() and status in ('queued', 'waiting')
-     order by deadline limit 1000
-     for update skip locked
+      from durable.tasks t, locked l
+     where t.id = any(l.ids)
 ), failed as (
     update durable.tasks t
        set status = case when t.cancel_requested then 'cancelled' else 'failed' end,
@@ -322,7 +330,7 @@ with due as (
                'args', jsonb_build_array(due.message), 'attrs', '{}'::jsonb),
            finished_at = now(), wake_at = null, waiting_on = null, waiting_event = null
       from due
-     where t.id = due.id
+     where t.id = due.id and t.deadline <= now() and t.status in ('queued', 'waiting')
     returning t.id, t.name, t.status
 )
 select f.id, f.name, f.status,

@@ -417,6 +417,30 @@ begin
 end;
 $$;
 
+-- Lock the rows of `ids` and of their unfinished descendants, newest first. A task is
+-- newer than its parent, so a child's row is taken before its parent's: the order a
+-- finishing child takes them in (its own row, then, in durable.wake_waiting, its waiting
+-- parent's). A cancel that took the parent's row first and then waited for a finishing
+-- child's, while the child waited for the parent's, was a deadlock Postgres broke by
+-- failing one of them. Any two callers take rows in the same order: they cannot deadlock.
+create function durable.lock_trees(ids bigint[]) returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp as $$
+begin
+    perform 1 from durable.tasks t
+     where t.id in (
+               with recursive tree as (
+                   select i as id from unnest(ids) as i
+                   union
+                   select c.id from durable.tasks c join tree on c.parent_id = tree.id
+               )
+               select tree.id from tree)
+       and (t.id = any(ids) or t.status in ('queued', 'running', 'waiting'))
+     order by t.id desc
+       for update of t;
+end;
+$$;
+
 -- The cascade of a cancel, written once. Every unfinished descendant of `parents`
 -- is cancelled: queued and waiting ones end now; a running one is asked to stop (its
 -- daemon hears of it on `durable_control`, or from its next heartbeat) and ends cancelled
@@ -476,8 +500,8 @@ declare
 begin
     -- Lock first, read in a later statement: its snapshot sees an outcome that committed
     -- before the lock was granted, and an outcome written after this commits sees the
-    -- request. Id order: two cancels of overlapping sets cannot deadlock.
-    perform 1 from durable.tasks t where t.id = any(ids) order by t.id for update;
+    -- request. The whole tree, children before parents (see durable.lock_trees).
+    perform durable.lock_trees(ids);
     perform set_config('durable.cascading', 'on', true);  -- the cascade is below
     for r in
         update durable.tasks t
