@@ -24,6 +24,10 @@ _ALIASES = {
     "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
+_LONGEST = {1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30, 10: 31, 11: 30, 12: 31}
+"""The most days each month has (February 29 comes every four years, mostly)."""
+_SEARCH_DAYS = 366 * 8  # Feb 29 comes within 8 years even across 2100, which has none
+_MARGIN = timedelta(hours=3)
 _FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
     ("minute", 0, 59, {}),
     ("hour", 0, 23, {}),
@@ -41,7 +45,7 @@ def _value(text: str, names: dict[str, int], field: str, expr: str) -> int:
     text = text.lower()
     if text in names:
         return names[text]
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # int() refuses some str.isdigit() text: "²"
         raise CronError(f"cron {expr!r}: {field} {text!r} is not a number")
     return int(text)
 
@@ -54,7 +58,7 @@ def _parse_field(
         step = 1
         if "/" in part:
             part, _, step_text = part.partition("/")
-            if not step_text.isdigit() or int(step_text) < 1:
+            if not (step_text.isascii() and step_text.isdigit()) or int(step_text) < 1:
                 raise CronError(f"cron {expr!r}: {field} step {step_text!r} must be >= 1")
             step = int(step_text)
         if part == "*":
@@ -84,6 +88,7 @@ class Cron:
     weekdays: frozenset[int]
     any_day: bool
     any_weekday: bool
+    any_hour: bool = False
 
     @property
     def zone(self) -> ZoneInfo:
@@ -99,45 +104,70 @@ class Cron:
             return dom
         return dom or dow
 
+    def _instants(self, wall: datetime) -> tuple[datetime, ...]:
+        """The UTC instants of a wall time that is a tick: none in the spring DST gap; in
+        the autumn's repeated hour both for an hour field of ``*`` (or ``*/n``), else the
+        first only (a tick at a fixed time runs once a day)."""
+        zone = self.zone
+        first = wall.replace(tzinfo=zone).astimezone(UTC)
+        if first.astimezone(zone).replace(tzinfo=None) != wall:
+            return ()
+        if self.any_hour:
+            second = wall.replace(tzinfo=zone, fold=1).astimezone(UTC)
+            if second != first:
+                return (first, second)
+        return (first,)
+
     def next_after(self, after: datetime) -> datetime:
         """The first tick strictly after ``after`` (an aware datetime), in UTC."""
         if after.tzinfo is None:
             raise ValueError("cron needs an aware datetime")
-        zone = self.zone
-        local = after.astimezone(zone).replace(second=0, microsecond=0) + timedelta(minutes=1)
-        day = local.replace(hour=0, minute=0)
-        for _ in range(366 * 8):  # Feb 29 on a Monday happens within 28 years; 8 covers most
+        # Wall times from a little before: a tick in the repeated hour's second pass has an
+        # earlier wall time than ``after``'s first pass (no zone moves its clock by 3h).
+        start = after.astimezone(self.zone).replace(tzinfo=None) - _MARGIN
+        day = start.replace(hour=0, minute=0, second=0, microsecond=0)
+        for _ in range(_SEARCH_DAYS):
             if day.month in self.months and self._day_matches(day):
+                best: datetime | None = None
                 for hour in sorted(self.hours):
                     for minute in sorted(self.minutes):
-                        wall = day.replace(hour=hour, minute=minute, tzinfo=None)
-                        if wall < local.replace(tzinfo=None):
+                        wall = day.replace(hour=hour, minute=minute)
+                        if wall < start:
                             continue
-                        candidate = wall.replace(tzinfo=zone)
-                        # A wall time that does not exist (the DST gap) is skipped.
-                        if candidate.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != wall:
-                            continue
-                        return candidate.astimezone(UTC)
-            day = (day.replace(tzinfo=None) + timedelta(days=1)).replace(tzinfo=zone)
+                        instants = self._instants(wall)
+                        # A later wall time's instants are later than this one's first.
+                        if instants and best is not None and instants[0] >= best:
+                            return best
+                        for instant in instants:
+                            if instant > after and (best is None or instant < best):
+                                best = instant
+                if best is not None:
+                    return best
+            day += timedelta(days=1)
         raise CronError(f"cron {self.expr!r} has no tick in the next 8 years")
 
     def previous_at_or_before(self, when: datetime) -> datetime | None:
         """The last tick at or before ``when``, in UTC (None if none in 8 years)."""
-        zone = self.zone
-        local = when.astimezone(zone).replace(second=0, microsecond=0)
-        day = local.replace(hour=0, minute=0)
-        for _ in range(366 * 8):
+        end = when.astimezone(self.zone).replace(tzinfo=None) + _MARGIN
+        day = end.replace(hour=0, minute=0, second=0, microsecond=0)
+        for _ in range(_SEARCH_DAYS):
             if day.month in self.months and self._day_matches(day):
+                best: datetime | None = None
                 for hour in sorted(self.hours, reverse=True):
                     for minute in sorted(self.minutes, reverse=True):
-                        wall = day.replace(hour=hour, minute=minute, tzinfo=None)
-                        if wall > local.replace(tzinfo=None):
+                        wall = day.replace(hour=hour, minute=minute)
+                        if wall > end:
                             continue
-                        candidate = wall.replace(tzinfo=zone)
-                        if candidate.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != wall:
-                            continue
-                        return candidate.astimezone(UTC)
-            day = (day.replace(tzinfo=None) - timedelta(days=1)).replace(tzinfo=zone)
+                        instants = self._instants(wall)
+                        # An earlier wall time's instants are earlier than this one's last.
+                        if instants and best is not None and instants[-1] <= best:
+                            return best
+                        for instant in instants:
+                            if instant <= when and (best is None or instant > best):
+                                best = instant
+                if best is not None:
+                    return best
+            day -= timedelta(days=1)
         return None
 
     def latest_at_or_before(self, when: datetime, since: datetime) -> datetime | None:
@@ -157,6 +187,8 @@ def parse(expr: str, timezone: str = "UTC") -> Cron:
             f"cron {expr!r}: expected 5 fields (minute hour day-of-month month day-of-week), "
             f"got {len(parts)}"
         )
+    if not isinstance(timezone, str):
+        raise CronError(f"a time zone must be a name such as 'Europe/Paris', got {timezone!r}")
     try:
         ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
@@ -166,6 +198,11 @@ def parse(expr: str, timezone: str = "UTC") -> Cron:
         for p, (f, lo, hi, names) in zip(parts, _FIELDS, strict=True)
     ]
     weekdays = frozenset(d % 7 for d in sets[4])
+    if parts[4] == "*" and not any(d <= _LONGEST[m] for m in sets[3] for d in sets[2]):
+        # Only the day of the month counts: a date no month has would never run.
+        raise CronError(
+            f"cron {expr!r}: day of month {parts[2]!r} never falls in month {parts[3]!r}"
+        )
     return Cron(
         expr=expr,
         timezone=timezone,
@@ -176,6 +213,7 @@ def parse(expr: str, timezone: str = "UTC") -> Cron:
         weekdays=weekdays,
         any_day=parts[2] == "*",
         any_weekday=parts[4] == "*",
+        any_hour=parts[1].startswith("*"),
     )
 
 

@@ -167,9 +167,12 @@ def _validated(d: Definition[Any, Any]) -> Definition[Any, Any]:
             f"{d.origin}: idempotency must be 'forever' or 'active', got {d.idempotency!r}"
         )
     if d.schedule is not None:
-        from durable.cron import parse
+        from durable.cron import CronError, parse
 
-        parse(d.schedule, d.timezone)
+        try:
+            parse(d.schedule, d.timezone)
+        except CronError as exc:
+            raise CronError(f"{d.origin}: schedule: {exc}") from None
     return d
 
 

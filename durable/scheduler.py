@@ -20,7 +20,8 @@ async def declare_schedules(store: Store, registry: Registry, now: datetime) -> 
     """Record the schedules declared in code (``schedule=`` on a definition).
 
     Every daemon does this at startup; a schedule keeps its next run unless its cron
-    expression or time zone changed.
+    expression or time zone changed. A definition that declares no schedule removes the
+    one it declared before (``schedule=`` taken out of the code).
     """
     for d in registry.definitions():
         if d.schedule is None:
@@ -30,6 +31,10 @@ async def declare_schedules(store: Store, registry: Registry, now: datetime) -> 
             d.name, d.name, d.schedule, d.timezone, "[]", "{}", d.queue, "code",
             cron.next_after(now),
         )
+    unscheduled = [d.name for d in registry.definitions() if d.schedule is None]
+    if unscheduled:
+        for name in await store.forget_code_schedules(unscheduled):
+            log.info("schedule_removed", schedule=name, note="no longer declared in code")
 
 
 async def run_schedules(

@@ -545,6 +545,12 @@ on conflict (name) do update
        cron = excluded.cron, timezone = excluded.timezone
 returning name
 
+-- name: forget_code_schedules
+-- Schedules once declared in code by definitions that now declare none: they stop. A
+-- schedule added from the command line under such a name stays.
+delete from durable.schedules where name = any($1::text[]) and source = 'code'
+returning name
+
 -- name: delete_schedule
 delete from durable.schedules where name = $1 returning name
 

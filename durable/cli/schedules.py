@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from durable import validation
 from durable.catalog import unknown
 from durable.cli.core import CommandError, Session, database_options, emit, json_value, with_session
-from durable.cron import next_run
+from durable.cron import parse
 from durable.errors import ConfigurationError
 from durable.validation import InvalidValue
 
@@ -56,7 +56,7 @@ def _add(args: argparse.Namespace) -> int:
             validation.text(args.queue, "--queue")
         validation.text(args.cron, "--cron")
         validation.text(args.timezone, "--timezone", limit=100)
-        first = next_run(args.cron, args.timezone, datetime.now(UTC))
+        cron = parse(args.cron, args.timezone)
     except (ConfigurationError, InvalidValue) as exc:
         raise CommandError(str(exc), 2) from None
     call_args = json_value("--args", args.args) if args.args else []
@@ -65,7 +65,7 @@ def _add(args: argparse.Namespace) -> int:
 
     task = args.task or args.name
 
-    async def add(s: Session) -> None:
+    async def add(s: Session) -> datetime:
         if (
             args.queue is None
             and not args.allow_unknown
@@ -74,12 +74,15 @@ def _add(args: argparse.Namespace) -> int:
             # As `durable start`: a typo would otherwise start a task nobody runs, on
             # every tick, in the default queue.
             raise CommandError(str(unknown(task, "pass --queue or --allow-unknown")), 2)
+        # On the database's clock, as the scheduler's: this machine's may be off.
+        first = cron.next_after(s.client.store.now())
         await s.admin.add_schedule(
             args.name, task, args.cron, args.timezone, call_args, args.queue,
             first,
         )  # fmt: skip
+        return first
 
-    with_session(args, add)
+    first = with_session(args, add)
     print(f"schedule {args.name}: next run {first.isoformat()}")
     return 0
 

@@ -84,6 +84,11 @@ class Operations(Part):
             next_run_at,
         )
 
+    async def forget_code_schedules(self, names: Sequence[str]) -> list[str]:
+        """Delete the schedules declared in code under ``names`` (not those added from the
+        command line); returns the names deleted."""
+        return [r[0] for r in await self.pool.fetch(self.q["forget_code_schedules"], list(names))]
+
     async def delete_schedule(self, name: str) -> bool:
         return await self.pool.fetchval(self.q["delete_schedule"], name) is not None
 

@@ -182,6 +182,7 @@ class Store:
     set_queue_paused = _Via(_operations, Operations.set_queue_paused)
     upsert_schedule = _Via(_operations, Operations.upsert_schedule)
     delete_schedule = _Via(_operations, Operations.delete_schedule)
+    forget_code_schedules = _Via(_operations, Operations.forget_code_schedules)
     list_schedules = _Via(_operations, Operations.list_schedules)
     due_schedules = _Via(_operations, Operations.due_schedules)
     next_schedule = _Via(_operations, Operations.next_schedule)
