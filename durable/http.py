@@ -16,7 +16,7 @@ from anyio.abc import TaskStatus
 
 from durable.errors import DurableError
 from durable.logs import get_logger, redact
-from durable.store import latest_version
+from durable.store import latest_version, schema_problem
 
 if TYPE_CHECKING:
     from durable.metrics import ListenerState, Metrics
@@ -164,7 +164,8 @@ class Probes:
         return 200, JSON, _json({"status": "ok", "database": True})
 
     async def readyz(self) -> Response:
-        """200 while the listener is connected and the schema is the one this code needs."""
+        """200 while the listener is connected and the schema is the one this code needs
+        (or newer)."""
         listener = self.listener()
         connected = listener is not None and listener.connected
         expected = latest_version()
@@ -175,7 +176,8 @@ class Probes:
                 version = await self.store.schema_version(PROBE_TIMEOUT)
         except Exception as exc:
             error = redact(f"{type(exc).__name__}: {exc}")
-        ready = connected and version == expected
+        # A newer schema is served (a rolling deploy migrates before it replaces daemons).
+        ready = connected and error is None and schema_problem(version) is None
         body: dict[str, Any] = {
             "status": "ready" if ready else "unready",
             "listener": connected,

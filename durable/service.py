@@ -10,11 +10,15 @@ import anyio
 from anyio.abc import TaskStatus
 
 from durable.errors import ConfigurationError
+from durable.logs import get_logger
 from durable.registry import Registry
 from durable.settings import Settings
+from durable.store import check_schema, latest_version
 
 if TYPE_CHECKING:
     from durable.daemon import Daemon
+
+log = get_logger("durable.service")
 
 
 class Service:
@@ -126,6 +130,12 @@ async def serve(
         raise ConfigurationError(
             "durable.serve: no database URL (pass one, or set DURABLE_DATABASE_URL)"
         )
+    # Before the daemon opens its pool (whose warm-up would trip over what an older schema
+    # lacks) and registers: a schema the code cannot serve is said in one line.
+    version = await check_schema(url)
+    if version is not None and version > latest_version():
+        log.warning("schema_newer_than_code", schema=version, code=latest_version(),
+                    note="served: a release's migrations keep the previous release working")
     daemon = Daemon(
         settings, registry if registry is not None else defined, url,
         listen_dsn=settings.listen_url, burst=burst, pool_size=pool_size,

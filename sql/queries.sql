@@ -582,6 +582,21 @@ select 1
 -- name: schema_version
 select max(version) from durable.migrations
 
+-- name: schema_holds_objects
+-- `durable migrate` on a schema with no migration recorded: whether it holds anything but
+-- the table of migrations (then the record was lost, and 0001 must not run over it).
+select exists (select from pg_class c
+                where c.relnamespace = 'durable'::regnamespace
+                  and c.relname not in ('migrations', 'migrations_pkey'))
+    or exists (select from pg_proc p where p.pronamespace = 'durable'::regnamespace)
+    or exists (select from pg_type t
+                where t.typnamespace = 'durable'::regnamespace and t.typtype in ('d', 'e'))
+
+-- name: missing_tables
+-- Those of the tables $1 (the latest schema's) that the database lacks.
+select t from unnest($1::text[]) t
+ where to_regclass(format('durable.%I', t)) is null
+
 -- name: queue_depth
 -- Unfinished tasks per queue, and how long the oldest ready one has waited (seconds).
 -- Reads only the partial indexes on queued, running and waiting tasks, not the history.

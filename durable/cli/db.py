@@ -123,7 +123,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     s = settings(args)
 
     async def main() -> str:
-        from durable.store import PINNED_SESSION, connect, latest_version, schema_version
+        from durable.store import (
+            PINNED_SESSION,
+            connect,
+            latest_version,
+            missing_tables,
+            schema_problem,
+            schema_version,
+        )
 
         if s.database_url is None and not s.use_libpq_env:
             from durable.embedded import EmbeddedServer
@@ -140,10 +147,16 @@ def cmd_check(args: argparse.Namespace) -> int:
             conn = await connect(where.url, timeout=args.timeout, server_settings=PINNED_SESSION)
         try:
             version = await schema_version(conn)
+            # A newer schema is healthy: daemons of this release serve it during a deploy.
+            if schema_problem(version) is not None:
+                raise CommandError(f"schema version {version}, expected {latest_version()}")
+            if version == latest_version() and (missing := await missing_tables(conn)):
+                raise CommandError(
+                    f"schema version {version} lacks "
+                    + ", ".join(f"durable.{t}" for t in missing) + " (dropped by hand?)"
+                )
         finally:
             await conn.close()
-        if version != latest_version():
-            raise CommandError(f"schema version {version}, expected {latest_version()}")
         return "ok"
 
     try:

@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         from durable.daemon import tune_gc
         from durable.service import serve
-        from durable.store import connect, latest_version, schema_version
+        from durable.store import connect, schema_problem, schema_version
 
         tune_gc()
         where = await target(s, announce=False)
@@ -64,11 +64,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             version = await schema_version(conn)
         finally:
             await conn.close()
-        if version != latest_version():
-            raise CommandError(
-                f"the database schema is at version {version or 'none'}, this durable needs "
-                f"{latest_version()}: run `durable migrate`"
-            )
+        if (problem := schema_problem(version)) is not None:
+            raise CommandError(problem)
         try:
             async with serve(
                 where.url, settings=s, registry=registry, burst=args.burst, handle_signals=True

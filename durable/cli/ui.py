@@ -52,7 +52,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     async def main() -> None:
         import anyio
 
-        from durable.store import connect, latest_version, schema_version
+        from durable.store import connect, schema_problem, schema_version
 
         where = await target(s)
         with connecting(where):
@@ -61,11 +61,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
             version = await schema_version(conn)
         finally:
             await conn.close()
-        if version != latest_version():
-            raise CommandError(
-                f"the database schema is at version {version or 'none'}, this durable needs "
-                f"{latest_version()}: run `durable migrate`"
-            )
+        if (problem := schema_problem(version)) is not None:
+            raise CommandError(problem)
         host, port = listen
         server = UiServer(host, port, where.url, auth)
         await server.listen()

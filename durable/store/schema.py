@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import suppress
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -165,37 +166,126 @@ async def migrate(dsn: str | None) -> list[int]:
 
     Safe to run from several processes at once: they queue on an advisory lock. A database
     that applied all of the pre-0.1.0 migrations is recorded as at 0001; one that applied
-    only some of them is refused with a line saying how to finish them.
+    only some of them is refused with a line saying how to finish them. A migration that
+    fails (or whose session is cut off) is rolled back whole and named in one line; the
+    ones before it stay applied.
     """
     conn = await connect(dsn, server_settings=PINNED_SESSION)
     applied: list[int] = []
     try:
         await conn.execute("select pg_advisory_lock($1)", MIGRATION_LOCK)
         try:
-            await conn.execute(
-                "create schema if not exists durable;"
-                "create table if not exists durable.migrations ("
-                " version integer primary key, name text not null,"
-                " applied_at timestamptz not null default now())"
-            )
+            await _record_table(conn)
             rows = await conn.fetch("select version, name from durable.migrations")
             done = await _adopt_pre_release(conn, {r[0]: r[1] for r in rows})
+            if not done and await conn.fetchval(queries()["schema_holds_objects"]):
+                raise DurableError(
+                    "the schema durable holds tables or functions but durable.migrations"
+                    " records no migration (dropped or emptied by hand?): restore"
+                    " durable.migrations from a backup, or drop the schema durable if"
+                    " nothing in it is worth keeping, then run `durable migrate` again"
+                )
+            at = max(done, default=None)
             for version, name, path in migration_files():
                 if version in done:
                     continue
-                async with conn.transaction():
-                    await conn.execute(path.read_text())
-                    await conn.execute(
-                        "insert into durable.migrations (version, name) values ($1, $2)",
-                        version,
-                        name,
-                    )
+                try:
+                    async with conn.transaction():
+                        await conn.execute(path.read_text())
+                        await conn.execute(
+                            "insert into durable.migrations (version, name) values ($1, $2)",
+                            version,
+                            name,
+                        )
+                except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    # A session cut off under the migration surfaces as the rollback's
+                    # failure: the server's reason is the error it happened in.
+                    cause = exc.__context__ if isinstance(exc, asyncpg.InterfaceError) else None
+                    raise DurableError(
+                        f"migration {version:04d} ({name}) did not complete:"
+                        f" {_one_line(cause if isinstance(cause, asyncpg.PostgresError) else exc)};"
+                        f" the schema stays at version {at or 'none'} (a migration commits whole"
+                        " or not at all): run `durable migrate` again once that is fixed"
+                    ) from exc
                 applied.append(version)
+                at = max(version, at or 0)
+            if at == latest_version() and (missing := await missing_tables(conn)):
+                raise DurableError(_missing_message(at, missing))
         finally:
-            await conn.execute("select pg_advisory_unlock($1)", MIGRATION_LOCK)
+            # A session that broke (its backend terminated) released the lock as it ended;
+            # an error here would only hide the one that broke it.
+            if not conn.is_closed():
+                with suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                    await conn.execute("select pg_advisory_unlock($1)", MIGRATION_LOCK)
     finally:
         await conn.close()
     return applied
+
+
+async def _record_table(conn: asyncpg.Connection) -> None:
+    """The schema and its table of applied migrations, created if missing."""
+    try:
+        await conn.execute(
+            "create schema if not exists durable;"
+            "create table if not exists durable.migrations ("
+            " version integer primary key, name text not null,"
+            " applied_at timestamptz not null default now())"
+        )
+    except asyncpg.InsufficientPrivilegeError as exc:
+        role = await conn.fetchval("select current_user")
+        raise DurableError(
+            f"cannot create or use the schema durable as role {role}: {_one_line(exc)}; run"
+            " `durable migrate` as the role that owns the schema durable (or one with"
+            " CREATE on the database, when the schema does not exist yet)"
+        ) from exc
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def schema_tables() -> list[str]:
+    """The tables of sql/schema.sql: what a schema at the latest version holds."""
+    return re.findall(r"^create table durable\.(\w+)", schema_sql(), re.MULTILINE)
+
+
+async def missing_tables(conn: asyncpg.Connection) -> list[str]:
+    """The tables of the latest schema that the database lacks (dropped by hand)."""
+    return [r[0] for r in await conn.fetch(queries()["missing_tables"], schema_tables())]
+
+
+def _missing_message(version: int, missing: list[str]) -> str:
+    return (
+        f"the schema records version {version} but lacks "
+        f"{', '.join('durable.' + t for t in missing)} (dropped by hand?): durable migrate"
+        " builds no table again; restore it from a backup"
+    )
+
+
+def schema_problem(version: int | None) -> str | None:
+    """Why this code cannot serve a schema at ``version``, in one line; None when it can.
+    A newer schema is served: each release's migrations keep the daemons of the release
+    before it working, so a rolling deploy migrates first, then replaces the daemons."""
+    need = latest_version()
+    if version is not None and version >= need:
+        return None
+    return (
+        f"the database schema is at version {version or 'none'}, this durable needs {need}:"
+        " run `durable migrate`"
+    )
+
+
+async def check_schema(dsn: str | None) -> int | None:
+    """The schema's version, read on a connection of its own; DurableError, in one line
+    naming `durable migrate`, when it is older than this code needs (schema_problem)."""
+    conn = await connect(dsn)
+    try:
+        version = await schema_version(conn)
+    finally:
+        await conn.close()
+    if (problem := schema_problem(version)) is not None:
+        raise DurableError(problem)
+    return version
 
 
 async def schema_version(conn: asyncpg.Connection) -> int | None:

@@ -497,7 +497,9 @@ async def test_an_older_daemon_whose_publish_began_first_does_not_overwrite_a_ne
     from durable.catalog import publication
     from durable.store import Store
 
-    other = Definition(name="cat_other", fn=_tag, queue="orders", digest=code_digest(_tag))
+    other: Definition[Any, Any] = Definition(
+        name="cat_other", fn=_tag, queue="orders", digest=code_digest(_tag)
+    )
     old = dataclasses.replace(FULFILL, max_attempts=2)
     new = dataclasses.replace(FULFILL, max_attempts=7)
     older_id, newer_id = uuid.uuid4(), uuid.uuid4()
