@@ -130,6 +130,8 @@ class Cron:
             if day.month in self.months and self._day_matches(day):
                 best: datetime | None = None
                 for hour in sorted(self.hours):
+                    if day.replace(hour=hour, minute=59) < start:
+                        continue  # the whole hour is before the search starts
                     for minute in sorted(self.minutes):
                         wall = day.replace(hour=hour, minute=minute)
                         if wall < start:
@@ -154,6 +156,8 @@ class Cron:
             if day.month in self.months and self._day_matches(day):
                 best: datetime | None = None
                 for hour in sorted(self.hours, reverse=True):
+                    if day.replace(hour=hour, minute=0) > end:
+                        continue  # the whole hour is after the search ends
                     for minute in sorted(self.minutes, reverse=True):
                         wall = day.replace(hour=hour, minute=minute)
                         if wall > end:
