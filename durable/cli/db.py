@@ -42,6 +42,15 @@ def add_commands(sub: Any) -> None:
         "write on its tables, usage on its sequences, execute on its functions; no create, no "
         "ownership (repeatable; run again after upgrades)",
     )  # fmt: skip
+    m.add_argument(
+        "--lock-timeout", type=_seconds, default=None, metavar="SECONDS",
+        help="how long a migration's statement waits for a table in use before it gives way "
+        "to the statements queued behind it, rolls back and tries again (default 2)",
+    )  # fmt: skip
+    m.add_argument(
+        "--lock-wait", type=_seconds, default=None, metavar="SECONDS",
+        help="how long to keep trying a migration that gives way before failing (default 120)",
+    )  # fmt: skip
     m.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("sql", help="print the schema SQL (no connection)")
@@ -96,11 +105,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     s = settings(args)
 
     async def main() -> list[int]:
-        from durable.store import grant, migrate
+        from durable.store import LOCK_TIMEOUT, LOCK_WAIT, grant, migrate
+
+        def waiting(version: int, name: str, waited: float) -> None:
+            print(f"migration {version:04d} ({name}) waits for a table in use; trying again"
+                  f" ({waited:.1f} s so far)", file=sys.stderr, flush=True)
 
         where = await target(s)
         with connecting(where):
-            applied = await migrate(where.url)
+            applied = await migrate(
+                where.url, on_wait=waiting,
+                lock_timeout=args.lock_timeout or LOCK_TIMEOUT,
+                lock_wait=args.lock_wait or LOCK_WAIT,
+            )
         for role in args.grant or ():
             await grant(where.url, role)
         return applied

@@ -10,6 +10,8 @@ this package imports asyncpg.
 from durable.store.database import KeptConnection
 from durable.store.listen import Subscription
 from durable.store.schema import (
+    LOCK_TIMEOUT,
+    LOCK_WAIT,
     MIGRATION_LOCK,
     PINNED_SESSION,
     PRUNE_LOCK,
@@ -39,6 +41,8 @@ from durable.store.schema import (
 from durable.store.store import Store
 
 __all__ = [
+    "LOCK_TIMEOUT",
+    "LOCK_WAIT",
     "MIGRATION_LOCK",
     "PINNED_SESSION",
     "PRUNE_LOCK",

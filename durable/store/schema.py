@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
+from collections.abc import Callable
 from contextlib import suppress
 from functools import cache
 from importlib import resources
@@ -161,7 +164,20 @@ async def _adopt_pre_release(conn: asyncpg.Connection, done: dict[int, str]) -> 
     )
 
 
-async def migrate(dsn: str | None) -> list[int]:
+LOCK_TIMEOUT = 2.0
+"""Seconds a migration's statement waits for a table's lock before it gives way."""
+
+LOCK_WAIT = 120.0
+"""Seconds ``durable migrate`` keeps trying a migration that gave way, by default."""
+
+
+async def migrate(
+    dsn: str | None,
+    *,
+    lock_timeout: float = LOCK_TIMEOUT,
+    lock_wait: float = LOCK_WAIT,
+    on_wait: Callable[[int, str, float], None] | None = None,
+) -> list[int]:
     """Apply the numbered migrations not applied yet; returns the versions applied.
 
     Safe to run from several processes at once: they queue on an advisory lock. A database
@@ -169,6 +185,12 @@ async def migrate(dsn: str | None) -> list[int]:
     only some of them is refused with a line saying how to finish them. A migration that
     fails (or whose session is cut off) is rolled back whole and named in one line; the
     ones before it stay applied.
+
+    A migration that alters a table waits for every transaction using it, and while it
+    waits, every statement on that table queues behind it: one long transaction would stop
+    a live fleet. So a statement waits ``lock_timeout`` seconds for a lock at most; then the
+    migration rolls back, lets the queue through, and tries again, for ``lock_wait``
+    seconds in all (``on_wait(version, name, seconds waited)`` hears of each retry).
     """
     conn = await connect(dsn, server_settings=PINNED_SESSION)
     applied: list[int] = []
@@ -190,13 +212,8 @@ async def migrate(dsn: str | None) -> list[int]:
                 if version in done:
                     continue
                 try:
-                    async with conn.transaction():
-                        await conn.execute(path.read_text())
-                        await conn.execute(
-                            "insert into durable.migrations (version, name) values ($1, $2)",
-                            version,
-                            name,
-                        )
+                    await _apply(conn, version, name, path.read_text(), lock_timeout,
+                                 lock_wait, on_wait)
                 except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                     # A session cut off under the migration surfaces as the rollback's
                     # failure: the server's reason is the error it happened in.
@@ -220,6 +237,39 @@ async def migrate(dsn: str | None) -> list[int]:
     finally:
         await conn.close()
     return applied
+
+
+async def _apply(
+    conn: asyncpg.Connection, version: int, name: str, sql: str, lock_timeout: float,
+    lock_wait: float, on_wait: Callable[[int, str, float], None] | None,
+) -> None:
+    """Run migration ``version`` in a transaction of its own, tried again while it gives
+    way to a lock (see migrate)."""
+    started = time.monotonic()
+    pause = 0.1
+    while True:
+        left = lock_wait - (time.monotonic() - started)
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "select set_config('lock_timeout', $1, true)",
+                    f"{max(1, int(1000 * min(lock_timeout, max(left, 0.001))))}ms",
+                )
+                await conn.execute(sql)
+                await conn.execute(
+                    "insert into durable.migrations (version, name) values ($1, $2)",
+                    version,
+                    name,
+                )
+            return
+        except asyncpg.LockNotAvailableError:
+            waited = time.monotonic() - started
+            if waited + pause >= lock_wait:
+                raise
+            if on_wait is not None:
+                on_wait(version, name, waited)
+            await asyncio.sleep(pause)  # the statements queued behind it go through
+            pause = min(pause * 2, 2.0)
 
 
 async def _record_table(conn: asyncpg.Connection) -> None:

@@ -145,7 +145,7 @@ async def test_a_migration_that_times_out_on_a_lock_stays_at_the_previous_versio
         tx = holder.transaction()
         await tx.start()
         await holder.execute("lock table durable.tasks in access share mode")
-        done = await cli_async("migrate", dsn=scratch)
+        done = await cli_async("migrate", "--lock-wait", "1", dsn=scratch)
         await tx.rollback()
     finally:
         await holder.close()
@@ -158,6 +158,49 @@ async def test_a_migration_that_times_out_on_a_lock_stays_at_the_previous_versio
     again = await cli_async("migrate", dsn=scratch)
     assert again.returncode == 0, again.stderr
     assert await versions(scratch) == [v for v, _, _ in migration_files()]
+
+
+async def test_a_migration_behind_a_long_transaction_does_not_stop_the_fleet(
+    scratch: str,
+) -> None:
+    """0010 alters durable.tasks, which a long transaction is reading. A migration waiting
+    for it would queue every later statement on the table behind itself, the fleet's claims
+    among them, for as long as that transaction lasts. It gives way after its lock timeout
+    and tries again: a daemon's statement meanwhile gets through; once the transaction ends
+    the migration completes."""
+    await migrate_to(scratch, PREVIOUS)
+    holder = await asyncpg.connect(scratch)
+    fleet = await asyncpg.connect(scratch)
+    waits: list[tuple[int, float]] = []
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("select count(*) from durable.tasks")  # holds it while open
+        async with anyio.create_task_group() as tg:
+            result: list[list[int]] = []
+
+            async def run() -> None:
+                result.append(await migrate(
+                    scratch, lock_timeout=0.2, lock_wait=60,
+                    on_wait=lambda v, _name, waited: waits.append((v, waited)),
+                ))  # fmt: skip
+
+            tg.start_soon(run)
+
+            async def gave_way() -> bool:
+                return len(waits) >= 2
+
+            await wait_for(gave_way)
+            # A claim's kind of statement, bounded well above the migration's lock timeout:
+            # queued behind a migration that never gives way, it would time out.
+            await fleet.execute("set statement_timeout = '5s'")
+            assert await fleet.fetchval("select count(*) from durable.tasks") == 0
+            await tx.rollback()
+        assert result == [[v for v, _, _ in migration_files() if v > PREVIOUS]]
+    finally:
+        await holder.close()
+        await fleet.close()
+    assert {v for v, _ in waits} == {10}
 
 
 async def test_a_migration_killed_midway_leaves_nothing_half_applied(scratch: str) -> None:
