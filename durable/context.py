@@ -243,7 +243,8 @@ class Context(Children, Patching):
     async def sleep(self, seconds: float, *, name: str = "sleep") -> None:
         """Sleep durably: the workflow is suspended and its slot freed until the time comes."""
         # The database's clock, as every deadline it compares (durable.suspend).
-        await self._sleep(self._store.now() + timedelta(seconds=max(0.0, seconds)), name)
+        delta = timedelta(seconds=_wait_seconds(seconds, "ctx.sleep: seconds"))
+        await self._sleep(self._store.now() + delta, name)
 
     async def sleep_until(self, when: datetime, *, name: str = "sleep") -> None:
         """Sleep durably until ``when`` (an aware datetime)."""
@@ -279,6 +280,8 @@ class Context(Children, Patching):
         still returns True), for a later wait of the same name to take.
         """
         check_name("event", name)
+        if timeout is not None:
+            timeout = _wait_seconds(timeout, "ctx.wait_for_event: timeout")
         dig = digest("event", name, None)
         self._log.begin("event", name)
         try:
@@ -381,3 +384,21 @@ class Context(Children, Patching):
             dumps(list(args), what="the arguments of continue_as_new"),
             dumps(kwargs, what="the keyword arguments of continue_as_new"),
         )
+
+
+MAX_WAIT = 10 * 365 * 86400.0
+"""Longest sleep or event timeout, in seconds: ten years, as for a start's delay."""
+
+
+def _wait_seconds(value: object, what: str) -> float:
+    """Seconds to wait, as ``ctx.sleep`` and ``ctx.wait_for_event`` take them: a negative
+    number is no wait; NaN, infinity, more than ten years or not a number are refused."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not value <= MAX_WAIT  # NaN too
+    ):
+        raise ValueError(
+            f"{what} must be a number of seconds up to 10 years, got {value!r}"[:200]
+        )
+    return max(0.0, float(value))

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 
 import durable
 from durable.registry import Registry
@@ -293,3 +294,48 @@ async def test_a_child_finishing_while_its_parent_suspends_always_wakes_it(dsn: 
         handles = [await client.start(wf_race_parent, 6) for _ in range(40)]
         for h in handles:
             assert await h.result(timeout=30) == 15
+
+
+ODD_WAITS: dict[str, Any] = {
+    "nan": float("nan"), "inf": float("inf"), "huge": 1e13, "text": "5", "bool": True, "-5": -5,
+}
+
+
+@durable.workflow(queue="default")
+async def wf_odd_wait(ctx: durable.Context, kind: str, which: str) -> str:
+    value = ODD_WAITS[which]  # NaN and infinity cannot travel as JSON arguments
+    try:
+        if kind == "sleep":
+            await ctx.sleep(value)
+        else:
+            await ctx.wait_for_event("never", timeout=value)
+    except ValueError as exc:
+        return str(exc)
+    return "waited"
+
+
+@pytest.mark.parametrize(
+    ("kind", "which"),
+    [("sleep", "nan"), ("sleep", "inf"), ("sleep", "huge"), ("sleep", "text"),
+     ("event", "nan"), ("event", "inf"), ("event", "huge"), ("event", "bool")],
+)
+async def test_a_wait_of_no_sensible_length_is_refused_in_one_line(
+    durable_dsn: str, kind: str, which: str
+) -> None:
+    """NaN, infinity, ten thousand years or a string: a ValueError naming the argument, in
+    the workflow, before anything is recorded (it raised OverflowError, or slept for no
+    time)."""
+    async with Env(durable_dsn, registry=only(wf_odd_wait)) as env:
+        handle = await env.start(wf_odd_wait, kind, which)
+        await env.run_until_idle()
+        message = await env.result(handle)
+        assert ("timeout" if kind == "event" else "seconds") in message
+        assert "up to 10 years" in message and "\n" not in message
+        assert await env.client.history(handle.id) == []
+
+
+async def test_a_negative_wait_is_no_wait(durable_dsn: str) -> None:
+    async with Env(durable_dsn, registry=only(wf_odd_wait)) as env:
+        handle = await env.start(wf_odd_wait, "sleep", "-5")
+        await env.run_until_idle()
+        assert await env.result(handle) == "waited"
