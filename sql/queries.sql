@@ -108,9 +108,9 @@ returning t.id, t.cancel_requested
 -- workflow's next attempt keeps its history but the failure that ended this attempt, as
 -- `durable retry` does (see durable.restart): the events its error ($4) names under
 -- `replay`, when nothing was recorded after the workflow saw them, children that failed,
--- were cancelled or were deleted before the workflow saw them, and a patch marker the log
--- would then end with (see durable.restart). Failures the workflow handled stay, so its
--- next attempt takes the same branches.
+-- were cancelled (or asked to stop) or were deleted before the workflow saw them, and a
+-- patch marker the log would then end with (see durable.restart). Failures the workflow
+-- handled stay, so its next attempt takes the same branches.
 with cleared as (
     delete from durable.events e
      using durable.tasks w
@@ -124,7 +124,7 @@ with cleared as (
                                 and x.seq >= ($4::jsonb -> 'replay' ->> 'at')::integer))
             or (e.kind = 'child' and e.status = 'pending'
                 and not exists (select 1 from durable.tasks c
-                                where c.id = e.child_id
+                                where c.id = e.child_id and not c.cancel_requested
                                   and c.status not in ('failed', 'cancelled'))))
     returning e.seq
 ), markers as (

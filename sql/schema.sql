@@ -109,6 +109,10 @@ create table durable.tasks (
     -- Labels to search by (client.start(tags=, attributes=), durable.tag): null when none.
     tags            text[],
     attributes      jsonb,
+    -- How many of waiting_on had not finished when the workflow suspended, less one for
+    -- each of them that finished since (durable.wake_waiting): a finishing child checks
+    -- its siblings only once this reaches zero. Null: count at every finish.
+    waiting_left    integer,
     -- A rate limit and its period come together. The checks on one column are the
     -- domains' (above): they run only where a value is written.
     constraint tasks_key_check check ((key_rate_limit is null) = (key_rate_period is null)),
@@ -333,6 +337,7 @@ declare
     keyed text[];
     done bigint[];
     parents bigint[];
+    children bigint[];
     ended bigint[];
     q text;
     t bigint;
@@ -362,8 +367,11 @@ begin
            array_agg(distinct n.parent_id order by n.parent_id) filter (
                where n.parent_id is not null
                  and n.status in ('completed', 'failed', 'cancelled')),
+           array_agg(n.id) filter (
+               where n.parent_id is not null
+                 and n.status in ('completed', 'failed', 'cancelled')),
            array_agg(n.id) filter (where n.status = 'cancelled')
-      into limited, keyed, done, parents, ended
+      into limited, keyed, done, parents, children, ended
       from new_rows n where n.status not in ('running', 'queued');
     if ended is not null and current_setting('durable.cascading', true) is distinct from 'on'
     then
@@ -386,34 +394,57 @@ begin
         end loop;
     end if;
     if parents is not null then
-        perform durable.wake_waiting(parents);
+        perform durable.wake_waiting(parents, children);
     end if;
     return null;
 end;
 $$;
 
--- Requeue the given waiting workflows whose children are all finished. The row lock is
--- taken first, in id order, and the check runs in a later statement: under READ COMMITTED
--- that statement's snapshot sees every sibling that finished before the lock was granted,
--- so two children finishing at once cannot both miss the wake-up. A parent that is still
--- running (about to suspend) has no such row lock to take: the advisory lock, which
--- durable.suspend takes too, orders the two (see there).
-create function durable.wake_waiting(ids bigint[]) returns void
+-- Requeue the given waiting workflows whose children are all finished; `finished` are the
+-- children that finished in the calling statement. The row lock is taken first, in id
+-- order, and the check runs in a later statement: under READ COMMITTED that statement's
+-- snapshot sees every sibling that finished before the lock was granted, so two children
+-- finishing at once cannot both miss the wake-up. A parent that is still running (about
+-- to suspend) has no such row lock to take: the advisory lock, which durable.suspend
+-- takes too, orders the two (see there).
+-- A finish counts down its parent's waiting_left under that row lock, and the siblings
+-- are read only when it reaches zero: a fan-out of n children costs each finish no
+-- sibling's row, where a look at them all made the fan-out quadratic. The count can fall
+-- short (a child restarted and finished twice while its parent waits): the look then
+-- finds one unfinished and counts again. It cannot run over: each child counted
+-- unfinished by durable.suspend counts down when it finishes, after it.
+create function durable.wake_waiting(ids bigint[], finished bigint[]) returns void
 language plpgsql
 set search_path = pg_catalog, pg_temp as $$
+declare
+    r record;
+    left_ bigint;
 begin
     perform pg_advisory_xact_lock(1685418593, (p % 2147483648)::integer)
        from unnest(ids) as p order by p;
     perform 1 from durable.tasks where id = any(ids) and status = 'waiting'
         order by id for update;
-    update durable.tasks p
-       set status = 'queued', run_at = now(), wake_at = null, waiting_on = null,
-           waiting_event = null
-     where p.id = any(ids) and p.status = 'waiting' and p.waiting_on is not null
-       and not exists (
-           select 1 from durable.tasks c
-           where c.id = any(p.waiting_on)
-             and c.status not in ('completed', 'failed', 'cancelled'));
+    for r in
+        select p.id, p.waiting_on, p.waiting_left from durable.tasks p
+         where p.id = any(ids) and p.status = 'waiting' and p.waiting_on is not null
+         order by p.id
+    loop
+        left_ := r.waiting_left - (select count(*) from unnest(finished) as f
+                                    where f = any(r.waiting_on));
+        if left_ is null or left_ <= 0 then
+            select count(*) into left_ from durable.tasks c
+             where c.id = any(r.waiting_on)
+               and c.status not in ('completed', 'failed', 'cancelled');
+        end if;
+        if left_ = 0 then
+            update durable.tasks p
+               set status = 'queued', run_at = now(), wake_at = null, waiting_on = null,
+                   waiting_event = null, waiting_left = null
+             where p.id = r.id;
+        else
+            update durable.tasks p set waiting_left = left_ where p.id = r.id;
+        end if;
+    end loop;
 end;
 $$;
 
@@ -956,6 +987,7 @@ declare
     ready boolean := false;
     cancelling boolean;
     due timestamptz;
+    left_ integer;
 begin
     select t.cancel_requested, t.deadline into cancelling, due from durable.tasks t
      where t.id = task and t.claim_token = token and t.status = 'running' for update;
@@ -977,10 +1009,10 @@ begin
         -- before the check's snapshot, or it wakes the task after this commits. (An
         -- advisory lock, not the children's rows: row locks would deadlock with heartbeats.)
         perform pg_advisory_xact_lock(1685418593, (task % 2147483648)::integer);
-        if not exists (
-            select 1 from durable.tasks c
-            where c.id = any(children) and c.status not in ('completed', 'failed', 'cancelled'))
-        then
+        -- Counted once here, counted down by each finish (see wake_waiting).
+        select count(*) into left_ from durable.tasks c
+         where c.id = any(children) and c.status not in ('completed', 'failed', 'cancelled');
+        if left_ = 0 then
             ready := true;
         end if;
     end if;
@@ -997,6 +1029,7 @@ begin
            run_at = now(),
            wake_at = case when ready then null else wake end,
            waiting_on = case when ready then null else children end,
+           waiting_left = case when ready then null else left_ end,
            waiting_event = case when ready then null else event_name end,
            claim_token = null, lease_until = null, worker_id = null, suspend_token = token
      where t.id = task;
@@ -1072,8 +1105,8 @@ $$;
 
 -- Run a finished task again: 'retry' keeps its history but the failure that ended it (the
 -- events its error names under `replay`, when nothing was recorded after the workflow saw
--- them, and children that failed, were cancelled or were deleted before it saw them:
--- those run again);
+-- them, and children that failed, were cancelled (or asked to stop) or were deleted
+-- before it saw them: those run again);
 -- 'replay' starts a new, empty branch; 'fork' starts a new branch holding the events
 -- before position `at`. Returns the branch. A run that continued as new (ctx.continue_as_new)
 -- is refused: run again, it would start a second next run beside the chain's own.
@@ -1086,6 +1119,14 @@ declare
     new_branch integer;
     other bigint;
 begin
+    -- Its unfinished children's rows first (the order of durable.lock_trees), then its
+    -- own; the statements after see a child's outcome that committed meanwhile. A child
+    -- whose failure was being written as the parent was retried was read as running: its
+    -- event stayed, and the retried parent failed again with the child's old error.
+    perform 1 from durable.tasks c
+     where c.parent_id = task and c.status in ('queued', 'running', 'waiting')
+     order by c.id desc
+       for update;
     select t.status, t.branch, t.error, t.continued_as, t.active_key into cur
       from durable.tasks t where t.id = task for update;
     if not found then
@@ -1118,9 +1159,10 @@ begin
                  and not exists (select 1 from durable.events x
                                   where x.task_id = task and x.branch = cur.branch
                                     and x.seq >= (cur.error -> 'replay' ->> 'at')::integer))
+                -- (A child asked to stop ends cancelled, whatever its attempt does.)
                 or (e.kind = 'child' and e.status = 'pending'
                     and not exists (select 1 from durable.tasks c
-                                    where c.id = e.child_id
+                                    where c.id = e.child_id and not c.cancel_requested
                                       and c.status not in ('failed', 'cancelled')))
                 -- An error stored before errors named their positions: the last event,
                 -- when it failed.
