@@ -168,8 +168,8 @@ class Daemon:
         try:
             if self.settings.http is not None:
                 ui = (self.settings, self.dsn) if self.settings.ui else None
-                self.http = await endpoint(
-                    *self.settings.http, store, self.metrics, lambda: self.listener, ui)
+                self.http = await endpoint(*self.settings.http, store, self.metrics,
+                                           lambda: self.listener, ui, lambda: self.stopping)
             publisher = Publisher(store, self.id, self.registry.definitions(), self.settings.lease)
             # This daemon registers before its first claim.
             await self.shutdown.persist("register", lambda: publisher.start(queues))

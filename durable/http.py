@@ -106,9 +106,16 @@ class HttpServer:
                 ).encode("latin-1")
                 + (b"" if method == "HEAD" else body)
             )
-            await writer.drain()
-        except ConnectionError:
-            pass
+            # A client that stops reading would hold this task, and the socket, for ever.
+            async with asyncio.timeout(self.read_timeout):
+                await writer.drain()
+        except (ConnectionError, TimeoutError):
+            # close() would wait for a buffer the client never reads: drop it instead.
+            writer.transport.abort()
+        except asyncio.CancelledError:
+            # close(): nothing awaits this task (and Python 3.11's stream callback logs
+            # a cancelled one as an error).
+            writer.transport.abort()
         finally:
             writer.close()
             if task is not None:
@@ -144,11 +151,16 @@ class Probes:
     """The handlers: liveness, readiness and metrics of one daemon."""
 
     def __init__(
-        self, store: Store, metrics: Metrics, listener: Callable[[], ListenerState | None]
+        self,
+        store: Store,
+        metrics: Metrics,
+        listener: Callable[[], ListenerState | None],
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.listener = listener
+        self.stopping = stopping
 
     def routes(self) -> dict[str, Route]:
         return {"/healthz": self.healthz, "/readyz": self.readyz, "/metrics": self.scrape}
@@ -165,7 +177,7 @@ class Probes:
 
     async def readyz(self) -> Response:
         """200 while the listener is connected and the schema is the one this code needs
-        (or newer)."""
+        (or newer), until the daemon begins to stop (it claims nothing more)."""
         listener = self.listener()
         connected = listener is not None and listener.connected
         expected = latest_version()
@@ -177,12 +189,14 @@ class Probes:
         except Exception as exc:
             error = redact(f"{type(exc).__name__}: {exc}")
         # A newer schema is served (a rolling deploy migrates before it replaces daemons).
-        ready = connected and error is None and schema_problem(version) is None
+        stopping = self.stopping()
+        ready = connected and error is None and schema_problem(version) is None and not stopping
         body: dict[str, Any] = {
             "status": "ready" if ready else "unready",
             "listener": connected,
             "schema": version,
             "expected_schema": expected,
+            "stopping": stopping,
         }
         if error is not None:
             body["error"] = error
@@ -202,15 +216,17 @@ async def endpoint(
     metrics: Metrics,
     listener: Callable[[], ListenerState | None],
     ui: tuple[Settings, str | None] | None = None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> Endpoint:
     """DURABLE_HTTP's server, its socket bound now so that a port in use stops the start
     cleanly, with one line saying why. With ``ui`` (DURABLE_UI=on: the settings and the
     database URL) the dashboard's server, which serves the same probes beside it."""
+    probes = Probes(store, metrics, listener, stopping)
     if ui is not None:
         from durable.ui.server import daemon_endpoint
 
-        return await daemon_endpoint(ui[0], ui[1], Probes(store, metrics, listener))
-    server = HttpServer(host, port, Probes(store, metrics, listener).routes())
+        return await daemon_endpoint(ui[0], ui[1], probes)
+    server = HttpServer(host, port, probes.routes())
     try:
         await server.listen()
     except OSError as exc:
