@@ -503,11 +503,16 @@ async def test_an_older_daemon_whose_publish_began_first_does_not_overwrite_a_ne
     old = dataclasses.replace(FULFILL, max_attempts=2)
     new = dataclasses.replace(FULFILL, max_attempts=7)
     older_id, newer_id = uuid.uuid4(), uuid.uuid4()
-    store = await Store.open(dsn)
+    # The older daemon's statement takes its rows in the order it was given them (a hash
+    # anti-join may take them in another): it meets the held row before it writes fulfill.
+    older = await Store.open(
+        dsn, server_settings={"enable_hashjoin": "off", "enable_mergejoin": "off"}
+    )
+    newer = await Store.open(dsn)
     try:
-        await store.register_worker(older_id, {"orders": 1}, ["cat_other", "fulfill"])
-        await store.register_definitions(older_id, publication([other, old]))
-        await store.publish_definitions(older_id, publication([other]), 5.0)
+        await older.register_worker(older_id, {"orders": 1}, ["cat_other", "fulfill"])
+        await older.register_definitions(older_id, publication([other, old]))
+        await older.publish_definitions(older_id, publication([other]), 5.0)
         holder = await asyncpg.connect(dsn)
         try:
             tx = holder.transaction()
@@ -517,26 +522,35 @@ async def test_an_older_daemon_whose_publish_began_first_does_not_overwrite_a_ne
             )
             changed = dataclasses.replace(other, max_attempts=9)  # so it writes cat_other
             publishing = asyncio.ensure_future(
-                store.publish_definitions(older_id, publication([changed, old]), 5.0)
+                older.publish_definitions(older_id, publication([changed, old]), 5.0)
             )
 
-            async def waiting() -> bool:
-                return bool(await fetchval(
+            async def waiting() -> int:
+                return int(await fetchval(
                     dsn, "select count(*) from pg_stat_activity where wait_event_type = 'Lock'"
                     " and query like '%durable.definitions%'",
                 ))  # fmt: skip
 
             await wait_for(waiting)
-            await store.register_worker(newer_id, {"orders": 1}, ["fulfill"])
-            await store.register_definitions(newer_id, publication([new]))
-            assert await store.publish_definitions(newer_id, publication([new]), 5.0) == [
-                "fulfill"
-            ]
+            await newer.register_worker(newer_id, {"orders": 1}, ["fulfill"])
+            await newer.register_definitions(newer_id, publication([new]))
+            # Its own task: had the older statement written fulfill before it waited, this
+            # one would wait for that (and the test must not).
+            published = asyncio.ensure_future(
+                newer.publish_definitions(newer_id, publication([new]), 5.0)
+            )
+
+            async def settled() -> bool:
+                return published.done() or await waiting() >= 2
+
+            await wait_for(settled)
             await tx.rollback()
-            assert await publishing == ["cat_other"]
+            assert await published == ["fulfill"]
+            await publishing
         finally:
             await holder.close()
     finally:
-        await store.close()
+        await older.close()
+        await newer.close()
     row = await definitions_row(dsn, "fulfill")
     assert (row["max_attempts"], row["published_by"]) == (7, newer_id)
