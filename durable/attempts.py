@@ -190,17 +190,29 @@ class Attempts:
         # Shielded: the leases must be released even though we are shutting down, so that
         # another daemon takes these tasks now rather than when the leases expire.
         with self.shutdown.last_writes() as scope:
+            stopped = {a.job for a in left if a.job is not None}
+            if stopped:
+                # A stopped job ends at once, unless its code swallows the cancel and runs
+                # on: the others go back without waiting for it, within half the time left.
+                await asyncio.wait(stopped, timeout=(scope.deadline - anyio.current_time()) / 2)
+            back = [a for a in left if a.job is None or a.job.done()]
+            if back:
+                released = await self.release(back)
+                if released is not None:
+                    log.info("tasks_released", count=len(released), ids=sorted(released))
             while self._jobs:
                 await asyncio.wait(list(self._jobs))
         if scope.cancelled_caught:
-            # Outcomes still being written when the database stopped answering.
-            log.warning("task_outcome_not_written", count=len(self._jobs),
-                        note="their leases will expire and they will run again")
+            running = sorted(a.task.id for a in self.held.values() if not a.finishing)
+            if running:
+                # Not handed back: its code is still running here. Its lease hands it over.
+                log.warning("task_ignored_shutdown", count=len(running), ids=running,
+                            note="its lease will expire and it will run again")
+            if len(self._jobs) > len(running):
+                # Outcomes still being written when the database stopped answering.
+                log.warning("task_outcome_not_written", count=len(self._jobs) - len(running),
+                            note="their leases will expire and they will run again")
             self.abandon()
-        if left:
-            released = await self.release(left)
-            if released is not None:
-                log.info("tasks_released", count=len(released), ids=sorted(released))
 
     def abandon(self) -> None:
         """Cancel every attempt's job at once (the daemon is being torn down)."""

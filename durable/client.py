@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
 from durable import catalog, tracing, validation
 from durable.codec import dumps
-from durable.errors import DurableError
+from durable.errors import DurableError, PayloadError
 from durable.models import CancelResult, HistoryEntry, NewTask, Progress, TaskInfo
 from durable.outcomes import Outcomes
 from durable.registry import Definition, registry
@@ -255,25 +256,34 @@ class Client:
         d = fn if isinstance(fn, Definition) else registry.get(fn)
         if d is not None and d.concurrency_key is not None:
             # Each call has its own key and per-key limits: a row of its own each.
-            tasks = [
-                self._new_task(
-                    fn, list(args), kw, queue=queue, priority=priority, delay=delay,
-                    run_at=None, max_attempts=None, timeout=None,
-                )
-                for args, kw in pairs
-            ]
+            tasks = []
+            for i, (args, kw) in enumerate(pairs):
+                with _call_index(i, len(pairs)):
+                    tasks.append(self._new_task(
+                        fn, list(args), kw, queue=queue, priority=priority, delay=delay,
+                        run_at=None, max_attempts=None, timeout=None,
+                    ))  # fmt: skip
             ids = await self.store.insert_many(tasks, conn=conn)
         else:
             # The usual case: the tasks differ only in their arguments. The options are
             # checked once, and only the arguments travel as arrays.
-            first = self._new_task(
-                fn, list(pairs[0][0]), pairs[0][1], queue=queue, priority=priority,
-                delay=delay, run_at=None, max_attempts=None, timeout=None,
-            )
+            with _call_index(0, len(pairs)):
+                first = self._new_task(
+                    fn, list(pairs[0][0]), pairs[0][1], queue=queue, priority=priority,
+                    delay=delay, run_at=None, max_attempts=None, timeout=None,
+                )
             what = f"the arguments of {first.name!r}"
-            args = [first.args, *(dumps(list(a), what=what) for a, _ in pairs[1:])]
+            args = [first.args]
             keywords = any(kw for _, kw in pairs)
-            kwargs = [dumps(kw, what=what) for _, kw in pairs] if keywords else None
+            kwargs: list[str] | None = [first.kwargs] if keywords else None
+            try:
+                for i in range(1, len(pairs)):
+                    a, kw = pairs[i]
+                    args.append(dumps(list(a), what=what))
+                    if kwargs is not None:
+                        kwargs.append(dumps(kw, what=what))
+            except PayloadError as exc:
+                raise _at_call(exc, i, len(pairs)) from None
             ids = await self.store.insert_uniform(first, args, kwargs, conn=conn)
         return [Handle(self, i) for i in ids]
 
@@ -380,6 +390,19 @@ class Client:
     async def fork(self, task_id: int, at: int) -> int:
         """A new branch keeping events 0..at-1; the workflow re-runs from position ``at``."""
         return await self.store.restart(_task_id(task_id), "fork", at)
+
+
+@contextmanager
+def _call_index(i: int, n: int) -> Iterator[None]:
+    """A PayloadError raised within names the call of start_many it is about."""
+    try:
+        yield
+    except PayloadError as exc:
+        raise _at_call(exc, i, n) from None
+
+
+def _at_call(exc: PayloadError, i: int, n: int) -> PayloadError:
+    return PayloadError(f"call {i} (of {n}, counted from 0): {exc}")
 
 
 def _text(value: object, what: str, limit: int | None = MAX_NAME) -> str:

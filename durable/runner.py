@@ -145,7 +145,8 @@ class Runner:
             try:
                 # Inline rather than a coroutine of its own: a workflow resumes once per
                 # step through every coroutine level between its task and the step.
-                async with asyncio.timeout(limit) if limit is not None else _untimed:
+                timer = asyncio.timeout(limit) if limit is not None else None
+                async with timer if timer is not None else _untimed:
                     if self.hooks is not None:
                         await self.hooks.before_call(task, definition.kind, task.name)
                     if definition.kind == "workflow":
@@ -157,6 +158,10 @@ class Runner:
                         result = await _call(definition, task, here, *args, **kwargs)
                     else:
                         result = await _call(definition, task, *args, **kwargs)
+                if timer is not None and timer.expired():
+                    # The code caught the cancel its time limit sent and returned anyway:
+                    # the attempt took longer than it may, whatever it returned.
+                    raise TimeoutError
             finally:
                 taskcontext.leave(entered)
                 if here.reported:  # a task that never reported awaits nothing here
