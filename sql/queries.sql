@@ -1102,14 +1102,20 @@ where task_id = any($1::bigint[])
 
 -- name: fail_deadline
 -- The task's deadline passed: it fails (cancelled if a cancel came first, as `fail`) and
--- every unfinished descendant is cancelled.
-with failed as (
-    update durable.tasks
-       set status = case when cancel_requested then 'cancelled' else 'failed' end,
+-- every unfinished descendant is cancelled. Its tree is locked first, children before
+-- parents (durable.lock_trees): taking its waiting child's row in the cascade and then a
+-- grandchild's deadlocked with the grandchild finishing, which locks its own row and then
+-- its waiting parent's.
+with locked as materialized (
+    select durable.lock_trees(array[$1::bigint])
+), failed as (
+    update durable.tasks t
+       set status = case when t.cancel_requested then 'cancelled' else 'failed' end,
            error = $3::jsonb, finished_at = now(),
            claim_token = null, lease_until = null
-     where id = $1 and claim_token = $2 and status = 'running'
-    returning id
+      from locked
+     where t.id = $1 and t.claim_token = $2 and t.status = 'running'
+    returning t.id
 )
 select (select id from failed),
        (select count(*) from durable.cancel_descendants(array(select id from failed)))
