@@ -135,11 +135,15 @@ class Admin:
         return await self._store.queue_limits()
 
     async def set_queue_limits(
-        self, queue: str, concurrency: int | None, rate: tuple[int, float] | None
+        self, queue: str, concurrency: int | None, rate: tuple[int, float] | None,
+        *, set_concurrency: bool = True, set_rate: bool = True,
     ) -> None:
-        """Set a queue's fleet-wide limits; None removes one."""
+        """Set a queue's fleet-wide limits; None removes one, and a limit not set
+        (``set_concurrency`` or ``set_rate`` false) keeps its value."""
         limit, period = rate if rate is not None else (None, None)
-        await self._store.set_queue_limits(queue, concurrency, limit, period)
+        await self._store.set_queue_limits(
+            queue, concurrency, limit, period, set_concurrency=set_concurrency, set_rate=set_rate
+        )
 
     async def pause_queue(self, queue: str) -> None:
         """Stop claiming from ``queue`` on every daemon; running tasks finish."""

@@ -523,11 +523,17 @@ select name, concurrency, rate_limit, rate_period, updated_at, paused
 from durable.queues order by name
 
 -- name: set_queue_limits
+-- $5, $6: whether to set the concurrency and the rate; a limit not set keeps its value
+-- (`durable queues set Q --rate 20/1s` leaves Q's concurrency limit alone).
 insert into durable.queues as c (name, concurrency, rate_limit, rate_period, updated_at)
-values ($1, $2, $3, $4, now())
+values ($1, case when $5::boolean then $2::integer end,
+        case when $6::boolean then $3::integer end,
+        case when $6::boolean then $4::double precision end, now())
 on conflict (name) do update
-   set concurrency = excluded.concurrency, rate_limit = excluded.rate_limit,
-       rate_period = excluded.rate_period, updated_at = now()
+   set concurrency = case when $5::boolean then excluded.concurrency else c.concurrency end,
+       rate_limit = case when $6::boolean then excluded.rate_limit else c.rate_limit end,
+       rate_period = case when $6::boolean then excluded.rate_period else c.rate_period end,
+       updated_at = now()
 returning name
 
 -- name: upsert_schedule

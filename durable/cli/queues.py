@@ -111,21 +111,30 @@ def cmd_queues(args: argparse.Namespace) -> int:
 
 
 def cmd_queues_set(args: argparse.Namespace) -> int:
+    usage = "usage: durable queues set NAME [--concurrency N] [--rate N/PERIOD]"
     if not args.name:
-        raise CommandError("usage: durable queues set NAME [--concurrency N] [--rate N/PERIOD]", 2)
+        raise CommandError(usage, 2)
     try:
         validation.text(args.name, "NAME (the queue)")
+        if args.concurrency is None and args.rate is None:
+            raise CommandError(f"{usage} (give one of them, or 'none' to remove it)", 2)
         concurrency = parse_concurrency(args.concurrency)
         rate = parse_rate(args.rate)
     except (ConfigurationError, InvalidValue) as exc:
         raise CommandError(str(exc), 2) from None
 
-    async def go(s: Session) -> None:
-        await s.admin.set_queue_limits(args.name, concurrency, rate)
+    async def go(s: Session) -> Any:
+        # An option left out keeps that limit: `--rate 20/1s` alone must not lift a
+        # concurrency limit set before (only `--concurrency none` does).
+        await s.admin.set_queue_limits(
+            args.name, concurrency, rate,
+            set_concurrency=args.concurrency is not None, set_rate=args.rate is not None,
+        )  # fmt: skip
+        return next(lim for lim in await s.admin.queue_limits() if lim.name == args.name)
 
-    with_session(args, go)
-    shown = describe_rate(*rate) if rate else "none"
-    print(f"queue {args.name}: concurrency {concurrency or 'unlimited'}, rate {shown}")
+    now = with_session(args, go)
+    shown = describe_rate(now.rate_limit, now.rate_period) or "none"
+    print(f"queue {args.name}: concurrency {now.concurrency or 'unlimited'}, rate {shown}")
     return 0
 
 

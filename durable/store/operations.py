@@ -47,14 +47,17 @@ class Operations(Part):
         await self.pool.execute(self.q["set_queue_paused"], queue, paused)
 
     async def set_queue_limits(
-        self, queue: str, concurrency: int | None, rate_limit: int | None, rate_period: float | None
+        self, queue: str, concurrency: int | None, rate_limit: int | None,
+        rate_period: float | None, *, set_concurrency: bool = True, set_rate: bool = True,
     ) -> None:
-        """Set a queue's fleet-wide limits (None: no limit); raises InvalidValue, writing
-        nothing, for a value the claim could not work with."""
+        """Set a queue's fleet-wide limits (None: no limit); one not set (``set_concurrency``
+        or ``set_rate`` false) keeps its value. Raises InvalidValue, writing nothing, for a
+        value the claim could not work with."""
         validation.queue_limits(queue, concurrency, rate_limit, rate_period)
         await self.pool.execute(
-            self.q["set_queue_limits"], queue, concurrency, rate_limit, rate_period
-        )
+            self.q["set_queue_limits"], queue, concurrency, rate_limit, rate_period,
+            set_concurrency, set_rate,
+        )  # fmt: skip
 
     async def upsert_schedule(
         self,
