@@ -25,7 +25,8 @@ from durable.context import Context
 from durable.errors import DurableError, NonDeterminismError, ReplayAbort
 from durable.models import Claimed, Event, History
 from durable.registry import Definition
-from durable.replay import PATCH, Journal, Suspend, describe
+from durable.replay import PATCH, ContinueAsNew, Journal, Suspend, describe
+from durable.taskcontext import TaskContext, enter, leave
 
 if TYPE_CHECKING:
     from durable.models import Checkpoint
@@ -101,9 +102,11 @@ class _Diverged:
 class _ReplayOnly(Journal):
     """A journal over a recorded log that never writes: where the log ends, the replay ends."""
 
-    def __init__(self, task: Claimed, events: Sequence[Event]) -> None:
+    def __init__(self, task: Claimed, events: Sequence[Event], returned: bool = False) -> None:
         super().__init__(task, events, _NO_WRITES, _now)
         self.diverged: _Diverged | None = None
+        self.returned = returned
+        """The recorded run returned: every sleep it reached had ended."""
 
     def _recorded(self, seq: int) -> str | None:
         event = self.events.get(seq)
@@ -145,12 +148,30 @@ class _ReplayOnly(Journal):
         raise RuntimeError(f"verify must not write: {cp.kind} {cp.name!r} at {cp.seq}")
 
     def asleep(self, wake: datetime) -> bool:
-        # Recorded calls after the sleep: it ended. None: the run sleeps there now.
-        return not self.left()
+        # Recorded calls after the sleep, or a run that returned after it: it ended.
+        # Neither: the run sleeps there now.
+        return not self.returned and not self.left()
 
     def left(self) -> list[Event]:
         """The recorded calls at and after the current position (patch markers aside)."""
         return [e for s, e in sorted(self.events.items()) if s >= self.seq and e.kind != PATCH]
+
+
+class _Unreported:
+    """Progress a replay reports again: checked as on a real run, written nowhere."""
+
+    def report(self, encoded: str, message: str | None) -> None:
+        pass
+
+
+class _ReplayTaskContext(TaskContext):
+    """``durable.current()`` during a replay: the run's own, its progress unwritten."""
+
+    __slots__ = ()
+
+    def __init__(self, task: Claimed, store: Any) -> None:
+        super().__init__(task, store)
+        self._reporter = cast("Any", _Unreported())
 
 
 class _NoWrites:
@@ -206,12 +227,11 @@ async def check_history(
         kwargs="{}", attempt=history.attempt, max_attempts=history.attempt, timeout=None,
         token=0, branch=history.branch, parent_id=None, root_id=None, cancel_requested=False,
     )  # fmt: skip
-    journal = _ReplayOnly(task, history.events)
-    ctx = Context.over(
-        cast("Store", _NoStore()), task, journal, registry_get or (lambda _name: None)
-    )
-    total = len(history.events)
     completed = history.status == "completed"
+    journal = _ReplayOnly(task, history.events, returned=completed)
+    store = cast("Store", _NoStore())
+    ctx = Context.over(store, task, journal, registry_get or (lambda _name: None))
+    total = len(history.events)
 
     def verdict(ok: bool, outcome: str, **fields: Any) -> Verdict:
         return Verdict(
@@ -228,10 +248,15 @@ async def check_history(
                        message=f"the recorded arguments do not fit the function: {exc}")  # fmt: skip
     except ValueError:
         pass  # no signature to check against
+    # ctx.progress and durable.current() work as on the daemon, which enters the run's own.
+    entered = enter(_ReplayTaskContext(task, store))
     try:
         async with asyncio.timeout(timeout):
             await func(ctx, *history.args, **history.kwargs)
         ctx.check_consumed()
+    except ContinueAsNew:
+        # ctx.continue_as_new checked the whole log was replayed: the run ends as recorded.
+        return verdict(True, "continues as new")
     except NonDeterminismError as exc:
         d = journal.diverged
         if d is not None:
@@ -283,6 +308,8 @@ async def check_history(
                            message=f"the recorded run returned, but the code now raises "
                            f"{type(exc).__name__}: {exc}")  # fmt: skip
         return verdict(True, f"raises {type(exc).__name__} at the end of the log")
+    finally:
+        leave(entered)
     return verdict(True, "returns")
 
 
