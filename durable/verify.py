@@ -411,6 +411,11 @@ def history_from_json(source: Mapping[str, Any] | str | Path) -> History:
             wake_at = datetime.fromisoformat(wake) if wake is not None else None
         except ValueError:
             raise DurableError(f"{where}: {at}wake_at is not a timestamp: {wake[:40]!r}") from None
+        if wake_at is not None and wake_at.utcoffset() is None:
+            raise DurableError(
+                f"{where}: {at}wake_at has no time zone: {wake[:40]!r} (as durable show writes"
+                " it, e.g. 2026-01-01T00:00:00+00:00)"
+            )
         events.append(Event(
             seq=field(e, "seq", int, at), kind=field(e, "kind", str, at),
             name=field(e, "name", str, at), digest=field(e, "digest", str, at),

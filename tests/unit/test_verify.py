@@ -349,6 +349,8 @@ def test_verify_history_refuses_another_workflows_history() -> None:
         (lambda d: d.update(args={}), "args must be an array"),
         (lambda d: d["events"].reverse(), "in order of seq"),
         (lambda d: d["events"][1].update(wake_at="soon"), "events[1].wake_at is not a timestamp"),
+        (lambda d: d["events"][1].update(wake_at="2026-01-01T00:00:00"),
+         "events[1].wake_at has no time zone"),
     ],
 )
 def test_a_file_that_is_not_a_history_is_refused_naming_the_field(change: Any, message: str) -> None:
