@@ -78,6 +78,7 @@ class EmbeddedServer:
 
     def ensure_started(self) -> str:
         """Initialise the data directory if needed, start the server if it is not running."""
+        self.files.check_owner()
         if (
             (info := self.files.pid_file()) is not None
             and info.status == "ready"
@@ -111,6 +112,7 @@ class EmbeddedServer:
             return self.files.url(self._start())
 
     def _start(self) -> int:
+        self._remove_stale_lock_files()
         self.files.own(self.files.log_file, create=True)
         socket_dir = self.files.make_socket_dir()
         port = self.files.read_port()
@@ -155,6 +157,26 @@ class EmbeddedServer:
             with contextlib.suppress(OSError):
                 socket_dir.rmdir()
         return True
+
+    def _remove_stale_lock_files(self) -> None:
+        """Remove postmaster.pid and the sockets' lock files when the postmaster they name
+        is dead (we hold the home's lock). Postgres refuses to start while that pid is any
+        process at all: a killed postmaster nobody has reaped yet (a zombie, under a PID 1
+        that does not reap) or a program that has since reused the pid."""
+        paths = [self.data_dir / "postmaster.pid"]
+        with contextlib.suppress(OSError):
+            paths += self.files.socket_dir().glob(".s.PGSQL.*.lock")
+        for path in paths:
+            try:
+                text = path.read_text()
+                pid = int(text.split("\n", 1)[0])
+            except (OSError, ValueError):
+                continue  # gone, or being written: Postgres decides
+            if _alive(pid):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if path.read_text() == text:  # not replaced by a postmaster started meanwhile
+                    path.unlink()
 
     def _wait_while_busy(self) -> int | None:
         """The port once a running server is ready; None if none is running."""

@@ -564,6 +564,11 @@ def configuration_markdown() -> str:
         f"({', '.join(f'`{v}`' for v in LIBPQ_VARIABLES)}) is set, asyncpg reads those;",
         "otherwise durable starts (once) and uses an embedded Postgres under `DURABLE_HOME`.",
         "Commands other than `durable run`, `demo` and `db` say on stderr when they use it.",
+        "The embedded server outlives the command that started it (a stopped or killed `durable",
+        "run` included) and is shared by every later command on that home, until `durable db",
+        "stop`; after a crash of the server the next command starts it again on the same data. The",
+        "home must be yours and writable by you alone: durable refuses one that another user could",
+        "write into, since they could swap its files.",
         "",
     ]
     return "\n".join(lines)

@@ -107,6 +107,7 @@ class Home:
         self._port_file = self.home / "port"
         self._password_file = self.home / "password"
         self._lock_file = self.home / "lock"
+        self._lock_fd: int | None = None  # while locked()
         self._account_checked = False
 
     def initialised(self) -> bool:
@@ -139,6 +140,7 @@ class Home:
                 ],
                 timeout=300,
                 what="initdb failed",
+                keep_locked=True,
             )
         finally:
             given.unlink(missing_ok=True)
@@ -158,6 +160,7 @@ class Home:
             timeout=120,
             what="setting the server's password failed",
             stdin=statement,
+            keep_locked=True,
         )
         self.write_hba(self.data_dir)
 
@@ -246,14 +249,36 @@ class Home:
         tail = " | ".join(lines[-4:]) or "no output"
         return f"{what} (data dir {self.data_dir}): {tail}"
 
+    def check_owner(self) -> None:
+        """Refuse a home that another user could write into: they could swap its files for
+        links, and the starter (root, even) would write or chown whatever those name."""
+        try:
+            info = self.home.stat()
+        except FileNotFoundError:
+            return  # make_home creates it, ours alone
+        if info.st_uid != os.geteuid():
+            raise EmbeddedError(
+                f"the embedded server's home {self.home} belongs to {_user_name(info.st_uid)}, "
+                f"not to {_user_name(os.geteuid())}: set DURABLE_HOME to a directory of yours"
+            )
+        if info.st_mode & 0o022:
+            raise EmbeddedError(
+                f"the embedded server's home {self.home} is writable by others "
+                f"(mode {stat.S_IMODE(info.st_mode):o}), who could swap its files: "
+                f"`chmod go-w {self.home}`, or set DURABLE_HOME to a directory of yours alone"
+            )
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         self.make_home()
+        self.check_owner()
         with self._lock_file.open("a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
+            self._lock_fd = f.fileno()
             try:
                 yield
             finally:
+                self._lock_fd = None
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def make_home(self) -> None:
@@ -280,8 +305,14 @@ class Home:
         timeout: float,
         what: str | None = None,
         stdin: str | None = None,
+        keep_locked: bool = False,
     ) -> subprocess.CompletedProcess[str]:
+        """Run one of the wheel's programs as the server's account; `keep_locked` hands it
+        the home's lock, held until it exits even if we are killed first."""
         account = self.account()
+        # A killed starter must not leave an initdb (or a single-user postgres) writing on
+        # while the next starter, given the lock, removes and remakes that directory.
+        inherit = (self._lock_fd,) if keep_locked and self._lock_fd is not None else ()
         # PG* variables (PGPORT, PGDATA...) from the caller's shell must not steer the server.
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         with tempfile.TemporaryFile("w+") as out:
@@ -301,6 +332,7 @@ class Home:
                     user=account.uid if account else None,
                     group=account.gid if account else None,
                     extra_groups=[] if account else None,
+                    pass_fds=inherit,
                 )
             except subprocess.TimeoutExpired as e:
                 raise EmbeddedError(f"{program} timed out after {timeout:g}s") from e
@@ -333,6 +365,13 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name!r}"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def port_free(port: int) -> bool:
