@@ -652,12 +652,6 @@ begin
         raise exception 'durable.start: kwargs must be a JSON object, not %', jsonb_typeof(kwargs)
             using errcode = '22023';
     end if;
-    -- The limit a client's arguments have (durable.codec.MAX_PAYLOAD), on their stored
-    -- size: a start from SQL is refused here, not a daemon that reads the row later.
-    if pg_column_size(args) + pg_column_size(kwargs) > 16777216 then
-        raise exception 'durable.start: args and kwargs must be at most 16 MiB stored, got % bytes',
-            pg_column_size(args) + pg_column_size(kwargs) using errcode = '54000';
-    end if;
     -- Refused here, in one line naming the argument, rather than by a column's check or
     -- an index deep in the insert (or, for a NaN timeout, by nothing at all).
     if start.name is null or length(start.name) not between 1 and 200 then
@@ -917,10 +911,6 @@ begin
        and octet_length(send_event.idempotency_key) not between 1 and 2000 then
         raise exception 'durable.send_event: idempotency_key must be 1 to 2000 bytes, got %',
             octet_length(send_event.idempotency_key) using errcode = '22023';
-    end if;
-    if pg_column_size(send_event.payload) > 16777216 then
-        raise exception 'durable.send_event: payload must be at most 16 MiB stored, got % bytes',
-            pg_column_size(send_event.payload) using errcode = '54000';
     end if;
     -- The row lock serialises every delivery to this task, so the key's check below sees
     -- a concurrent producer's committed delivery.

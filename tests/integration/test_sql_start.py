@@ -175,23 +175,3 @@ async def test_migration_0009_keeps_who_may_call_durable_start(server_dsn: str) 
         await admin(server_dsn, f"drop database if exists {quote_ident(db)} with (force)",
                     f"drop role if exists {quote_ident(producer)}",
                     f"drop role if exists {quote_ident(stranger)}")
-
-
-async def test_arguments_and_payloads_past_16_mib_are_refused_from_sql(
-    conn: asyncpg.Connection,
-) -> None:
-    """The client's limit (durable.codec.MAX_PAYLOAD), held by the functions too: a start or
-    an event from SQL past it is refused in one line, and nothing is stored."""
-    under, over = 15 * 2**20, 17 * 2**20
-    big = "jsonb_build_array(repeat('x', $2))"
-    task = await conn.fetchval(f"select durable.start('ss_echo', {big}, queue => $1)", QUEUE, under)
-    assert task is not None
-    with pytest.raises(asyncpg.ProgramLimitExceededError,
-                       match=r"durable\.start: args and kwargs must be at most 16 MiB stored"):
-        await conn.fetchval(f"select durable.start('ss_echo', {big}, queue => $1)", QUEUE, over)
-    assert await conn.fetchval(f"select durable.send_event($1, 'e', {big})", task, under)
-    with pytest.raises(asyncpg.ProgramLimitExceededError,
-                       match=r"durable\.send_event: payload must be at most 16 MiB stored"):
-        await conn.fetchval(f"select durable.send_event($1, 'e', {big})", task, over)
-    assert await conn.fetchval("select count(*) from durable.tasks") == 1
-    assert await conn.fetchval("select count(*) from durable.signals") == 1
