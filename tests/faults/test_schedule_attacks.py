@@ -24,10 +24,14 @@ from durable.registry import Definition, Registry
 from durable.scheduler import declare_schedules, run_schedules
 from durable.store import Store
 from durable.validation import InvalidValue
-from tests.apps.schedule_attacks_app import QUEUE
 from tests.support.helpers import durable_cli, execute, fetchval, kill, spawn_daemon, wait_for
 
 LIBFAKETIME = next(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"), Path("/nonexistent"))
+
+QUEUE = "sa_skew"
+"""The queue of tests/apps/schedule_attacks_app.py, which this module must not import: its
+scheduled task would join the registry every in-process daemon of the suite serves, and
+fire into their databases each minute."""
 
 
 def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:

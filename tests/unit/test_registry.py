@@ -113,3 +113,15 @@ def test_a_name_or_queue_with_a_nul_character_is_refused_at_definition() -> None
         durable.task(name="a\x00b")(f)
     with pytest.raises(ConfigurationError, match="NUL"):
         durable.task(name="nul_queue_task", queue="q\x00")(f)
+
+
+def test_no_definition_the_suite_registers_for_every_daemon_has_a_schedule() -> None:
+    """In-process daemons of the suite serve the shared registry: a scheduled definition in
+    it (a test module importing an app that declares one) would declare its schedule into
+    each test's database and start a task there every tick, breaking tests that count
+    rows. A test that needs a schedule builds a Registry of its own, or runs the app in a
+    subprocess daemon."""
+    from durable.registry import registry as shared
+
+    scheduled = [d.name for d in shared.definitions() if d.schedule is not None]
+    assert scheduled == []
