@@ -3,6 +3,7 @@ not JSON with an error naming what was being encoded."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
@@ -230,3 +231,26 @@ def test_the_key_walk_runs_only_when_a_key_reads_as_a_number(
 
     monkeypatch.setattr(codec, "_check_keys", exploding)
     assert dumps({"a": ["1", "2"], "b": {"c": "1:"}, "d": '","1":'}) is not None
+
+
+async def test_a_heavy_value_is_searched_for_meeting_keys_in_slices_with_turns_between() -> None:
+    # Each of the two keys straddles a slice's end: only the slices' overlap finds them.
+    size = codec._KEY_SLICE
+    value = {"p": "x" * (size - 9), 1: "a", "q": "y" * (size - 15), "1": "b"}
+    apart = {"p": "x" * (size - 9), 1: "a", "q": "y" * (size - 15), "2": "b"}
+    text = codec.dumps(apart)
+    assert text.index(',"1":') == size - 2 and text.index(',"2":') == 2 * size - 2
+    with pytest.raises(PayloadError, match="the keys 1 and '1' of one dict"):
+        await codec.dumps_spaced(value, what="the result")
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.ensure_future(count_turns())
+    text = await codec.dumps_spaced({"blob": "y" * (4 * codec._KEY_SLICE)}, what="r")
+    counter.cancel()
+    assert len(text) > 4 * codec._KEY_SLICE and turns >= 4  # the loop ran between slices
