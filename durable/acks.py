@@ -79,13 +79,18 @@ class Acks:
 
     async def complete(self, items: Sequence[Completion]) -> list[bool]:
         rows = [(c.task.id, c.task.token, c.result) for c in items]
+        workflows = {c.task.id for c in items if c.task.kind == "workflow"}
         accepted: dict[int, bool] = {}
         for part in _by_size(rows):
+            # Only a workflow has children, whose rows its completion may have to lock.
+            write = (
+                self.store.complete_many
+                if any(r[0] in workflows for r in part)
+                else self.store.complete_tasks
+            )
             for delay in (0.1, 0.5, 2.0, None):
                 try:
-                    accepted.update(
-                        await self.store.complete_many(part, _idle(self.completing))
-                    )
+                    accepted.update(await write(part, _idle(self.completing)))
                     break
                 except Exception as exc:
                     if not is_transient(exc) or delay is None:

@@ -232,10 +232,15 @@ class Admin:
         queue: str | None,
         first: datetime,
         source: str = "cli",
-    ) -> None:
-        await self._store.upsert_schedule(
-            name, task, cron, timezone, json.dumps(list(args)), "{}", queue, source, first
-        )
+        *,
+        replace_code: bool = False,
+    ) -> bool:
+        """Add or replace a schedule; False, writing nothing, when ``name`` is a schedule
+        declared in code and ``replace_code`` is not given (daemons would declare it back)."""
+        return await self._store.upsert_schedule(
+            name, task, cron, timezone, json.dumps(list(args)), "{}", queue, source, first,
+            replace_code=replace_code,
+        )  # fmt: skip
 
     async def remove_schedule(self, name: str) -> bool:
         return await self._store.delete_schedule(name)

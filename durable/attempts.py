@@ -44,6 +44,12 @@ class Attempt:
     def stop(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
+        elif reason != "shutdown" or self.reason == "shutdown":
+            # Stopped already (and cancelled then, if its code was running): it may be
+            # cleaning up, a finally that awaits or a transaction rolling back, which a
+            # cancel at every heartbeat that finds the lease lost again cut short. A
+            # shutdown cancels once more: code that went on past its cancel must end now.
+            return
         # Only while the code runs. Before, the job may not have taken its first step,
         # and a task cancelled then never runs a line (nor its finally): the runner sees
         # the reason when it starts. After, its outcome is being written: that write is
@@ -282,7 +288,8 @@ class Attempts:
                     continue
                 cancel = kept.get(a.task.id)
                 if cancel is None:
-                    log.warning("lease_lost", task_id=a.task.id, name=a.task.name)
+                    if a.reason != "lease_lost":  # found again at each beat while it unwinds
+                        log.warning("lease_lost", task_id=a.task.id, name=a.task.name)
                     a.stop("lease_lost")
                 elif cancel and a.reason is None:
                     # The notification was lost (a listener reconnecting, say): the

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -74,10 +74,48 @@ class Children:
         return ChildCall(self, fn, args, kwargs)
 
     async def spawn(self, fn: Definition[Any, Any] | str, /, *args: Any, **kwargs: Any) -> ChildHandle:
-        """Start a child now without waiting; ``await handle`` later for its result."""
+        """Start a child now without waiting; ``await handle`` later for its result.
+
+        Each spawn is a transaction of its own: to start many children, :meth:`spawn_many`
+        starts them in one.
+        """
         self._log.begin("spawn", getattr(fn, "name", str(fn)))
         try:
             return (await self._start_children([ChildCall(self, fn, args, kwargs)]))[0]
+        finally:
+            self._log.busy = None
+
+    async def spawn_many(
+        self,
+        fn: Definition[Any, Any] | str,
+        calls: Iterable[Sequence[Any] | tuple[Sequence[Any], dict[str, Any]]],
+        /,
+    ) -> list[ChildHandle]:
+        """Start a child of ``fn`` for each of ``calls`` now, in one transaction, without
+        waiting; their handles, in order.
+
+        ``calls`` holds one argument list per child, or ``(args, kwargs)`` pairs, as
+        ``client.start_many`` takes them. The log is the one the same ``ctx.spawn`` calls
+        made one after the other record (a position per child), so either replays the
+        other's history. A crash before the transaction commits leaves no child and the
+        next attempt starts them all; after it, the next attempt finds them all.
+        """
+        name = getattr(fn, "name", str(fn))
+        children: list[ChildCall] = []
+        for i, call in enumerate(calls):
+            if isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], dict):
+                args, kwargs = call
+            else:
+                args, kwargs = call, {}
+            if not isinstance(args, list | tuple):
+                raise TypeError(
+                    f"ctx.spawn_many: calls[{i}] must be a list of arguments or an (args, "
+                    f"kwargs) pair, not {type(call).__name__}"
+                )
+            children.append(ChildCall(self, fn, tuple(args), kwargs))
+        self._log.begin("spawn", f"{len(children)} children of {name!r}")
+        try:
+            return await self._start_children(children) if children else []
         finally:
             self._log.busy = None
 
@@ -154,16 +192,14 @@ class Children:
         calls = [a for a in aws if isinstance(a, ChildCall)]
         started = iter(await self._start_children(calls)) if calls else iter(())
         handles = [next(started) if isinstance(a, ChildCall) else a for a in aws]
-        # A child that no longer exists (deleted by hand, or pruned with a tree that was
-        # restarted meanwhile) counts as failed: waiting on it would wait for ever.
-        waiting = [
-            h.id for h in handles
-            if h._event is None
-            or (h._event.status == "pending" and h._event.child_status is not None
-                and h._event.child_status not in TERMINAL)
-        ]
+        waiting = [h for h in handles if _unsettled(h)]
+        if waiting and not calls:
+            # Handles spawned earlier, whose children may have finished since: one look
+            # at their events, rather than a suspension whose resume would find them.
+            await self._look(waiting)
+            waiting = [h for h in waiting if _unsettled(h)]
         if waiting:
-            raise Suspend(waiting_on=waiting)
+            raise Suspend(waiting_on=[h.id for h in waiting])
         # What the parent now sees goes into its own log first: a child restarted later
         # (durable retry or replay of the child) cannot change this parent's past.
         fresh = [h for h in handles if h._event is not None and h._event.status == "pending"]
@@ -185,6 +221,14 @@ class Children:
             _mark(first_error, failed, self._log.seq)
             raise first_error
         return out
+
+    async def _look(self, handles: Sequence[ChildHandle]) -> None:
+        """Read again the events of ``handles`` with their children's states."""
+        t = self._task
+        events = await self._store.child_events(t.id, t.branch, [h.seq for h in handles])
+        seen = {e.seq: e for e in events}
+        for h in handles:
+            h._event = seen.get(h.seq, h._event)
 
     async def _record_children(self, handles: Sequence[ChildHandle]) -> None:
         rows: list[tuple[int, str, str | None, str | None]] = []
@@ -208,3 +252,13 @@ class Children:
         for h, (_, status, result, error) in zip(handles, rows, strict=True):
             assert h._event is not None
             h._event = replace(h._event, status=status, result=result, error=error)
+
+
+def _unsettled(h: ChildHandle) -> bool:
+    """Whether the parent must still wait for ``h``'s child. One that no longer exists
+    (deleted by hand, or pruned with a tree that was restarted meanwhile) counts as failed:
+    waiting on it would wait for ever."""
+    ev = h._event
+    return ev is None or (
+        ev.status == "pending" and ev.child_status is not None and ev.child_status not in TERMINAL
+    )

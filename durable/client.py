@@ -239,7 +239,8 @@ class Client:
         conn: Connection | None = None,
         allow_unknown: bool = False,
     ) -> list[Handle]:
-        """Enqueue many calls of ``fn`` in one statement.
+        """Enqueue many calls of ``fn`` in one statement (past 4 MB of arguments, in several
+        statements of one transaction: all or none of them).
 
         ``calls`` holds one argument list per task, or ``(args, kwargs)`` pairs. A name is
         resolved as by ``start``.
@@ -388,8 +389,10 @@ class Client:
         return await self.store.restart(_task_id(task_id), "replay")
 
     async def fork(self, task_id: int, at: int) -> int:
-        """A new branch keeping events 0..at-1; the workflow re-runs from position ``at``."""
-        return await self.store.restart(_task_id(task_id), "fork", at)
+        """A new branch keeping events 0..at-1; the workflow re-runs from position ``at``
+        (0 to the length of its log)."""
+        position = validation.whole(at, "fork: at", 0, 2**31 - 1)  # an integer column
+        return await self.store.restart(_task_id(task_id), "fork", position)
 
 
 @contextmanager

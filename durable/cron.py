@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -26,7 +27,10 @@ _ALIASES = {
 }
 _LONGEST = {1: 31, 2: 29, 3: 31, 4: 30, 5: 31, 6: 30, 7: 31, 8: 31, 9: 30, 10: 31, 11: 30, 12: 31}
 """The most days each month has (February 29 comes every four years, mostly)."""
-_SEARCH_DAYS = 366 * 8  # Feb 29 comes within 8 years even across 2100, which has none
+_SEARCH_YEARS = 41
+"""The longest wait between two ticks: Feb 29 on one day of the week (``0 0 29 2 */7``, both
+fields then count) comes again within 28 years, 40 across 2100, which has none."""
+_SEARCH_DAYS = 366 * _SEARCH_YEARS
 _MARGIN = timedelta(hours=3)
 _FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
     ("minute", 0, 59, {}),
@@ -89,6 +93,7 @@ class Cron:
     any_day: bool
     any_weekday: bool
     any_hour: bool = False
+    """``any_*``: the field begins with ``*`` (``*`` or ``*/n``), as Vixie cron reads it."""
 
     @property
     def zone(self) -> ZoneInfo:
@@ -97,21 +102,22 @@ class Cron:
     def _day_matches(self, d: datetime) -> bool:
         dom = d.day in self.days
         dow = (d.isoweekday() % 7) in self.weekdays
-        # Vixie cron: when both day fields are restricted, either one matching is enough.
-        if self.any_day:
-            return dow
-        if self.any_weekday:
-            return dom
+        # Vixie cron: when both day fields are restricted, either one matching is enough; a
+        # field beginning with `*` (`*/2` too) restricts nothing on its own, so both must.
+        if self.any_day or self.any_weekday:
+            return dom and dow
         return dom or dow
 
     def _instants(self, wall: datetime) -> tuple[datetime, ...]:
-        """The UTC instants of a wall time that is a tick: none in the spring DST gap; in
-        the autumn's repeated hour both for an hour field of ``*`` (or ``*/n``), else the
-        first only (a tick at a fixed time runs once a day)."""
+        """The UTC instants of a wall time that is a tick. In the spring's gap, for an hour
+        field of ``*`` (or ``*/n``) none (its ticks are the real hours), else the instant
+        the clock jumped (a daily 02:30 runs at 03:00 that day, as cron runs the fixed-time
+        jobs of a skipped hour after it). In the autumn's repeated hour both passes for
+        ``*`` (or ``*/n``), else the first only (a tick at a fixed time runs once a day)."""
         zone = self.zone
         first = wall.replace(tzinfo=zone).astimezone(UTC)
         if first.astimezone(zone).replace(tzinfo=None) != wall:
-            return ()
+            return () if self.any_hour else (_jump(wall, zone),)
         if self.any_hour:
             second = wall.replace(tzinfo=zone, fold=1).astimezone(UTC)
             if second != first:
@@ -146,10 +152,10 @@ class Cron:
                 if best is not None:
                     return best
             day += timedelta(days=1)
-        raise CronError(f"cron {self.expr!r} has no tick in the next 8 years")
+        raise CronError(f"cron {self.expr!r} has no tick in the next {_SEARCH_YEARS} years")
 
     def previous_at_or_before(self, when: datetime) -> datetime | None:
-        """The last tick at or before ``when``, in UTC (None if none in 8 years)."""
+        """The last tick at or before ``when``, in UTC (None if none in the search's years)."""
         end = when.astimezone(self.zone).replace(tzinfo=None) + _MARGIN
         day = end.replace(hour=0, minute=0, second=0, microsecond=0)
         for _ in range(_SEARCH_DAYS):
@@ -180,6 +186,22 @@ class Cron:
         return tick if tick is not None and tick > since else None
 
 
+def _jump(wall: datetime, zone: ZoneInfo) -> datetime:
+    """The instant the clock jumped over ``wall``, a wall time that does not exist, in UTC."""
+    # Read by the later offset, ``wall`` is before the jump; by the earlier, after it.
+    # Transitions fall on whole seconds: search them between the two.
+    ends = sorted(wall.replace(tzinfo=zone, fold=f).astimezone(UTC) for f in (0, 1))
+    offset = ends[1].astimezone(zone).utcoffset()
+    lo, hi = math.ceil(ends[0].timestamp()), math.floor(ends[1].timestamp())
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if datetime.fromtimestamp(mid, zone).utcoffset() == offset:
+            hi = mid
+        else:
+            lo = mid + 1
+    return datetime.fromtimestamp(lo, UTC)
+
+
 def parse(expr: str, timezone: str = "UTC") -> Cron:
     """Parse ``expr`` (five fields, or @hourly/@daily/...) in ``timezone``."""
     if not isinstance(expr, str) or not expr.strip():
@@ -202,8 +224,8 @@ def parse(expr: str, timezone: str = "UTC") -> Cron:
         for p, (f, lo, hi, names) in zip(parts, _FIELDS, strict=True)
     ]
     weekdays = frozenset(d % 7 for d in sets[4])
-    if parts[4] == "*" and not any(d <= _LONGEST[m] for m in sets[3] for d in sets[2]):
-        # Only the day of the month counts: a date no month has would never run.
+    if parts[4].startswith("*") and not any(d <= _LONGEST[m] for m in sets[3] for d in sets[2]):
+        # The day of the month must match: a date no month has would never run.
         raise CronError(
             f"cron {expr!r}: day of month {parts[2]!r} never falls in month {parts[3]!r}"
         )
@@ -215,8 +237,8 @@ def parse(expr: str, timezone: str = "UTC") -> Cron:
         days=sets[2],
         months=sets[3],
         weekdays=weekdays,
-        any_day=parts[2] == "*",
-        any_weekday=parts[4] == "*",
+        any_day=parts[2].startswith("*"),
+        any_weekday=parts[4].startswith("*"),
         any_hour=parts[1].startswith("*"),
     )
 

@@ -5,14 +5,13 @@ claims it from the store; the attempts (attempts.py) hold it and launch it into 
 the runner (runner.py) runs its code; its completion joins a group commit (acks.py),
 which writes it to the store. Timers, schedules, retention and reaping run beside it
 (housekeeping.py). Shutdown is a stop flag, a grace period, then cancellation
-(shutdown.py); signals are handled here and nowhere else.
+(shutdown.py, which handles signals too).
 """
 
 from __future__ import annotations
 
 import gc
 import os
-import signal
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -28,11 +27,12 @@ from durable.http import Endpoint, endpoint
 from durable.listener import Listener
 from durable.logs import get_logger
 from durable.metrics import Metrics
+from durable.poller import Poller
 from durable.publisher import Publisher
 from durable.registry import Registry
 from durable.runner import Hooks, Runner
 from durable.settings import Settings
-from durable.shutdown import FINAL_WRITES, Shutdown
+from durable.shutdown import FINAL_WRITES, Shutdown, on_signals
 from durable.store import Store, is_fatal
 from durable.worker import QueueWorker
 
@@ -51,13 +51,9 @@ GC_YOUNG = 10_000
 
 def tune_gc() -> None:
     """Set the garbage collector for a process that is a daemon, once its code is loaded.
-
-    Every step, claim and flush allocates futures, tasks and records that die within
-    milliseconds; at Python's default threshold the collector ran every few hundred of
-    them and took a tenth of a busy daemon's CPU (measured at concurrency 256: 0.48 s of
-    collections in a 4.5 s run, 0.06 s at 5,000). Freezing what is loaded already (modules,
-    the registry) keeps it out of every later full collection.
-    """
+    Every step, claim and flush allocates objects that die within milliseconds: at
+    Python's default threshold the collector took a tenth of a busy daemon's CPU. Freezing
+    what is loaded already (modules, the registry) keeps it out of every full collection."""
     gc.freeze()
     gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
@@ -84,15 +80,13 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.registry = registry
-        self.dsn = dsn
-        self.listen_dsn = listen_dsn or dsn
-        self.burst = burst
+        self.dsn, self.listen_dsn, self.burst = dsn, listen_dsn or dsn, burst
         self.pool_size, self.hooks = pool_size, hooks  # hooks: durable.testing's seams
         self.clock = clock or self._database_now
-        """The scheduler's clock (tests drive it); by default the database's, as for
-        leases and timers."""
+        """The scheduler's clock (tests drive it); by default the database's."""
         self.id = uuid.uuid4()
         self.workers: dict[str, QueueWorker] = {}
+        self.poller = Poller(self.workers, settings.poll_interval)
         self.listener: Listener | None = None
         self.store: Store | None = None
         self.acks: Acks | None = None
@@ -153,23 +147,28 @@ class Daemon:
         handle_signals: bool = False,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
+        if not handle_signals:
+            return await self._serve(task_status)
+        with on_signals(self.stop):
+            await self._serve(task_status)
+
+    async def _serve(self, task_status: TaskStatus[None]) -> None:
         queues = self.settings.queue_limits
         # The hot path's connections (claims, completions, two checkpoint flights, the
         # heartbeat) open now, so the first tasks wait for no connect and no cold backend.
-        # The first KEPT_CONNECTIONS queue loops each keep one for their claims, and the
-        # group commits keep theirs, on top of the pool's size.
+        # The first KEPT_CONNECTIONS queue loops each keep one for their claims while busy
+        # and the group commits keep theirs, on top of the pool's size; one is warm.
         kept = min(len(queues), KEPT_CONNECTIONS)
         self.store = store = await Store.open(
-            self.dsn, min_size=min(WARM_CONNECTIONS, self.pool_size) + kept,
+            self.dsn, min_size=min(WARM_CONNECTIONS, self.pool_size) + min(kept, 1),
             max_size=self.pool_size + kept + FLUSH_CONNECTIONS, warm=True,
             statement_cache_size=self.settings.statement_cache, lease=self.settings.lease,
         )
         self.acks = acks = Acks(store, self.metrics)
         try:
             if self.settings.http is not None:
-                ui = (self.settings, self.dsn) if self.settings.ui else None
-                self.http = await endpoint(*self.settings.http, store, self.metrics,
-                                           lambda: self.listener, ui, lambda: self.stopping)
+                self.http = await endpoint(self.settings, self.dsn, store, self.metrics,
+                                           lambda: self.listener, lambda: self.stopping)
             publisher = Publisher(store, self.id, self.registry.definitions(), self.settings.lease)
             # This daemon registers before its first claim.
             await self.shutdown.persist("register", lambda: publisher.start(queues))
@@ -194,8 +193,8 @@ class Daemon:
             )
             async with anyio.create_task_group() as root:
                 self._root = root.cancel_scope
-                if handle_signals:
-                    root.start_soon(self._signals)
+                if self.stopping:  # stopped while starting (a signal): nothing to drain
+                    root.cancel_scope.cancel()
                 if self.http is not None:
                     # Before the listener: /healthz and /readyz answer while it connects.
                     await root.start(self.http.run)
@@ -208,14 +207,14 @@ class Daemon:
                 await root.start(housekeeping.run)
                 for i, (queue, limit) in enumerate(queues.items()):
                     self.workers[queue] = QueueWorker(
-                        queue=queue, limit=limit, store=store,
-                        names=publisher.claim_names,
+                        queue=queue, limit=limit, store=store, names=publisher.claim_names,
                         worker_id=self.id, lease=self.settings.lease,
                         poll_interval=self.settings.poll_interval,
                         hold=attempts.hold, launch=attempts.launch,
-                        give_back=attempts.give_back, burst=self.burst,
+                        give_back=attempts.give_back, burst=self.burst, polled=True,
                         claim_ahead=self.settings.claim_ahead, keep_connection=i < kept,
                     )
+                root.start_soon(self.poller.run, store, publisher.claim_names)
                 root.start_soon(self._systemd)
                 log.info("daemon_started", worker_id=str(self.id), queues=queues,
                          names=publisher.names, pid=os.getpid())
@@ -268,20 +267,13 @@ class Daemon:
     def _catch_up(self) -> None:
         """The listener is back: what it may have missed is looked for now (ready work,
         due timers, and, through a heartbeat, cancels of running tasks)."""
-        for w in self.workers.values():
-            w.notify()
+        self.poller.poll_soon()  # one statement finds the queues with work, whatever their number
         if self.housekeeping is not None:
             self.housekeeping.wake_timers()
         if self._attempts is not None:
             self._attempts.beat_soon()
 
     # -- the outside world ------------------------------------------------------------
-
-    async def _signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("signal_received", signal=signal.Signals(signum).name)
-                self.stop()
 
     async def _systemd(self) -> None:
         """READY=1 once every queue is served, then WATCHDOG=1 while the daemon is healthy."""

@@ -88,10 +88,16 @@ class Listener:
                 self.on_reconnect()
             try:
                 await self._watch(sub, lost)
-            finally:
+            except BaseException:
+                # Stopping: no goodbye. On a path that stopped answering a graceful close
+                # would wait for its timeout after the stop's last writes, past its bound;
+                # the server just sees the socket close.
                 self.connected = False
-                with anyio.CancelScope(shield=True):
-                    await sub.close()
+                sub.terminate()
+                raise
+            self.connected = False
+            with anyio.CancelScope(shield=True):
+                await sub.close()
             log.warning("listener_lost")
 
     async def _watch(self, sub: Subscription, lost: anyio.Event) -> None:

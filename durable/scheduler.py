@@ -21,16 +21,20 @@ async def declare_schedules(store: Store, registry: Registry, now: datetime) -> 
 
     Every daemon does this at startup; a schedule keeps its next run unless its cron
     expression or time zone changed. A definition that declares no schedule removes the
-    one it declared before (``schedule=`` taken out of the code).
+    one it declared before (``schedule=`` taken out of the code). A schedule added from
+    the command line under a declared name is kept (`durable schedules remove` gives the
+    name back to the code at the next start).
     """
     for d in registry.definitions():
         if d.schedule is None:
             continue
         cron = parse(d.schedule, d.timezone)
-        await store.upsert_schedule(
+        if not await store.upsert_schedule(
             d.name, d.name, d.schedule, d.timezone, "[]", "{}", d.queue, "code",
             cron.next_after(now),
-        )
+        ):
+            log.warning("schedule_overridden", schedule=d.name,
+                        note="added from the command line, kept instead of the code's")
     unscheduled = [d.name for d in registry.definitions() if d.schedule is None]
     if unscheduled:
         for name in await store.forget_code_schedules(unscheduled):

@@ -9,12 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from durable.errors import ConfigurationError
-from durable.options import (
-    BY_FIELD,
-    ENV_VARS,
+from durable.options import BY_FIELD, ENV_VARS, OPTIONS
+from durable.values import (
     LIBPQ_VARIABLES,
     MAX_CONCURRENCY,
-    OPTIONS,
     masked_url,
     parse_duration,
     read_url_file,
@@ -74,8 +72,10 @@ class Settings:
     log_format: str = "auto"
     apps: tuple[str, ...] = ()
     http: tuple[str, int] | None = None
+    http_max_connections: int = 64
     ui: bool = False
     ui_listen: tuple[str, int] = ("127.0.0.1", 8080)
+    ui_allowed_hosts: tuple[str, ...] = ()
     ui_token_file: Path | None = None
     ui_password_file: Path | None = None
     retention: float | None = None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Awaitable, Callable
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 import anyio
 
@@ -86,3 +89,24 @@ class Shutdown:
                 if self.requested.is_set():
                     raise
             delay = min(delay * 2, STARTUP_BACKOFF)
+
+
+@contextmanager
+def on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """SIGTERM and SIGINT call ``stop`` while the block runs. The block is the daemon's whole
+    run, its last writes included: a signal then is a second stop, where the default
+    action would kill it (SIGTERM) or raise a KeyboardInterrupt (SIGINT)."""
+    loop = asyncio.get_running_loop()
+    signums = (signal.SIGTERM, signal.SIGINT)
+
+    def heard(signum: int) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop()
+
+    for signum in signums:
+        loop.add_signal_handler(signum, heard, signum)
+    try:
+        yield
+    finally:
+        for signum in signums:
+            loop.remove_signal_handler(signum)

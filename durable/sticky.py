@@ -56,12 +56,13 @@ class Evicted(BaseException):
 @dataclass
 class Park:
     """What a ParkingContext awaits instead of raising ``suspend``: the trampoline stops at
-    it. ``start`` is the position of the call that suspended, ``reload_from`` the first
-    position whose event the call reads again when it resumes."""
+    it. ``start`` is the position of the call that suspended; when it resumes, the call
+    reads again the events from there on and those at the positions ``also`` (before it:
+    the children of handles it waits for)."""
 
     suspend: Suspend
     start: int
-    reload_from: int
+    also: tuple[int, ...] = ()
 
     def __await__(self) -> Generator[Any, None, None]:
         yield self
@@ -92,7 +93,7 @@ class ParkingContext(Context):
             try:
                 return await call()
             except Suspend as s:
-                await Park(s, start, start)
+                await Park(s, start)
 
     async def gather(self, *aws: ChildCall | ChildHandle) -> list[Any]:
         while True:
@@ -101,9 +102,9 @@ class ParkingContext(Context):
                 return await super().gather(*aws)
             except Suspend as s:
                 # A handle from an earlier spawn reads its child's event again, as a
-                # replay finds it.
+                # replay finds it: that event alone, not every event since it.
                 handles = [a for a in aws if isinstance(a, ChildHandle)]
-                await Park(s, start, min([start, *(h.seq for h in handles)]))
+                await Park(s, start, tuple(h.seq for h in handles if h.seq < start))
                 for h in handles:
                     h._event = self._log.events.get(h.seq, h._event)
 
@@ -260,7 +261,7 @@ class WorkflowRuns:
             # Same branch and attempt: no retry, replay or fork since (each changes one).
             try:
                 token, tail = await self.store.load_tail(
-                    task.id, task.branch, entry.park.reload_from
+                    task.id, task.branch, entry.park.start, entry.park.also
                 )
             except BaseException:
                 self._drop(entry, "unread")  # the attempt fails; the next one replays

@@ -199,6 +199,9 @@ class _NoStore:
     async def record_children(self, task_id: int, token: int, branch: int, rows: Any) -> bool:
         raise HistoryEnd(min(r[0] for r in rows), "the outcome of its children")
 
+    async def child_events(self, task_id: int, branch: int, seqs: Any) -> list[Event]:
+        return []  # the log holds all a replay knows of its children
+
     def __getattr__(self, name: str) -> Any:
         raise RuntimeError(f"verify must not reach the database (store.{name})")
 

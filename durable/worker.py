@@ -30,8 +30,9 @@ from durable.store import Store, is_fatal, is_transient
 log = get_logger("durable.worker")
 
 CLAIM_STOP_TIMEOUT = 2.0
-"""Seconds a claim in flight when the daemon stops may still take: on a network path that
-stopped answering it would hold the loop, and the shutdown, for ever. Whatever it claimed
+"""Seconds a queue loop's statement in flight when the daemon stops (a claim, or an idle
+loop's look at what is due next) may still take: on a network path that stopped answering
+it would hold the loop, and the shutdown, for ever. Whatever a claim cut short claimed
 goes back to the queue when the leases expire."""
 
 AHEAD_WINDOW = 0.02
@@ -44,16 +45,18 @@ HOLD_LIMIT = 0.5
 """Seconds a task claimed ahead may wait for a slot before it goes back to the queue."""
 
 
-def idle_wait(poll_interval: float, next_due: datetime | None, now: datetime) -> float:
-    """How long an idle queue loop may sleep: the poll interval, or until work is due.
+def idle_wait(poll_interval: float, next_due: datetime | None, now: datetime) -> float | None:
+    """How long an idle queue loop sleeps on a timer of its own: until its next task is
+    due, if that comes before the daemon's next poll; None, until it is woken (by a
+    notification or the poll, which looks at every queue in one statement).
 
     Work already due that this loop could not claim is held by another daemon's claim in
     progress; look again shortly rather than at once, so that never becomes a busy loop.
     """
     if next_due is None:
-        return poll_interval
+        return None
     until = (next_due - now).total_seconds()
-    return max(0.02, min(poll_interval, until))
+    return max(0.02, until) if until < poll_interval else None
 
 
 def ahead(limit: int, rate: float, round_trip: float) -> int:
@@ -86,6 +89,7 @@ class QueueWorker:
         claim_ahead: int | None = None,
         hold_limit: float | None = None,
         keep_connection: bool = False,
+        polled: bool = False,
     ) -> None:
         self.queue = queue
         self.limit = limit
@@ -98,6 +102,9 @@ class QueueWorker:
         self.launch = launch
         self.give_back = give_back
         self.burst = burst
+        self.polled = polled and not burst
+        """The daemon's poll looks for this queue's work: no claim before it (or a
+        notification) says there is some, and no timer of its own while idle."""
         self.claim_ahead = claim_ahead
         """Tasks to claim beyond the free slots; None sizes it as it goes."""
         self.hold_limit = HOLD_LIMIT if hold_limit is None else hold_limit
@@ -105,12 +112,13 @@ class QueueWorker:
         self.claimed = 0
         self.given_back = 0
         self.wakeups = {"notify": 0, "poll": 0}
+        """What woke the idle loop: a notification, else the poll or a timer of its own."""
         self.waiting: deque[tuple[float, Attempt]] = deque()
+        """Claimed ahead of a free slot, oldest first, with the time each was claimed."""
         self._returning: list[Attempt] = []
         """Claimed ahead, to go back to the queue unstarted (the queue was paused)."""
         self._pauses = 0
         """Pauses of the queue heard so far (`durable queues pause`)."""
-        """Claimed ahead of a free slot, oldest first, with the time each was claimed."""
         self._releases = 0
         """Slots freed since the loop started: the claim-ahead rate is measured on it, and
         a burst compares it across a claim."""
@@ -120,36 +128,67 @@ class QueueWorker:
         self._rate = 0.0
         self._round_trip = 0.0
         self._measured_at = time.monotonic()
-        self._notified = False
-        """A hint arrived since the last claim began."""
-        self._waiter: asyncio.Future[bool] | None = None
+        self._notified: str | None = None
+        """The hint that arrived since the last claim began ('notify' or 'poll'), if any."""
+        self._waiter: asyncio.Future[str] | None = None
         """Set while the loop waits for a hint: a bare future, resolved by notify() or a
         timer."""
+        self._due: asyncio.Handle | None = None
+        """The poll's wake-up for a task of this queue due before the next poll."""
+        self._due_at = 0.0
+        """When ``_due`` fires, by the loop's clock. Kept here: uvloop hands back a plain
+        Handle, with no ``when()``, for a timer under a millisecond away."""
         self._slot_freed = asyncio.Event()
         self._stopping = False
-        self._claiming: anyio.CancelScope | None = None
-        """The claim in flight, which a stop bounds (CLAIM_STOP_TIMEOUT)."""
+        self._statement: anyio.CancelScope | None = None
+        """The loop's statement in flight (a claim, or a look at what is due), which a stop
+        bounds (CLAIM_STOP_TIMEOUT)."""
         self._held = 0.0
         self._conn = store.kept_connection() if keep_connection else None
         """The loop's own connection for its claims, if it keeps one."""
         self.claimed_once = anyio.Event()
-        """Set once this loop's first claim has returned: the queue is being served."""
+        """Set once the queue is being served: this loop's first claim has returned, or
+        the daemon's first poll found nothing due in it."""
         self._errors = Once()
 
-    def notify(self) -> None:
-        """A hint that work may be ready (a notification, a reconnect, a freed slot)."""
-        self._notified = True
+    def notify(self, source: str = "notify") -> None:
+        """A hint that work may be ready: a notification, or ``source="poll"`` (the
+        daemon's poll found work due)."""
+        if self._notified is None:
+            self._notified = source
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(True)
+            waiter.set_result(source)
+
+    def due_in(self, seconds: float) -> None:
+        """The poll found work of this queue due in ``seconds`` (now, if not positive)."""
+        if seconds <= 0:
+            self.notify("poll")
+            return
+        loop = asyncio.get_running_loop()
+        when = loop.time() + seconds
+        if self._due is not None and self._due_at > loop.time():
+            if self._due_at <= when:
+                return  # woken by then already
+            self._due.cancel()
+        self._due = loop.call_at(when, self.notify, "poll")
+        self._due_at = when
 
     def stop(self) -> None:
         self._stopping = True
-        claiming = self._claiming
-        if claiming is not None:
-            claiming.deadline = min(claiming.deadline, anyio.current_time() + CLAIM_STOP_TIMEOUT)
+        statement = self._statement
+        if statement is not None:
+            statement.deadline = min(statement.deadline, anyio.current_time() + CLAIM_STOP_TIMEOUT)
         self.notify()
         self._slot_freed.set()
+
+    def _bounded(self) -> anyio.CancelScope:
+        """The scope of the loop's next statement, which a stop bounds; bounded already if
+        the stop came first (while the loop handed tasks back, say)."""
+        self._statement = scope = anyio.CancelScope()
+        if self._stopping:
+            scope.deadline = anyio.current_time() + CLAIM_STOP_TIMEOUT
+        return scope
 
     def paused(self) -> None:
         """The queue was paused: what was claimed ahead goes back unstarted, as does what
@@ -202,6 +241,11 @@ class QueueWorker:
 
     async def _serve(self) -> None:
         backoff = 0.1
+        if self.polled:
+            # A queue with nothing to do costs no statement at startup either: 500 queues
+            # claimed at once took every connection of the pool (and of the server, for a
+            # few such daemons). The first poll, or a notification, wakes this loop.
+            self._woken(await self._wait_for_wakeup(None))
         while not self._stopping:
             if self._returning:
                 returning, self._returning = self._returning, []
@@ -215,12 +259,12 @@ class QueueWorker:
             if room <= 0 or (free == 0 and room < max(1, target // 2)):
                 await self._wait_for_slot()
                 continue
-            self._notified = False
+            self._notified = None
             started = time.monotonic()
             releases = self._releases
             pauses = self._pauses
             tasks: list[Claimed] = []
-            self._claiming = claim = anyio.CancelScope()
+            claim = self._bounded()
             try:
                 with claim:
                     tasks = await self.store.claim(
@@ -229,7 +273,7 @@ class QueueWorker:
                     if tasks and tracing.tracer() is not None:
                         tasks = await self._traced(tasks)
             except Exception as exc:
-                self._claiming = None
+                self._statement = None
                 if is_fatal(exc):
                     raise
                 error = redact(f"{type(exc).__name__}: {exc}")
@@ -244,7 +288,7 @@ class QueueWorker:
                 await self._wait_for_wakeup(backoff)
                 backoff = min(backoff * 2, self.poll_interval)
                 continue
-            self._claiming = None
+            self._statement = None
             self._errors.clear()
             if claim.cancelled_caught:
                 log.warning("claim_abandoned", queue=self.queue, note="stopping, and the "
@@ -285,6 +329,8 @@ class QueueWorker:
                 await self._wait_for_slot()
                 continue
             await self._idle()
+        if self._due is not None:
+            self._due.cancel()
         await self._give_back_waiting()
 
     async def _traced(self, tasks: list[Claimed]) -> list[Claimed]:
@@ -331,44 +377,70 @@ class QueueWorker:
 
     async def _idle(self) -> None:
         delay: float | None = None
+        due: datetime | None = None
         # The tasks just launched start first; this loop's next statement can wait for them.
         await asyncio.sleep(0)
-        try:
-            due = await self.store.next_due(self.queue, self.names, self._conn)
-            if due is not None and due <= self.store.now():
-                # Due work we could not claim: a fleet-wide limit may be holding it back.
-                delay = await self.store.claim_delay(self.queue, self._conn)
-        except Exception as exc:
-            if is_fatal(exc):
-                raise
-            due = None
+        # A stop bounds this look as it does a claim: on a path that stopped answering, a
+        # look just sent would hold the loop, and the shutdown, until the path came back.
+        with self._bounded():
+            try:
+                due = await self.store.next_due(self.queue, self.names, self._conn)
+                if due is not None and due <= self.store.now():
+                    # Due work we could not claim: a fleet-wide limit may be holding it back.
+                    delay = await self.store.claim_delay(self.queue, self._conn)
+            except Exception as exc:
+                if is_fatal(exc):
+                    raise
+                due = None
+        self._statement = None
+        if self._stopping:
+            return
         timeout = idle_wait(self.poll_interval, due, self.store.now())
         if delay is not None:
-            timeout = min(self.poll_interval, max(timeout, delay))
+            timeout = max(timeout or 0.0, delay)
         elif due is not None and due <= self.store.now():
             # Due but not claimable: held by another daemon's claim, or by a fleet-wide limit
             # (a slot coming free sends a notification). Look again, backing off.
             self._held = min(self.poll_interval, max(0.02, self._held * 2))
             timeout = self._held
-        notified = await self._wait_for_wakeup(timeout)
-        self.wakeups["notify" if notified else "poll"] += 1
+        if not self.polled:
+            timeout = self.poll_interval if timeout is None else min(timeout, self.poll_interval)
+        elif timeout is not None and timeout >= self.poll_interval:
+            # The daemon's poll looks sooner (at every queue in one statement): a timer of
+            # its own per queue made an idle daemon's statements grow with its queues.
+            timeout = None
+        if timeout is None and self._conn is not None:
+            # Quiet for a whole poll interval: the kept connection goes back to the pool
+            # (which closes what it no longer needs), and the next claim takes one again.
+            woken = await self._wait_for_wakeup(self.poll_interval)
+            if woken == "timer":
+                await self._conn.release()
+                woken = await self._wait_for_wakeup(None)
+        else:
+            woken = await self._wait_for_wakeup(timeout)
+        self._woken(woken)
 
-    async def _wait_for_wakeup(self, timeout: float) -> bool:
-        """Wait for notify() or ``timeout`` seconds; True if notified. A future and a timer
-        rather than a cancel scope and an event: an idle loop wakes with less to do."""
-        if self._notified:
-            return True
+    def _woken(self, source: str) -> None:
+        self.wakeups["notify" if source == "notify" else "poll"] += 1
+
+    async def _wait_for_wakeup(self, timeout: float | None) -> str:
+        """Wait for notify() or ``timeout`` seconds (None: no timer); the hint's source, or
+        'timer'. A future and a timer rather than a cancel scope and an event: an idle loop
+        wakes with less to do."""
+        if self._notified is not None:
+            return self._notified
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[bool] = loop.create_future()
-        timer = loop.call_later(timeout, _resolve, waiter, False)
+        waiter: asyncio.Future[str] = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _resolve, waiter, "timer")
         self._waiter = waiter
         try:
             return await waiter
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._waiter = None
 
 
-def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:
+def _resolve(waiter: asyncio.Future[str], value: str) -> None:
     if not waiter.done():
         waiter.set_result(value)

@@ -17,22 +17,14 @@ where id = any($1::bigint[]) and trace_context is not null
 select durable.claim_delay($1)
 
 -- name: next_due
--- When the next queued task of queue $1 that this daemon can run becomes due: in each
--- priority level of tasks_ready_idx (found by a loose index scan, one descent each) the
--- first entry with one of its names, so scheduled tasks are not read.
-with recursive levels (p) as (
-    select max(priority) from durable.tasks where queue = $1 and status = 'queued'
-    union all
-    select (select max(t.priority) from durable.tasks t
-             where t.queue = $1 and t.status = 'queued' and t.priority < l.p)
-      from levels l where l.p is not null
-)
-select min((select t.run_at from durable.tasks t
-             where t.queue = $1 and t.status = 'queued' and t.priority = l.p
-               and t.name = any($2::text[])
-               and (t.version is null or t.name || chr(31) || t.version = any($2::text[]))
-             order by t.run_at limit 1))
-  from levels l where l.p is not null
+-- When the next queued task of queue $1 that this daemon can run ($2) becomes due (see
+-- durable.next_due in schema.sql).
+select durable.next_due($1, $2::text[])
+
+-- name: due_queues
+-- The daemon's poll: the queues of $1 with work it can run ($2) due within $3 seconds,
+-- and the seconds until then (see durable.due_queues in schema.sql).
+select queue, wait from durable.due_queues($1::text[], $2::text[], $3)
 
 -- name: extend_leases
 -- The heartbeat: the tasks of $1 whose claim ($2) still holds, each with whether a cancel
@@ -59,13 +51,29 @@ select id, cancel_requested from held
 
 -- name: reap_expired
 -- Leases that expired (their daemon died or froze): requeue, or fail when the attempts
--- are spent; a task whose cancellation was requested ends cancelled.
-with expired as (
-    select id from durable.tasks
-    where status = 'running' and lease_until < now()
-    order by lease_until
+-- are spent; a task whose cancellation was requested ends cancelled. The unfinished
+-- descendants of those are locked first, newest first (see
+-- durable.unfinished_descendants); the expired rows after them, never waited for: one
+-- that another statement holds is left for the next pass, and so is one whose cancel
+-- came after the rows were read.
+with due as materialized (
+    select t.id, t.cancel_requested as asked from durable.tasks t
+    where t.status = 'running' and t.lease_until < now()
+    order by t.lease_until
     limit 1000
-    for update skip locked
+), descendants as materialized (
+    select array(select t.id from durable.tasks t
+                  where t.id = any(coalesce(
+                            (select durable.unfinished_descendants(array_agg(d.id))
+                               from due d where d.asked having count(*) > 0), '{}'))
+                  order by t.id desc
+                    for update of t) as ids
+), expired as materialized (
+    -- (Joined with `descendants`: no row is locked before those are.)
+    select t.id from descendants, durable.tasks t join due d on d.id = t.id
+     where t.status = 'running' and t.lease_until < now()
+       and (d.asked or not t.cancel_requested)
+       for update of t skip locked
 )
 update durable.tasks t
    set status = case
@@ -94,12 +102,44 @@ returning t.id, t.status
 -- holds exactly while it runs (tasks_claim_check). No status test: with one, the planner
 -- may take the running tasks' partial index, whose dead entries grow with every finish.
 -- A cancel that committed first wins: the task ends cancelled (and the status says so).
+-- The rows are locked first, newest first (the order of durable.lock_trees): the update
+-- takes them in whatever order its plan reads them, and two children of a workflow
+-- finishing in one batch, the older taken first, deadlocked with a cancel of the workflow
+-- (which holds the newer and waits for the older). With them, the unfinished descendants
+-- of the tasks asked to cancel (see durable.unfinished_descendants). A batch without a
+-- workflow takes complete_tasks.
+with locked as materialized (
+    select t.id from durable.tasks t
+     where t.id = any($1::bigint[] || (
+               select durable.unfinished_descendants(array_agg(a.id)) from durable.tasks a
+                where a.id = any($1::bigint[]) and a.cancel_requested having count(*) > 0))
+     order by t.id desc
+       for update of t
+)
 update durable.tasks t
    set status = case when t.cancel_requested then 'cancelled' else 'completed' end,
        result = case when t.cancel_requested then null else v.result::jsonb end,
        error = null, finished_at = now(), claim_token = null, lease_until = null
   from unnest($1::bigint[], $2::bigint[], $3::text[]) as v(id, token, result)
- where t.id = any($1::bigint[]) and t.id = v.id and t.claim_token = v.token
+ where t.id = any(array(select id from locked)) and t.id = v.id and t.claim_token = v.token
+returning t.id, t.cancel_requested
+
+-- name: complete_tasks
+-- `complete` for plain tasks alone (no workflow among them): a plain task has no children,
+-- so ending it cancelled cancels nothing else, and its rows are locked without the look
+-- at whether it was asked to cancel (a completion of plain tasks, the hot path, pays
+-- nothing for the workflows' trees).
+with locked as materialized (
+    select t.id from durable.tasks t where t.id = any($1::bigint[])
+     order by t.id desc
+       for update of t
+)
+update durable.tasks t
+   set status = case when t.cancel_requested then 'cancelled' else 'completed' end,
+       result = case when t.cancel_requested then null else v.result::jsonb end,
+       error = null, finished_at = now(), claim_token = null, lease_until = null
+  from unnest($1::bigint[], $2::bigint[], $3::text[]) as v(id, token, result)
+ where t.id = any(array(select id from locked)) and t.id = v.id and t.claim_token = v.token
 returning t.id, t.cancel_requested
 
 -- name: retry_later
@@ -110,8 +150,17 @@ returning t.id, t.cancel_requested
 -- `replay`, when nothing was recorded after the workflow saw them, children that failed,
 -- were cancelled (or asked to stop) or were deleted before the workflow saw them, and a
 -- patch marker the log would then end with (see durable.restart). Failures the workflow
--- handled stay, so its next attempt takes the same branches.
-with cleared as (
+-- handled stay, so its next attempt takes the same branches. Its row is locked first,
+-- with its unfinished descendants when it was asked to cancel (see
+-- durable.unfinished_descendants).
+with locked as materialized (
+    select t.id from durable.tasks t
+     where t.id = any(array[$1::bigint] || (
+               select durable.unfinished_descendants(array_agg(a.id)) from durable.tasks a
+                where a.id = $1 and a.cancel_requested having count(*) > 0))
+     order by t.id desc
+       for update of t
+), cleared as (
     delete from durable.events e
      using durable.tasks w
      where w.id = $1 and w.claim_token = $2 and w.status = 'running' and w.kind = 'workflow'
@@ -137,40 +186,66 @@ with cleared as (
                         where x.task_id = w.id and x.branch = w.branch and x.seq > m.seq
                           and x.kind <> 'patch' and x.seq not in (select seq from cleared))
 )
-update durable.tasks
-   set status = case when cancel_requested then 'cancelled' else 'queued' end,
-       attempt = case when cancel_requested then attempt else attempt + 1 end,
+update durable.tasks t
+   set status = case when t.cancel_requested then 'cancelled' else 'queued' end,
+       attempt = case when t.cancel_requested then t.attempt else t.attempt + 1 end,
        run_at = now() + make_interval(secs => $3), error = $4::jsonb,
-       finished_at = case when cancel_requested then now() end,
+       finished_at = case when t.cancel_requested then now() end,
        claim_token = null, lease_until = null, worker_id = null
- where id = $1 and claim_token = $2 and status = 'running'
-returning id
+ where t.id = any(array(select id from locked)) and t.id = $1 and t.claim_token = $2
+   and t.status = 'running'
+returning t.id
 
 -- name: fail
--- A cancel that committed first wins: the task ends cancelled, its error kept.
-update durable.tasks
-   set status = case when cancel_requested then 'cancelled' else 'failed' end,
+-- A cancel that committed first wins: the task ends cancelled, its error kept. Its row is
+-- locked first, with its unfinished descendants when it was asked to cancel (see
+-- durable.unfinished_descendants).
+with locked as materialized (
+    select t.id from durable.tasks t
+     where t.id = any(array[$1::bigint] || (
+               select durable.unfinished_descendants(array_agg(a.id)) from durable.tasks a
+                where a.id = $1 and a.cancel_requested having count(*) > 0))
+     order by t.id desc
+       for update of t
+)
+update durable.tasks t
+   set status = case when t.cancel_requested then 'cancelled' else 'failed' end,
        error = $3::jsonb, finished_at = now(),
        claim_token = null, lease_until = null
- where id = $1 and claim_token = $2 and status = 'running'
-returning id
+ where t.id = any(array(select id from locked)) and t.id = $1 and t.claim_token = $2
+   and t.status = 'running'
+returning t.id
 
 -- name: mark_cancelled
-update durable.tasks
+-- The task ends cancelled, and the update trigger cancels its descendants: its tree is
+-- locked first, children before parents (see durable.unfinished_descendants).
+with locked as materialized (
+    select durable.lock_trees(array[$1::bigint])
+)
+update durable.tasks t
    set status = 'cancelled', finished_at = now(), claim_token = null, lease_until = null
- where id = $1 and claim_token = $2 and status = 'running'
-returning id
+  from locked
+ where t.id = $1 and t.claim_token = $2 and t.status = 'running'
+returning t.id
 
 -- name: release
 -- Shutdown: hand unfinished tasks back at once, without spending an attempt (a task whose
--- cancel was requested ends cancelled).
+-- cancel was requested ends cancelled). The rows are locked as `complete`'s.
+with locked as materialized (
+    select t.id from durable.tasks t
+     where t.id = any($1::bigint[] || (
+               select durable.unfinished_descendants(array_agg(a.id)) from durable.tasks a
+                where a.id = any($1::bigint[]) and a.cancel_requested having count(*) > 0))
+     order by t.id desc
+       for update of t
+)
 update durable.tasks t
    set status = case when t.cancel_requested then 'cancelled' else 'queued' end,
        finished_at = case when t.cancel_requested then now() end,
        run_at = now(), claim_token = null, lease_until = null, worker_id = null,
        suspend_token = null
   from unnest($1::bigint[], $2::bigint[]) as v(id, token)
- where t.id = any($1::bigint[]) and t.id = v.id and t.claim_token = v.token
+ where t.id = any(array(select id from locked)) and t.id = v.id and t.claim_token = v.token
 returning t.id
 
 -- name: insert_task
@@ -290,11 +365,14 @@ update durable.tasks
               for update skip locked)
 returning id
 
--- name: next_timer
--- The next timer due, or the next deadline of a task not yet running.
-select least((select min(wake_at) from durable.tasks where status = 'waiting'),
-             (select min(deadline) from durable.tasks
-               where deadline is not null and status in ('queued', 'waiting')))
+-- name: timer_wait
+-- Seconds until the next timer is due, or the next deadline of a task not yet running,
+-- on the database's clock (zero or less: due now); null with neither. What wake_timers
+-- and expire_deadlines look for, in two index probes: they run only once it is due.
+select extract(epoch from least(
+           (select min(wake_at) from durable.tasks where status = 'waiting'),
+           (select min(deadline) from durable.tasks
+             where deadline is not null and status in ('queued', 'waiting'))) - now())::float8
 
 -- name: expire_deadlines
 -- Tasks whose deadline passed before they ran again: nobody serves them, none of their
@@ -379,9 +457,12 @@ order by e.seq
 with v as (
     select * from unnest($1::durable.checkpoint_epoch_row[])
 ), fence as (
-    -- FOR SHARE waits for a concurrent reclaim and then sees its new token.
+    -- FOR SHARE waits for a concurrent reclaim and then sees its new token. Newest first,
+    -- the order of durable.lock_trees (see `complete`): a cancel of a workflow whose
+    -- children checkpoint together holds the newer child and waits for the older.
     select t.id, t.claim_token from durable.tasks t
     where t.id = any(array(select v.task_id from v)) and t.claim_token is not null
+    order by t.id desc
     for share of t
 ), written as (
     insert into durable.events as e
@@ -451,20 +532,43 @@ select $1, $2, v.seq, 'child', v.name, v.digest, 'pending', v.child_id, $3
 -- The outcomes a parent saw of its children ($4 seqs, $5 statuses, $6 results, $7 errors),
 -- written into its own log under its claim: a child restarted later cannot change them.
 -- Returns whether the claim still held.
+-- Each event is found by its whole key, one probe per outcome, in a lateral subquery that
+-- OFFSET 0 keeps from being flattened: joined on seq alone, a cached generic plan, which
+-- takes a workflow for one of a few events, read the parent's whole log and compared every
+-- outcome with every event (a gather of 2,000 children took 9 s in that one statement,
+-- holding the parent's row).
 with fence as (
     select t.id from durable.tasks t
     where t.id = $1 and t.claim_token = $2 and t.status = 'running'
     for update
 ), recorded as (
     update durable.events e
-       set status = v.status, result = v.result::jsonb, error = v.error::jsonb,
+       set status = x.status, result = x.result::jsonb, error = x.error::jsonb,
            finished_at = now()
-      from unnest($4::int[], $5::text[], $6::text[], $7::text[]) as v(seq, status, result, error)
-     where e.task_id = $1 and e.branch = $3 and e.seq = v.seq and e.kind = 'child'
-       and e.status = 'pending' and exists (select 1 from fence)
+      from (select v.status, v.result, v.error, p.tid
+              from unnest($4::int[], $5::text[], $6::text[], $7::text[])
+                       as v(seq, status, result, error),
+                   lateral (select p.ctid as tid from durable.events p
+                             where p.task_id = $1 and p.branch = $3 and p.seq = v.seq
+                            offset 0) p) x
+     where e.ctid = x.tid and e.kind = 'child' and e.status = 'pending'
+       and exists (select 1 from fence)
     returning 1
 )
 select exists (select 1 from fence)
+
+-- name: child_events
+-- The events at positions $3 of branch $2 of task $1, with their children's states: a
+-- gather of handles spawned earlier looks whether their children finished before it
+-- suspends. One probe by the whole key per position (see record_children).
+select e.seq, e.kind, e.name, e.digest, e.status, e.result::text, e.error::text,
+       e.child_id, e.wake_at, c.status as child_status, c.result::text as child_result,
+       c.error::text as child_error
+  from unnest($3::int[]) as s(seq),
+       lateral (select * from durable.events p
+                 where p.task_id = $1 and p.branch = $2 and p.seq = s.seq
+                offset 0) e
+  left join durable.tasks c on c.id = e.child_id
 
 -- name: suspend
 select durable.suspend($1, $2, $3, $4::bigint[], $5, $6)
@@ -481,7 +585,7 @@ select durable.send_event($1, $2, $3::jsonb, $4::text)
 -- name: set_queue_paused
 -- `durable queues pause` / `resume`: claims of the queue stop or go on, fleet-wide. A
 -- pause tells the daemons serving the queue to hand back what they claimed ahead and have
--- not started; a resume wakes them at once.
+-- not started (then waits at pause_barrier); a resume wakes them at once.
 with q as (
     insert into durable.queues as c (name, paused, updated_at) values ($1, $2, now())
     on conflict (name) do update set paused = excluded.paused, updated_at = now()
@@ -490,6 +594,14 @@ with q as (
 select pg_notify(case when q.paused then 'durable_control' else 'durable_ready' end,
                  case when q.paused then 'pause:' || q.name else q.name end)
   from q
+
+-- name: pause_barrier
+-- Once the pause of queue $1 has committed: waits until the claims that may have read the
+-- queue unpaused have ended (each holds this lock shared, see durable.claim), so that no
+-- claim takes a task after the pause returns. Its own transaction, after the flag's: a
+-- claim waiting for a limited queue's lock meanwhile then sees the flag and gives up,
+-- rather than take tasks while the pause waits for it.
+select pg_advisory_xact_lock(hashtextextended('durable.pause:' || $1::text, 0))
 
 -- name: insert_task_active
 -- A task with an idempotency key of scope "active" ($17): the unfinished task started
@@ -538,7 +650,10 @@ returning name
 
 -- name: upsert_schedule
 -- A schedule declared in code: (re)declared by every daemon at startup; its next run is
--- kept unless the cron expression or time zone changed.
+-- kept unless the cron expression or time zone changed. A row is rewritten only from the
+-- side that wrote it ($10: or by `schedules add --override-code`), so a daemon keeps a
+-- schedule added from the command line under its name, and the command line cannot
+-- silently take over one declared in code. No row returned: not written.
 insert into durable.schedules as s
     (name, task_name, cron, timezone, args, kwargs, queue, source, next_run_at)
 values ($1, $2, $3, $4, $5::jsonb, $6::jsonb, $7, $8, $9)
@@ -549,6 +664,7 @@ on conflict (name) do update
                                (excluded.cron, excluded.timezone)
                           then excluded.next_run_at else s.next_run_at end,
        cron = excluded.cron, timezone = excluded.timezone
+ where s.source = excluded.source or $10::boolean
 returning name
 
 -- name: forget_code_schedules
@@ -663,16 +779,32 @@ where status = any($1::text[])
 order by id
 
 -- name: retry_many
--- `durable.restart(id, 'retry')` for the tasks of $1 still in a status of $2. Locking first
--- re-checks each row, so one retried meanwhile by someone else is skipped, not an error.
+-- `durable.restart(id, 'retry')` for the tasks of $1 still in a status of $2. Their trees are
+-- locked first, children before parents (durable.lock_trees): one task at a time, its row
+-- and then (durable.restart) its children's, a retry picking a workflow and its child held
+-- the workflow and wanted the grandchild, while a cancel of the workflow held the
+-- grandchild and waited for a row the retry had taken. Each row is checked again once
+-- locked (FOR UPDATE reads its latest version), so one retried meanwhile by someone else
+-- is skipped, not an error.
 -- A child whose parent has recorded its outcome is left alone: running it again could not
 -- change what the parent saw (retrying the parent runs again the child that ended it).
-with picked as materialized (
-    select t.id from durable.tasks t
-    where t.id = any($1::bigint[]) and t.status = any($2::text[])
+-- Of tasks sharing an idempotency key of scope "active", the newest alone: once it is
+-- retried the key is held, and durable.restart would refuse the next (and with it the
+-- whole statement).
+with candidates as materialized (
+    select array(select t.id from durable.tasks t
+                  where t.id = any($1::bigint[]) and t.status = any($2::text[])
+                  order by t.id) as ids
+), locked as materialized (
+    select c.ids, durable.lock_trees(c.ids) from candidates c
+), picked as materialized (
+    select t.id, t.active_key from durable.tasks t, locked l
+    where t.id = any(l.ids) and t.status = any($2::text[])
       -- Nor what durable.restart refuses: a run that continued as new, a task whose
-      -- idempotency key of scope "active" another unfinished task holds now.
+      -- deadline passed, a task whose idempotency key of scope "active" another
+      -- unfinished task holds now.
       and t.continued_as is null
+      and (t.deadline is null or t.deadline > now())
       and not (t.active_key is not null
                and exists (select 1 from durable.tasks o
                             where o.active_key = t.active_key and o.id <> t.id
@@ -681,9 +813,10 @@ with picked as materialized (
                and exists (select 1 from durable.events e
                            where e.child_id = t.id and e.status <> 'pending'))
     order by t.id
-    for update skip locked
+    for update of t
 )
-select id, durable.restart(id, 'retry') as branch from picked
+select p.id, durable.restart(p.id, 'retry') as branch from picked p
+ where not exists (select 1 from picked q where q.active_key = p.active_key and q.id > p.id)
 
 -- name: prune_try_lock
 -- One pruner at a time across all daemons and CLIs ($1 is PRUNE_LOCK): taken by each of
@@ -734,27 +867,28 @@ select (select max(id) from win) as last_id,
 
 -- name: prune_trees
 -- Delete up to $3 tasks of the trees rooted at $1 (with their events and signals),
--- descendants first; a root goes in the statement after its last descendant. Each tree is
--- checked again under the lock of its root: a tree restarted meanwhile is left alone.
+-- descendants first; a root goes in the statement after its last descendant. The tasks to
+-- delete and their trees' roots are locked first, newest first (children before parents,
+-- the order of durable.lock_trees), and each tree is checked again under those locks: a
+-- tree with a task restarted meanwhile is left alone, whole. Locking the root first and
+-- then deleting its descendants deadlocked with a cancel or a retry of a child restarted
+-- meanwhile (children first: they held the child and waited for the root).
 -- A root already gone (deleted by hand) leaves its descendants to be pruned all the same.
 -- Every table is reached by its keys (= any(array), a lateral lookup per root), never
 -- joined: with autovacuum off nothing analyzes these tables, and a join planned without
 -- statistics read the whole table for each batch (a backward scan of the primary key
 -- filtered against every root: 40 million comparisons for 1,000 tasks among 40,000).
-with locked as materialized (
-    select r.id from durable.tasks r
-    where r.id = any($1::bigint[])
-      and r.status in ('completed', 'failed', 'cancelled') and r.finished_at < $2
-    for update of r
-), allowed as (
+with allowed as materialized (
     select keys.k from unnest($1::bigint[]) as keys (k)
-    where (keys.k in (select id from locked)
-           or not exists (select 1 from durable.tasks r where r.id = keys.k))
+    where not exists (
+              select 1 from durable.tasks r where r.id = keys.k
+                 and (r.status in ('completed', 'failed', 'cancelled') and r.finished_at < $2)
+                     is not true)
       and not exists (
           select 1 from durable.tasks d where d.root_id = keys.k
              and (d.status in ('completed', 'failed', 'cancelled') and d.finished_at < $2)
                  is not true)
-), victims as materialized (
+), picked as materialized (
     -- Newest first: a task's descendants are newer than it, so none is left behind
     -- under a deleted parent.
     (select d.id from allowed a
@@ -763,13 +897,23 @@ with locked as materialized (
                            offset 0) d
       order by d.id desc limit $3)
     union all
-    (select l.id from locked l join allowed a on a.k = l.id
-      where not exists (select 1 from durable.tasks d where d.root_id = l.id))
+    (select a.k from allowed a
+      where not exists (select 1 from durable.tasks d where d.root_id = a.k))
+), locked as materialized (
+    -- FOR UPDATE reads each row's latest version: `old` is what it is now.
+    select t.id, coalesce(t.root_id, t.id) as root,
+           (t.status in ('completed', 'failed', 'cancelled') and t.finished_at < $2) as old
+      from durable.tasks t
+     where t.id = any(array(select p.id from picked p union select a.k from allowed a))
+     order by t.id desc
+       for update of t
+), victims as materialized (
+    select l.id from locked l
+     where l.id = any(array(select p.id from picked p))
+       and not l.root = any(array(select s.root from locked s where s.old is not true))
 ), gone as (
-    -- The status again: a task restarted while this statement waited for its row (a child
-    -- retried on its own, whose root this statement does not lock) is checked anew once
-    -- the restart commits, and stays, with its events. Its tree's root stays too: the
-    -- next statement finds an unfinished task under it.
+    -- (The status again, though `locked` checked it under the lock: nothing unfinished
+    -- is ever deleted.)
     delete from durable.tasks t where t.id = any(array(select id from victims))
        and t.status in ('completed', 'failed', 'cancelled')
     returning t.id
@@ -1071,6 +1215,28 @@ select t.suspend_token, e.seq, e.kind, e.name, e.digest, e.status, e.result::tex
        c.result::text as child_result, c.error::text as child_error
 from durable.tasks t
 left join durable.events e on e.task_id = t.id and e.branch = $2 and e.seq >= $3
+left join durable.tasks c on c.id = e.child_id
+where t.id = $1
+order by e.seq
+
+-- name: load_parked
+-- load_tail, and the events at the positions $4 (before $3): a gather of handles spawned
+-- earlier reads their children's events again, and only theirs. (Read from the first
+-- of them on, a loop awaiting n handles in turn read the whole fan-out at every resume.)
+-- One probe by the whole key per position (see record_children: `seq = any($4)` was
+-- planned as a read of the whole log).
+select t.suspend_token, e.seq, e.kind, e.name, e.digest, e.status, e.result::text,
+       e.error::text, e.child_id, e.wake_at, c.status as child_status,
+       c.result::text as child_result, c.error::text as child_error
+from durable.tasks t
+left join lateral (
+    select x.* from durable.events x where x.task_id = t.id and x.branch = $2 and x.seq >= $3
+    union all
+    select x.* from unnest($4::int[]) as s(seq),
+           lateral (select * from durable.events p
+                     where p.task_id = t.id and p.branch = $2 and p.seq = s.seq
+                    offset 0) x
+) e on true
 left join durable.tasks c on c.id = e.child_id
 where t.id = $1
 order by e.seq

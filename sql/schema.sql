@@ -110,8 +110,8 @@ create table durable.tasks (
     tags            text[],
     attributes      jsonb,
     -- How many of waiting_on had not finished when the workflow suspended, less one for
-    -- each of them that finished since (durable.wake_waiting): a finishing child checks
-    -- its siblings only once this reaches zero. Null: count at every finish.
+    -- each of its children that finished since (durable.wake_waiting): a finishing child
+    -- checks its siblings only once this reaches zero. Null: count at every finish.
     waiting_left    integer,
     -- A rate limit and its period come together. The checks on one column are the
     -- domains' (above): they run only where a value is written.
@@ -377,7 +377,11 @@ begin
     then
         -- Whatever path ended a task cancelled (a cancel, or an attempt that ended
         -- after one was requested), its descendants go with it, including children
-        -- started after the cancel's own cascade ran.
+        -- started after the cancel's own cascade ran. Their rows first, newest first
+        -- (durable.lock_trees): the cascade took a waiting child's row and then a
+        -- grandchild's, while the grandchild, finishing, held its own and waited for its
+        -- waiting parent's (durable.wake_waiting).
+        perform durable.lock_trees(ended);
         perform durable.cancel_descendants(ended);
     end if;
     if limited is not null or keyed is not null then
@@ -409,37 +413,57 @@ $$;
 -- takes too, orders the two (see there).
 -- A finish counts down its parent's waiting_left under that row lock, and the siblings
 -- are read only when it reaches zero: a fan-out of n children costs each finish no
--- sibling's row, where a look at them all made the fan-out quadratic. The count can fall
--- short (a child restarted and finished twice while its parent waits): the look then
--- finds one unfinished and counts again. It cannot run over: each child counted
--- unfinished by durable.suspend counts down when it finishes, after it.
+-- sibling's row, where a look at them all made the fan-out quadratic. Each child of the
+-- parent that finished counts, without looking whether waiting_on holds it: that look
+-- read the whole array (a toasted value, read again for every child finishing) and
+-- scanned it, O(n) per finish. So the count can fall short of the children still
+-- awaited (a child finishing that the parent does not wait for, one restarted and finished
+-- twice): the look at zero then finds some unfinished, counts them, and keeps only those
+-- in waiting_on, so it costs as much as the finishes that brought the count down since
+-- the last look. It cannot run over: each child counted unfinished by durable.suspend or
+-- by a look counts down when it finishes, after it.
 create function durable.wake_waiting(ids bigint[], finished bigint[]) returns void
 language plpgsql
 set search_path = pg_catalog, pg_temp as $$
 declare
     r record;
     left_ bigint;
+    awaited bigint[];
+    unfinished bigint[];
 begin
     perform pg_advisory_xact_lock(1685418593, (p % 2147483648)::integer)
        from unnest(ids) as p order by p;
     perform 1 from durable.tasks where id = any(ids) and status = 'waiting'
         order by id for update;
     for r in
-        select p.id, p.waiting_on, p.waiting_left from durable.tasks p
+        -- With one parent (the usual statement), every finished child is its own.
+        select p.id, p.waiting_left - case when cardinality(ids) = 1
+                                           then cardinality(finished) else f.n end as left_
+          from durable.tasks p
+          left join (select c.parent_id, count(*) as n from durable.tasks c
+                      where cardinality(ids) > 1 and c.id = any(finished)
+                      group by c.parent_id) f on f.parent_id = p.id
          where p.id = any(ids) and p.status = 'waiting' and p.waiting_on is not null
          order by p.id
     loop
-        left_ := r.waiting_left - (select count(*) from unnest(finished) as f
-                                    where f = any(r.waiting_on));
+        left_ := r.left_;
+        unfinished := null;
         if left_ is null or left_ <= 0 then
-            select count(*) into left_ from durable.tasks c
-             where c.id = any(r.waiting_on)
-               and c.status not in ('completed', 'failed', 'cancelled');
+            -- The array read once, into a variable: used in place, a toasted value is
+            -- fetched again at each use.
+            select p.waiting_on into awaited from durable.tasks p where p.id = r.id;
+            select coalesce(array_agg(c.id order by c.id), '{}') into unfinished
+              from durable.tasks c
+             where c.id = any(awaited) and c.status not in ('completed', 'failed', 'cancelled');
+            left_ := cardinality(unfinished);
         end if;
         if left_ = 0 then
             update durable.tasks p
                set status = 'queued', run_at = now(), wake_at = null, waiting_on = null,
                    waiting_event = null, waiting_left = null
+             where p.id = r.id;
+        elsif cardinality(unfinished) < cardinality(awaited) then
+            update durable.tasks p set waiting_left = left_, waiting_on = unfinished
              where p.id = r.id;
         else
             update durable.tasks p set waiting_left = left_ where p.id = r.id;
@@ -470,6 +494,28 @@ begin
      order by t.id desc
        for update of t;
 end;
+$$;
+
+-- The unfinished descendants of `ids`. A task asked to cancel ends cancelled whatever
+-- its attempt's outcome, and the update trigger then cancels its descendants: locked
+-- there, after the statement ending it had taken its row, a descendant (newer) was taken
+-- out of order (see durable.lock_trees), and a second cancel of the tree, holding the
+-- descendant and waiting for the task's row, deadlocked with the statement. So every
+-- statement that ends attempts locks these with its rows, newest first, for the tasks of
+-- its rows asked to cancel. (A task whose cancel commits between the statement's snapshot
+-- and its row's lock is left to the trigger.) Called only for those: a completion not
+-- asked to cancel pays for the look at its own row alone.
+create function durable.unfinished_descendants(ids bigint[]) returns bigint[]
+language sql stable
+set search_path = pg_catalog, pg_temp as $$
+    with recursive tree (id, status) as (
+        select c.id, c.status from durable.tasks c where c.parent_id = any(ids)
+        union
+        select c.id, c.status from durable.tasks c join tree on c.parent_id = tree.id
+    )
+    select coalesce(array_agg(tree.id) filter (
+                        where tree.status in ('queued', 'running', 'waiting')), '{}')
+      from tree
 $$;
 
 -- The cascade of a cancel, written once. Every unfinished descendant of `parents`
@@ -608,12 +654,51 @@ create trigger tasks_notify_ready after update on durable.tasks
     when (new.status = 'queued' and (old.status <> 'queued' or old.run_at <> new.run_at))
     execute function durable.notify_ready();
 
+-- Refuse a payload (a task's arguments, an event's) over 16 MiB as JSON, as a client
+-- refuses it (codec.MAX_PAYLOAD), in one line naming the function and the field. It is
+-- measured as the client measures it: JSON with no space after `,` and `:`, where jsonb's
+-- text has one after each. A payload whose jsonb text is within the limit passes at once,
+-- and one still over it with every ", " and ": " of that text discounted (those inside
+-- strings too) is refused at once; only between the two are the spaces outside strings
+-- counted exactly, by a regular expression (seconds for 16 MB).
+create function durable.check_payload(caller text, field text, value jsonb) returns void
+language plpgsql immutable
+set search_path = pg_catalog, pg_temp as $$
+declare
+    max_bytes constant bigint := 16777216;
+    quoted constant text := '"(?:[^"\\]|\\.)*"';
+    t text;
+    n bigint;
+    least_n bigint;
+begin
+    if value is null then
+        return;
+    end if;
+    t := value::text;
+    n := octet_length(t);
+    if n <= max_bytes then
+        return;
+    end if;
+    least_n := n - (n - octet_length(replace(replace(t, ', ', ''), ': ', ''))) / 2;
+    if least_n > max_bytes then
+        raise exception '%: % is at least % bytes as JSON; the limit is % bytes',
+            caller, field, least_n, max_bytes using errcode = '22023';
+    end if;
+    n := n - (regexp_count(t, quoted || '|[,:] ') - regexp_count(t, quoted));
+    if n > max_bytes then
+        raise exception '%: % is % bytes as JSON; the limit is % bytes',
+            caller, field, n, max_bytes using errcode = '22023';
+    end if;
+end;
+$$;
+
 -- Enqueue from SQL, inside the caller's transaction (a transactional outbox). The name is
 -- resolved through the catalog (durable.definitions): the task gets its definition's
 -- kind, queue, defaults and version, and the arguments given here override them. A name
 -- no daemon ever published is refused unless a queue is given or allow_unknown is true.
 -- deadline (seconds from now), idempotency ('forever' or 'active') and debounce,
--- debounce_key, max_delay mean what they mean to client.start.
+-- debounce_key, max_delay mean what they mean to client.start. args and kwargs over
+-- 16 MiB are refused, as by a client (durable.check_payload).
 create function durable.start(
     name text,
     args jsonb default '[]',
@@ -652,6 +737,8 @@ begin
         raise exception 'durable.start: kwargs must be a JSON object, not %', jsonb_typeof(kwargs)
             using errcode = '22023';
     end if;
+    perform durable.check_payload('durable.start', 'args', start.args);
+    perform durable.check_payload('durable.start', 'kwargs', start.kwargs);
     -- Refused here, in one line naming the argument, rather than by a column's check or
     -- an index deep in the insert (or, for a NaN timeout, by nothing at all).
     if start.name is null or length(start.name) not between 1 and 200 then
@@ -893,7 +980,8 @@ $$;
 
 -- Deliver an event to a workflow, from any session or trigger. Returns false when the
 -- task does not exist or has finished. With an idempotency key, a second delivery of the
--- same key to the same task stores nothing and returns true (the producer's retry).
+-- same key to the same task stores nothing and returns true (the producer's retry). A
+-- payload over 16 MiB is refused, as by a client (durable.check_payload).
 create function durable.send_event(task_id bigint, name text, payload jsonb default null,
                                    idempotency_key text default null)
 returns boolean
@@ -912,6 +1000,7 @@ begin
         raise exception 'durable.send_event: idempotency_key must be 1 to 2000 bytes, got %',
             octet_length(send_event.idempotency_key) using errcode = '22023';
     end if;
+    perform durable.check_payload('durable.send_event', 'payload', send_event.payload);
     -- The row lock serialises every delivery to this task, so the key's check below sees
     -- a concurrent producer's committed delivery.
     select t.status into st from durable.tasks t where t.id = send_event.task_id for update;
@@ -989,6 +1078,11 @@ declare
     due timestamptz;
     left_ integer;
 begin
+    -- Asked to cancel, it ends cancelled: its tree first (durable.unfinished_descendants).
+    if (select t.cancel_requested from durable.tasks t
+         where t.id = task and t.claim_token = token and t.status = 'running') then
+        perform durable.lock_trees(array[task]);
+    end if;
     select t.cancel_requested, t.deadline into cancelling, due from durable.tasks t
      where t.id = task and t.claim_token = token and t.status = 'running' for update;
     if not found then
@@ -1053,6 +1147,11 @@ declare
     cur durable.tasks;
     next_id bigint;
 begin
+    -- Asked to cancel, it ends cancelled: its tree first (durable.unfinished_descendants).
+    if (select t.cancel_requested from durable.tasks t
+         where t.id = task and t.claim_token = token and t.status = 'running') then
+        perform durable.lock_trees(array[task]);
+    end if;
     select * into cur from durable.tasks t
      where t.id = task and t.claim_token = token and t.status = 'running' for update;
     if not found then
@@ -1105,11 +1204,15 @@ $$;
 
 -- Run a finished task again: 'retry' keeps its history but the failure that ended it (the
 -- events its error names under `replay`, when nothing was recorded after the workflow saw
--- them, and children that failed, were cancelled (or asked to stop) or were deleted
--- before it saw them: those run again);
--- 'replay' starts a new, empty branch; 'fork' starts a new branch holding the events
--- before position `at`. Returns the branch. A run that continued as new (ctx.continue_as_new)
--- is refused: run again, it would start a second next run beside the chain's own.
+-- them); 'replay' starts a new, empty branch; 'fork' starts a new branch holding the events
+-- before position `at`. Retry and fork also run again the children the workflow had not
+-- seen end that failed, were cancelled (or asked to stop) or were deleted. Returns the
+-- branch. Refused, changing nothing: a task not finished; a run that continued as new
+-- (ctx.continue_as_new: run again, it would start a second next run beside the chain's
+-- own); a task whose deadline passed (its claim would fail it at once, over the error the
+-- operator came to fix); a fork of a plain task (it has no event log); a fork position
+-- outside its log; a task whose idempotency key of scope "active" another
+-- unfinished task holds.
 create function durable.restart(task bigint, mode text, at integer default null)
 returns integer
 language plpgsql
@@ -1118,6 +1221,7 @@ declare
     cur record;
     new_branch integer;
     other bigint;
+    length_ integer;
 begin
     -- Its unfinished children's rows first (the order of durable.lock_trees), then its
     -- own; the statements after see a child's outcome that committed meanwhile. A child
@@ -1127,7 +1231,8 @@ begin
      where c.parent_id = task and c.status in ('queued', 'running', 'waiting')
      order by c.id desc
        for update;
-    select t.status, t.branch, t.error, t.continued_as, t.active_key into cur
+    select t.status, t.branch, t.error, t.continued_as, t.active_key, t.kind, t.deadline
+      into cur
       from durable.tasks t where t.id = task for update;
     if not found then
         raise exception 'no task %', task using errcode = 'P0002';
@@ -1139,6 +1244,19 @@ begin
     if cur.continued_as is not null then
         raise exception 'task % continued as task %: restart the last run of its chain',
             task, cur.continued_as using errcode = '55000';
+    end if;
+    if mode = 'fork' and cur.kind <> 'workflow' then
+        raise exception 'task % is a plain task, not a workflow: it has no event log to fork '
+            '(retry runs it again)', task using errcode = '22023';
+    end if;
+    if cur.deadline <= now() then
+        -- As Python prints the datetime (the deadline's own message, the client's value).
+        raise exception 'task %''s deadline passed at %: it cannot run again (start a new task)',
+            task, to_char(cur.deadline at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS')
+                  || case when extract(microseconds from cur.deadline)::bigint % 1000000 = 0
+                          then '' else to_char(cur.deadline at time zone 'UTC', '.US') end
+                  || '+00:00'
+            using errcode = '55000';
     end if;
     -- An idempotency key of scope "active" names one unfinished task at a time.
     select o.id into other from durable.tasks o
@@ -1159,22 +1277,25 @@ begin
                  and not exists (select 1 from durable.events x
                                   where x.task_id = task and x.branch = cur.branch
                                     and x.seq >= (cur.error -> 'replay' ->> 'at')::integer))
-                -- (A child asked to stop ends cancelled, whatever its attempt does.)
-                or (e.kind = 'child' and e.status = 'pending'
-                    and not exists (select 1 from durable.tasks c
-                                    where c.id = e.child_id and not c.cancel_requested
-                                      and c.status not in ('failed', 'cancelled')))
-                -- An error stored before errors named their positions: the last event,
-                -- when it failed.
-                or (cur.error -> 'replay' is null and e.status = 'failed'
+                -- An error stored before errors named their positions (nor held `attrs`):
+                -- the last event, when it failed. Not an error that is no call's failure
+                -- (an expired lease, a cancel, the workflow's own): the last event is then
+                -- a failure the workflow handled, which stays.
+                or (cur.error -> 'replay' is null and not (cur.error ? 'attrs')
+                    and cur.error ->> 'type' <> 'durable.LeaseExpired'
+                    and e.status = 'failed'
                     and e.seq = (select max(x.seq) from durable.events x
                                   where x.task_id = task and x.branch = cur.branch)));
     elsif mode in ('replay', 'fork') then
         select greatest(coalesce(max(e.branch), 0), cur.branch) + 1 into new_branch
           from durable.events e where e.task_id = task;
         if mode = 'fork' then
-            if at is null or at < 0 then
-                raise exception 'fork needs a position >= 0' using errcode = '22023';
+            select coalesce(max(e.seq) + 1, 0) into length_ from durable.events e
+             where e.task_id = task and e.branch = cur.branch;
+            if at is null or at < 0 or at > length_ then
+                raise exception 'fork: at must be a position from 0 to % (the end of branch % '
+                    'of task %''s event log), got %', length_, cur.branch, task,
+                    coalesce(at::text, 'none') using errcode = '22023';
             end if;
             insert into durable.events
                 (task_id, branch, seq, kind, name, digest, status, result, error, child_id,
@@ -1188,6 +1309,17 @@ begin
     else
         raise exception 'unknown restart mode %', mode using errcode = '22023';
     end if;
+    -- Children the workflow had not seen end and that failed, were cancelled (a child
+    -- asked to stop ends cancelled, whatever its attempt does) or were deleted: awaited,
+    -- they would end the run again as they ended it (a workflow cancelled on its child
+    -- takes the child along), so they run again. A child still running is kept, and
+    -- awaited.
+    delete from durable.events e
+     where e.task_id = task and e.branch = new_branch and e.kind = 'child'
+       and e.status = 'pending'
+       and not exists (select 1 from durable.tasks c
+                       where c.id = e.child_id and not c.cancel_requested
+                         and c.status not in ('failed', 'cancelled'));
     -- A patch marker the log now ends with goes too: nothing recorded after it depends on
     -- its answer, and code from before the patch would step over it and record the old
     -- branch after it, a log no version of the code replays. The run asks again.
@@ -1205,8 +1337,24 @@ begin
            wake_at = null, waiting_on = null, waiting_event = null, worker_id = null,
            claim_token = null, lease_until = null,
            -- Run again, not started again: later debounced starts make a task of their own.
-           debounce_key = null, debounce_until = null
+           debounce_key = null, debounce_until = null,
+           active_key = null
      where t.id = task;
+    if cur.active_key is not null then
+        -- The key back, in a block of its own: the check above does not see a task given
+        -- the key by a transaction not committed yet (a start, another restart), and the
+        -- key's unique index, which waits for that transaction, then refuses the update.
+        -- (Only keyed restarts pay for the block's subtransaction.)
+        begin
+            update durable.tasks t set active_key = cur.active_key where t.id = task;
+        exception when unique_violation then
+            select o.id into other from durable.tasks o
+             where o.active_key = cur.active_key and o.id <> task
+               and o.status in ('queued', 'running', 'waiting');
+            raise exception 'task % has the idempotency key of task %, which has not '
+                'finished: finish or cancel that one first', task, other using errcode = '55000';
+        end;
+    end if;
     return new_branch;
 end;
 $$;
@@ -1274,11 +1422,12 @@ create table durable.schedules (
 -- limit serialise their claimers on an advisory lock, and claimers of keyed tasks on
 -- another, shared by every queue: the counts below are read after the lock is granted
 -- (each statement of this function takes a new snapshot), so concurrent claimers can
--- never overshoot a limit. Every row is locked and its status checked again before it is
--- taken: a task is claimed once. `fresh`: never claimed before, so a workflow has no
--- events to load. A claimed task forgets its debounce key: later starts with the key make
--- a task of their own, and whatever brings this one back to the queue (a retry, a wake-up,
--- an expired lease) must not meet theirs on the key's unique index.
+-- never overshoot a limit. Every claimer, first of all, holds its queue's pause lock
+-- shared: `durable queues pause` waits on it. Every row is locked and its status checked
+-- again before it is taken: a task is claimed once. `fresh`: never claimed before, so a
+-- workflow has no events to load. A claimed task forgets its debounce key: later starts
+-- with the key make a task of their own, and whatever brings this one back to the queue (a
+-- retry, a wake-up, an expired lease) must not meet theirs on the key's unique index.
 --
 -- A claim commits asynchronously: its commit does not wait for the WAL flush. A
 -- claim lost in a server crash leaves its tasks queued, and they run again, as after any
@@ -1312,6 +1461,18 @@ begin
     -- Assignments, not PERFORM: a plain function call assigned is evaluated in place,
     -- where PERFORM runs a query.
     ignored := set_config('synchronous_commit', 'off', true);  -- for this transaction only
+    -- The pause barrier. The flag alone is no barrier: a pause that commits between a
+    -- claim's read of it and its update returned while that claim still took tasks.
+    -- `durable queues pause` commits the flag, then takes this lock EXCLUSIVE: it returns
+    -- once every claim that may have read the queue unpaused has ended. Taken before the
+    -- read below, whose snapshot is then taken after it, and SHARED: claims never wait
+    -- for each other on it, and an unlimited queue's claim pays this one lock, no second
+    -- read of the flag. A claim asking for it after the pause did queues behind the pause
+    -- (Postgres grants no lock over an earlier conflicting waiter), so the pause cannot
+    -- starve. A key of its own, not the queue's 'durable.queue:' one: a limited queue's
+    -- claimers take that one exclusive, and two of them holding it shared while each
+    -- asked for it exclusive would deadlock.
+    ignored := pg_advisory_xact_lock_shared(hashtextextended('durable.pause:' || q, 0));
     -- Scalars, not a record: a record with a null field is neither null nor not null.
     -- One statement reads the queue's limits, whether it is paused, and whether keyed
     -- tasks wait in it.
@@ -1339,8 +1500,10 @@ begin
     end if;
     if conc is not null or rate is not null or keyed then
         -- Paused while this claim waited for a lock above: the flag is read again in this
-        -- later statement's snapshot. (An unlimited queue's claim takes no lock and
-        -- skips this statement.)
+        -- later statement's snapshot, so that the claimers queued on a limit's lock give
+        -- up at once rather than each take tasks while the pause waits for them. (The
+        -- barrier alone would be correct; an unlimited queue's claim, which waits for no
+        -- lock here, skips this statement.)
         if exists (select 1 from durable.queues c where c.name = q and c.paused) then
             return;
         end if;
@@ -1478,6 +1641,51 @@ begin
       from started s;
     ignored := set_config('durable.claiming', '', true);
 end;
+$$;
+
+-- When the next queued task of queue q that a daemon can run (`names`, as for durable.claim)
+-- becomes due: in each priority level of tasks_ready_idx (found by a loose index scan, one
+-- descent each; a single one for a queue with nothing queued) the first entry with one of
+-- its names, so scheduled tasks are not read. A queue loop asks it when its claim found
+-- nothing (the next_due query), and the poll for every queue (durable.due_queues).
+create function durable.next_due(q text, names text[]) returns timestamptz
+language sql stable
+set search_path = pg_catalog, pg_temp as $$
+    with recursive levels (p) as (
+        select max(t.priority) from durable.tasks t
+         where t.queue = next_due.q and t.status = 'queued'
+        union all
+        select (select max(t.priority) from durable.tasks t
+                 where t.queue = next_due.q and t.status = 'queued' and t.priority < l.p)
+          from levels l where l.p is not null
+    )
+    select min((select t.run_at from durable.tasks t
+                 where t.queue = next_due.q and t.status = 'queued' and t.priority = l.p
+                   and t.name = any(next_due.names)
+                   and (t.version is null
+                        or t.name || chr(31) || t.version = any(next_due.names))
+                 order by t.run_at limit 1))
+      from levels l where l.p is not null
+$$;
+
+-- The daemon's poll, one statement for every queue it serves, however many: each queue of
+-- `serving` with a queued task the daemon can run due within `within` seconds, with the
+-- seconds until the first is due (zero or less: due now), on the database's clock. JIT
+-- off: estimated per queue, the statement's cost for a few hundred queues passed JIT's
+-- thresholds, and compiling it took half a second of the server's CPU for a
+-- millisecond's work.
+create function durable.due_queues(serving text[], names text[], within double precision)
+returns table (queue text, wait double precision)
+language sql stable
+set search_path = pg_catalog, pg_temp
+set jit = off as $$
+    select s.queue, extract(epoch from d.due - now())::double precision
+      from unnest(due_queues.serving) as s (queue)
+     cross join lateral (
+        select durable.next_due(s.queue, due_queues.names) as due
+        offset 0  -- kept apart: flattened, the test below ran the function a second time
+     ) d
+     where d.due < now() + make_interval(secs => due_queues.within)
 $$;
 
 -- Seconds until a rate-limited queue may start its next task (null: not rate-limited now).

@@ -129,3 +129,14 @@ async def restartable_server() -> AsyncIterator[EmbeddedServer]:
         finally:
             # Throwaway data: no shutdown checkpoint needed.
             await asyncio.to_thread(server.stop, "immediate")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The loop the async tests run on: uvloop, the one `durable run` serves on (it differs
+    # from asyncio's in ways that have mattered: a timer under a millisecond away, writes
+    # to a reset connection, the text of a refused connection), unless
+    # DURABLE_TEST_LOOP=asyncio asks for the standard library's. CI runs both.
+    if os.environ.get("DURABLE_TEST_LOOP", "uvloop") != "asyncio":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

@@ -27,7 +27,7 @@ from durable.cli.core import (
     whole,
 )
 from durable.models import PruneResult
-from durable.options import MAX_RETENTION
+from durable.values import MAX_RETENTION
 
 BATCH = 1000
 """Tasks per statement (and per transaction) of prune."""

@@ -53,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         from durable.daemon import tune_gc
-        from durable.service import serve
+        from durable.service import serving
         from durable.store import connect, schema_problem, schema_version
 
         tune_gc()
@@ -67,8 +67,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if (problem := schema_problem(version)) is not None:
             raise CommandError(problem)
         try:
-            async with serve(
-                where.url, settings=s, registry=registry, burst=args.burst, handle_signals=True
+            async with serving(
+                where.url, s, registry, version, burst=args.burst, handle_signals=True
             ) as service:
                 await service.wait()
         except Exception:

@@ -29,6 +29,9 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--allow-unknown", action="store_true",
                    help="add: a task no daemon has published yet (its runs wait for a daemon "
                    "with its code)")  # fmt: skip
+    s.add_argument("--override-code", action="store_true",
+                   help="add: replace a schedule declared in code (schedule=); daemons keep "
+                   "this one until `durable schedules remove NAME`")  # fmt: skip
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_schedules)
 
@@ -76,10 +79,16 @@ def _add(args: argparse.Namespace) -> int:
             raise CommandError(str(unknown(task, "pass --queue or --allow-unknown")), 2)
         # On the database's clock, as the scheduler's: this machine's may be off.
         first = cron.next_after(s.client.store.now())
-        await s.admin.add_schedule(
+        if not await s.admin.add_schedule(
             args.name, task, args.cron, args.timezone, call_args, args.queue,
-            first,
-        )  # fmt: skip
+            first, replace_code=args.override_code,
+        ):  # fmt: skip
+            # Every daemon's start would declare the code's back over it.
+            raise CommandError(
+                f"schedule {args.name!r} is declared in code (schedule= on its task): change "
+                "it there, or pass --override-code to replace it until `durable schedules "
+                f"remove {args.name}`"
+            )
         return first
 
     first = with_session(args, add)

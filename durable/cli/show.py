@@ -22,6 +22,13 @@ from durable.models import HistoryEntry
 SHOWN = 2000
 """Characters of an argument, result or traceback `show` prints before cutting."""
 
+SHOWN_IDS = 10
+"""Ids of the children a waiting workflow waits on that `show` prints before counting."""
+
+SHOWN_EVENTS = 20
+"""Events of a long log `show` prints from each end (the first and the latest) before
+counting the ones between: a wide fan-out or a long-lived entity logs thousands."""
+
 
 def add_commands(sub: Any) -> None:
     sh = sub.add_parser("show", help="a task's status, error and event log (a timeline)")
@@ -30,9 +37,20 @@ def add_commands(sub: Any) -> None:
     sh.add_argument("--branch", type=whole(0), help="show this branch of the event log")
     sh.add_argument("--full", action="store_true",
                     help=f"print arguments, results and tracebacks whole (else cut at {SHOWN} "
-                    "characters)")  # fmt: skip
+                    f"characters), every child waited on (else the first {SHOWN_IDS}) and every event "
+                    f"of the log (else the first and the last {SHOWN_EVENTS})")  # fmt: skip
     sh.add_argument("--json", action="store_true")
     sh.set_defaults(func=cmd_show)
+
+
+def children(ids: Sequence[int], full: bool) -> str:
+    """The children a workflow waits on: all of them, or the first SHOWN_IDS and a count
+    (a fan-out waits on thousands)."""
+    if full or len(ids) <= SHOWN_IDS:
+        return f"children {', '.join(map(str, ids))}"
+    first = ", ".join(map(str, ids[:SHOWN_IDS]))
+    more = len(ids) - SHOWN_IDS
+    return f"{len(ids):,} children: {first} and {more:,} more (--full lists all)"
 
 
 def cut(text: str, full: bool) -> str:
@@ -89,7 +107,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if info.status == "waiting":
         what = []
         if info.waiting_on:
-            what.append(f"children {', '.join(map(str, info.waiting_on))}")
+            what.append(children(info.waiting_on, full))
         if info.waiting_event:
             what.append(f"event {info.waiting_event!r}")
         if info.wake_at:
@@ -108,7 +126,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         others = [b for b in branches if b != branch]
         extra = f" (other branches: {', '.join(map(str, others))})" if others else ""
         print(f"\nevent log, branch {branch}{extra}")
-        print(table(timeline(info.started_at or info.created_at, history),
+        rows = timeline(info.started_at or info.created_at, history)
+        print(table(rows if full else ends(rows, SHOWN_EVENTS),
                     ["seq", "at", "took", "kind", "name", "attempt", "outcome"]))  # fmt: skip
     return 0
 
@@ -135,6 +154,17 @@ def timeline(start: datetime, history: Sequence[HistoryEntry]) -> list[dict[str,
             "outcome": outcome,
         })  # fmt: skip
     return rows
+
+
+def ends(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The first and the last ``n`` rows, and one between them counting the rest."""
+    if len(rows) <= 2 * n + 1:
+        return rows
+    skipped = len(rows) - 2 * n
+    gap = dict.fromkeys(rows[0], "") | {
+        "seq": "...", "outcome": f"{skipped:,} more events (--full prints all)"
+    }
+    return [*rows[:n], gap, *rows[-n:]]
 
 
 def _seconds(s: float) -> str:

@@ -269,7 +269,10 @@ def cmd_fork(args: argparse.Namespace) -> int:
                 f"task {args.id} is a plain task, not a workflow: it has no event log to fork "
                 "(`durable retry` runs it again)"
             )
-        events = len(await s.client.history(args.id, info.branch))
+        # The position after the last event (a retry or a fork may leave a gap where it
+        # dropped a child to run again), as durable.restart counts it.
+        log = await s.client.history(args.id, info.branch)
+        events = log[-1].seq + 1 if log else 0
         if args.at > events:
             raise CommandError(
                 f"--at {args.at} is past the end of task {args.id}'s event log (branch "

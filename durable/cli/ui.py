@@ -22,6 +22,9 @@ def add_commands(sub: Any) -> None:
     u.add_argument("--token-file", metavar="PATH",
                    help="a file holding the token that signs in and enables actions "
                    "(DURABLE_UI_TOKEN_FILE)")  # fmt: skip
+    u.add_argument("--allowed-hosts", metavar="NAMES",
+                   help="comma-separated host names to answer to besides localhost, e.g. "
+                   "behind a reverse proxy (DURABLE_UI_ALLOWED_HOSTS)")  # fmt: skip
     u.add_argument("--password-file", metavar="PATH",
                    help="as --token-file, for a password (DURABLE_UI_PASSWORD_FILE)")
     u.set_defaults(func=cmd_ui)
@@ -30,13 +33,18 @@ def add_commands(sub: Any) -> None:
 def cmd_ui(args: argparse.Namespace) -> int:
     from durable import logs
     from durable.errors import DurableError
-    from durable.options import http
     from durable.ui.auth import Auth
     from durable.ui.server import UiServer, auth_from, url_of
+    from durable.values import host_names, http
 
     s = settings(args)
     try:
         listen = http("--listen", args.listen) if args.listen is not None else s.ui_listen
+        allowed = (
+            host_names("--allowed-hosts", args.allowed_hosts)
+            if args.allowed_hosts is not None
+            else s.ui_allowed_hosts
+        )
         if args.token_file is not None and args.password_file is not None:
             raise DurableError("--token-file and --password-file are both given: give one")
         if args.token_file is not None:
@@ -64,13 +72,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
         if (problem := schema_problem(version)) is not None:
             raise CommandError(problem)
         host, port = listen
-        server = UiServer(host, port, where.url, auth)
+        server = UiServer(host, port, where.url, auth, allowed_hosts=allowed)
         await server.listen()
         async with anyio.create_task_group() as tg:
             await tg.start(server.run)
             mode = "actions enabled" if auth is not None else "read-only"
-            print(f"dashboard: {url_of(host, server.port)} ({mode})", flush=True)
+            # Handled before the line says it serves: whoever waits for the line may stop
+            # it at once, and must see it stop cleanly rather than die of the signal.
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                print(f"dashboard: {url_of(host, server.port)} ({mode})", flush=True)
                 async for _ in signals:
                     tg.cancel_scope.cancel()
                     break

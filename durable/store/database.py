@@ -3,16 +3,17 @@ the database's clock. Every part of the store (tasks, workflows, operations) run
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import anyio
 import asyncpg
 
-from durable.store.schema import queries
+from durable.store.schema import naming_the_server, queries
 
 
 async def keep_session(conn: asyncpg.Connection) -> None:
@@ -33,6 +34,7 @@ async def reset_session(conn: Any) -> None:
 WARM_UP: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("claim", ("", [], 0, 1.0, None)),
     ("complete", ([], [], [])),
+    ("complete_tasks", ([], [], [])),
     ("checkpoint", ([],)),
     ("extend_leases", ([], [], 1.0)),
     ("resume_events", (0, 0, 0)),
@@ -71,6 +73,13 @@ class KeptConnection:
                 await self.release()
                 conn = self._conn = await self._pool.acquire()
             return await conn.fetch(query, *args)  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            # Given up on (a stop's bound, the last writes' deadline): the connection is
+            # closed at once. Giving it back would wait for the server to acknowledge the
+            # cancel, which on a path that stopped answering holds the stop for the
+            # release's timeout.
+            self.abandon()
+            raise
         except BaseException:
             await self.release()
             raise
@@ -84,6 +93,12 @@ class KeptConnection:
     async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
         rows = await self.fetch(query, *args)
         return rows[0] if rows else None
+
+    def abandon(self) -> None:
+        """Close the connection without a goodbye; the pool opens another when needed."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
 
     async def release(self) -> None:
         conn, self._conn = self._conn, None
@@ -138,15 +153,18 @@ class Database:
             for query, args in WARM_UP:
                 await conn.fetch(q[query], *args)
 
-        pool = await asyncpg.create_pool(
-            dsn,
-            min_size=min_size,
-            max_size=max_size + kept_enqueue,
-            reset=keep_session,
-            init=init if warm else None,
-            server_settings={**(server_settings or {}), "application_name": name},
-            statement_cache_size=statement_cache_size,
-        )
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size + kept_enqueue,
+                reset=keep_session,
+                init=init if warm else None,
+                server_settings={**(server_settings or {}), "application_name": name},
+                statement_cache_size=statement_cache_size,
+            )
+        except OSError as exc:
+            raise naming_the_server(exc, dsn) from exc
         store = cls(pool, kept_enqueue=kept_enqueue)
         store.lease = lease
         try:
@@ -211,3 +229,28 @@ class Part:
         self.db = db
         self.pool = db.pool
         self.q = db.q
+
+
+T = TypeVar("T")
+
+ROW_BYTES = 256
+"""What a row costs a statement besides its texts (numbers, lengths, names), about."""
+
+
+def split(items: Sequence[T], size: Callable[[T], int], limit: int) -> list[Sequence[T]]:
+    """``items`` cut in order into runs of at most about ``limit`` characters of text (at
+    least one item each), ``size(item)`` being an item's texts. Characters are counted,
+    not UTF-8 bytes: a run is a bound on the work of one statement, far below Postgres's
+    limit either way."""
+    if not items:
+        return []
+    parts: list[Sequence[T]] = []
+    start, total = 0, 0
+    for i, item in enumerate(items):
+        n = size(item) + ROW_BYTES
+        if total + n > limit and i > start:
+            parts.append(items[start:i])
+            start, total = i, 0
+        total += n
+    parts.append(items[start:])
+    return parts

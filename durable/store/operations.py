@@ -42,9 +42,12 @@ class Operations(Part):
         ]
 
     async def set_queue_paused(self, queue: str, paused: bool) -> None:
-        """Pause or resume claiming from ``queue`` on every daemon."""
+        """Pause or resume claiming from ``queue`` on every daemon. A pause returns once
+        no claim of the queue can take a task any more."""
         validation.text(queue, "a queue name")
         await self.pool.execute(self.q["set_queue_paused"], queue, paused)
+        if paused:
+            await self.pool.execute(self.q["pause_barrier"], queue)
 
     async def set_queue_limits(
         self, queue: str, concurrency: int | None, rate_limit: int | None,
@@ -70,11 +73,15 @@ class Operations(Part):
         queue: str | None,
         source: str,
         next_run_at: datetime,
-    ) -> None:
+        *,
+        replace_code: bool = False,
+    ) -> bool:
         """Create or update a cron schedule; raises InvalidValue, writing nothing, for a
-        name, expression, time zone or queue the scheduler could not work with."""
+        name, expression, time zone or queue the scheduler could not work with. False,
+        writing nothing, when the row under ``name`` came from the other ``source`` (code
+        or cli); ``replace_code`` lets a 'cli' schedule replace one declared in code."""
         validation.schedule(name, task_name, cron, timezone, queue)
-        await self.pool.execute(
+        written = await self.pool.fetchval(
             self.q["upsert_schedule"],
             name,
             task_name,
@@ -85,7 +92,9 @@ class Operations(Part):
             queue,
             source,
             next_run_at,
+            replace_code and source == "cli",
         )
+        return written is not None
 
     async def forget_code_schedules(self, names: Sequence[str]) -> list[str]:
         """Delete the schedules declared in code under ``names`` (not those added from the

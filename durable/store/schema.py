@@ -112,7 +112,24 @@ def migration_files() -> list[tuple[int, str, Path]]:
 
 async def connect(dsn: str | None, **kwargs: Any) -> asyncpg.Connection:
     """A single connection; ``dsn=None`` lets libpq's PG* variables decide."""
-    return await asyncpg.connect(dsn, **kwargs)
+    try:
+        return await asyncpg.connect(dsn, **kwargs)
+    except OSError as exc:
+        raise naming_the_server(exc, dsn) from exc
+
+
+def naming_the_server(exc: OSError, dsn: str | None) -> OSError:
+    """``exc``, a failure to connect, saying where it tried (the URL without its password).
+    Under uvloop, the daemon's loop, a refused connection says only "Connection refused"."""
+    if dsn is None:
+        return exc
+    from durable.values import masked_url
+
+    text = f"{exc.strerror or exc} (connecting to {masked_url(dsn)})"
+    try:
+        return type(exc)(exc.errno, text) if exc.errno is not None else type(exc)(text)
+    except Exception:  # an OSError subclass built otherwise
+        return exc
 
 
 PRE_RELEASE_MIGRATIONS = (

@@ -7,9 +7,9 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -23,8 +23,15 @@ from durable.models import (
     TaskSummary,
     WorkerInfo,
 )
-from durable.store.database import KeptConnection, Part
+from durable.store import workflows
+from durable.store.database import KeptConnection, Part, split
 from durable.validation import InvalidValue
+
+T = TypeVar("T")
+
+
+def _task_bytes(t: NewTask) -> int:
+    return len(t.args) + len(t.kwargs) + len(t.trace_context or "") + len(t.name)
 
 
 def _task_info(r: asyncpg.Record) -> TaskInfo:
@@ -138,29 +145,32 @@ class Tasks(Part):
     async def insert_many(
         self, tasks: Sequence[NewTask], *, conn: asyncpg.Connection | None = None
     ) -> list[int]:
-        params = (
-            [t.queue for t in tasks],
-            [t.name for t in tasks],
-            [t.kind for t in tasks],
-            [t.args for t in tasks],
-            [t.kwargs for t in tasks],
-            [t.priority for t in tasks],
-            [t.run_at for t in tasks],
-            [t.max_attempts for t in tasks],
-            [t.timeout for t in tasks],
-            [t.concurrency_key for t in tasks],
-            [t.key_limit for t in tasks],
-            [t.key_rate_limit for t in tasks],
-            [t.key_rate_period for t in tasks],
-            [t.trace_context for t in tasks],
-            [t.version for t in tasks],
-            [t.deadline for t in tasks],
-        )
-        if conn is not None:
-            rows = await conn.fetch(self.q["insert_many"], *params)
-        else:
-            rows = await self.pool.fetch(self.q["insert_many"], *params)
-        return [r["id"] for r in rows]
+        """Insert ``tasks`` in order; their ids. Past STATEMENT_BYTES of arguments, in
+        several statements of one transaction."""
+
+        async def insert(via: Any, part: Sequence[NewTask]) -> list[int]:
+            rows = await via.fetch(
+                self.q["insert_many"],
+                [t.queue for t in part],
+                [t.name for t in part],
+                [t.kind for t in part],
+                [t.args for t in part],
+                [t.kwargs for t in part],
+                [t.priority for t in part],
+                [t.run_at for t in part],
+                [t.max_attempts for t in part],
+                [t.timeout for t in part],
+                [t.concurrency_key for t in part],
+                [t.key_limit for t in part],
+                [t.key_rate_limit for t in part],
+                [t.key_rate_period for t in part],
+                [t.trace_context for t in part],
+                [t.version for t in part],
+                [t.deadline for t in part],
+            )
+            return [r["id"] for r in rows]
+
+        return await self._in_parts(tasks, _task_bytes, insert, conn)
 
     async def insert_uniform(
         self,
@@ -173,12 +183,47 @@ class Tasks(Part):
         """Tasks like ``template`` but for their arguments (JSON texts; ``kwargs`` None:
         none has keyword arguments), in order; their ids."""
         t = template
-        rows = await (conn or self.pool).fetch(
-            self.q["insert_uniform"], t.queue, t.name, t.kind, list(args), kwargs,
-            t.priority, t.run_at, t.max_attempts, t.timeout, t.trace_context, t.version,
-            t.deadline,
-        )  # fmt: skip
-        return [r["id"] for r in rows]
+
+        async def insert(via: Any, part: Sequence[int]) -> list[int]:
+            cut = slice(part[0], part[-1] + 1)
+            rows = await via.fetch(
+                self.q["insert_uniform"], t.queue, t.name, t.kind, list(args[cut]),
+                list(kwargs[cut]) if kwargs is not None else None, t.priority, t.run_at,
+                t.max_attempts, t.timeout, t.trace_context, t.version, t.deadline,
+            )  # fmt: skip
+            return [r["id"] for r in rows]
+
+        def size(i: int) -> int:
+            return len(args[i]) + (len(kwargs[i]) if kwargs is not None else 0)
+
+        return await self._in_parts(range(len(args)), size, insert, conn)
+
+    async def _in_parts(
+        self,
+        items: Sequence[T],
+        size: Callable[[T], int],
+        insert: Callable[[Any, Sequence[T]], Awaitable[list[int]]],
+        conn: asyncpg.Connection | None,
+    ) -> list[int]:
+        """``insert(connection, part)`` for each part of ``items`` of at most about
+        STATEMENT_BYTES, in one transaction (Postgres closes the connection on a message
+        over 1 GB: a start_many of large arguments lost it); the ids, in order."""
+        parts = split(items, size, workflows.STATEMENT_BYTES)
+        if len(parts) <= 1:
+            return await insert(conn or self.pool, items) if items else []
+
+        async def each(via: Any) -> list[int]:
+            ids: list[int] = []
+            # Within the caller's transaction, a savepoint: all the parts or none.
+            async with via.transaction():
+                for part in parts:
+                    ids += await insert(via, part)
+            return ids
+
+        if conn is not None:
+            return await each(conn)
+        async with self.pool.acquire() as pooled:
+            return await each(pooled)
 
     # -- claiming and finishing -----------------------------------------------------
 
@@ -211,6 +256,14 @@ class Tasks(Part):
     ) -> datetime | None:
         return await (via or self.pool).fetchval(self.q["next_due"], queue, list(names))  # type: ignore[no-any-return]
 
+    async def due_queues(
+        self, queues: Sequence[str], names: Sequence[str], within: float
+    ) -> list[tuple[str, float]]:
+        """(queue, seconds until due) for each of ``queues`` with work due within
+        ``within`` seconds; zero or less: due now."""
+        rows = await self.pool.fetch(self.q["due_queues"], list(queues), list(names), within)
+        return [(r[0], r[1]) for r in rows]
+
     async def extend_leases(
         self, ids: Sequence[int], tokens: Sequence[int], lease: float
     ) -> dict[int, bool]:
@@ -229,6 +282,19 @@ class Tasks(Part):
         writes accepted (a task whose cancel was asked for first ends cancelled)."""
         rows = await (via or self.pool).fetch(
             self.q["complete"],
+            [i[0] for i in items],
+            [i[1] for i in items],
+            [i[2] for i in items],
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def complete_tasks(
+        self, items: Sequence[tuple[int, int, str]], via: KeptConnection | None = None
+    ) -> dict[int, bool]:
+        """``complete_many`` for plain tasks only, which have no children: their rows
+        alone are locked (see sql/queries.sql, complete_tasks)."""
+        rows = await (via or self.pool).fetch(
+            self.q["complete_tasks"],
             [i[0] for i in items],
             [i[1] for i in items],
             [i[2] for i in items],

@@ -20,7 +20,7 @@ from durable.models import (
     HistoryEntry,
     NewTask,
 )
-from durable.store.database import KeptConnection, Part, reset_session
+from durable.store.database import KeptConnection, Part, reset_session, split
 
 
 class Workflows(Part):
@@ -29,8 +29,9 @@ class Workflows(Part):
     async def wake_timers(self) -> int:
         return len(await self.pool.fetch(self.q["wake_timers"]))
 
-    async def next_timer(self) -> datetime | None:
-        return await self.pool.fetchval(self.q["next_timer"])  # type: ignore[no-any-return]
+    async def timer_wait(self) -> float | None:
+        """Seconds until the next timer or deadline is due (zero or less: due now)."""
+        return await self.pool.fetchval(self.q["timer_wait"])  # type: ignore[no-any-return]
 
     async def expire_deadlines(self) -> list[tuple[int, str, str]]:
         """Fail the tasks not running whose deadline passed: (id, name, status) of each."""
@@ -47,11 +48,15 @@ class Workflows(Part):
         return _events(await self.pool.fetch(self.q["resume_events"], task_id, branch, token))
 
     async def load_tail(
-        self, task_id: int, branch: int, start: int
+        self, task_id: int, branch: int, start: int, also: Sequence[int] = ()
     ) -> tuple[int | None, list[Event]]:
-        """The events of the branch from position ``start`` on, and the claim token of the
-        attempt that last suspended the task (None: none did, or another ran it since)."""
-        rows = await self.pool.fetch(self.q["load_tail"], task_id, branch, start)
+        """The events of the branch from position ``start`` on (and at the positions
+        ``also``), and the claim token of the attempt that last suspended the task (None:
+        none did, or another ran it since)."""
+        if also:
+            rows = await self.pool.fetch(self.q["load_parked"], task_id, branch, start, list(also))
+        else:
+            rows = await self.pool.fetch(self.q["load_tail"], task_id, branch, start)
         token = rows[0]["suspend_token"] if rows else None
         return token, _events(r for r in rows if r["seq"] is not None)
 
@@ -66,10 +71,17 @@ class Workflows(Part):
 
     @asynccontextmanager
     async def fenced(
-        self, task_id: int, token: int, *, unless_cancelled: bool = False
+        self,
+        task_id: int,
+        token: int,
+        *,
+        unless_cancelled: bool = False,
+        user_code: bool = False,
     ) -> AsyncIterator[Any]:
         """A transaction that commits only while this claim still holds the task (and,
         with ``unless_cancelled``, only while no cancel was asked for: TaskCancelled).
+        With ``user_code`` (the connection is handed to the workflow's own function), the
+        session is reset before the connection goes back to the pool.
 
         The fence is checked at the end, just before commit, so a long user transaction
         does not hold the task row's lock (heartbeats would queue behind it). From then
@@ -94,13 +106,15 @@ class Workflows(Part):
             finally:
                 if renewal is not None:
                     await renewal.settle()
-                # User code had this connection (a SET, a LISTEN, a session lock would
-                # outlive its transaction): reset it before the pool hands it on.
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await reset_session(conn)
-                    except Exception:
-                        conn.terminate()
+                if user_code:
+                    # User code had this connection (a SET, a LISTEN, a session lock would
+                    # outlive its transaction): reset it before the pool hands it on. A
+                    # round trip that a spawn, with nothing to reset, does not pay.
+                    with anyio.CancelScope(shield=True):
+                        try:
+                            await reset_session(conn)
+                        except Exception:
+                            conn.terminate()
 
     async def transaction_step(
         self,
@@ -114,7 +128,7 @@ class Workflows(Part):
 
         ``timeout`` bounds ``fn`` alone: a commit cut short by it could have gone through
         all the same, and then the try it ended would be neither failed nor done."""
-        async with self.fenced(cp.task_id, cp.token) as conn:
+        async with self.fenced(cp.task_id, cp.token, user_code=True) as conn:
             async with asyncio.timeout(timeout):
                 result = await fn(conn, *args, **kwargs)
             text = dumps(result, what=f"the result of transaction {cp.name!r}")
@@ -167,41 +181,42 @@ class Workflows(Part):
     ) -> list[int]:
         """Insert child tasks and their `child` events in one fenced transaction; none
         once the workflow's cancel was asked for (TaskCancelled)."""
+        ids: list[int] = []
         async with self.fenced(task_id, token, unless_cancelled=True) as conn:
-            ids: list[int] = [
-                r["id"]
-                for r in await conn.fetch(
+            for part in split(children, _child_bytes, STATEMENT_BYTES):
+                rows = await conn.fetch(
                     self.q["insert_children"],
-                    [c[2].queue for c in children],
-                    [c[2].name for c in children],
-                    [c[2].kind for c in children],
-                    [c[2].args for c in children],
-                    [c[2].kwargs for c in children],
-                    [c[2].priority for c in children],
-                    [c[2].max_attempts for c in children],
-                    [c[2].timeout for c in children],
-                    list(range(len(children))),
+                    [c[2].queue for c in part],
+                    [c[2].name for c in part],
+                    [c[2].kind for c in part],
+                    [c[2].args for c in part],
+                    [c[2].kwargs for c in part],
+                    [c[2].priority for c in part],
+                    [c[2].max_attempts for c in part],
+                    [c[2].timeout for c in part],
+                    list(range(len(part))),
                     task_id,
                     root_id,
-                    [c[2].concurrency_key for c in children],
-                    [c[2].key_limit for c in children],
-                    [c[2].key_rate_limit for c in children],
-                    [c[2].key_rate_period for c in children],
-                    [c[2].trace_context for c in children],
-                    [c[2].version for c in children],
-                    [c[2].deadline for c in children],
+                    [c[2].concurrency_key for c in part],
+                    [c[2].key_limit for c in part],
+                    [c[2].key_rate_limit for c in part],
+                    [c[2].key_rate_period for c in part],
+                    [c[2].trace_context for c in part],
+                    [c[2].version for c in part],
+                    [c[2].deadline for c in part],
                 )
-            ]
-            await conn.execute(
-                self.q["insert_child_events"],
-                task_id,
-                branch,
-                attempt,
-                [c[0] for c in children],
-                [c[2].name for c in children],
-                [c[1] for c in children],
-                ids,
-            )
+                part_ids: list[int] = [r["id"] for r in rows]
+                await conn.execute(
+                    self.q["insert_child_events"],
+                    task_id,
+                    branch,
+                    attempt,
+                    [c[0] for c in part],
+                    [c[2].name for c in part],
+                    [c[1] for c in part],
+                    part_ids,
+                )
+                ids += part_ids
         return ids
 
     async def record_children(
@@ -213,8 +228,31 @@ class Workflows(Part):
     ) -> bool:
         """Record in the parent's log the outcomes it saw of its children (seq, status,
         result, error); False when the claim was lost."""
+        parts = split(rows, _outcome_bytes, STATEMENT_BYTES)
+        if len(parts) == 1:
+            return await self._record(self.pool, task_id, token, branch, rows)
+        # One transaction: its first statement locks the task's row, so only that one can
+        # find the claim lost (and then it recorded nothing).
+        async with self.pool.acquire() as conn, conn.transaction():
+            for part in parts:
+                if not await self._record(conn, task_id, token, branch, part):
+                    return False
+        return True
+
+    async def child_events(self, task_id: int, branch: int, seqs: Sequence[int]) -> list[Event]:
+        """The events at positions ``seqs`` of a branch, with their children's states."""
+        return _events(await self.pool.fetch(self.q["child_events"], task_id, branch, list(seqs)))
+
+    async def _record(
+        self,
+        via: Any,
+        task_id: int,
+        token: int,
+        branch: int,
+        rows: Sequence[tuple[int, str, str | None, str | None]],
+    ) -> bool:
         return bool(
-            await self.pool.fetchval(
+            await via.fetchval(
                 self.q["record_children"],
                 task_id,
                 token,
@@ -378,6 +416,24 @@ class _Renewal:
             suppress(Exception),
         ):
             await self.job
+
+
+STATEMENT_BYTES = 4 * 1024 * 1024
+"""The text a statement that starts children, records their outcomes or enqueues a
+client's start_many carries at most (about): more goes over several statements of one
+transaction. Postgres refuses a message over 1 GB by closing the connection, and a
+gather of children with large arguments or results (each up to codec.MAX_PAYLOAD)
+passed that in one; and the client encodes a statement's parameters on the event loop
+in one go (as for the completions' COMPLETION_BYTES, in acks.py)."""
+
+
+def _child_bytes(child: tuple[int, str, NewTask]) -> int:
+    _, dig, t = child
+    return len(t.args) + len(t.kwargs) + len(t.trace_context or "") + len(dig) + len(t.name)
+
+
+def _outcome_bytes(row: tuple[int, str, str | None, str | None]) -> int:
+    return len(row[2] or "") + len(row[3] or "")
 
 
 def _events(rows: Iterable[Any]) -> list[Event]:

@@ -177,9 +177,19 @@ class Env:
                         "the test worker stopped while starting"))
                 raise
 
+        killed = self._killed
         self._daemon, self._stop, self._killed = daemon, stop, None
-        self._task = asyncio.create_task(serve(), name="durable-test-worker")
-        await started
+        self._task = task = asyncio.create_task(serve(), name="durable-test-worker")
+        try:
+            await started
+        except BaseException:
+            # Whoever started it is gone (cancelled, say): stop the worker now. Left to
+            # start, it would run with no one to stop it, and then find `started` cancelled.
+            self._task, self._killed = None, killed
+            task.cancel()
+            with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+                await task
+            raise
 
     async def _stop_worker(self) -> None:
         task, self._task = self._task, None

@@ -14,6 +14,7 @@ from urllib.parse import quote, urlsplit
 
 import anyio
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
@@ -34,6 +35,7 @@ from durable.store import DatabaseError, Store
 from durable.ui import views
 from durable.ui.auth import COOKIE, SESSION_SECONDS, Auth
 from durable.ui.flash import PARAM, Flashes, with_flash
+from durable.ui.hosts import HostCheck, Hosts
 from durable.ui.live import TICK, LiveHub, sse
 from durable.validation import InvalidValue
 
@@ -264,9 +266,11 @@ class Dashboard:
                 # changed between its rendering and now; anything later reaches it here.
                 seen = await self.store.dashboard.task_progress(task_id) if task_id else None
                 yield b"retry: 2000\n\n"
-                while True:
+                while not self.hub.closing:
                     with anyio.move_on_after(1.0 if task_id is not None else TICK) as timer:
                         channel, payload = await queue.get()
+                        if self.hub.closing:
+                            return
                         # Coalesce a burst into one event: the page reloads once.
                         await asyncio.sleep(0.2)
                         while not queue.empty():
@@ -345,7 +349,8 @@ class Dashboard:
                     "log to fork (retry runs it again)"
                 )
             if info is not None:
-                events = len(await self.store.history(task_id, info.branch))
+                log = await self.store.history(task_id, info.branch)
+                events = log[-1].seq + 1 if log else 0  # as durable.restart counts it
                 if int(at) > events:
                     raise InvalidValue(
                         f"fork: {at} is past the end of the event log (branch {info.branch} "
@@ -411,10 +416,12 @@ class Dashboard:
 
 
 def create_app(
-    store: Store, hub: LiveHub, auth: Auth | None, probes: dict[str, Probe] | None = None
+    store: Store, hub: LiveHub, auth: Auth | None, probes: dict[str, Probe] | None = None,
+    hosts: Hosts | None = None,
 ) -> Starlette:
     """The dashboard's application; ``probes`` adds the daemon's /healthz, /readyz,
-    /metrics when it serves the dashboard on DURABLE_HTTP."""
+    /metrics when it serves the dashboard on DURABLE_HTTP; ``hosts``, the names it answers
+    to (durable.ui.hosts; the probes answer to any)."""
     d = Dashboard(store, hub, auth)
     routes = [
         Route("/", d.guard(d.overview)),
@@ -430,7 +437,10 @@ def create_app(
     ]
     for path, probe in (probes or {}).items():
         routes.append(Route(path, _probe(probe), methods=["GET", "HEAD"]))
-    return Starlette(routes=routes, exception_handlers={Exception: _failed})
+    middleware = (
+        [] if hosts is None else [Middleware(HostCheck, hosts=hosts, exempt=list(probes or {}))]
+    )
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={Exception: _failed})
 
 
 def _probe(probe: Probe) -> Callable[[Request], Awaitable[Response]]:

@@ -37,7 +37,16 @@ class LiveHub:
     def __init__(self, dsn: str | None) -> None:
         self.dsn = dsn
         self.connected = False
+        self.closing = False
+        """The server is stopping: every page's stream ends (see close)."""
         self._subscribers: set[asyncio.Queue[tuple[str, str]]] = set()
+
+    def close(self) -> None:
+        """End the pages' streams, each at its next read: left open, they outlast the
+        server's grace period for its connections and are cancelled, which it logs as an
+        error with a traceback. A page reconnects on its own (to the next server)."""
+        self.closing = True
+        self.publish("closing", "")
 
     def publish(self, channel: str, payload: str) -> None:
         for queue in list(self._subscribers):

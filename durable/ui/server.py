@@ -22,6 +22,7 @@ from durable.settings import Settings
 from durable.store import Store
 from durable.ui.app import Probe, create_app
 from durable.ui.auth import Auth
+from durable.ui.hosts import Hosts
 from durable.ui.live import LiveHub
 
 log = get_logger("durable.ui")
@@ -55,9 +56,10 @@ class UiServer:
 
     def __init__(
         self, host: str, port: int, dsn: str | None, auth: Auth | None,
-        probes: dict[str, Probe] | None = None,
+        probes: dict[str, Probe] | None = None, allowed_hosts: tuple[str, ...] = (),
     ) -> None:  # fmt: skip
         self.host = host
+        self.hosts = Hosts(host, allowed_hosts)
         self.port = port
         self.dsn = dsn
         self.auth = auth
@@ -88,7 +90,7 @@ class UiServer:
         store = await Store.open(self.dsn, min_size=1, max_size=4, name="durable-ui",
                                  server_settings=DASHBOARD_SESSION)  # fmt: skip
         hub = LiveHub(self.dsn)
-        app: Starlette = create_app(store, hub, self.auth, self.probes)
+        app: Starlette = create_app(store, hub, self.auth, self.probes, self.hosts)
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off",
             timeout_graceful_shutdown=1, log_level=logging.WARNING,
@@ -109,6 +111,7 @@ class UiServer:
                     task_status.started()
                     await asyncio.shield(serving)
                 finally:
+                    hub.close()
                     self._server.should_exit = True
                     with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                         await asyncio.wait([serving])
@@ -135,6 +138,7 @@ async def daemon_endpoint(settings: Settings, dsn: str | None, probes: Any) -> U
     """DURABLE_HTTP with DURABLE_UI=on: the dashboard and the daemon's probes on one port."""
     assert settings.http is not None
     host, port = settings.http
-    server = UiServer(host, port, dsn, auth_from(settings), probes.routes())
+    server = UiServer(host, port, dsn, auth_from(settings), probes.routes(),
+                      settings.ui_allowed_hosts)
     await server.listen()
     return server

@@ -13,8 +13,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from durable.models import STATUSES, Finished, HistoryEntry, TaskFilter
-from durable.options import parse_duration
 from durable.validation import InvalidValue, attribute_pair, labels
+from durable.values import parse_duration
 
 BUCKETS = 12
 """Five-minute buckets in the last hour's charts (sql/dashboard.sql finished_last_hour)."""

@@ -343,28 +343,36 @@ async def test_a_dropped_runs_finally_block_sees_its_own_task(dsn: str, cache: i
 async def test_many_runs_two_daemons_and_a_tiny_cache_run_each_step_once(dsn: str) -> None:
     """Two daemons with a table of 2 serve 16 entity workflows of 4 events each, events
     sent concurrently, each twice with its idempotency key: every workflow ends with the
-    right results and no step body ran twice."""
+    right results and no step body ran twice. Which daemon resumes which run is up to the
+    race, so a last workflow on one daemon alone makes sure the warm path was taken too."""
     count, n = 16, 4
     async with (
         durable.connect(dsn) as client,
         running_daemon(dsn, queues=f"{QUEUE}=3", workflow_cache=2) as d1,
-        running_daemon(dsn, queues=f"{QUEUE}=3", workflow_cache=2) as d2,
     ):
-        ids = [(await client.start(wf_attack_entity, n)).id for _ in range(count)]
-        for i in range(n):
-            for t in ids:
-                await wait_status(dsn, t, "waiting")
-            sends = [
-                client.send_event(t, "e", 100 * i + j, idempotency_key=f"{t}-{i}")
-                for j, t in enumerate(ids)
-                for _ in range(2)
-            ]
-            assert all(await asyncio.gather(*sends))
-        results = [await client.result(t, timeout=60) for t in ids]
-        warm = sum(d.metrics.workflows.warm for d in (d1, d2))
-        evicted = sum(d.metrics.workflows.evicted for d in (d1, d2))
+        async with running_daemon(dsn, queues=f"{QUEUE}=3", workflow_cache=2) as d2:
+            ids = [(await client.start(wf_attack_entity, n)).id for _ in range(count)]
+            for i in range(n):
+                for t in ids:
+                    await wait_status(dsn, t, "waiting")
+                sends = [
+                    client.send_event(t, "e", 100 * i + j, idempotency_key=f"{t}-{i}")
+                    for j, t in enumerate(ids)
+                    for _ in range(2)
+                ]
+                assert all(await asyncio.gather(*sends))
+            results = [await client.result(t, timeout=60) for t in ids]
+            evicted = sum(d.metrics.workflows.evicted for d in (d1, d2))
+        last = (await client.start(wf_attack_entity, 2)).id
+        for i in range(2):
+            await wait_status(dsn, last, "waiting")
+            assert await client.send_event(last, "e", i, idempotency_key=f"{last}-{i}")
+        assert await client.result(last, timeout=60) == [1, 2]
+        warm = d1.metrics.workflows.warm
     assert results == [[100 * i + j + 1 for i in range(n)] for j in range(count)]
-    assert sorted(STEP_RUNS) == sorted((t, i) for t in ids for i in range(n))
+    assert sorted(STEP_RUNS) == sorted(
+        [(t, i) for t in ids for i in range(n)] + [(last, 0), (last, 1)]
+    )
     assert warm > 0 and evicted > 0  # both paths were taken
 
 
@@ -481,7 +489,7 @@ async def test_a_deadlined_workflows_successor_has_its_deadline_and_labels(
     same = await fetchval(
         dsn,
         "select a.deadline = b.deadline and b.tags = array['vip']"
-        " and b.attributes = '{\"region\": \"eu\"}'::jsonb"
+        ' and b.attributes = \'{"region": "eu"}\'::jsonb'
         " from durable.tasks a, durable.tasks b where a.id = $1 and b.id = $2",
         tid,
         next_id,
@@ -499,7 +507,11 @@ async def test_retrying_a_run_that_continued_does_not_fork_the_chain(dsn: str) -
         async with running_daemon(dsn, queues=CHAIN_QUEUE, workflow_cache=10):
             second = await successor(dsn, first.id)
             await wait_status(dsn, second, "waiting")
-            for restart in (client.retry(first.id), client.replay(first.id), client.fork(first.id, 0)):
+            for restart in (
+                client.retry(first.id),
+                client.replay(first.id),
+                client.fork(first.id, 0),
+            ):
                 with pytest.raises(durable.DurableError, match=f"continued as task {second}"):
                     await restart
             live = await fetchval(

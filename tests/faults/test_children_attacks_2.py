@@ -110,7 +110,9 @@ async def test_a_childs_finish_reads_as_much_for_2000_siblings_as_for_20(dsn: st
             half = kids[: width // 2]
             await conn.fetch(Q["complete"], half, half, ["1"] * len(half))
             costs[width] = [await finish_cost(conn, k) for k in kids[width // 2:][:3]]
-        assert max(costs[2000]) <= max(costs[20]) + 50, costs
+        # The middle of three: at a statement's sixth execution the plan cache plans it
+        # generically too, reading blocks of its own, whichever width that finish is of.
+        assert sorted(costs[2000])[1] <= max(costs[20]) + 50, costs
 
 
 async def test_the_last_childs_finish_wakes_the_parent_once(dsn: str) -> None:

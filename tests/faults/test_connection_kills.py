@@ -38,10 +38,11 @@ KILL = (
 GATES = {
     # A claim of a queue with a limit takes the queue's advisory lock first.
     "claim": ("claim", "select pg_advisory_xact_lock(hashtextextended('durable.queue:' || $1, 0))"),
-    # A checkpoint flush reads its workflows' rows FOR SHARE; a completion updates its rows.
+    # A checkpoint flush reads its workflows' rows FOR SHARE; a completion updates its rows
+    # (plain tasks alone: complete_tasks).
     "checkpoint": ("checkpoint", "select id from durable.tasks where status = 'running'"
                    " and name = 'kill_flow' for update"),
-    "complete": ("complete", "select id from durable.tasks where status = 'running'"
+    "complete": ("complete_tasks", "select id from durable.tasks where status = 'running'"
                  " and name = 'kill_task' for update"),
     # The heartbeat's last statement updates the daemon's row of durable.workers.
     "heartbeat": ("worker_heartbeat", "select id from durable.workers where id = $1 for update"),

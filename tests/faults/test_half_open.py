@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -15,6 +16,7 @@ import durable
 from durable.daemon import FINAL_WRITES, Daemon
 from durable.listener import Listener
 from durable.registry import registry
+from durable.store import Store
 from durable.tools.soak.faults import Proxy
 from durable.worker import CLAIM_STOP_TIMEOUT
 from tests.support.helpers import execute, running_daemon, settings, wait_for
@@ -139,6 +141,43 @@ async def test_a_daemon_stopped_while_its_path_is_stalled_exits_within_its_bound
 
 
 @pytest.mark.timeout(60)
+async def test_a_look_at_what_is_due_in_flight_on_a_stalled_path_does_not_hold_the_shutdown(
+    dsn: str, proxy: tuple[Proxy, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The moment that held the stop above until the path came back (on a loaded machine):
+    the path stalls as the queue loop, the task just claimed, sends its look at what is
+    due next. A stop bounded a claim in flight, not that look."""
+    p, via = proxy
+    async with durable.connect(dsn) as client:
+        handle = await client.start(ho_block)
+        daemon = Daemon(settings(queues=QUEUE, lease="30", shutdown_grace="1"), registry, via)
+        async with anyio.create_task_group() as tg:
+            ended = await serve(tg, daemon)
+            store = daemon.store
+            assert store is not None
+            look = store.next_due
+            looking = anyio.Event()
+
+            async def stalled(*args: Any) -> Any:
+                p.stall()  # the look goes out onto a path that no longer answers
+                looking.set()
+                return await look(*args)
+
+            # In place before the loop's first claim, which waits for the daemon's poll.
+            monkeypatch.setattr(store, "next_due", stalled)
+            await looking.wait()
+            [attempt] = daemon.attempts.values()
+            try:
+                with anyio.fail_after(1 + FINAL_WRITES + CLAIM_STOP_TIMEOUT + 10):
+                    daemon.stop()
+                    await ended.wait()
+            finally:
+                p.resume()
+        assert attempt.reason == "shutdown"
+        assert (await client.get(handle.id)).status == "running"
+
+
+@pytest.mark.timeout(60)
 async def test_a_claim_in_flight_on_a_stalled_path_does_not_hold_the_shutdown(
     dsn: str, proxy: tuple[Proxy, str]
 ) -> None:
@@ -148,11 +187,15 @@ async def test_a_claim_in_flight_on_a_stalled_path_does_not_hold_the_shutdown(
     async with anyio.create_task_group() as tg:
         ended = await serve(tg, daemon)
         worker = daemon.workers[QUEUE]
+        await worker.claimed_once.wait()
         p.stall()
         try:
+            # Woken as by a notification (an idle loop claims only when woken), the loop
+            # claims, and the claim hangs; so does the daemon's poll.
+            worker.notify()
 
             async def claiming() -> bool:
-                return worker._claiming is not None  # the loop's next poll claims, and hangs
+                return worker._statement is not None
 
             await wait_for(claiming, timeout=20)
             with anyio.fail_after(1 + FINAL_WRITES + CLAIM_STOP_TIMEOUT + 10):
@@ -220,3 +263,53 @@ async def test_a_listener_frozen_while_its_connection_is_terminated_reconnects(d
 
             await wait_for(heard_it, timeout=10)
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(60)
+async def test_a_listener_stopped_on_a_stalled_path_closes_without_waiting(
+    dsn: str, proxy: tuple[Proxy, str]
+) -> None:
+    """Cancelled (the daemon's stop) while its path hangs, the listener leaves at once: a
+    graceful close would wait its 2 s timeout for an answer, after the stop's last
+    writes and past their bound."""
+    p, via = proxy
+    listener = Listener(via, on_ready=lambda _: None, on_control=lambda _: None,
+                        on_reconnect=lambda: None)  # fmt: skip
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(listener.run)
+            p.stall()
+            stopped = anyio.current_time()
+            tg.cancel_scope.cancel()
+        # The task group's exit waited for the listener to leave.
+        assert anyio.current_time() - stopped < 1.5  # under the close's 2 s
+    finally:
+        p.resume()
+    assert not listener.connected
+
+
+@pytest.mark.timeout(60)
+async def test_a_kept_connection_given_up_on_a_stalled_path_is_closed_at_once(
+    dsn: str, proxy: tuple[Proxy, str]
+) -> None:
+    """A statement on a kept connection cut short (a stop's bound on a claim, the last
+    writes' deadline on a group commit) while the path hangs: the connection is closed
+    then and there, not given back to the pool, whose release would wait up to 5 s for
+    the server to acknowledge the cancel. The pool serves again once the path is back."""
+    p, via = proxy
+    store = await Store.open(via, min_size=1, max_size=2)
+    try:
+        kept = store.kept_connection()
+        assert await kept.fetchval("select 1") == 1
+        p.stall()
+        try:
+            with anyio.fail_after(3):  # under the release's 5 s
+                with anyio.move_on_after(0.2):
+                    await kept.fetchval("select 2")
+                    pytest.fail("answered on a stalled path")
+        finally:
+            p.resume()
+        assert kept._conn is None
+        assert await kept.fetchval("select 3") == 3
+    finally:
+        store.terminate()

@@ -213,3 +213,78 @@ async def test_a_second_sigterm_skips_the_grace(dsn: str, tmp_path: Path) -> Non
         row = await task_row(dsn, handle.id)
         assert row["status"] == "queued" and row["attempt"] == 1
         assert row["claim_token"] is None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_signal_during_the_last_writes_does_not_kill_the_daemon(
+    dsn: str, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """A second signal while the daemon makes its last writes (here its own row's, held
+    by the test) is a second stop: the daemon still ends them and exits 0, where the
+    default action would kill it (SIGTERM) or print a KeyboardInterrupt (SIGINT)."""
+    log = tmp_path / "daemon.log"
+    proc = spawn_daemon(dsn, APP, log=log)
+    with reaped([proc]):
+        await wait_logged(log, "daemon_ready")
+        holder = await asyncpg.connect(dsn)
+        try:
+            tx = holder.transaction()
+            await tx.start()
+            await holder.execute("select 1 from durable.workers where pid = $1 for update", proc.pid)
+            proc.send_signal(signum)
+
+            async def writing_its_row() -> bool:
+                return bool(await fetchval(
+                    dsn, "select exists (select 1 from pg_stat_activity where wait_event_type"
+                    " = 'Lock' and query like 'update durable.workers set stopped_at%')",
+                ))  # fmt: skip
+
+            await wait_for(writing_its_row)
+            proc.send_signal(signum)
+
+            async def heard_twice() -> bool:
+                return len(logged(log, "signal_received")) == 2
+
+            await wait_for(heard_twice)
+            assert proc.poll() is None
+            await tx.rollback()
+        finally:
+            await holder.close()
+        assert await exited(proc) == 0
+    assert logged(log, "daemon_stopped")
+    assert b"Traceback" not in log.read_bytes()
+
+
+@pytest.mark.timeout(60)
+async def test_a_sigterm_while_the_daemon_starts_stops_it(dsn: str, tmp_path: Path) -> None:
+    """SIGTERM while `durable run` is still starting (here held at its registration by a
+    lock the test takes): once the registration goes through, the daemon exits 0 rather
+    than serving on with its stop forgotten (its queue loops did not exist yet to hear it)."""
+    log = tmp_path / "daemon.log"
+    holder = await asyncpg.connect(dsn)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("lock table durable.workers in exclusive mode")
+        proc = spawn_daemon(dsn, APP, log=log)
+        with reaped([proc]):
+
+            async def registering() -> bool:
+                return bool(await fetchval(
+                    dsn, "select exists (select 1 from pg_stat_activity where wait_event_type"
+                    " = 'Lock' and query ilike '%insert into durable.workers%')",
+                ))  # fmt: skip
+
+            await wait_for(registering)
+            proc.send_signal(signal.SIGTERM)
+
+            async def heard() -> bool:
+                return bool(logged(log, "signal_received"))
+
+            await wait_for(heard)
+            await tx.rollback()
+            assert await exited(proc) == 0
+    finally:
+        await holder.close()
+    assert logged(log, "daemon_stopped") and not logged(log, "daemon_ready")

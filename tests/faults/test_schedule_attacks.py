@@ -85,8 +85,8 @@ async def test_each_real_hour_ticks_once_across_both_dst_changes(
 ) -> None:
     """New York falls back on 2026-11-01 (01:00-01:59 twice) and springs forward on
     2027-03-14 (02:00-02:59 never). An hourly schedule ticks every real hour, both passes
-    of the repeated hour included; a daily 01:30 runs once; a daily 02:30 has no tick on
-    the day it does not exist (documented)."""
+    of the repeated hour included; a daily 01:30 runs once; a daily 02:30 runs at 03:00
+    on the day it does not exist."""
     zone = "America/New_York"
     await add(store, "sa_hourly", "0 * * * *", zone, at(2026, 11, 1, 4))
     await add(store, "sa_quarter", "*/15 * * * *", zone, at(2026, 11, 1, 5, 45))
@@ -110,7 +110,10 @@ async def test_each_real_hour_ticks_once_across_both_dst_changes(
     hourly = await ticks(dsn, "sa_spring")
     assert hourly == [at(2027, 3, 14, 5) + timedelta(hours=h) for h in range(len(hourly))]
     assert hourly[-1] == at(2027, 3, 15, 8)
-    assert await ticks(dsn, "sa_0230") == [at(2027, 3, 13, 7, 30), at(2027, 3, 15, 6, 30)]
+    # 02:30 does not exist on 03-14: that day's run is at 03:00 EDT, when the clock jumped.
+    assert await ticks(dsn, "sa_0230") == [
+        at(2027, 3, 13, 7, 30), at(2027, 3, 14, 7), at(2027, 3, 15, 6, 30)
+    ]
 
 
 def test_a_catch_up_in_the_repeated_hour_picks_the_latest_real_tick() -> None:

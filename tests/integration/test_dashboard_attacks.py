@@ -395,7 +395,7 @@ async def test_a_non_ascii_bearer_token_or_secret_is_a_401_not_a_500(
                   "p\u00e4ssw\u00f6rd-\u263a".encode("latin-1", "replace")]  # fmt: skip
         for token in tokens:
             for head in (b"GET / HTTP/1.1", f"POST /tasks/{task}/retry HTTP/1.1".encode()):
-                request = (head + b"\r\nHost: x\r\nAuthorization: Bearer " + token
+                request = (head + b"\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + token
                            + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")  # fmt: skip
                 answer = await anyio.to_thread.run_sync(raw, port, request)
                 assert answer.startswith(b"HTTP/1.1 401 "), (token, head, answer[:200])
@@ -597,7 +597,7 @@ async def test_streams_nobody_reads_do_not_stop_the_pages(dsn: str) -> None:
                 s = socket.create_connection(("127.0.0.1", port))
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
                 target = f"/events?task={task}" if i % 2 else "/events"
-                s.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                s.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
                 idle.append(s)
             async with httpx.AsyncClient(base_url=base, timeout=10) as http:
                 with anyio.fail_after(10):

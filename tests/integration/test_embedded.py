@@ -274,10 +274,18 @@ print(json.dumps({
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to another OS user needs root")
 async def test_another_os_user_is_refused(server: EmbeddedServer) -> None:
+    as_nobody = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+    probe = await asyncio.create_subprocess_exec(
+        *as_nobody, sys.executable, "-c", "import asyncpg",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env={**subprocess_env(), "HOME": "/nonexistent"}, cwd="/",
+    )  # fmt: skip
+    if await probe.wait() != 0:
+        # An interpreter under a private home (pyenv's in /root): the other user cannot run it.
+        pytest.skip(f"user nobody cannot run {sys.executable} with this test's packages")
     url = await asyncio.to_thread(server.ensure_started)
     proc = await asyncio.create_subprocess_exec(
-        "setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-        sys.executable, "-c", AS_ANOTHER_USER,
+        *as_nobody, sys.executable, "-c", AS_ANOTHER_USER,
         str(port_of(url)), str(server._socket_dir()), str(server.home / "password"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**subprocess_env(), "HOME": "/nonexistent"}, cwd="/",

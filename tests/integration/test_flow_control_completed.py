@@ -208,7 +208,8 @@ async def test_a_paused_queue_claims_nothing_until_resumed(dsn: str) -> None:
 @pytest.mark.parametrize("limit", ["concurrency", "keyed"])
 async def test_a_pause_issued_while_a_claim_waits_for_its_lock(dsn: str, limit: str) -> None:
     """The claim read the queue's row (not paused) and then waited for the queue's lock;
-    the pause committed meanwhile. Once it has the lock, it claims nothing."""
+    the pause committed meanwhile. Once it has the lock, it claims nothing, and the pause,
+    which waits for the claims in flight, returns after it."""
     if limit == "concurrency":
         await fetchval(dsn, "insert into durable.queues (name, concurrency) values ('fc_q', 5)")
         lock_key = "durable.queue:fc_q"
@@ -229,12 +230,19 @@ async def test_a_pause_issued_while_a_claim_waits_for_its_lock(dsn: str, limit: 
         async def claimer() -> None:
             claimed.append(await claim(dsn, "fc_q", ["fc_job"]))
 
+        async def pause() -> None:
+            cli = await anyio.to_thread.run_sync(
+                lambda: durable_cli("queues", "pause", "fc_q", dsn=dsn)
+            )
+            assert cli.returncode == 0, cli.stderr
+            assert "paused" in cli.stdout
+
         async with anyio.create_task_group() as tg:
             tg.start_soon(claimer)
             await blocked(dsn, 1, "%durable.claim%")
-            cli = durable_cli("queues", "pause", "fc_q", dsn=dsn)
-            assert cli.returncode == 0, cli.stderr
-            assert "paused" in cli.stdout
+            tg.start_soon(pause)
+            # The flag has committed; the pause waits for the claim in flight.
+            await blocked(dsn, 1, "%durable.pause:%")
             await tx.commit()
     finally:
         await holder.close()

@@ -8,13 +8,14 @@ Task names here start with ``kept_``; the queue ``kept_q``.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 import anyio
 
 import durable
 from durable.store.database import KeptConnection
-from tests.support.helpers import execute, fetchval, running_daemon, wait_status
+from tests.support.helpers import execute, fetchval, running_daemon, wait_for, wait_status
 
 STARTED: list[int] = []
 
@@ -143,8 +144,14 @@ async def test_completions_and_checkpoints_commit_on_kept_connections(dsn: str) 
 
         store.complete_many = completing
         store.checkpoint_many = checkpointing
+        async def recorded(n: int) -> bool:
+            return len(used) >= n
+
         for i in range(3):  # one at a time: each flush finds the first kept connection idle
             assert await (await client.start(kept_flow, i)).result(timeout=20) == i + 1
+        # The client sees a completion once it commits, which can be before the daemon's
+        # coroutine, resumed, records it.
+        await wait_for(partial(recorded, 9))
         completes = {pid for kind, pid in used if kind == "complete"}
         checkpoints = {pid for kind, pid in used if kind == "checkpoint"}
         assert len(completes) == 1 and len(checkpoints) == 1 and completes != checkpoints
@@ -159,6 +166,7 @@ async def test_completions_and_checkpoints_commit_on_kept_connections(dsn: str) 
             with anyio.fail_after(20):
                 await lost.wait()
         assert await (await client.start(kept_flow, 10)).result(timeout=20) == 11
+        await wait_for(partial(recorded, 12))
         after = {pid for _, pid in used[9:]}
         assert not after & (completes | checkpoints)
     assert daemon.acks is not None

@@ -387,10 +387,11 @@ async def test_durable_retry_reruns_the_last_failed_step_of_an_error_stored_with
         handle = await client.start(wf_handles_a_child, k)
         with pytest.raises(durable.TaskFailed):
             await handle.result(timeout=20)
-        # As an earlier version stored it: no `replay` positions.
+        # As an earlier version stored it: no `replay` positions (nor args and attributes).
         await fetchval(
             dsn,
-            "update durable.tasks set error = error - 'replay' where id = $1 returning id",
+            "update durable.tasks set error = error - 'replay' - 'args' - 'attrs'"
+            " where id = $1 returning id",
             handle.id,
         )
         await client.retry(handle.id)

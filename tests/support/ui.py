@@ -17,9 +17,11 @@ CHROMIUM = os.environ.get("DURABLE_CHROMIUM", "/usr/bin/chromium")
 
 
 @asynccontextmanager
-async def dashboard(dsn: str, auth: Auth | None = None) -> AsyncIterator[str]:
+async def dashboard(
+    dsn: str, auth: Auth | None = None, allowed_hosts: tuple[str, ...] = ()
+) -> AsyncIterator[str]:
     """The dashboard serving ``dsn``; its base URL."""
-    server = UiServer("127.0.0.1", 0, dsn, auth)
+    server = UiServer("127.0.0.1", 0, dsn, auth, allowed_hosts=allowed_hosts)
     await server.listen()
     async with anyio.create_task_group() as tg:
         await tg.start(server.run)
@@ -28,12 +30,13 @@ async def dashboard(dsn: str, auth: Auth | None = None) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def browser(**context: Any) -> AsyncIterator[Any]:
-    """A page of a fresh headless Chromium; ``context``: Playwright's context options."""
+async def browser(args: tuple[str, ...] = (), **context: Any) -> AsyncIterator[Any]:
+    """A page of a fresh headless Chromium; ``args``: more command-line switches,
+    ``context``: Playwright's context options."""
     from playwright import async_api
 
     async with async_api.async_playwright() as p:
-        b = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", *args])
         try:
             page_context = await b.new_context(**context)
             yield await page_context.new_page()

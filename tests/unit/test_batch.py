@@ -129,8 +129,9 @@ def test_idle_wait_sleeps_until_due_within_the_poll_interval() -> None:
     from datetime import UTC, datetime, timedelta
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    assert idle_wait(5.0, None, now) == 5.0
+    # Nothing due before the daemon's next poll: no timer of its own, the poll wakes it.
+    assert idle_wait(5.0, None, now) is None
     assert idle_wait(5.0, now + timedelta(seconds=2), now) == 2.0
-    assert idle_wait(5.0, now + timedelta(seconds=60), now) == 5.0
+    assert idle_wait(5.0, now + timedelta(seconds=60), now) is None
     # Due work this loop could not claim (another daemon's claim in flight): not a busy loop.
     assert idle_wait(5.0, now - timedelta(seconds=1), now) == 0.02

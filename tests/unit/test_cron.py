@@ -33,10 +33,12 @@ def test_day_fields_either_matches_and_names() -> None:
     assert parse("0 0 * * 7").next_after(at(2026, 11, 21)) == at(2026, 11, 22)  # 7 is Sunday
 
 
-def test_dst_gap_is_skipped() -> None:
+def test_dst_gap_runs_once_when_the_clock_jumps() -> None:
     c = parse("30 2 * * *", "Europe/Paris")
-    # 2027-03-28 02:30 does not exist in Paris; the next run is the following day.
-    assert c.next_after(at(2027, 3, 27, 12)) == at(2027, 3, 29, 0, 30)
+    # 2027-03-28 02:30 does not exist in Paris: that day's run is at 03:00 CEST, when the
+    # clock jumped, and the next day's at 02:30 again.
+    assert c.next_after(at(2027, 3, 27, 12)) == at(2027, 3, 28, 1)
+    assert c.next_after(at(2027, 3, 28, 1)) == at(2027, 3, 29, 0, 30)
 
 
 def test_latest_missed_tick() -> None:

@@ -62,7 +62,6 @@ def test_a_duration_on_a_bound_falls_in_that_bucket() -> None:
 def test_each_metrics_has_its_own_registry() -> None:
     a, b = Metrics(), Metrics()
     a.task("q", "n").claimed += 1
-    assert a.registry is not b.registry
     assert b"durable_tasks_claimed_total{" not in b.render()
     assert b'durable_tasks_claimed_total{name="n",queue="q"} 1.0' in a.render()
 

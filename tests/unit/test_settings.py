@@ -64,6 +64,7 @@ def test_every_variable_is_parsed() -> None:
         "DURABLE_LOG_FORMAT": "Json",
         "DURABLE_APP": "shop.tasks, shop.workflows,shop.tasks",
         "DURABLE_HOME": "/var/lib/durable",
+        "DURABLE_UI_ALLOWED_HOSTS": "Dash.Example.com., [::1],10.0.0.5,dash.example.com",
     }
     settings = Settings.from_env(env)
     assert settings.database_url == "postgresql://app:pw@db.internal:6432/shop"
@@ -78,6 +79,7 @@ def test_every_variable_is_parsed() -> None:
     assert settings.log_format == "json"
     assert settings.apps == ("shop.tasks", "shop.workflows")
     assert settings.home == Path("/var/lib/durable")
+    assert settings.ui_allowed_hosts == ("dash.example.com", "::1", "10.0.0.5")
     assert settings.queue_limits == {"orders": 8, "email": 32, "reports": 4}
 
 
@@ -257,6 +259,11 @@ BAD_VALUES = [
     ("DURABLE_DATABASE_URL", "postgresql://[::1/db", "postgresql://"),
     ("DATABASE_URL", "sqlite:///tmp/x.db", "postgresql://"),
     ("DURABLE_LISTEN_URL", "redis://h", "postgresql://"),
+    ("DURABLE_UI_ALLOWED_HOSTS", "dash.example.com:443", "host names or addresses"),
+    ("DURABLE_UI_ALLOWED_HOSTS", "dash example", "host names or addresses"),
+    ("DURABLE_UI_ALLOWED_HOSTS", "-dash.example", "host names or addresses"),
+    ("DURABLE_UI_ALLOWED_HOSTS", "a,,b", "host names or addresses"),
+    ("DURABLE_UI_ALLOWED_HOSTS", "*", "host names or addresses"),
 ]
 
 
@@ -382,6 +389,7 @@ def test_env_vars_document_every_variable() -> None:
     assert set(names) == {
         "DURABLE_UI",
         "DURABLE_UI_LISTEN",
+        "DURABLE_UI_ALLOWED_HOSTS",
         "DURABLE_UI_TOKEN_FILE",
         "DURABLE_UI_PASSWORD_FILE",
         "DURABLE_DATABASE_URL",
@@ -398,6 +406,7 @@ def test_env_vars_document_every_variable() -> None:
         "DURABLE_LOG_FORMAT",
         "DURABLE_APP",
         "DURABLE_HTTP",
+        "DURABLE_HTTP_MAX_CONNECTIONS",
         "DURABLE_RETENTION",
         "DURABLE_RETENTION_VACUUM",
         "DURABLE_STATEMENT_CACHE",

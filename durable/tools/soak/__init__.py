@@ -227,8 +227,8 @@ class Soak:
         """Start (or restart) a daemon as its supervisor would: once Postgres is up and
         its role may log in, since `durable run` exits with an error when it cannot reach
         its server at startup (by design: systemd or Kubernetes restart it); and no outage
-        of the whole fleet begins until the daemon has registered. After that, every
-        outage is the daemon's to ride out."""
+        of the whole fleet begins until the daemon has registered and started (its
+        listener connected). After that, every outage is the daemon's to ride out."""
         assert self.fleet is not None and self.sql is not None
         while not (self.pg_up.is_set() and self.logins.is_set()):
             await self.pg_up.wait()
@@ -242,7 +242,7 @@ class Soak:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and proc.poll() is None:
                 with contextlib.suppress(Exception):
-                    if await self.sql.value("registered", proc.pid, timeout=5):
+                    if await self.sql.value("registered", proc.pid, timeout=5) and started(d):
                         return
                 await asyncio.sleep(0.1)
         finally:
@@ -306,6 +306,12 @@ class Soak:
 
 
 # -- the fleet --------------------------------------------------------------------------
+
+
+def started(d: Daemon) -> bool:
+    """Its current process got past its startup: it registers before its listener first
+    connects, which an outage of the whole fleet (refused logins) would make it exit on."""
+    return bool(d.logs) and '"daemon_started"' in d.logs[-1].read_text(errors="replace")
 
 
 @dataclass

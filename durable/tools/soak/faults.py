@@ -172,6 +172,11 @@ class Proxy:
                             link.cut()
                             raise _Refused
                 await self._open.wait()  # bytes read as the stall began are held back too
+                if dst.is_closing():
+                    # Its end went away while the bytes were held (cut, or reset by its
+                    # peer): uvloop raises RuntimeError on that write, where asyncio's own
+                    # loop drops the bytes.
+                    return
                 dst.write(data)
                 await dst.drain()
 
