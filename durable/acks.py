@@ -37,9 +37,12 @@ class Completion(NamedTuple):
 class Acks:
     """Owns the writes that end attempts in batches: results and checkpoints."""
 
-    def __init__(self, store: Store, metrics: Metrics) -> None:
+    def __init__(self, store: Store, metrics: Metrics, deadline: float = 30.0) -> None:
         self.store = store
         self.metrics = metrics
+        self.deadline = deadline
+        """Seconds a write waits for its answer before it is given up, its connection
+        closed, and (a completion) tried again on another (store.statement_deadline)."""
         # A flush takes no pool checkout (on an idle pool that costs about a round trip).
         self.completing = [store.kept_connection()]
         self.checkpointing = [store.kept_connection() for _ in range(FLUSH_CONNECTIONS - 1)]
@@ -90,7 +93,8 @@ class Acks:
             )
             for delay in (0.1, 0.5, 2.0, None):
                 try:
-                    accepted.update(await write(part, _idle(self.completing)))
+                    with anyio.fail_after(self.deadline):
+                        accepted.update(await write(part, _idle(self.completing)))
                     break
                 except Exception as exc:
                     if not is_transient(exc) or delay is None:
@@ -123,7 +127,8 @@ class Acks:
     async def checkpoint(self, items: Sequence[Checkpoint]) -> list[Any]:
         """Accepted or not, for each checkpoint; an exception for one the server refused."""
         try:
-            refused = await self.store.checkpoint_many(items, _idle(self.checkpointing))
+            with anyio.fail_after(self.deadline):
+                refused = await self.store.checkpoint_many(items, _idle(self.checkpointing))
         except Exception as exc:
             if is_transient(exc) or len(items) == 1:
                 raise

@@ -33,7 +33,7 @@ from durable.registry import Registry
 from durable.runner import Hooks, Runner
 from durable.settings import Settings
 from durable.shutdown import FINAL_WRITES, Shutdown, on_signals
-from durable.store import Store, is_fatal
+from durable.store import Store, is_fatal, statement_deadline
 from durable.worker import QueueWorker
 
 __all__ = ["FINAL_WRITES", "GC_YOUNG", "WARM_CONNECTIONS", "Daemon", "tune_gc"]
@@ -86,7 +86,7 @@ class Daemon:
         """The scheduler's clock (tests drive it); by default the database's."""
         self.id = uuid.uuid4()
         self.workers: dict[str, QueueWorker] = {}
-        self.poller = Poller(self.workers, settings.poll_interval)
+        self.poller = Poller(self.workers, settings.poll_interval, statement_deadline(settings.lease))
         self.listener: Listener | None = None
         self.store: Store | None = None
         self.acks: Acks | None = None
@@ -164,7 +164,7 @@ class Daemon:
             max_size=self.pool_size + kept + FLUSH_CONNECTIONS, warm=True,
             statement_cache_size=self.settings.statement_cache, lease=self.settings.lease,
         )
-        self.acks = acks = Acks(store, self.metrics)
+        self.acks = acks = Acks(store, self.metrics, statement_deadline(self.settings.lease))
         try:
             if self.settings.http is not None:
                 self.http = await endpoint(self.settings, self.dsn, store, self.metrics,

@@ -18,7 +18,7 @@ from durable.logs import Once, get_logger, redact
 from durable.metrics import Metrics
 from durable.registry import Registry
 from durable.scheduler import declare_schedules, run_schedules
-from durable.store import Store, is_fatal, is_transient
+from durable.store import Store, is_fatal, is_transient, statement_deadline
 
 log = get_logger("durable.housekeeping")
 
@@ -86,11 +86,13 @@ class Housekeeping:
                 # One statement while nothing is due, three once something is: asked of
                 # the database's clock, so a process whose clock is off neither skips
                 # nor spins.
-                wait = await self.store.timer_wait()
-                if wait is not None and wait <= 0:
-                    await self.store.wake_timers()
-                    await self.expire_deadlines()
+                # Bounded: on a connection whose path died no answer ever comes.
+                with anyio.fail_after(statement_deadline(self.lease)):
                     wait = await self.store.timer_wait()
+                    if wait is not None and wait <= 0:
+                        await self.store.wake_timers()
+                        await self.expire_deadlines()
+                        wait = await self.store.timer_wait()
                 if wait is not None:
                     timeout = max(0.005, min(timeout, wait))
                 self._errors["timers"].clear()
@@ -126,9 +128,10 @@ class Housekeeping:
             try:
                 # While no tick is due, one statement (a skipped schedule, due for ever,
                 # would pass this test every time: then the pass runs as it is).
-                nxt = None if self._skipped else await self.store.next_schedule()
-                if self._skipped or (nxt is not None and nxt <= self.clock()):
-                    nxt = await self.run_schedules()
+                with anyio.fail_after(statement_deadline(self.lease)):
+                    nxt = None if self._skipped else await self.store.next_schedule()
+                    if self._skipped or (nxt is not None and nxt <= self.clock()):
+                        nxt = await self.run_schedules()
                 if nxt is not None:
                     until = (nxt - self.clock()).total_seconds()
                     timeout = max(0.01, min(timeout, until))

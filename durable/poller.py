@@ -25,10 +25,14 @@ class Poller:
     """Wakes the queue loops whose queues have work due, every ``interval`` seconds and
     whenever asked (``poll_soon``: the listener is back and may have missed some)."""
 
-    def __init__(self, workers: Mapping[str, QueueWorker], interval: float) -> None:
+    def __init__(
+        self, workers: Mapping[str, QueueWorker], interval: float, deadline: float = 30.0
+    ) -> None:
         self.workers = workers
         """The daemon's queue loops by queue (filled once they are built)."""
         self.interval = interval
+        self.deadline = deadline
+        """Seconds a poll waits for its answer (see store.statement_deadline)."""
         self.store: Store | None = None
         self.names: list[str] = []
         self.polls = 0
@@ -59,7 +63,8 @@ class Poller:
         due before the next poll."""
         assert self.store is not None, "run() first"
         try:
-            due = await self.store.due_queues(list(self.workers), self.names, self.interval)
+            with anyio.fail_after(self.deadline):
+                due = await self.store.due_queues(list(self.workers), self.names, self.interval)
         except Exception as exc:
             if is_fatal(exc):
                 raise

@@ -25,7 +25,7 @@ from durable import logs, tracing
 from durable.attempts import Attempt
 from durable.logs import Once, get_logger, redact
 from durable.models import Claimed
-from durable.store import Store, is_fatal, is_transient
+from durable.store import Store, is_fatal, is_transient, statement_deadline
 
 log = get_logger("durable.worker")
 
@@ -183,11 +183,11 @@ class QueueWorker:
         self._slot_freed.set()
 
     def _bounded(self) -> anyio.CancelScope:
-        """The scope of the loop's next statement, which a stop bounds; bounded already if
-        the stop came first (while the loop handed tasks back, say)."""
-        self._statement = scope = anyio.CancelScope()
-        if self._stopping:
-            scope.deadline = anyio.current_time() + CLAIM_STOP_TIMEOUT
+        """The scope of the loop's next statement: given up after the statement deadline
+        (a connection whose path died), sooner once a stop bounds it; bounded by the stop
+        already if the stop came first (while the loop handed tasks back, say)."""
+        bound = CLAIM_STOP_TIMEOUT if self._stopping else statement_deadline(self.lease)
+        self._statement = scope = anyio.CancelScope(deadline=anyio.current_time() + bound)
         return scope
 
     def paused(self) -> None:
@@ -291,9 +291,18 @@ class QueueWorker:
             self._statement = None
             self._errors.clear()
             if claim.cancelled_caught:
-                log.warning("claim_abandoned", queue=self.queue, note="stopping, and the "
-                            "database did not answer; what it claimed runs when the leases expire")
-                break
+                if self._stopping:
+                    log.warning("claim_abandoned", queue=self.queue, note="stopping, and the "
+                                "database did not answer; what it claimed runs when the "
+                                "leases expire")
+                    break
+                # No answer within the deadline: its connection is gone, and the next
+                # claim takes a new one. What this one claimed, if anything, is reaped.
+                log.warning("claim_timed_out", queue=self.queue,
+                            seconds=statement_deadline(self.lease))
+                await self._wait_for_wakeup(backoff)
+                backoff = min(backoff * 2, self.poll_interval)
+                continue
             backoff = 0.1
             now = time.monotonic()
             self._measure(now - started)

@@ -7,7 +7,7 @@ limits, schedules and upkeep; ``listen`` holds the LISTEN connection. Nothing ou
 this package imports asyncpg.
 """
 
-from durable.store.database import KeptConnection
+from durable.store.database import KeptConnection, statement_deadline
 from durable.store.listen import Subscription
 from durable.store.schema import (
     LOCK_TIMEOUT,
@@ -71,4 +71,5 @@ __all__ = [
     "schema_sql",
     "schema_version",
     "sql_dir",
+    "statement_deadline",
 ]

@@ -51,6 +51,43 @@ def _usable(conn: Any) -> bool:
         return False
 
 
+MIN_STATEMENT_DEADLINE = 10.0
+
+
+def statement_deadline(lease: float) -> float:
+    """Seconds a daemon waits for a statement of its own on the hot path (a claim, a look
+    at what is due, a poll, a group commit) before it gives the statement and its
+    connection up and goes on with a new one: a lease, whose end would let others take
+    the tasks anyway, but never less than MIN_STATEMENT_DEADLINE (a large result's
+    write can take seconds). Without it, a connection whose path died for good holds
+    that loop for ever."""
+    return max(lease, MIN_STATEMENT_DEADLINE)
+
+
+class Pool(asyncpg.Pool):
+    """asyncpg's pool, but a connection given up on goes away at once. Released by a
+    task being cancelled (a statement's deadline, a stop's bound), asyncpg's pool would
+    wait, without a bound, for the server to answer the statement it cancels: on a path
+    that died for good (a firewall that forgot the flow, a failover that black-holes it)
+    no answer comes, and that task, a heartbeat or a claim, would hang for ever while
+    new connections work. The connection is closed instead; the pool opens another."""
+
+    async def release(self, connection: Any, *, timeout: float | None = None) -> None:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            connection.terminate()
+        await super().release(connection, timeout=timeout)
+
+
+def create_pool(dsn: str | None, **options: Any) -> Pool:
+    """asyncpg.create_pool with :class:`Pool`, and asyncpg's defaults for the rest."""
+    defaults: dict[str, Any] = {
+        "connection_class": asyncpg.Connection, "record_class": asyncpg.Record,
+        "max_queries": 50_000, "max_inactive_connection_lifetime": 300.0, "loop": None,
+    }
+    return Pool(dsn, **{**defaults, **options})
+
+
 class KeptConnection:
     """A pool connection kept for one kind of statement, so that those skip the pool's
     acquire and release: on an idle process those cost about as much as the statement's
@@ -154,7 +191,7 @@ class Database:
                 await conn.fetch(q[query], *args)
 
         try:
-            pool = await asyncpg.create_pool(
+            pool = await create_pool(
                 dsn,
                 min_size=min_size,
                 max_size=max_size + kept_enqueue,

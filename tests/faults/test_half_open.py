@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import asyncpg
 import pytest
 from anyio.abc import TaskGroup, TaskStatus
 
 import durable
 from durable.daemon import FINAL_WRITES, Daemon
 from durable.listener import Listener
-from durable.registry import registry
+from durable.registry import Definition, Registry, registry
 from durable.store import Store
+from durable.store.database import Database
 from durable.tools.soak.faults import Proxy
 from durable.worker import CLAIM_STOP_TIMEOUT
-from tests.support.helpers import execute, running_daemon, settings, wait_for
+from tests.support.helpers import execute, fetchval, running_daemon, settings, wait_for
 
 QUEUE = "half-open"
 _forever = asyncio.Event()  # never set: the task runs until it is stopped
@@ -313,3 +316,220 @@ async def test_a_kept_connection_given_up_on_a_stalled_path_is_closed_at_once(
         assert await kept.fetchval("select 3") == 3
     finally:
         store.terminate()
+
+
+
+@durable.task(queue=QUEUE)
+async def ho_add(a: int, b: int) -> int:
+    return a + b
+
+
+PAUSE_LOCK = "select {}(hashtextextended('durable.pause:' || $1, 0))"
+"""A claim of the queue holds this advisory lock shared (migration 0019): held
+exclusively here, it keeps the daemon's claim waiting in the server."""
+
+
+async def waiting_in_server(dsn: str, query: str, wait_type: str) -> bool:
+    """Whether a statement of this database, whose text holds ``query``, waits for a lock
+    of ``wait_type`` ('advisory', 'relation'). Asked on a connection of its own: inside a
+    transaction, pg_stat_activity stays as that transaction first saw it."""
+    return bool(await fetchval(
+        dsn,
+        "select exists (select from pg_stat_activity a join pg_locks l on l.pid = a.pid"
+        " where a.datname = current_database() and a.pid <> pg_backend_pid()"
+        " and not l.granted and l.locktype = $2 and a.query like '%' || $1 || '%')",
+        query, wait_type,
+    ))
+
+
+@pytest.mark.timeout(90)
+async def test_a_daemon_whose_connections_die_for_good_serves_on_new_ones(
+    dsn: str, proxy: tuple[Proxy, str]
+) -> None:
+    """Every connection the daemon holds goes silent for ever while new ones pass (a
+    firewall that forgot its flows): its writes, heartbeats and catalog beats give those
+    connections up and go on with new ones."""
+    p, via = proxy
+    async with (
+        durable.connect(dsn) as client,
+        running_daemon(via, queues=QUEUE, lease="2") as daemon,
+    ):
+        first = await client.start(ho_add, 1, 1)
+        assert await first.result(timeout=20) == 2
+        severed_at = await fetchval(dsn, "select now()")
+        assert p.sever() > 0
+        handles = [await client.start(ho_add, i, 1) for i in range(5)]
+        for i, h in enumerate(handles):
+            assert await h.result(timeout=30) == i + 1
+
+        async def beating() -> bool:
+            beat = await fetchval(
+                dsn, "select heartbeat_at from durable.workers where id = $1", daemon.id
+            )
+            return bool(beat > severed_at)
+
+        # The daemon's own beat (a pool connection's statement given up on) is back.
+        await wait_for(beating, timeout=30)
+        assert daemon.listener is not None and daemon.listener.connected
+        assert daemon.healthy
+
+
+@pytest.fixture
+async def test_conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_claim_whose_answer_never_comes_is_given_up_and_made_again(
+    dsn: str, proxy: tuple[Proxy, str], test_conn: asyncpg.Connection
+) -> None:
+    p, via = proxy
+    async with (
+        durable.connect(dsn) as client,
+        running_daemon(via, queues=QUEUE, lease="2"),
+    ):
+        warm = await client.start(ho_add, 0, 0)
+        assert await warm.result(timeout=20) == 0
+        await test_conn.execute(PAUSE_LOCK.format("pg_advisory_lock"), QUEUE)
+        handle = await client.start(ho_add, 2, 3)  # notified: the claim goes out
+
+        async def claim_waits() -> bool:
+            return await waiting_in_server(dsn, "durable.claim", "advisory")
+
+        await wait_for(claim_waits, timeout=20)
+        assert p.sever() > 0
+        # The claim goes on in the server and may take the task; its answer is lost. The
+        # daemon gives the claim up and claims again on a new connection, once the
+        # reaper has freed what the lost claim took.
+        await test_conn.execute(PAUSE_LOCK.format("pg_advisory_unlock"), QUEUE)
+        assert await handle.result(timeout=60) == 5
+
+
+@pytest.mark.timeout(90)
+async def test_a_poll_whose_answer_never_comes_is_given_up_and_made_again(
+    dsn: str, proxy: tuple[Proxy, str], test_conn: asyncpg.Connection
+) -> None:
+    """Work that no notification announces is found by the poll alone: a poll lost on a
+    dead connection must not end the polling."""
+    p, via = proxy
+    async with (
+        durable.connect(dsn) as client,
+        running_daemon(via, queues=QUEUE, lease="2", poll_interval="0.5"),
+    ):
+        warm = await client.start(ho_add, 0, 0)
+        assert await warm.result(timeout=20) == 0
+        lock = test_conn.transaction()
+        await lock.start()
+        await test_conn.execute("lock table durable.tasks in access exclusive mode")
+
+        async def poll_waits() -> bool:
+            return await waiting_in_server(dsn, "due_queues", "relation")
+
+        await wait_for(poll_waits, timeout=20)
+        assert p.sever() > 0
+        await lock.rollback()
+        # Started with the notification triggers off: only a poll can find it.
+        async with test_conn.transaction():
+            await test_conn.execute("set local session_replication_role = replica")
+            handle = await client.start(ho_add, 4, 4, conn=test_conn)
+        assert await handle.result(timeout=60) == 8
+
+
+@pytest.mark.timeout(60)
+async def test_a_pool_connection_given_up_on_a_dead_path_frees_its_place_at_once(
+    proxy: tuple[Proxy, str],
+) -> None:
+    """A statement abandoned on a connection whose path died (a loop's deadline) must not
+    leave the connection's release waiting for an answer that never comes: the pool's
+    place is free for a new connection at once. Otherwise every dead connection a daemon
+    meets keeps a place for ever, until the pool has none left."""
+    p, via = proxy
+    db = await Database.open(via, min_size=1, max_size=1)
+    try:
+        assert await db.pool.fetchval("select 1") == 1
+        p.sever()
+        with anyio.move_on_after(0.5) as given_up:
+            await db.pool.fetchval("select 2")
+        assert given_up.cancelled_caught
+        with anyio.fail_after(10):
+            assert await db.pool.fetchval("select 3") == 3
+    finally:
+        db.terminate()
+
+
+@durable.workflow(queue=QUEUE)
+async def ho_nap(ctx: durable.Context) -> str:
+    await ctx.sleep(1)
+    return "woke"
+
+
+@pytest.mark.timeout(90)
+async def test_a_timer_look_whose_answer_never_comes_is_given_up_and_made_again(
+    dsn: str, proxy: tuple[Proxy, str], test_conn: asyncpg.Connection
+) -> None:
+    """A sleeping workflow is woken by the timer loop alone: a look at the timers lost on a
+    dead connection must not end the waking."""
+    p, via = proxy
+    async with (
+        durable.connect(dsn) as client,
+        running_daemon(via, queues=QUEUE, lease="2"),
+    ):
+        handle = await client.start(ho_nap)
+
+        async def asleep() -> bool:
+            return (await client.get(handle.id)).status == "waiting"
+
+        await wait_for(asleep)
+        lock = test_conn.transaction()
+        await lock.start()
+        await test_conn.execute("lock table durable.tasks in access exclusive mode")
+
+        async def look_waits() -> bool:
+            return await waiting_in_server(dsn, "min(wake_at)", "relation")
+
+        await wait_for(look_waits, timeout=20)
+        assert p.sever() > 0
+        await lock.rollback()
+        assert await handle.result(timeout=60) == "woke"
+
+
+async def ho_tick() -> None:
+    pass
+
+
+@pytest.mark.timeout(90)
+async def test_a_schedule_look_whose_answer_never_comes_is_given_up_and_made_again(
+    dsn: str, proxy: tuple[Proxy, str], test_conn: asyncpg.Connection
+) -> None:
+    """Schedules are started by the schedule loop alone: a look at them lost on a dead
+    connection must not end the ticking. The scheduler runs on a clock the test moves."""
+    p, via = proxy
+    reg = Registry()
+    reg.add(Definition(name="ho_tick", fn=ho_tick, queue=QUEUE, schedule="0 * * * *"))
+    now = [datetime(2030, 1, 1, 0, 30, tzinfo=UTC)]
+    daemon = Daemon(settings(queues=QUEUE, lease="2"), reg, via, clock=lambda: now[0])
+    async with anyio.create_task_group() as tg:
+        await tg.start(daemon.run)
+        lock = test_conn.transaction()
+        await lock.start()
+        await test_conn.execute("lock table durable.schedules in access exclusive mode")
+
+        async def look_waits() -> bool:
+            return await waiting_in_server(dsn, "from durable.schedules", "relation")
+
+        await wait_for(look_waits, timeout=20)
+        assert p.sever() > 0
+        now[0] = datetime(2030, 1, 1, 1, 0, 30, tzinfo=UTC)  # the 01:00 tick has come
+        await lock.rollback()
+
+        async def ticked() -> bool:
+            return bool(await fetchval(
+                dsn, "select count(*) from durable.tasks where name = 'ho_tick'"
+            ))
+
+        await wait_for(ticked, timeout=60)
+        daemon.stop()

@@ -22,6 +22,7 @@ import pytest
 
 import durable
 from durable.daemon import KEPT_CONNECTIONS, WARM_CONNECTIONS, Daemon
+from durable.store import database
 from durable.store.schema import queries
 from durable.worker import QueueWorker
 from tests.support.helpers import ROOT, execute, running_daemon, wait_for
@@ -67,7 +68,7 @@ class Statements:
 def statements(monkeypatch: pytest.MonkeyPatch) -> Statements:
     """Counts what every pool opened from now on sends (the daemon's, by its name)."""
     counted = Statements()
-    real = asyncpg.create_pool
+    real = database.create_pool
 
     class Counting(asyncpg.Connection):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -77,7 +78,7 @@ def statements(monkeypatch: pytest.MonkeyPatch) -> Statements:
     def create_pool(*args: Any, **kwargs: Any) -> Any:
         return real(*args, connection_class=Counting, **kwargs)
 
-    monkeypatch.setattr(asyncpg, "create_pool", create_pool)
+    monkeypatch.setattr(database, "create_pool", create_pool)
     return counted
 
 

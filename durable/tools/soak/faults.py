@@ -47,6 +47,8 @@ class _Link:
     upstream: asyncio.StreamWriter | None = None
     listener: bool = False
     sniffed: int = 0
+    severed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when this connection's path died for good (``Proxy.sever``)."""
 
     def cut(self) -> None:
         """Close both ends at once, dropping whatever either side has not read."""
@@ -83,6 +85,15 @@ class Proxy:
 
     def resume(self) -> None:
         self._open.set()
+
+    def sever(self) -> int:
+        """The path of every connection open now dies for good, closing none (a firewall
+        or NAT that forgot its flows, a failover that black-holes them): their bytes stop
+        either way for ever, while new connections pass. Returns how many were severed."""
+        links = list(self._links)
+        for link in links:
+            link.severed.set()
+        return len(links)
 
     @property
     def stalled(self) -> bool:
@@ -139,9 +150,15 @@ class Proxy:
                 asyncio.create_task(self._pump(reader, up_writer, link)),
                 asyncio.create_task(self._pump(up_reader, writer)),
             ]
+            severed = asyncio.create_task(link.severed.wait())
             try:
-                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([*pumps, severed], return_when=asyncio.FIRST_COMPLETED)
+                if link.severed.is_set():
+                    for pump in pumps:
+                        pump.cancel()
+                    await asyncio.get_running_loop().create_future()  # open and silent until close()
             finally:
+                severed.cancel()
                 for p in pumps:
                     p.cancel()
                 try:
