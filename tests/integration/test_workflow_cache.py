@@ -256,10 +256,13 @@ async def seed_history(dsn: str, n: int) -> int:
 
 async def rows_touched(dsn: str, statements: list[tuple[str, tuple[Any, ...]]]) -> int:
     """Index and table rows read from durable.events and durable.signals by the
-    statements, in one transaction (pg_stat_xact_user_tables counts it alone)."""
+    statements, in one transaction (pg_stat_xact_user_tables counts it alone). Planned
+    without sequential scans: on a small log the planner may choose one when it has
+    analyzed the table, which reads every row and says nothing about the path measured."""
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
+            await conn.execute("set local enable_seqscan = off")
             for query, args in statements:
                 await conn.fetch(query, *args)
             return int(
