@@ -107,7 +107,9 @@ async def serve(
     built beforehand (``Settings.from_env(...)``) is used as it is, instead of ``env``,
     ``queues`` and ``overrides``.
 
-    The block starts once the daemon serves (LISTEN live, its queues claimed from). On
+    The block starts once the daemon serves (LISTEN live); ``await service.ready()``
+    waits until its first poll has looked at every queue, and claimed from those with
+    work. On
     leaving it the daemon stops gracefully: running tasks get ``shutdown_grace`` seconds.
     ``burst=True`` serves until no work is ready and nothing runs (``await
     service.wait()``). ``handle_signals=True`` stops on SIGTERM and SIGINT; leave it off

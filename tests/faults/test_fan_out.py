@@ -130,6 +130,7 @@ async def spent(
         async with running_daemon(
             dsn, reg=fan_outs(), queues={app.QUEUE: 4, app.KIDS: 20}, **QUIET
         ) as daemon, durable.connect(dsn) as client:
+            await daemon.ready.wait()  # its first poll has answered
             if n:
                 handle = await client.start(workflow, n)
                 assert await handle.result(timeout=300) == n * (n - 1) // 2

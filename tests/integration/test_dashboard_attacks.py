@@ -801,9 +801,10 @@ async def test_a_bulk_retry_past_its_limit_says_what_it_left(dsn: str, tmp_path:
     some = int(await fetchval(dsn, "select max(id) from durable.tasks"))
     async with dashboard(dsn, token_auth(tmp_path)) as base, session(base) as http:
         csrf = await csrf_of(http, some)
-        done = await flash(
-            http, await http.post("/tasks/retry?status=failed&queue=bulk", data={"csrf": csrf})
-        )
+        # 10,000 retries in one request: seconds on a loaded machine, past httpx's 5 s.
+        done = await flash(http, await http.post(
+            "/tasks/retry?status=failed&queue=bulk", data={"csrf": csrf}, timeout=120
+        ))
         queued = await fetchval(dsn, "select count(*) from durable.tasks where status = 'queued'")
         assert queued == 10_000 and done.startswith("retried 10000"), done
         assert "10050" in done or "limit" in done or "50" in done.split("of", 1)[1], done
